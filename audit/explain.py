@@ -1,0 +1,258 @@
+"""The Grad-CAM engine: one compiled forward + head-only backward per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from audit.cam_methods import get_cam_method
+from audit.models import ModelCut, ModelStructureError, cut_model
+
+# Target value meaning "the class the model predicts" inside the compiled step.
+PREDICTED = -1
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Maps and the model's outputs for a set of images, in input order.
+
+    ``maps`` are raw (ReLU, not normalised). ``zero`` marks maps that are all zero
+    (the target class has no positive evidence at this layer), ``finite`` is False
+    where the activations or gradients were not finite; those maps are set to zero.
+    """
+
+    maps: np.ndarray  # (N, h, w) float32
+    logits: np.ndarray  # (N, classes) float32
+    targets: np.ndarray  # (N,) int32, the class each map explains
+    zero: np.ndarray  # (N,) bool
+    finite: np.ndarray  # (N,) bool
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """The predicted class of each image (argmax of the logits)."""
+        return self.logits.argmax(axis=-1)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Softmax of the logits (what the model's softmax layer would have returned)."""
+        shifted = self.logits - self.logits.max(axis=-1, keepdims=True)
+        exp = np.exp(shifted)
+        return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def zero_maps(maps: np.ndarray) -> np.ndarray:
+    """True for each map in ``(N, h, w)`` that is zero everywhere."""
+    return ~(np.asarray(maps).reshape(len(maps), -1) > 0).any(axis=1)
+
+
+class GradCAM:
+    """Batched Grad-CAM (and its single-pass variants) for a Keras 3 classifier.
+
+    >>> cam = GradCAM(model)                      # target layer found automatically
+    >>> maps = cam.explain(images)                # (N, h, w), predicted classes
+    >>> maps = cam.explain(images, targets=labels, size=(224, 224))
+
+    Args:
+        model: a Functional or Sequential Keras model (nested models allowed).
+        layer: the target layer: a name anywhere in the model, a path through nested
+            models such as ``"mobilenetv2_1.00_224/out_relu"``, or None for the last
+            4-D feature map that feeds global pooling or flatten.
+        method: one of ``audit.CAM_METHODS`` (gradcam, hirescam, gradcam++, xgradcam,
+            layercam).
+        batch_size: images per compiled step; the last batch is padded to it so the
+            step is traced once per image shape.
+        jit_compile: compile the step with XLA.
+
+    Scores are logits: a final softmax is bypassed without changing ``model``.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        layer: str | None = None,
+        method: str = "gradcam",
+        *,
+        batch_size: int = 32,
+        jit_compile: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model = model
+        self.method = method
+        self.batch_size = batch_size
+        self.jit_compile = jit_compile
+        self._layer = layer
+        self._cam = get_cam_method(method)
+        self._cut: ModelCut | None = None
+        self._steps: dict[tuple[int, int] | None, tf.types.experimental.GenericFunction] = {}
+        if model.built and not (
+            isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is None
+        ):
+            self._cut = cut_model(model, layer)
+
+    @property
+    def layer_path(self) -> str:
+        """The target layer's path (``outer/inner``); known once the model is built."""
+        if self._cut is None:
+            raise ModelStructureError("the model is not built yet; call explain() first")
+        return self._cut.layer_path
+
+    @property
+    def softmax_bypassed(self) -> bool:
+        """Whether a final softmax was skipped to score logits."""
+        return self._ensure_cut(None).softmax_bypassed
+
+    def _ensure_cut(self, image_shape: Sequence[int] | None) -> ModelCut:
+        if self._cut is None:
+            if image_shape is None:
+                raise ModelStructureError("the model is not built yet; call explain() first")
+            # An unbuilt Sequential gets its input shape from the first images.
+            self.model.build((None, *image_shape))
+            self._cut = cut_model(self.model, self._layer)
+        return self._cut
+
+    def cam_batch(self, images: tf.Tensor, targets: tf.Tensor, size=None) -> dict[str, tf.Tensor]:
+        """One batch: forward, head-only backward, CAM. Traceable inside ``tf.function``.
+
+        ``targets`` holds a class index per image, or ``PREDICTED`` (-1) for the
+        predicted class. Returns ``maps`` (upsampled to ``size`` when given),
+        ``logits``, ``targets`` (resolved) and ``finite``.
+        """
+        cut = self._ensure_cut(images.shape[1:])
+        activations = cut.activations(images, training=False)
+        with tf.GradientTape() as tape:
+            tape.watch(activations)
+            logits = tf.cast(cut.logits(activations, training=False), tf.float32)
+            predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            chosen = tf.where(targets < 0, predicted, targets)
+            # Samples are independent at inference, so one backward pass of the
+            # summed scores gives every sample's own gradient.
+            score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
+        gradients = tape.gradient(score, activations)
+        if gradients is None:
+            raise ModelStructureError(
+                f"the logits do not depend on layer {cut.layer_path!r} (gradient is None); "
+                "choose a layer on the path to the output"
+            )
+        activations = tf.cast(activations, tf.float32)
+        gradients = tf.cast(gradients, tf.float32)
+        finite = tf.logical_and(
+            tf.reduce_all(tf.math.is_finite(activations), axis=(1, 2, 3)),
+            tf.reduce_all(tf.math.is_finite(gradients), axis=(1, 2, 3)),
+        )
+        keep = finite[:, None, None, None]
+        activations = tf.where(keep, activations, 0.0)
+        gradients = tf.where(keep, gradients, 0.0)
+        maps = self._cam(activations, gradients)
+        if size is not None:
+            maps = tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
+        return {"maps": maps, "logits": logits, "targets": chosen, "finite": finite}
+
+    def compiled_step(self, size: tuple[int, int] | None = None):
+        """The compiled ``cam_batch`` for one output size (traced once per batch shape)."""
+        key = None if size is None else (int(size[0]), int(size[1]))
+        if key not in self._steps:
+
+            def step(images, targets):
+                return self.cam_batch(images, targets, key)
+
+            self._steps[key] = tf.function(step, jit_compile=self.jit_compile)
+        return self._steps[key]
+
+    def explain(
+        self,
+        images,
+        targets=None,
+        size: tuple[int, int] | None = None,
+        *,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Maps ``(N, h, w)`` float32 at the layer's resolution, or ``size`` if given.
+
+        ``targets``: None explains each image's predicted class; otherwise one class
+        index per image.
+        """
+        return self.explain_details(images, targets, size, batch_size=batch_size).maps
+
+    def explain_details(
+        self,
+        images,
+        targets=None,
+        size: tuple[int, int] | None = None,
+        *,
+        batch_size: int | None = None,
+    ) -> Explanation:
+        """Like ``explain`` but also returns logits, explained classes and flags."""
+        images = _as_image_batch(images)
+        count = len(images)
+        targets = self._check_targets(targets, count, images.shape[1:])
+        batch = min(batch_size or self.batch_size, max(count, 1))
+        step = self.compiled_step(size)
+        outputs: dict[str, list[np.ndarray]] = {}
+        for start in range(0, count, batch):
+            chunk = images[start : start + batch]
+            chunk_targets = targets[start : start + batch]
+            real = len(chunk)
+            if real < batch:  # pad so the step keeps one traced shape
+                chunk = _pad(chunk, batch)
+                chunk_targets = _pad(chunk_targets, batch)
+            result = step(tf.convert_to_tensor(chunk), tf.convert_to_tensor(chunk_targets))
+            for key, value in result.items():
+                outputs.setdefault(key, []).append(value.numpy()[:real])
+        if count == 0:
+            raise ValueError("explain() needs at least one image")
+        maps = np.concatenate(outputs["maps"]).astype(np.float32, copy=False)
+        return Explanation(
+            maps=maps,
+            logits=np.concatenate(outputs["logits"]),
+            targets=np.concatenate(outputs["targets"]),
+            zero=zero_maps(maps),
+            finite=np.concatenate(outputs["finite"]),
+        )
+
+    def _check_targets(self, targets, count: int, image_shape) -> np.ndarray:
+        if targets is None:
+            return np.full(count, PREDICTED, dtype=np.int32)
+        targets = np.asarray(targets)
+        if targets.ndim == 0:
+            raise ValueError(
+                "targets must hold one class index per image; for one class for all "
+                f"images pass np.full({count}, class_index)"
+            )
+        if targets.shape != (count,):
+            raise ValueError(
+                f"targets has shape {targets.shape} but there are {count} images; pass one "
+                "class index per image (or None for the predicted class)"
+            )
+        if not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
+        classes = self._ensure_cut(image_shape).num_classes
+        bad = (targets < 0) | (targets >= classes)
+        if bad.any():
+            index = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"targets[{index}] = {targets[index]} is not a class index of this model "
+                f"(0..{classes - 1})"
+            )
+        return targets.astype(np.int32)
+
+
+def _as_image_batch(images) -> np.ndarray:
+    array = images.numpy() if isinstance(images, tf.Tensor) else np.asarray(images)
+    if array.ndim != 4:
+        hint = " (add a batch axis: images[None])" if array.ndim == 3 else ""
+        raise ValueError(
+            f"images must be a batch shaped (N, height, width, channels), got {array.shape}" + hint
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    return array
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+    padding = np.zeros((size - len(array), *array.shape[1:]), dtype=array.dtype)
+    return np.concatenate([array, padding])

@@ -1,0 +1,345 @@
+"""Load Keras models safely and cut them at the Grad-CAM target layer.
+
+Grad-CAM needs the activations ``A`` of one layer and the gradient of a logit
+with respect to ``A``. We cut the model into two Keras models that share the
+user's layers and weights (nothing is copied or mutated):
+
+    features: image -> A          (the forward pass up to the target layer)
+    head:     A     -> logits     (the rest, with a final softmax bypassed)
+
+so the backward pass runs through the head only. The cut follows the layer path
+through nested models (``Sequential([base_model, GlobalAveragePooling2D(),
+Dense])``, the usual transfer-learning shape), which is where tools that build
+``Model(model.inputs, [layer.output, model.output])`` fail with "graph
+disconnected".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+PATH_SEPARATOR = "/"
+
+
+class ModelStructureError(ValueError):
+    """The model cannot be explained as asked (no spatial layer, bad layer path, ...)."""
+
+
+def load_model(path: str | os.PathLike, *, safe_mode: bool = True) -> keras.Model:
+    """Load a classifier for auditing.
+
+    * ``.keras`` (Keras 3) and legacy ``.h5`` files load with Keras' safe mode on, so
+      a file cannot run arbitrary code (``Lambda`` bytecode) unless ``safe_mode=False``
+      is asked for explicitly, for files you trust.
+    * A TensorFlow SavedModel folder loads as a ``TFSMLayer`` for predictions; it has
+      no layer graph, so Grad-CAM cannot reach inside it (re-save it as ``.keras``).
+
+    The model is loaded without its optimizer state (``compile=False``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if path.is_dir():
+        if not (path / "saved_model.pb").exists():
+            raise ModelStructureError(
+                f"{path} is a folder but not a TensorFlow SavedModel (no saved_model.pb); "
+                "pass a .keras or .h5 file"
+            )
+        layer = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")
+        return keras.Sequential([layer], name=f"savedmodel_{path.name}")
+    if path.suffix not in (".keras", ".h5", ".hdf5"):
+        raise ModelStructureError(
+            f"{path}: unsupported model format {path.suffix!r}; use .keras, .h5 or a "
+            "SavedModel folder"
+        )
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    except ValueError as error:
+        if "safe_mode" in str(error) or "Lambda" in str(error):
+            raise ModelStructureError(
+                f"{path} contains code (a Lambda layer) and was refused in safe mode. "
+                "Only if you trust this file, load it with safe_mode=False "
+                "(CLI: --unsafe-model)."
+            ) from error
+        raise
+
+
+@dataclass(frozen=True)
+class ModelCut:
+    """A model split at the target layer: ``logits = head(features(x))``.
+
+    Both halves are sequences of Keras models/layers that share the user's layers.
+    """
+
+    layer_path: str
+    feature_parts: tuple
+    head_parts: tuple
+    num_classes: int
+    softmax_bypassed: bool
+
+    def activations(self, images, training: bool = False):
+        """The target layer's activations for a batch of images."""
+        return _apply(self.feature_parts, images, training)
+
+    def logits(self, activations, training: bool = False):
+        """The head from the target layer's activations to the class logits."""
+        return _apply(self.head_parts, activations, training)
+
+
+def _apply(parts, inputs, training: bool):
+    for part in parts:
+        inputs = part(inputs, training=training)
+    return inputs
+
+
+def _graph(model: keras.Model):
+    """The functional graph of a model: Functional itself, or a Sequential's."""
+    if isinstance(model, keras.Sequential):
+        if not model.built or getattr(model, "_functional", None) is None:
+            raise ModelStructureError(
+                f"Sequential model {model.name!r} has no input shape yet; build it "
+                "(model.build((None, H, W, C))) or call it on a batch first"
+            )
+        return model._functional
+    if hasattr(model, "_nodes_by_depth") and hasattr(model, "operations"):
+        return model
+    raise ModelStructureError(
+        f"model {model.name!r} ({type(model).__name__}) is a subclassed model without a "
+        "layer graph; Grad-CAM needs a Functional or Sequential model"
+    )
+
+
+def _is_model(layer) -> bool:
+    return isinstance(layer, keras.Model)
+
+
+def _layers(graph) -> list:
+    """The graph's layers in topological order, without input layers."""
+    return [op for op in graph.operations if not isinstance(op, keras.layers.InputLayer)]
+
+
+def _graph_nodes(graph) -> list:
+    """Every call (node) in the graph, as Keras records them by depth."""
+    return [node for nodes in graph._nodes_by_depth.values() for node in nodes]
+
+
+def _node(layer, graph):
+    """The node where ``layer`` is called inside ``graph``."""
+    nodes = [node for node in _graph_nodes(graph) if node.operation is layer]
+    if len(nodes) != 1:
+        raise ModelStructureError(
+            f"layer {layer.name!r} is called {len(nodes)} times in {graph.name!r}; "
+            "Grad-CAM needs a layer used exactly once"
+        )
+    node = nodes[0]
+    if len(node.output_tensors) != 1:
+        raise ModelStructureError(
+            f"layer {layer.name!r} has {len(node.output_tensors)} outputs; the target layer "
+            "must return one tensor"
+        )
+    return node
+
+
+def _producer(tensor, graph):
+    """The layer that produces ``tensor`` in ``graph`` (None for a graph input)."""
+    for node in _graph_nodes(graph):
+        if node.operation is not None and any(out is tensor for out in node.output_tensors):
+            return None if isinstance(node.operation, keras.layers.InputLayer) else node.operation
+    return None
+
+
+def _output_layer_path(model) -> list[str]:
+    """Path to the innermost layer that produces a (nested) model's output."""
+    graph = _graph(model)
+    layer = _producer(graph.outputs[0], graph)
+    if layer is None:
+        raise ModelStructureError(f"model {model.name!r} has no layers")
+    if _is_model(layer):
+        return [layer.name, *_output_layer_path(layer)]
+    return [layer.name]
+
+
+def _rank(tensor) -> int:
+    return len(tensor.shape)
+
+
+def _find_pooled_feature_map(graph) -> list[str] | None:
+    """Path to the last 4-D feature map that feeds a pooling or flatten (4-D -> 2-D) layer."""
+    for layer in reversed(_layers(graph)):
+        if _is_model(layer):
+            inner = _find_pooled_feature_map(_graph(layer))
+            if inner is not None:
+                return [layer.name, *inner]
+            continue
+        node = _node(layer, graph)
+        if _rank(node.input_tensors[0]) == 4 and _rank(node.output_tensors[0]) == 2:
+            source = _producer(node.input_tensors[0], graph)
+            if source is None:
+                return None
+            if _is_model(source):
+                return [source.name, *_output_layer_path(source)]
+            return [source.name]
+    return None
+
+
+def _find_last_feature_map(graph) -> list[str] | None:
+    """Fallback: path to the last layer with a 4-D output."""
+    for layer in reversed(_layers(graph)):
+        if _is_model(layer):
+            inner = _find_last_feature_map(_graph(layer))
+            if inner is not None:
+                return [layer.name, *inner]
+        elif _rank(_node(layer, graph).output_tensors[0]) == 4:
+            return [layer.name]
+    return None
+
+
+def _all_layer_paths(graph, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int | None]:
+    """Every layer path in the model, with its output rank (None for nested models)."""
+    paths = {}
+    for layer in _layers(graph):
+        path = (*prefix, layer.name)
+        if _is_model(layer):
+            paths[path] = None
+            paths.update(_all_layer_paths(_graph(layer), path))
+        else:
+            paths[path] = _rank(layer.output)
+    return paths
+
+
+def resolve_layer_path(model: keras.Model, layer: str | None = None) -> list[str]:
+    """Find the target layer: automatic, a name anywhere in the model, or a path ``a/b``."""
+    graph = _graph(model)
+    if layer is None:
+        path = _find_pooled_feature_map(graph) or _find_last_feature_map(graph)
+        if path is None:
+            opaque = any(isinstance(op, keras.layers.TFSMLayer) for op in _layers(graph))
+            raise ModelStructureError(
+                f"model {model.name!r} has no layer with a 4-D (batch, height, width, "
+                "channels) output, so there is no spatial map to explain"
+                + (
+                    "; it wraps a TensorFlow SavedModel, whose layers are not visible. "
+                    "Re-save the model in the .keras format to audit it"
+                    if opaque
+                    else ""
+                )
+            )
+        return path
+    paths = _all_layer_paths(graph)
+    wanted = tuple(layer.split(PATH_SEPARATOR))
+    if wanted in paths:
+        return list(wanted)
+    matches = [p for p in paths if p[-len(wanted) :] == wanted]
+    if len(matches) == 1:
+        return list(matches[0])
+    if not matches:
+        raise ModelStructureError(
+            f"no layer {layer!r} in model {model.name!r}; the last layers with 4-D "
+            "outputs are: "
+            + ", ".join([PATH_SEPARATOR.join(p) for p, rank in paths.items() if rank == 4][-8:])
+        )
+    raise ModelStructureError(
+        f"layer name {layer!r} is ambiguous in model {model.name!r}; use one of the paths: "
+        + ", ".join(PATH_SEPARATOR.join(p) for p in matches)
+    )
+
+
+def _is_softmax(activation) -> bool:
+    return getattr(activation, "__name__", None) == "softmax"
+
+
+def _logit_tensor(graph):
+    """The output tensor before a final softmax, and a softmax-free twin of the last layer.
+
+    A separate ``Softmax``/``Activation('softmax')`` layer is skipped; a layer with
+    ``activation='softmax'`` (usually ``Dense``) is re-applied through a twin built
+    from its config with a linear activation and sharing the same weight values.
+    The user's model is never modified.
+    """
+    output = graph.outputs[0]
+    last = _producer(output, graph)
+    if last is None or _is_model(last):
+        return output, None, False
+    node = _node(last, graph)
+    if isinstance(last, keras.layers.Softmax) or (
+        isinstance(last, keras.layers.Activation) and _is_softmax(last.activation)
+    ):
+        return node.input_tensors[0], None, True
+    if _is_softmax(getattr(last, "activation", None)):
+        config = last.get_config() | {"activation": "linear", "name": f"{last.name}_logits"}
+        twin = type(last).from_config(config)
+        twin.build(node.input_tensors[0].shape)
+        twin.set_weights(last.get_weights())
+        return node.input_tensors[0], twin, True
+    return output, None, False
+
+
+def _submodel(inputs, outputs, name: str):
+    if inputs is outputs:
+        return None
+    try:
+        return keras.Model(inputs, outputs, name=name)
+    except ValueError as error:
+        raise ModelStructureError(
+            f"cannot cut the model at this layer: {error}. Another path (a skip "
+            "connection) bypasses it; choose a layer that every path goes through, "
+            "such as the last block's output"
+        ) from error
+
+
+def _cut(graph, path: list[str], outputs) -> tuple[list, list]:
+    layer = graph.get_layer(path[0])
+    node = _node(layer, graph)
+    layer_in, layer_out = node.input_tensors[0], node.output_tensors[0]
+    if len(path) == 1:
+        features = [_submodel(graph.inputs[0], layer_out, "features")]
+        head = [_submodel(layer_out, outputs, "head")]
+    else:
+        if len(node.input_tensors) != 1:
+            raise ModelStructureError(
+                f"nested model {layer.name!r} takes {len(node.input_tensors)} inputs; models "
+                "on the path to the target layer must take one tensor"
+            )
+        inner = _graph(layer)
+        inner_features, inner_head = _cut(inner, path[1:], inner.outputs[0])
+        features = [_submodel(graph.inputs[0], layer_in, "features_pre"), *inner_features]
+        head = [*inner_head, _submodel(layer_out, outputs, "head_post")]
+    return [f for f in features if f is not None], [h for h in head if h is not None]
+
+
+def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
+    """Split ``model`` at ``layer`` (None = automatic) into features and logit head."""
+    graph = _graph(model)
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ModelStructureError(
+            f"model {model.name!r} has {len(graph.inputs)} inputs and {len(graph.outputs)} "
+            "outputs; the audit explains single-input, single-output classifiers"
+        )
+    path = resolve_layer_path(model, layer)
+    output = graph.outputs[0]
+    if _rank(output) != 2:
+        raise ModelStructureError(
+            f"model {model.name!r} outputs shape {tuple(output.shape)}; a classifier must "
+            "return (batch, classes)"
+        )
+    logits, logit_layer, bypassed = _logit_tensor(graph)
+    features, head = _cut(graph, path, logits)
+    feature_rank = _rank(features[-1].outputs[0])
+    if feature_rank != 4:
+        raise ModelStructureError(
+            f"layer {PATH_SEPARATOR.join(path)!r} outputs a {feature_rank}-D tensor; "
+            "Grad-CAM needs a 4-D (batch, height, width, channels) feature map"
+        )
+    if logit_layer is not None:
+        head.append(logit_layer)
+    return ModelCut(
+        layer_path=PATH_SEPARATOR.join(path),
+        feature_parts=tuple(features),
+        head_parts=tuple(head),
+        num_classes=int(output.shape[-1]),
+        softmax_bypassed=bypassed,
+    )
