@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import small_cnn
 
 from audit import GradCAM, ModelStructureError, zero_maps
+from benchmarks.references import keras_example_heatmap, logit_clone
 
 # ---------------------------------------------------------------- closed forms
 
@@ -119,33 +119,6 @@ def test_targets_change_the_map():
 
 
 # ------------------------------------------------- against the reference algorithms
-
-
-def keras_example_heatmap(img_array, model, last_conv_layer_name, pred_index=None):
-    """The official Keras example (keras.io/examples/vision/grad_cam), unnormalised.
-
-    The example removes the softmax by mutating ``model.layers[-1].activation``; the
-    test runs it on a clone so that the model under test keeps its softmax.
-    """
-    grad_model = keras.models.Model(
-        model.inputs, [model.get_layer(last_conv_layer_name).output, model.output]
-    )
-    with tf.GradientTape() as tape:
-        last_conv_layer_output, preds = grad_model(img_array)
-        if pred_index is None:
-            pred_index = tf.argmax(preds[0])
-        class_channel = preds[:, pred_index]
-    grads = tape.gradient(class_channel, last_conv_layer_output)
-    pooled_grads = tf.reduce_mean(grads, axis=(0, 1, 2))
-    heatmap = last_conv_layer_output[0] @ pooled_grads[..., tf.newaxis]
-    return tf.maximum(tf.squeeze(heatmap), 0).numpy()
-
-
-def logit_clone(model):
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    clone.layers[-1].activation = None
-    return clone
 
 
 def test_gradcam_equals_the_keras_example_at_batch_one(trained_cnn, digits_images):

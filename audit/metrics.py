@@ -1,0 +1,104 @@
+"""Per-image region metrics of a CAM, computed in TensorFlow inside the compiled step.
+
+For a map ``L >= 0`` (upsampled to the mask size) and a binary region ``R``:
+
+==========  ================================================================  ===========
+metric      definition                                                        undefined
+==========  ================================================================  ===========
+mass        sum(L * R) / sum(L)  (Relevance Mass Accuracy, Arras et al.;       zero map
+            the energy-based pointing game)
+area        |R| / |image|                                                     never
+lift        mass / area  (1 = what uniform attention gives; < 1 avoids R)     zero map,
+                                                                              empty R
+pointing    1 if a maximal pixel of L lies in R (ties: any maximal pixel),    zero map
+            optionally within ``tolerance`` pixels (a square neighbourhood)
+rank_acc    |top-|R| pixels of L  ∩  R| / |R|  (Relevance Rank Accuracy;      zero map,
+            ties broken by pixel order, as a stable argsort does)             empty R
+iou         IoU(L >= t * max L, R), t = 0.5 by default                        zero map,
+                                                                              empty R
+==========  ================================================================  ===========
+
+Undefined values are returned as NaN *inside* these tensors together with the
+flags ``zero_map`` and ``empty``; the run store keeps them as nulls with the reason,
+so no aggregate ever averages a made-up number.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+METRICS = ("mass", "area", "lift", "pointing", "rank_acc", "iou")
+
+
+def _undefined_where(condition: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+    return tf.where(condition, tf.constant(float("nan"), values.dtype), values)
+
+
+def region_metrics(
+    maps: tf.Tensor,
+    regions: tf.Tensor,
+    *,
+    iou_threshold: float = 0.5,
+    pointing_tolerance: int = 0,
+) -> dict[str, tf.Tensor]:
+    """Every metric for every (image, region) pair.
+
+    Args:
+        maps: ``(batch, H, W)`` non-negative maps at the regions' resolution.
+        regions: ``(batch, regions, H, W)`` masks in {0, 1}.
+
+    Returns:
+        ``(batch, regions)`` float32 tensors named as in ``METRICS``, plus
+        ``zero_map`` ``(batch,)`` and ``empty`` ``(batch, regions)`` booleans.
+    """
+    maps = tf.cast(maps, tf.float32)
+    regions = tf.cast(regions, tf.float32)
+    pixels = tf.cast(tf.shape(maps)[1] * tf.shape(maps)[2], tf.float32)
+    flat_maps = tf.reshape(maps, (tf.shape(maps)[0], -1))  # (B, P)
+    flat_regions = tf.reshape(regions, (tf.shape(regions)[0], tf.shape(regions)[1], -1))
+
+    total = tf.reduce_sum(flat_maps, axis=1)  # (B,)
+    peak = tf.reduce_max(flat_maps, axis=1)
+    zero_map = tf.logical_not(peak > 0.0)
+    region_pixels = tf.reduce_sum(flat_regions, axis=2)  # (B, R)
+    empty = region_pixels < 0.5
+    undefined_map = tf.broadcast_to(zero_map[:, None], tf.shape(empty))
+
+    inside = tf.einsum("bp,brp->br", flat_maps, flat_regions)
+    mass = tf.math.divide_no_nan(inside, total[:, None])
+    area = region_pixels / pixels
+    lift = tf.math.divide_no_nan(mass, area)
+
+    at_peak = tf.cast(flat_maps >= peak[:, None], tf.float32)  # every maximal pixel
+    pointing_regions = flat_regions
+    if pointing_tolerance > 0:
+        size = 2 * pointing_tolerance + 1
+        dilated = tf.nn.max_pool2d(
+            tf.transpose(regions, (0, 2, 3, 1)), size, strides=1, padding="SAME"
+        )
+        pointing_regions = tf.reshape(tf.transpose(dilated, (0, 3, 1, 2)), tf.shape(flat_regions))
+    pointing = tf.cast(tf.einsum("bp,brp->br", at_peak, pointing_regions) > 0, tf.float32)
+
+    # rank of each pixel in descending order of L; the top-k set of a region of k
+    # pixels is {rank < k}.
+    order = tf.argsort(flat_maps, axis=1, direction="DESCENDING", stable=True)
+    ranks = tf.cast(tf.argsort(order, axis=1, stable=True), tf.float32)  # (B, P)
+    in_top = tf.cast(ranks[:, None, :] < region_pixels[:, :, None], tf.float32)
+    rank_acc = tf.math.divide_no_nan(tf.reduce_sum(in_top * flat_regions, axis=2), region_pixels)
+
+    hot = tf.cast(flat_maps >= iou_threshold * peak[:, None], tf.float32)  # (B, P)
+    intersection = tf.einsum("bp,brp->br", hot, flat_regions)
+    union = tf.reduce_sum(hot, axis=1)[:, None] + region_pixels - intersection
+    iou = tf.math.divide_no_nan(intersection, union)
+
+    no_lift = tf.logical_or(undefined_map, empty)
+    return {
+        "mass": _undefined_where(undefined_map, mass),
+        "area": area,
+        "lift": _undefined_where(no_lift, lift),
+        "pointing": _undefined_where(undefined_map, pointing),
+        "rank_acc": _undefined_where(no_lift, rank_acc),
+        "iou": _undefined_where(no_lift, iou),
+        "zero_map": zero_map,
+        "empty": empty,
+    }

@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks; they print ratios and are never timed tests."""

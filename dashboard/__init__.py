@@ -1,0 +1,1 @@
+"""The Streamlit review dashboard (reads the run store; never recomputes an audit)."""

@@ -1,0 +1,1 @@
+"""Runnable pipelines built on the ``audit`` library (local, demo; Ray and schedules later)."""

@@ -1,0 +1,165 @@
+"""The built-in demo: a biased digits model, trained in seconds, and its audit.
+
+``bias-audit demo`` (or ``python -m pipelines.demo``) does, from nothing but
+scikit-learn's digits:
+
+1. builds a training set where digit 3 sits on stripes and digit 7 on a checkerboard
+   95% of the time (a planted background shortcut) and an audit set with uniformly
+   drawn backgrounds, written as PNGs with object masks and a manifest CSV;
+2. trains a small CNN (about 10 s on two CPU cores) and saves it as ``.keras``;
+3. explains every audit image with Grad-CAM and prints, per class, how much of the
+   map falls on the digit and on the background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from audit import GradCAM
+from audit.metrics import region_metrics
+from audit.overlay import overlay
+from pipelines.demo_data import IMAGE_SIZE, DemoSet, make_demo_set
+
+SHORTCUTS = {3: "stripes", 7: "checker"}
+CLASS_NAMES = [str(digit) for digit in range(10)]
+
+
+@dataclass(frozen=True)
+class DemoFiles:
+    """Where the demo wrote its model and audit dataset."""
+
+    root: Path
+    model: Path
+    manifest: Path
+
+
+def demo_model(num_classes: int = 10) -> keras.Model:
+    """A small CNN whose last conv layer gives 12x12 maps on 48x48 images."""
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="image")
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.MaxPooling2D(name="pool2")(x)
+    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="last_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="demo_digits_cnn")
+
+
+def train_demo_model(
+    train: DemoSet, *, epochs: int = 10, seed: int = 0, verbose: int = 0
+) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    model = demo_model()
+    model.compile(
+        keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    model.fit(train.images, train.labels, epochs=epochs, batch_size=64, verbose=verbose)
+    return model
+
+
+def write_dataset(dataset: DemoSet, root: Path) -> Path:
+    """Write images and masks as PNGs and a manifest CSV (paths relative to it)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(len(dataset)):
+        name = f"{index:05d}.png"
+        pixels = (dataset.images[index] * 255).round().astype("uint8")
+        Image.fromarray(pixels).save(root / "images" / name)
+        Image.fromarray(dataset.masks[index].astype("uint8") * 255).save(root / "masks" / name)
+        rows.append(
+            {
+                "path": f"images/{name}",
+                "label": CLASS_NAMES[dataset.labels[index]],
+                "mask_path": f"masks/{name}",
+                "background_type": dataset.backgrounds[index],
+            }
+        )
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def prepare_demo(
+    root: Path, *, seed: int = 0, train_size: int = 4000, audit_size: int = 1000, epochs: int = 10
+) -> DemoFiles:
+    """Generate the biased training set, train and save the model, write the audit set."""
+    root.mkdir(parents=True, exist_ok=True)
+    train = make_demo_set(train_size, seed=seed, shortcut_classes=SHORTCUTS, shortcut_rate=0.95)
+    model = train_demo_model(train, epochs=epochs, seed=seed)
+    model_path = root / "demo_model.keras"
+    model.save(model_path)
+    audit_set = make_demo_set(audit_size, seed=seed + 1)
+    manifest = write_dataset(audit_set, root / "audit_data")
+    return DemoFiles(root=root, model=model_path, manifest=manifest)
+
+
+def explain_demo(model: keras.Model, audit_set: DemoSet, out: Path) -> pd.DataFrame:
+    """Per-class object/background mass of the demo model's maps; writes example overlays."""
+    cam = GradCAM(model)
+    details = cam.explain_details(audit_set.images, size=(IMAGE_SIZE, IMAGE_SIZE))
+    regions = np.stack([audit_set.masks, ~audit_set.masks], axis=1)
+    metrics = {k: v.numpy() for k, v in region_metrics(details.maps, regions).items()}
+    correct = details.predictions == audit_set.labels
+    rows = []
+    for label, name in enumerate(CLASS_NAMES):
+        of_class = audit_set.labels == label
+        chosen = of_class & correct
+        rows.append(
+            {
+                "class": name,
+                "n": int(of_class.sum()),
+                "accuracy": float(correct[of_class].mean()),
+                "object_mass": float(np.nanmean(metrics["mass"][chosen, 0])),
+                "object_lift": float(np.nanmean(metrics["lift"][chosen, 0])),
+                "background_mass": float(np.nanmean(metrics["mass"][chosen, 1])),
+                "shortcut": SHORTCUTS.get(label, ""),
+            }
+        )
+        examples = np.flatnonzero(of_class)[:3]
+        for index in examples:
+            picture = overlay(
+                audit_set.images[index], details.maps[index], outline=audit_set.masks[index]
+            )
+            picture.save(out / f"class_{name}_{index:05d}.png")
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bias-audit demo", description="Train a biased digits model and audit it."
+    )
+    parser.add_argument("--out", type=Path, default=Path("demo-runs"), help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    print(f"Building the biased demo data and training a small CNN in {args.out} ...")
+    files = prepare_demo(args.out, seed=args.seed, epochs=args.epochs)
+    print(f"  model: {files.model}\n  audit manifest: {files.manifest}")
+    model = keras.saving.load_model(files.model)
+    overlays = args.out / "overlays"
+    overlays.mkdir(exist_ok=True)
+    table = explain_demo(model, make_demo_set(1000, seed=args.seed + 1), overlays)
+    print("\nGrad-CAM on the audit set (uniform backgrounds), correctly predicted images:")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(
+        f"\nDigits 3 and 7 were trained on a background shortcut ({SHORTCUTS}); their "
+        "accuracy drops and their maps move to the background."
+    )
+    print(f"Overlays: {overlays}  ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

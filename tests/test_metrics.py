@@ -1,0 +1,73 @@
+"""Region metrics on hand-made arrays, following Quantus' definitions."""
+
+import numpy as np
+import pytest
+
+from audit.metrics import region_metrics
+
+
+def run(maps, regions, **kwargs):
+    out = region_metrics(np.asarray(maps, "float32"), np.asarray(regions, "float32"), **kwargs)
+    return {key: value.numpy() for key, value in out.items()}
+
+
+def test_mass_area_lift_on_a_hand_made_map():
+    cam = np.zeros((4, 4))
+    cam[0, 0], cam[0, 1], cam[3, 3] = 3.0, 1.0, 4.0
+    obj = np.zeros((4, 4))
+    obj[:2, :2] = 1  # holds 3 + 1 of the 8 units of mass, 4 of 16 pixels
+    out = run(cam[None], np.stack([obj, 1 - obj])[None])
+    np.testing.assert_allclose(out["mass"][0], [0.5, 0.5])
+    np.testing.assert_allclose(out["area"][0], [0.25, 0.75])
+    np.testing.assert_allclose(out["lift"][0], [2.0, 2 / 3], rtol=1e-6)
+    # The single peak (4.0 at [3, 3]) lies in the background.
+    np.testing.assert_allclose(out["pointing"][0], [0.0, 1.0])
+    # Relevance Rank Accuracy: top-4 pixels are (3,3),(0,0),(0,1) and the first zero
+    # pixel in order, (0,2); of the object's 4 pixels, (0,0),(0,1) are among them.
+    np.testing.assert_allclose(out["rank_acc"][0][0], 0.5)
+    # Binarised at 0.5 * max = 2: pixels (0,0) and (3,3). IoU with the object: 1 / 5.
+    np.testing.assert_allclose(out["iou"][0][0], 1 / 5)
+
+
+def test_rank_accuracy_and_iou_against_brute_force():
+    rng = np.random.default_rng(0)
+    maps = rng.gamma(1.0, size=(5, 9, 7))
+    regions = (rng.uniform(size=(5, 2, 9, 7)) < 0.3).astype(float)
+    out = run(maps, regions, iou_threshold=0.4)
+    for b in range(5):
+        flat = maps[b].ravel()
+        top = np.argsort(-flat, kind="stable")
+        for r in range(2):
+            region = regions[b, r].ravel().astype(bool)
+            k = region.sum()
+            assert out["rank_acc"][b, r] == pytest.approx(region[top[:k]].sum() / k, abs=1e-6)
+            hot = flat >= 0.4 * flat.max()
+            iou = (hot & region).sum() / (hot | region).sum()
+            assert out["iou"][b, r] == pytest.approx(iou, abs=1e-6)
+            assert out["mass"][b, r] == pytest.approx(flat[region].sum() / flat.sum(), rel=1e-5)
+
+
+def test_pointing_ties_and_tolerance():
+    cam = np.zeros((1, 10, 10))
+    cam[0, 0, 0] = cam[0, 9, 9] = 1.0  # two maximal pixels
+    region = np.zeros((1, 1, 10, 10))
+    region[0, 0, 9, 9] = 1
+    assert run(cam, region)["pointing"][0, 0] == 1.0  # any maximal pixel counts
+    far = np.zeros((1, 1, 10, 10))
+    far[0, 0, 5, 5] = 1
+    assert run(cam, far)["pointing"][0, 0] == 0.0
+    assert run(cam, far, pointing_tolerance=4)["pointing"][0, 0] == 1.0
+
+
+def test_zero_maps_and_empty_regions_are_flagged_not_invented():
+    maps = np.zeros((2, 4, 4))
+    maps[1, 1, 1] = 1.0
+    regions = np.zeros((2, 2, 4, 4))
+    regions[:, 0, :2, :2] = 1  # region 1 stays empty
+    out = run(maps, regions)
+    assert out["zero_map"].tolist() == [True, False]
+    assert out["empty"].tolist() == [[False, True], [False, True]]
+    assert np.isnan(out["mass"][0]).all() and np.isnan(out["pointing"][0]).all()
+    assert out["mass"][1].tolist() == [1.0, 0.0]  # an empty region holds no mass
+    assert np.isnan(out["lift"][1, 1]) and np.isnan(out["rank_acc"][1, 1])
+    np.testing.assert_allclose(out["area"], [[0.25, 0.0], [0.25, 0.0]])
