@@ -11,6 +11,12 @@ import sys
 EXIT_OK, EXIT_POLICY, EXIT_USAGE = 0, 1, 2
 
 
+def _run(argv: list[str]) -> int:
+    from audit.run_cli import main as run_main
+
+    return run_main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from pipelines.demo import main as demo_main
 
@@ -18,6 +24,7 @@ def _demo(argv: list[str]) -> int:
 
 
 COMMANDS = {
+    "run": (_run, "audit a dataset (a YAML config, or --model/--data/--out)"),
     "demo": (_demo, "train a small biased model on generated digits and audit it"),
 }
 

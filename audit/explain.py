@@ -122,35 +122,54 @@ class GradCAM:
         predicted class. Returns ``maps`` (upsampled to ``size`` when given),
         ``logits``, ``targets`` (resolved) and ``finite``.
         """
+        result = self.cam_batch_many(images, [targets], size)
+        return {
+            "maps": result["maps"][0],
+            "logits": result["logits"],
+            "targets": result["targets"][0],
+            "finite": result["finite"][0],
+        }
+
+    def cam_batch_many(self, images: tf.Tensor, target_sets: Sequence[tf.Tensor], size=None):
+        """Like ``cam_batch`` for several target sets: one forward, one head backward each.
+
+        Returns ``logits`` and lists ``maps``, ``targets``, ``finite`` (one per set).
+        """
         cut = self._ensure_cut(images.shape[1:])
         activations = cut.activations(images, training=False)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=len(target_sets) > 1) as tape:
             tape.watch(activations)
             logits = tf.cast(cut.logits(activations, training=False), tf.float32)
             predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            chosen = tf.where(targets < 0, predicted, targets)
+            chosen_sets = [tf.where(targets < 0, predicted, targets) for targets in target_sets]
             # Samples are independent at inference, so one backward pass of the
             # summed scores gives every sample's own gradient.
-            score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
-        gradients = tape.gradient(score, activations)
-        if gradients is None:
-            raise ModelStructureError(
-                f"the logits do not depend on layer {cut.layer_path!r} (gradient is None); "
-                "choose a layer on the path to the output"
+            scores = [
+                tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
+                for chosen in chosen_sets
+            ]
+        activations_32 = tf.cast(activations, tf.float32)
+        finite_activations = tf.reduce_all(tf.math.is_finite(activations_32), axis=(1, 2, 3))
+        result = {"logits": logits, "targets": chosen_sets, "maps": [], "finite": []}
+        for score in scores:
+            gradients = tape.gradient(score, activations)
+            if gradients is None:
+                raise ModelStructureError(
+                    f"the logits do not depend on layer {cut.layer_path!r} (gradient is "
+                    "None); choose a layer on the path to the output"
+                )
+            gradients = tf.cast(gradients, tf.float32)
+            finite = tf.logical_and(
+                finite_activations, tf.reduce_all(tf.math.is_finite(gradients), axis=(1, 2, 3))
             )
-        activations = tf.cast(activations, tf.float32)
-        gradients = tf.cast(gradients, tf.float32)
-        finite = tf.logical_and(
-            tf.reduce_all(tf.math.is_finite(activations), axis=(1, 2, 3)),
-            tf.reduce_all(tf.math.is_finite(gradients), axis=(1, 2, 3)),
-        )
-        keep = finite[:, None, None, None]
-        activations = tf.where(keep, activations, 0.0)
-        gradients = tf.where(keep, gradients, 0.0)
-        maps = self._cam(activations, gradients)
-        if size is not None:
-            maps = tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
-        return {"maps": maps, "logits": logits, "targets": chosen, "finite": finite}
+            keep = finite[:, None, None, None]
+            maps = self._cam(tf.where(keep, activations_32, 0.0), tf.where(keep, gradients, 0.0))
+            if size is not None:
+                maps = tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
+            result["maps"].append(maps)
+            result["finite"].append(finite)
+        del tape
+        return result
 
     def compiled_step(self, size: tuple[int, int] | None = None):
         """The compiled ``cam_batch`` for one output size (traced once per batch shape)."""
@@ -198,8 +217,8 @@ class GradCAM:
             chunk_targets = targets[start : start + batch]
             real = len(chunk)
             if real < batch:  # pad so the step keeps one traced shape
-                chunk = _pad(chunk, batch)
-                chunk_targets = _pad(chunk_targets, batch)
+                chunk = pad_batch(chunk, batch)
+                chunk_targets = pad_batch(chunk_targets, batch)
             result = step(tf.convert_to_tensor(chunk), tf.convert_to_tensor(chunk_targets))
             for key, value in result.items():
                 outputs.setdefault(key, []).append(value.numpy()[:real])
@@ -253,6 +272,7 @@ def _as_image_batch(images) -> np.ndarray:
     return array
 
 
-def _pad(array: np.ndarray, size: int) -> np.ndarray:
+def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad the batch axis to ``size`` so a compiled step keeps one traced shape."""
     padding = np.zeros((size - len(array), *array.shape[1:]), dtype=array.dtype)
     return np.concatenate([array, padding])

@@ -1,0 +1,231 @@
+"""The audit configuration: one pydantic model, built from YAML or from Python.
+
+Every key is documented in ``docs/config.md``; unknown keys and bad values fail
+fast with the key's path and a hint (``ConfigError``; the CLI exits with 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    path: Path = Field(description="The classifier: a .keras or .h5 file.")
+    layer: str | None = Field(
+        None, description="Target layer name or path (outer/inner); null = automatic."
+    )
+    method: Literal["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam"] = "gradcam"
+    target: Literal["true", "predicted"] = Field(
+        "true", description="Which class the main map explains; the other is kept as pred_*."
+    )
+    safe_mode: bool = Field(True, description="Keras safe mode; false only for trusted files.")
+    class_names: list[str] | None = Field(
+        None,
+        description="Class names in the model's output order; default: sorted labels.",
+    )
+
+
+class PreprocessSection(_Section):
+    size: tuple[int, int] | None = Field(
+        None, description="Resize images to (height, width); default: the model's input size."
+    )
+    scale: float = Field(1 / 255, description="Multiply pixel values (0..255) by this.")
+    mean: tuple[float, float, float] | None = Field(None, description="Subtract per channel.")
+    std: tuple[float, float, float] | None = Field(None, description="Divide per channel.")
+    keras_preprocess: str | None = Field(
+        None,
+        description="A keras.applications module whose preprocess_input to apply to 0..255 "
+        "pixels (e.g. mobilenet_v2, resnet50); replaces scale/mean/std.",
+    )
+
+    @field_validator("keras_preprocess")
+    @classmethod
+    def _known_preprocess(cls, name: str | None) -> str | None:
+        if name is not None:
+            import keras
+
+            if not hasattr(getattr(keras.applications, name, None), "preprocess_input"):
+                raise ValueError(
+                    f"keras.applications has no module {name!r} with preprocess_input; "
+                    "use e.g. mobilenet_v2, resnet50, efficientnet, vgg16"
+                )
+        return name
+
+
+class DatasetSection(_Section):
+    manifest: Path | None = Field(
+        None, description="CSV or Parquet: path, label, optional mask_path / box / slices."
+    )
+    folders: Path | None = Field(None, description="Class folders: ROOT/<class>/<image>.")
+    masks: Path | None = Field(
+        None, description="With folders: a parallel tree ROOT/<class>/<image stem>.png of masks."
+    )
+    coco: Path | None = Field(None, description="A COCO instances JSON file (object masks).")
+    coco_images: Path | None = Field(None, description="With coco: the image folder.")
+    tfds: str | None = Field(None, description="A TensorFlow Datasets name, e.g. oxford_iiit_pet.")
+    tfds_split: str = "test"
+    image_key: str = "image"
+    label_key: str = "label"
+    mask_key: str | None = Field(None, description="With tfds: the mask feature, if any.")
+    limit: int | None = Field(None, ge=1, description="Audit only the first N entries.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSection:
+        given = [k for k in ("manifest", "folders", "coco", "tfds") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of manifest, folders, coco or tfds"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.masks and not self.folders:
+            raise ValueError("masks goes with folders")
+        if self.coco and not self.coco_images:
+            raise ValueError("coco needs coco_images, the folder of its images")
+        return self
+
+
+class RegionSection(_Section):
+    name: str = Field(description="Column suffix in images.parquet: mass_<name>, ...")
+    source: Literal["mask", "box", "background", "border"] = Field(
+        description="mask: the object mask; box: the bounding box; background: the "
+        "complement of the expected regions; border: a frame of `width` pixels."
+    )
+    role: Literal["expected", "spurious"] = "expected"
+    dilate: int = Field(0, ge=0, description="Grow the region by this many pixels.")
+    box_from_mask: bool = Field(False, description="With source mask: use the mask's box.")
+    width: int = Field(4, ge=1, description="With source border: the frame width in pixels.")
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, name: str) -> str:
+        if not name.isidentifier():
+            raise ValueError(f"region name {name!r} must be a simple identifier like 'object'")
+        return name
+
+
+DEFAULT_REGIONS = (
+    RegionSection(name="object", source="mask", role="expected"),
+    RegionSection(name="background", source="background", role="spurious"),
+)
+
+
+class MetricsSection(_Section):
+    iou_threshold: float = Field(0.5, gt=0, lt=1, description="IoU binarises at t * max.")
+    pointing_tolerance: int = Field(0, ge=0, description="Pointing-game tolerance in pixels.")
+    cam_size: int = Field(
+        16, ge=4, le=64, description="Stored CAMs are resized to at most this side (fp16)."
+    )
+
+
+class OutputSection(_Section):
+    store: Path = Field(Path("runs"), description="The run store folder.")
+    run_id: str | None = Field(None, description="Name the run; default: time + config hash.")
+
+
+class AuditConfig(_Section):
+    """A whole audit: what to explain, on which data, measured how, stored where."""
+
+    model: ModelSection
+    dataset: DatasetSection
+    preprocess: PreprocessSection = PreprocessSection()
+    regions: tuple[RegionSection, ...] = DEFAULT_REGIONS
+    metrics: MetricsSection = MetricsSection()
+    output: OutputSection = OutputSection()
+    batch_size: int = Field(32, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _regions_make_sense(self) -> AuditConfig:
+        names = [region.name for region in self.regions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"region names must be unique, got {names}")
+        if not any(region.role == "expected" for region in self.regions):
+            raise ValueError("at least one region needs role: expected")
+        return self
+
+    def fingerprint(self) -> str:
+        """A hash of everything that changes the numbers (not where they are stored)."""
+        payload = self.model_dump(mode="json", exclude={"output"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid audit config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key; check the spelling against docs/config.md"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def build_config(data: dict, source: str = "(python)", base_dir: Path | None = None) -> AuditConfig:
+    """Validate a config dict; relative paths are resolved against ``base_dir``."""
+    try:
+        config = AuditConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+    if base_dir is None:
+        return config
+    return _resolve_paths(config, base_dir)
+
+
+def _resolve_paths(config: AuditConfig, base_dir: Path) -> AuditConfig:
+    def resolve(path: Path | None) -> Path | None:
+        return None if path is None or path.is_absolute() else base_dir / path
+
+    dataset = config.dataset
+    return config.model_copy(
+        update={
+            "model": config.model.model_copy(update={"path": resolve(config.model.path)}),
+            "dataset": dataset.model_copy(
+                update={
+                    key: resolve(getattr(dataset, key))
+                    for key in ("manifest", "folders", "masks", "coco", "coco_images")
+                    if getattr(dataset, key) is not None
+                }
+            ),
+            "output": config.output.model_copy(update={"store": resolve(config.output.store)}),
+        }
+    )
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> AuditConfig:
+    """Read a YAML config; ``overrides`` (nested dicts) win over the file's values."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, ...)")
+    return build_config(merge(data, overrides or {}), str(path), path.parent)
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Recursively merge ``overrides`` into a copy of ``base``."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,369 @@
+"""Load: dataset sources -> an entries table -> decoded, preprocessed batches with regions.
+
+Every source becomes the same **entries table** (a DataFrame, one row per image,
+in a stable order): ``path``, ``label`` and optionally ``mask_path``, ``mask_rle``
+(COCO run-length encoding), the box columns ``x_min, y_min, x_max, y_max`` (pixels
+of the original image) and any slice attributes. Loading a row either yields a
+preprocessed image with its region masks or a ``SkipRow`` with a reason: the audit
+records it and goes on; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from audit.config import ConfigError, DatasetSection, PreprocessSection, RegionSection
+
+BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
+SOURCE_COLUMNS = ("path", "label", "mask_path", "mask_rle", *BOX_COLUMNS)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class SkipRow(Exception):
+    """This row cannot be audited; the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class Entries:
+    """The audit's input rows and the folder their relative paths start from."""
+
+    table: pd.DataFrame
+    root: Path
+    name: str  # a short description for the run manifest
+
+    @property
+    def slice_columns(self) -> list[str]:
+        return [c for c in self.table.columns if c not in SOURCE_COLUMNS]
+
+
+# ------------------------------------------------------------------ sources
+
+
+def read_manifest(path: Path) -> Entries:
+    """A CSV or Parquet manifest; relative paths start at the manifest's folder."""
+    if not path.exists():
+        raise ConfigError(f"dataset manifest not found: {path}")
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as error:  # pandas raises many types for unreadable files
+        raise ConfigError(f"cannot read manifest {path}: {error}") from None
+    missing = [c for c in ("path", "label") if c not in table.columns]
+    if missing:
+        raise ConfigError(
+            f"manifest {path} lacks the column(s) {', '.join(missing)}; it needs at least "
+            "'path' and 'label' (see docs/manifest.md)"
+        )
+    boxes = [c for c in BOX_COLUMNS if c in table.columns]
+    if boxes and len(boxes) != 4:
+        raise ConfigError(
+            f"manifest {path} has box column(s) {boxes}; give all of {', '.join(BOX_COLUMNS)}"
+        )
+    table = table.reset_index(drop=True)
+    table["path"] = table["path"].astype(str)
+    table["label"] = table["label"].astype(str)
+    return Entries(table, path.parent, f"manifest:{path.name}")
+
+
+def read_folders(root: Path, masks: Path | None = None) -> Entries:
+    """Keras' class-folder layout ``root/<class>/<image>``; masks ``masks/<class>/<stem>.png``."""
+    if not root.is_dir():
+        raise ConfigError(f"dataset folder not found: {root}")
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for image in sorted(class_dir.iterdir()):
+            if image.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            row = {"path": f"{class_dir.name}/{image.name}", "label": class_dir.name}
+            if masks is not None:
+                row["mask_path"] = str(masks / class_dir.name / f"{image.stem}.png")
+            rows.append(row)
+    if not rows:
+        raise ConfigError(f"no images found under {root}/<class>/ (suffixes {IMAGE_SUFFIXES})")
+    return Entries(pd.DataFrame(rows), root, f"folders:{root.name}")
+
+
+def read_entries(dataset: DatasetSection) -> Entries:
+    """The entries table of a file-based source."""
+    if dataset.manifest is not None:
+        entries = read_manifest(dataset.manifest)
+    elif dataset.folders is not None:
+        entries = read_folders(dataset.folders, dataset.masks)
+    elif dataset.coco is not None:
+        from audit.sources import read_coco
+
+        entries = read_coco(dataset.coco, dataset.coco_images)
+    else:
+        raise ConfigError("read_entries handles manifest, folders and coco sources")
+    if dataset.limit is not None:
+        entries = Entries(entries.table.iloc[: dataset.limit].copy(), entries.root, entries.name)
+    return entries
+
+
+def class_names_for(labels: pd.Series, num_classes: int, given: Sequence[str] | None) -> list[str]:
+    """The model's class names in output order.
+
+    Given names win. Otherwise labels that are all integers are class indices, and
+    other labels are sorted alphabetically (Keras' ``image_dataset_from_directory``
+    order).
+    """
+    if given is not None:
+        names = list(given)
+    else:
+        unique = sorted(set(labels))
+        if all(label.lstrip("-").isdigit() for label in unique):
+            names = [str(index) for index in range(num_classes)]
+        else:
+            names = unique
+    if len(names) != num_classes:
+        raise ConfigError(
+            f"the model has {num_classes} outputs but there are {len(names)} class names "
+            f"({', '.join(names[:12])}{', ...' if len(names) > 12 else ''}); list the model's "
+            "classes in output order under model.class_names"
+        )
+    return names
+
+
+# ------------------------------------------------------------ preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Resizes images (bilinear) and masks (nearest) and scales pixels as the model expects."""
+
+    size: tuple[int, int]  # (height, width)
+    settings: PreprocessSection
+
+    def image(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (h, w, 3) -> float32 (H, W, 3) ready for the model."""
+        height, width = self.size
+        if pixels.shape[:2] != (height, width):
+            pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
+        values = pixels.astype("float32")
+        if self.settings.keras_preprocess:
+            import keras
+
+            module = getattr(keras.applications, self.settings.keras_preprocess)
+            return np.asarray(module.preprocess_input(values.copy()), dtype="float32")
+        values *= self.settings.scale
+        if self.settings.mean is not None:
+            values -= np.asarray(self.settings.mean, dtype="float32")
+        if self.settings.std is not None:
+            values /= np.asarray(self.settings.std, dtype="float32")
+        return values
+
+    def mask(self, mask: np.ndarray) -> np.ndarray:
+        """bool (h, w) -> bool (H, W), nearest neighbour."""
+        height, width = self.size
+        if mask.shape == (height, width):
+            return mask
+        resized = Image.fromarray(mask.astype("uint8") * 255).resize((width, height), Image.NEAREST)
+        return np.asarray(resized) > 127
+
+
+# ------------------------------------------------------------------ regions
+
+
+def _dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    if pixels <= 0 or not mask.any():
+        return mask
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(mask, iterations=pixels)
+
+
+def _box_mask(box: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
+    x_min, y_min, x_max, y_max = (int(round(v)) for v in box)
+    mask = np.zeros(shape, dtype=bool)
+    mask[max(y_min, 0) : max(y_max, 0), max(x_min, 0) : max(x_max, 0)] = True
+    return mask
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return _box_mask((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), mask.shape)
+
+
+def build_regions(
+    regions: Sequence[RegionSection],
+    mask: np.ndarray | None,
+    box: np.ndarray | None,
+) -> np.ndarray:
+    """The (regions, H, W) stack for one image, from its resized mask and box masks."""
+    shape = (mask if mask is not None else box).shape
+    built: dict[str, np.ndarray] = {}
+    for region in regions:
+        if region.source == "mask":
+            if mask is None:
+                raise SkipRow(f"region {region.name!r} needs an object mask and the row has none")
+            area = _mask_box(mask) if region.box_from_mask and mask.any() else mask
+        elif region.source == "box":
+            if box is None:
+                raise SkipRow(f"region {region.name!r} needs a box and the row has none")
+            area = box
+        elif region.source == "border":
+            area = np.ones(shape, dtype=bool)
+            area[region.width : -region.width, region.width : -region.width] = False
+        else:
+            continue  # background: the complement, filled in below
+        built[region.name] = _dilate(area, region.dilate)
+    expected = np.zeros(shape, dtype=bool)
+    for region in regions:
+        if region.role == "expected" and region.name in built:
+            if not built[region.name].any():
+                raise SkipRow(f"the {region.name!r} region is empty (an empty mask or box)")
+            expected |= built[region.name]
+    for region in regions:
+        if region.source == "background":
+            built[region.name] = _dilate(~expected, region.dilate)
+    return np.stack([built[region.name] for region in regions])
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _inside(root: Path, relative: str) -> Path:
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise SkipRow(f"path {relative!r} escapes the dataset root {root}; refused")
+    return path
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise SkipRow(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise SkipRow(f"corrupt or unreadable image {path}: {error}") from None
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L")) > 0
+    except FileNotFoundError:
+        raise SkipRow(f"mask file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise SkipRow(f"corrupt or unreadable mask {path}: {error}") from None
+
+
+def _decode_rle(value: str) -> np.ndarray:
+    from pycocotools import mask as coco_mask
+
+    rle = json.loads(value)
+    rle["counts"] = rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]
+    return coco_mask.decode(rle).astype(bool)
+
+
+@dataclass
+class LoadedRow:
+    image: np.ndarray
+    regions: np.ndarray
+
+
+def load_row(
+    row: dict, root: Path, preprocessor: Preprocessor, regions: Sequence[RegionSection]
+) -> LoadedRow:
+    """Decode, check and preprocess one entry; raises ``SkipRow`` with the reason."""
+    pixels = _read_image(_inside(root, row["path"]))
+    height, width = pixels.shape[:2]
+    mask = None
+    if _present(row.get("mask_path")):
+        mask = _read_mask(_inside(root, row["mask_path"]))
+    elif _present(row.get("mask_rle")):
+        mask = _decode_rle(row["mask_rle"])
+    if mask is not None and mask.shape != (height, width):
+        raise SkipRow(
+            f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height} "
+            "(width x height); masks must match their image"
+        )
+    box = None
+    if all(_present(row.get(c)) for c in BOX_COLUMNS):
+        values = [float(row[c]) for c in BOX_COLUMNS]
+        if not (values[0] < values[2] and values[1] < values[3]):
+            raise SkipRow(f"box {values} is empty or inverted (need x_min < x_max, y_min < y_max)")
+        box = preprocessor.mask(_box_mask(values, (height, width)))
+    return LoadedRow(
+        image=preprocessor.image(pixels),
+        regions=build_regions(regions, None if mask is None else preprocessor.mask(mask), box),
+    )
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and value != ""
+
+
+@dataclass
+class Batch:
+    """Loaded rows of one chunk, and the rows of the chunk that were skipped."""
+
+    rows: list[int]  # positions in the entries table
+    images: np.ndarray  # (n, H, W, 3)
+    regions: np.ndarray  # (n, R, H, W) bool
+    labels: np.ndarray  # (n,) int32 class indices
+    skipped: dict[int, str] = field(default_factory=dict)
+
+
+def load_batches(
+    entries: Entries,
+    positions: Sequence[int],
+    *,
+    class_index: dict[str, int],
+    preprocessor: Preprocessor,
+    regions: Sequence[RegionSection],
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+) -> Iterator[Batch]:
+    """Decode rows in a thread pool (PIL releases the GIL) and yield full batches.
+
+    Skipped rows ride along with the batch after which they were found, so the
+    caller records every row exactly once.
+    """
+    table = entries.table
+    height, width = preprocessor.size
+
+    def load(position: int):
+        row = table.iloc[position].to_dict()
+        label = class_index.get(row["label"])
+        if label is None:
+            return position, f"label {row['label']!r} is not one of the model's classes", None
+        try:
+            return position, None, (label, load_row(row, entries.root, preprocessor, regions))
+        except SkipRow as reason:
+            return position, str(reason), None
+
+    pending: list[tuple[int, int, LoadedRow]] = []
+    skipped: dict[int, str] = {}
+
+    def emit(items):
+        return Batch(
+            rows=[p for p, _, _ in items],
+            images=np.stack([item.image for _, _, item in items]).astype("float32")
+            if items
+            else np.zeros((0, height, width, 3), "float32"),
+            regions=np.stack([item.regions for _, _, item in items])
+            if items
+            else np.zeros((0, len(regions), height, width), bool),
+            labels=np.array([label for _, label, _ in items], dtype="int32"),
+            skipped=dict(skipped),
+        )
+
+    for position, reason, loaded in pool.map(load, positions):
+        if reason is not None:
+            skipped[position] = reason
+            continue
+        pending.append((position, *loaded))
+        if len(pending) == batch_size:
+            yield emit(pending)
+            pending, skipped = [], {}
+    if pending or skipped:
+        yield emit(pending)

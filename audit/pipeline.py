@@ -1,0 +1,336 @@
+"""The local (embedded) audit: load -> explain -> measure -> store, streamed in chunks.
+
+One compiled step per batch runs the forward pass, a head-only backward pass for
+the configured target and for the other one (true vs predicted class), the CAMs,
+their upsampling to the mask size and every region metric, all on device. Rows go
+to disk chunk by chunk, so memory stays flat in dataset size and a killed run
+resumes at the first missing chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import platform
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from audit.config import AuditConfig, ConfigError
+from audit.data import Batch, Entries, Preprocessor, class_names_for, load_batches, read_entries
+from audit.explain import PREDICTED, GradCAM, pad_batch
+from audit.metrics import METRICS, region_metrics
+from audit.models import load_model
+from audit.store import RunStore, file_sha256, latest_run
+
+# Rows per stored chunk, in batches: the unit of resume and of memory.
+BATCHES_PER_CHUNK = 4
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """A finished (or resumed-to-completion) run."""
+
+    run_dir: Path
+    images: pd.DataFrame
+    manifest: dict
+
+
+def metric_columns(region_names, prefix: str = "") -> list[str]:
+    return [f"{prefix}{metric}_{name}" for name in region_names for metric in METRICS]
+
+
+def dataset_fingerprint(entries: Entries) -> str:
+    """Hash of the entries table and the size of every file it names."""
+    digest = hashlib.sha256()
+    buffer = io.StringIO()
+    entries.table.to_csv(buffer, index=False)
+    digest.update(buffer.getvalue().encode())
+    for column in ("path", "mask_path"):
+        if column in entries.table.columns:
+            for value in entries.table[column].dropna():
+                path = entries.root / str(value)
+                digest.update(str(path.stat().st_size if path.exists() else -1).encode())
+    return digest.hexdigest()
+
+
+class AuditStep:
+    """The compiled per-batch step of a dataset audit."""
+
+    def __init__(self, cam: GradCAM, config: AuditConfig, size: tuple[int, int]) -> None:
+        self.cam = cam
+        self.config = config
+        self.size = size
+        self.function = tf.function(self._step)
+
+    def _step(self, images, labels, regions):
+        predicted = tf.fill(tf.shape(labels), PREDICTED)
+        main_first = self.config.model.target == "true"
+        target_sets = [labels, predicted] if main_first else [predicted, labels]
+        out = self.cam.cam_batch_many(images, target_sets)
+        logits = out["logits"]
+        result = {
+            "logits": logits,
+            "probabilities": tf.nn.softmax(logits),
+            "target": out["targets"][0],
+            "finite": tf.logical_and(out["finite"][0], out["finite"][1]),
+            "cam_total": tf.reduce_sum(out["maps"][0], axis=(1, 2)),
+            "cams": self._storable(out["maps"][0]),
+        }
+        for key, maps in zip(("main", "other"), out["maps"], strict=True):
+            upsampled = tf.image.resize(maps[..., None], self.size, method="bilinear")[..., 0]
+            metrics = region_metrics(
+                upsampled,
+                regions,
+                iou_threshold=self.config.metrics.iou_threshold,
+                pointing_tolerance=self.config.metrics.pointing_tolerance,
+            )
+            result.update({f"{key}_{name}": value for name, value in metrics.items()})
+        return result
+
+    def _storable(self, maps):
+        """Low-resolution fp16 maps: the layer's own size, capped at ``cam_size``."""
+        height, width = maps.shape[1], maps.shape[2]
+        cap = self.config.metrics.cam_size
+        if height > cap or width > cap:
+            scale = cap / max(height, width)
+            shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+            maps = tf.image.resize(maps[..., None], shape, method="area")[..., 0]
+        return tf.cast(maps, tf.float16)
+
+    def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
+        count = len(batch.rows)
+        size = self.config.batch_size
+        images, labels, regions = batch.images, batch.labels, batch.regions
+        if count < size:  # keep one traced shape
+            images, labels, regions = (pad_batch(a, size) for a in (images, labels, regions))
+        out = self.function(
+            tf.convert_to_tensor(images),
+            tf.convert_to_tensor(labels),
+            tf.convert_to_tensor(regions.astype("float32")),
+        )
+        return {key: value.numpy()[:count] for key, value in out.items()}
+
+
+def _records(
+    batch: Batch,
+    out: dict[str, np.ndarray] | None,
+    entries: Entries,
+    class_names: list[str],
+    config: AuditConfig,
+) -> pd.DataFrame:
+    """One row per entry of the batch: measured rows, then the skipped ones."""
+    table = _measured_rows(batch, out, class_names, config) if out is not None else None
+    skipped = pd.DataFrame(
+        {
+            "row": list(batch.skipped),
+            "status": "skipped",
+            "skip_reason": list(batch.skipped.values()),
+        }
+    )
+    if table is None:
+        table = skipped
+    elif len(skipped):
+        table = pd.concat([table, skipped], ignore_index=True)
+    source = entries.table.iloc[table["row"].to_numpy()].reset_index(drop=True)
+    keep = [c for c in source.columns if c not in table.columns]
+    return pd.concat([table.reset_index(drop=True), source[keep]], axis=1)
+
+
+def _measured_rows(batch, out, class_names, config) -> pd.DataFrame:
+    region_names = [region.name for region in config.regions]
+    other_prefix = "pred_" if config.model.target == "true" else "true_"
+    predictions = out["logits"].argmax(-1)
+    frame = {
+        "row": batch.rows,
+        "label_index": batch.labels,
+        "pred": predictions,
+        "pred_label": [class_names[p] for p in predictions],
+        "confidence": out["probabilities"].max(-1),
+        "correct": predictions == batch.labels,
+        "target": out["target"],
+        "target_score": np.take_along_axis(out["logits"], out["target"][:, None], 1)[:, 0],
+        "cam_total": out["cam_total"],
+        "zero_map": out["main_zero_map"],
+        "status": np.where(out["finite"], "ok", "skipped"),
+        "skip_reason": np.where(out["finite"], None, "non-finite activations or gradients"),
+    }
+    for prefix, key in (("", "main"), (other_prefix, "other")):
+        for index, name in enumerate(region_names):
+            for metric in METRICS:
+                values = out[f"{key}_{metric}"][:, index].astype("float64")
+                frame[f"{prefix}{metric}_{name}"] = np.where(out["finite"], values, np.nan)
+    return pd.DataFrame(frame)
+
+
+def _versions() -> dict:
+    import audit
+
+    return {
+        "bias_audit": audit.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _input_size(model: keras.Model, config: AuditConfig) -> tuple[int, int]:
+    if config.preprocess.size is not None:
+        return tuple(config.preprocess.size)
+    shape = model.input_shape
+    if isinstance(shape, list) or len(shape) != 4 or None in shape[1:3]:
+        raise ConfigError(
+            f"cannot tell the model's image size from its input shape {shape}; set "
+            "preprocess.size: [height, width]"
+        )
+    return int(shape[1]), int(shape[2])
+
+
+def _open_run(config: AuditConfig, run_key: str, resume: bool) -> tuple[RunStore, bool]:
+    store_root = Path(config.output.store)
+    if config.output.run_id:
+        run = RunStore(store_root / config.output.run_id)
+        if run.exists():
+            existing = run.manifest().get("run_key")
+            if existing != run_key:
+                raise ConfigError(
+                    f"run {run.root} exists with a different model, data or config; runs are "
+                    "never overwritten: choose another output.run_id"
+                )
+            if not resume and run.manifest().get("status") != "complete":
+                raise ConfigError(f"run {run.root} is incomplete; pass --resume to continue it")
+            return run, True
+        return run, False
+    if resume:
+        previous = latest_run(store_root, run_key)
+        if previous is not None:
+            return RunStore(previous), True
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return RunStore(store_root / f"{stamp}-{run_key[:8]}"), False
+
+
+def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = True) -> AuditResult:
+    """Audit a dataset as configured and return the stored run.
+
+    ``resume``: continue the newest incomplete run with the same model, data and
+    config (or the named ``output.run_id``) instead of starting a new one.
+    """
+    started = time.perf_counter()
+    model = load_model(config.model.path, safe_mode=config.model.safe_mode)
+    cam = GradCAM(model, config.model.layer, config.model.method, batch_size=config.batch_size)
+    if config.dataset.tfds is not None:
+        from audit.sources import read_tfds
+
+        entries = read_tfds(config.dataset)
+    else:
+        entries = read_entries(config.dataset)
+    class_names = class_names_for(
+        entries.table["label"], cam._ensure_cut(None).num_classes, config.model.class_names
+    )
+    size = _input_size(model, config)
+    model_hash = file_sha256(Path(config.model.path))
+    data_hash = dataset_fingerprint(entries)
+    run_key = hashlib.sha256(f"{config.fingerprint()}{model_hash}{data_hash}".encode()).hexdigest()
+    run, reopened = _open_run(config, run_key, resume)
+    chunk_rows = config.batch_size * BATCHES_PER_CHUNK
+    if reopened and run.manifest().get("status") == "complete":
+        return AuditResult(run.root, run.images(), run.manifest())
+    if not reopened:
+        run.write_manifest(
+            {
+                "run_id": run.root.name,
+                "run_key": run_key,
+                "status": "running",
+                "started": datetime.now(timezone.utc).isoformat(),
+                "config": config.model_dump(mode="json"),
+                "model": {
+                    "path": str(config.model.path),
+                    "sha256": model_hash,
+                    "layer": cam.layer_path,
+                    "method": config.model.method,
+                    "softmax_bypassed": cam.softmax_bypassed,
+                },
+                "dataset": {
+                    "source": entries.name,
+                    "root": str(entries.root),
+                    "fingerprint": data_hash,
+                    "rows": len(entries.table),
+                    "slice_columns": entries.slice_columns,
+                },
+                "class_names": class_names,
+                "regions": [region.model_dump() for region in config.regions],
+                "input_size": list(size),
+                "chunk_rows": chunk_rows,
+                "versions": _versions(),
+            }
+        )
+    chunk_rows = run.manifest()["chunk_rows"]
+    total = len(entries.table)
+    chunks = range((total + chunk_rows - 1) // chunk_rows)
+    done = run.done_chunks()
+    step = AuditStep(cam, config, size)
+    preprocessor = Preprocessor(size, config.preprocess)
+    class_index = {name: index for index, name in enumerate(class_names)}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total,
+        unit="img",
+        desc="auditing",
+        disable=not progress,
+        initial=sum(min(chunk_rows, total - c * chunk_rows) for c in done),
+    )
+    compute_seconds = 0.0
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for chunk in chunks:
+            if chunk in done:
+                continue
+            positions = range(chunk * chunk_rows, min(total, (chunk + 1) * chunk_rows))
+            tables, cam_rows, cams = [], [], []
+            for batch in load_batches(
+                entries,
+                positions,
+                class_index=class_index,
+                preprocessor=preprocessor,
+                regions=config.regions,
+                batch_size=config.batch_size,
+                pool=pool,
+            ):
+                tick = time.perf_counter()
+                out = step(batch) if batch.rows else None
+                compute_seconds += time.perf_counter() - tick
+                if out is not None:
+                    cam_rows.extend(batch.rows)
+                    cams.append(out["cams"])
+                tables.append(_records(batch, out, entries, class_names, config))
+                bar.update(len(batch.rows) + len(batch.skipped))
+            rows = pd.concat(tables, ignore_index=True).sort_values("row", kind="stable")
+            maps = np.concatenate(cams) if cams else np.zeros((0, 1, 1), "float16")
+            run.write_chunk(chunk, rows, cam_rows, maps)
+    bar.close()
+    images = run.assemble()
+    reasons = Counter(images.loc[images["status"] == "skipped", "skip_reason"])
+    manifest = run.update_manifest(
+        status="complete",
+        finished=datetime.now(timezone.utc).isoformat(),
+        counts={
+            "rows": int(len(images)),
+            "ok": int((images["status"] == "ok").sum()),
+            "skipped": int((images["status"] == "skipped").sum()),
+            "skip_reasons": dict(reasons.most_common()),
+        },
+        timings={
+            "total_seconds": round(time.perf_counter() - started, 3),
+            "compute_seconds": round(compute_seconds, 3),
+        },
+    )
+    return AuditResult(run.root, images, manifest)

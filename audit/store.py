@@ -1,0 +1,148 @@
+"""The run store: one folder per run, written atomically, resumable, never pickled.
+
+    STORE/<run_id>/manifest.json     config, model hash, dataset fingerprint, versions,
+                                     timings, status (running | complete)
+    STORE/<run_id>/images.parquet    one row per entry: prediction and metrics, or skip reason
+    STORE/<run_id>/cams/part-*.npz   low-res fp16 CAMs with their row numbers
+    STORE/<run_id>/parts/part-*.parquet   per-chunk rows while running (resume reads them)
+
+A chunk's rows and CAMs are written (temp file + rename) before the next chunk
+starts, so a killed run resumes at the first missing chunk, and the final
+``images.parquet`` is assembled from the parts in row order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+MANIFEST = "manifest.json"
+IMAGES = "images.parquet"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str)))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    if path.is_dir():  # a SavedModel folder: hash its files in order
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(child.relative_to(path).as_posix().encode())
+            digest.update(file_sha256(child).encode())
+        return digest.hexdigest()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunStore:
+    """One run's folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def manifest(self) -> dict:
+        return read_json(self.manifest_path)
+
+    def write_manifest(self, payload: dict) -> None:
+        write_json(self.manifest_path, payload)
+
+    def update_manifest(self, **changes) -> dict:
+        payload = self.manifest() | changes
+        self.write_manifest(payload)
+        return payload
+
+    def part_path(self, chunk: int) -> Path:
+        return self.root / "parts" / f"part-{chunk:06d}.parquet"
+
+    def cams_path(self, chunk: int) -> Path:
+        return self.root / "cams" / f"part-{chunk:06d}.npz"
+
+    def done_chunks(self) -> set[int]:
+        """Chunks whose rows and CAMs are both on disk."""
+        parts = self.root / "parts"
+        if not parts.exists():
+            return set()
+        done = set()
+        for part in parts.glob("part-*.parquet"):
+            chunk = int(part.stem.split("-")[1])
+            if self.cams_path(chunk).exists():
+                done.add(chunk)
+        return done
+
+    def write_chunk(self, chunk: int, rows: pd.DataFrame, cam_rows, cams: np.ndarray) -> None:
+        """CAMs first, rows second: a part file means its chunk is complete."""
+
+        def save_cams(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
+                np.savez(handle, rows=np.asarray(cam_rows, dtype="int64"), maps=cams)
+
+        atomic_write(self.cams_path(chunk), save_cams)
+        atomic_write(self.part_path(chunk), lambda tmp: rows.to_parquet(tmp, index=False))
+
+    def assemble(self) -> pd.DataFrame:
+        """Join the parts into ``images.parquet``, sorted by row."""
+        parts = sorted((self.root / "parts").glob("part-*.parquet"))
+        table = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+        table = table.sort_values("row", kind="stable").reset_index(drop=True)
+        atomic_write(self.root / IMAGES, lambda tmp: table.to_parquet(tmp, index=False))
+        return table
+
+    def images(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / IMAGES)
+
+    def cams(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, maps) of every stored CAM, in row order."""
+        rows, maps = [], []
+        for part in sorted((self.root / "cams").glob("part-*.npz")):
+            with np.load(part, allow_pickle=False) as data:
+                rows.append(data["rows"])
+                maps.append(data["maps"])
+        if not rows:
+            return np.zeros(0, "int64"), np.zeros((0, 0, 0), "float16")
+        rows_all, maps_all = np.concatenate(rows), np.concatenate(maps)
+        order = np.argsort(rows_all, kind="stable")
+        return rows_all[order], maps_all[order]
+
+
+def latest_run(store: Path, key: str | None = None) -> Path | None:
+    """The newest run folder in ``store`` (optionally with this run key)."""
+    runs = []
+    for manifest in Path(store).glob(f"*/{MANIFEST}"):
+        payload = read_json(manifest)
+        if key is None or payload.get("run_key") == key:
+            runs.append((payload.get("started", ""), manifest.parent))
+    return max(runs)[1] if runs else None
