@@ -195,9 +195,9 @@ def build_regions(
     regions: Sequence[RegionSection],
     mask: np.ndarray | None,
     box: np.ndarray | None,
+    shape: tuple[int, int],
 ) -> np.ndarray:
     """The (regions, H, W) stack for one image, from its resized mask and box masks."""
-    shape = (mask if mask is not None else box).shape
     built: dict[str, np.ndarray] = {}
     for region in regions:
         if region.source == "mask":
@@ -294,7 +294,9 @@ def load_row(
         box = preprocessor.mask(_box_mask(values, (height, width)))
     return LoadedRow(
         image=preprocessor.image(pixels),
-        regions=build_regions(regions, None if mask is None else preprocessor.mask(mask), box),
+        regions=build_regions(
+            regions, None if mask is None else preprocessor.mask(mask), box, preprocessor.size
+        ),
     )
 
 

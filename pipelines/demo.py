@@ -7,8 +7,9 @@ scikit-learn's digits:
    95% of the time (a planted background shortcut) and an audit set with uniformly
    drawn backgrounds, written as PNGs with object masks and a manifest CSV;
 2. trains a small CNN (about 10 s on two CPU cores) and saves it as ``.keras``;
-3. explains every audit image with Grad-CAM and prints, per class, how much of the
-   map falls on the digit and on the background.
+3. audits the model on that set (``audit.pipeline.run_audit``: the same run as
+   ``bias-audit run configs/demo.yaml``), prints per class how much of the
+   Grad-CAM mass falls on the digit and on the background, and writes overlays.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from audit import GradCAM
-from audit.metrics import region_metrics
 from audit.overlay import overlay
+from audit.pipeline import run_audit
+from audit.summary import format_summary
 from pipelines.demo_data import IMAGE_SIZE, DemoSet, make_demo_set
 
 SHORTCUTS = {3: "stripes", 7: "checker"}
@@ -103,35 +104,39 @@ def prepare_demo(
     return DemoFiles(root=root, model=model_path, manifest=manifest)
 
 
-def explain_demo(model: keras.Model, audit_set: DemoSet, out: Path) -> pd.DataFrame:
-    """Per-class object/background mass of the demo model's maps; writes example overlays."""
-    cam = GradCAM(model)
-    details = cam.explain_details(audit_set.images, size=(IMAGE_SIZE, IMAGE_SIZE))
-    regions = np.stack([audit_set.masks, ~audit_set.masks], axis=1)
-    metrics = {k: v.numpy() for k, v in region_metrics(details.maps, regions).items()}
-    correct = details.predictions == audit_set.labels
-    rows = []
-    for label, name in enumerate(CLASS_NAMES):
-        of_class = audit_set.labels == label
-        chosen = of_class & correct
-        rows.append(
-            {
-                "class": name,
-                "n": int(of_class.sum()),
-                "accuracy": float(correct[of_class].mean()),
-                "object_mass": float(np.nanmean(metrics["mass"][chosen, 0])),
-                "object_lift": float(np.nanmean(metrics["lift"][chosen, 0])),
-                "background_mass": float(np.nanmean(metrics["mass"][chosen, 1])),
-                "shortcut": SHORTCUTS.get(label, ""),
-            }
-        )
-        examples = np.flatnonzero(of_class)[:3]
-        for index in examples:
-            picture = overlay(
-                audit_set.images[index], details.maps[index], outline=audit_set.masks[index]
+def demo_config(files: DemoFiles, store: Path):
+    """The audit config of the demo (the same as configs/demo.yaml)."""
+    from audit.config import build_config
+
+    return build_config(
+        {
+            "model": {"path": str(files.model), "class_names": CLASS_NAMES},
+            "dataset": {"manifest": str(files.manifest)},
+            "output": {"store": str(store)},
+        }
+    )
+
+
+def write_overlays(run_dir: Path, out: Path, per_class: int = 3) -> int:
+    """Overlays of the stored CAMs for the first images of each class (reads the store)."""
+    from audit.store import RunStore
+
+    run = RunStore(run_dir)
+    images = run.images()
+    rows, cams = run.cams()
+    cam_of = dict(zip(rows.tolist(), cams, strict=True))
+    root = Path(run.manifest()["dataset"]["root"])
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for label, group in images[images["status"] == "ok"].groupby("label"):
+        for row in group.head(per_class).itertuples():
+            picture = np.asarray(Image.open(root / row.path).convert("RGB"), "float32") / 255
+            mask = np.asarray(Image.open(root / row.mask_path)) > 0
+            overlay(picture, cam_of[row.row].astype("float32"), outline=mask).save(
+                out / f"class_{label}_{row.row:05d}.png"
             )
-            picture.save(out / f"class_{name}_{index:05d}.png")
-    return pd.DataFrame(rows)
+            written += 1
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,17 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Building the biased demo data and training a small CNN in {args.out} ...")
     files = prepare_demo(args.out, seed=args.seed, epochs=args.epochs)
     print(f"  model: {files.model}\n  audit manifest: {files.manifest}")
-    model = keras.saving.load_model(files.model)
+    print("Auditing the model on the audit set (uniformly drawn backgrounds) ...")
+    result = run_audit(demo_config(files, args.out / "runs"), progress=True)
+    print(format_summary(result.images, result.manifest))
     overlays = args.out / "overlays"
-    overlays.mkdir(exist_ok=True)
-    table = explain_demo(model, make_demo_set(1000, seed=args.seed + 1), overlays)
-    print("\nGrad-CAM on the audit set (uniform backgrounds), correctly predicted images:")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    write_overlays(result.run_dir, overlays)
     print(
         f"\nDigits 3 and 7 were trained on a background shortcut ({SHORTCUTS}); their "
         "accuracy drops and their maps move to the background."
     )
-    print(f"Overlays: {overlays}  ({time.perf_counter() - started:.0f} s)")
+    print(f"Run store: {result.run_dir}\nOverlays: {overlays}")
+    print(f"Done in {time.perf_counter() - started:.0f} s.")
     return 0
 
 

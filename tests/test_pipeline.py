@@ -1,0 +1,227 @@
+"""The dataset audit end to end on generated data with known answers."""
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from audit.cli import main as cli_main
+from audit.config import ConfigError, build_config
+from audit.pipeline import run_audit
+from audit.store import RunStore
+from pipelines.demo import SHORTCUTS, prepare_demo, write_dataset
+from pipelines.demo_data import IMAGE_SIZE, make_demo_set
+
+
+def ink_model() -> keras.Model:
+    """Looks only at the bright digit strokes: a 1x1 conv firing on near-white pixels."""
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    ink = keras.layers.Conv2D(1, 1, activation="relu", name="ink")
+    pooled = keras.layers.GlobalAveragePooling2D()(ink(inputs))
+    dense = keras.layers.Dense(10, activation="softmax", name="classes")
+    model = keras.Model(inputs, dense(pooled))
+    ink.set_weights([np.full((1, 1, 3, 1), 1 / 3, "float32"), np.array([-0.75], "float32")])
+    dense.set_weights([np.linspace(1, 2, 10, dtype="float32")[None], np.zeros(10, "float32")])
+    return model
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    manifest = write_dataset(make_demo_set(72, seed=3), root)
+    model_path = root / "ink.keras"
+    ink_model().save(model_path)
+    return manifest, model_path
+
+
+def config_for(manifest, model_path, store, **extra):
+    data = {
+        "model": {"path": str(model_path)},
+        "dataset": {"manifest": str(manifest)},
+        "output": {"store": str(store)},
+        "batch_size": 8,
+    }
+    for section, values in extra.items():
+        data[section] = values if not isinstance(values, dict) else data.get(section, {}) | values
+    return build_config(data)
+
+
+def test_a_model_that_looks_at_the_object_scores_high_object_mass(small_dataset, tmp_path):
+    manifest, model_path = small_dataset
+    result = run_audit(config_for(manifest, model_path, tmp_path), progress=False)
+    images = result.images
+    assert len(images) == 72 and (images["status"] == "ok").all()
+    assert images["row"].tolist() == list(range(72))
+    assert images["mass_object"].median() > 0.95
+    assert images["lift_object"].median() > 5
+    assert images["mass_background"].median() < 0.05
+    assert (images["pointing_object"] == 1).mean() > 0.95
+    np.testing.assert_allclose(images["mass_object"] + images["mass_background"], 1, atol=1e-5)
+    # Slice columns from the manifest ride along; the true label is explained.
+    assert set(images["background_type"]) <= {
+        "stripes",
+        "checker",
+        "dots",
+        "noise",
+        "gradient",
+        "waves",
+    }
+    assert (images["target"] == images["label_index"]).all()
+    assert {"pred_mass_object", "pred_iou_background", "confidence", "cam_total"} <= set(images)
+    # The store holds the manifest and one low-res fp16 CAM per audited row.
+    manifest_json = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest_json["status"] == "complete" and manifest_json["counts"]["ok"] == 72
+    assert manifest_json["model"]["layer"] == "ink" and manifest_json["model"]["softmax_bypassed"]
+    rows, cams = RunStore(result.run_dir).cams()
+    assert rows.tolist() == list(range(72)) and cams.dtype == np.float16
+    assert cams.shape == (72, 16, 16)  # the 48x48 map, capped at metrics.cam_size
+
+
+def test_bad_inputs_are_recorded_and_the_audit_goes_on(small_dataset, tmp_path):
+    manifest, model_path = small_dataset
+    root = manifest.parent
+    table = pd.read_csv(manifest).iloc[:10].copy()
+    (root / "images" / "corrupt.png").write_bytes(b"not a png at all")
+    (root / "masks" / "empty.png").write_bytes((root / "masks" / "00000.png").read_bytes())
+    from PIL import Image
+
+    Image.new("L", (48, 48)).save(root / "masks" / "empty.png")
+    Image.new("L", (20, 20), 255).save(root / "masks" / "small.png")
+    bad = [
+        {"path": "images/corrupt.png", "label": "1", "mask_path": "masks/00001.png"},
+        {"path": "images/missing.png", "label": "1", "mask_path": "masks/00001.png"},
+        {"path": "images/00002.png", "label": "2", "mask_path": "masks/small.png"},
+        {"path": "images/00003.png", "label": "3", "mask_path": "masks/empty.png"},
+        {"path": "images/00004.png", "label": "cat", "mask_path": "masks/00004.png"},
+        {"path": "../../etc/passwd", "label": "1", "mask_path": "masks/00001.png"},
+        {"path": "images/00005.png", "label": "5"},
+    ]
+    table = pd.concat([table, pd.DataFrame(bad)], ignore_index=True)
+    bad_manifest = root / "bad.csv"
+    table.to_csv(bad_manifest, index=False)
+    names = {"class_names": [str(digit) for digit in range(10)]}
+    result = run_audit(config_for(bad_manifest, model_path, tmp_path, model=names), progress=False)
+    images = result.images
+    assert len(images) == 17 and images["row"].tolist() == list(range(17))
+    assert (images["status"].iloc[:10] == "ok").all()
+    reasons = images["skip_reason"].iloc[10:].tolist()
+    expected = [
+        "corrupt or unreadable image",
+        "image file not found",
+        "mask is 20x20 but the image is 48x48",
+        "the 'object' region is empty",
+        "label 'cat' is not one of the model's classes",
+        "escapes the dataset root",
+        "needs an object mask and the row has none",
+    ]
+    for reason, fragment in zip(reasons, expected, strict=True):
+        assert fragment in reason
+    assert (images["status"].iloc[10:] == "skipped").all()
+    assert images["mass_object"].iloc[10:].isna().all()
+    counts = result.manifest["counts"]
+    assert (
+        counts["ok"] == 10 and counts["skipped"] == 7 and sum(counts["skip_reasons"].values()) == 7
+    )
+
+
+def test_a_killed_run_resumes_to_identical_results(small_dataset, tmp_path, monkeypatch):
+    manifest, model_path = small_dataset
+    reference = run_audit(config_for(manifest, model_path, tmp_path / "a"), progress=False)
+
+    config = config_for(manifest, model_path, tmp_path / "b")
+    original = RunStore.write_chunk
+    calls = {"n": 0}
+
+    def dies_after_one_chunk(self, *args, **kwargs):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "write_chunk", dies_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(config, progress=False)
+    monkeypatch.setattr(RunStore, "write_chunk", original)
+    (run_dir,) = (tmp_path / "b").iterdir()
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"
+    assert RunStore(run_dir).done_chunks() == {0}
+
+    resumed = run_audit(config, resume=True, progress=False)
+    assert resumed.run_dir == run_dir
+    pd.testing.assert_frame_equal(resumed.images, reference.images)
+    assert resumed.images["row"].is_unique
+    # Resuming a complete run recomputes nothing and returns it.
+    again = run_audit(config, resume=True, progress=False)
+    assert again.run_dir == run_dir
+
+
+def test_a_named_run_is_never_overwritten_with_another_config(small_dataset, tmp_path):
+    manifest, model_path = small_dataset
+    named = {"store": str(tmp_path), "run_id": "nightly"}
+    run_audit(config_for(manifest, model_path, tmp_path, output=named), progress=False)
+    other = config_for(manifest, model_path, tmp_path, output=named, model={"method": "hirescam"})
+    with pytest.raises(ConfigError, match="never overwritten"):
+        run_audit(other, progress=False)
+
+
+def test_predicted_target_and_box_regions(small_dataset, tmp_path):
+    manifest, model_path = small_dataset
+    config = config_for(
+        manifest,
+        model_path,
+        tmp_path,
+        model={"target": "predicted"},
+        regions=[
+            {"name": "box", "source": "mask", "box_from_mask": True},
+            {"name": "frame", "source": "border", "role": "spurious", "width": 3},
+            {"name": "rest", "source": "background", "role": "spurious"},
+        ],
+    )
+    images = run_audit(config, progress=False).images
+    assert (images["target"] == images["pred"]).all()
+    assert {"true_mass_box", "mass_frame", "area_rest"} <= set(images)
+    # The box contains the strokes, so it holds at least the strokes' mass.
+    assert images["mass_box"].median() > 0.95
+    np.testing.assert_allclose(images["area_frame"], 1 - (42 * 42) / (48 * 48))
+
+
+def test_cli_quick_form_and_config_errors(small_dataset, tmp_path, capsys):
+    manifest, model_path = small_dataset
+    code = cli_main(
+        [
+            "run",
+            "--model",
+            str(model_path),
+            "--data",
+            str(manifest),
+            "--out",
+            str(tmp_path),
+            "--batch-size",
+            "16",
+            "--limit",
+            "20",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "20 rows, 20 audited, 0 skipped" in out and "stored in" in out
+    assert cli_main(["run", "--model", str(model_path)]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert cli_main(["run", "--model", str(tmp_path / "nope.keras"), "--data", str(manifest)]) == 2
+    assert "nope.keras" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_planted_background_shortcut_moves_mass_to_the_background(tmp_path):
+    files = prepare_demo(tmp_path, train_size=3000, audit_size=600, epochs=8)
+    config = config_for(files.manifest, files.model, tmp_path / "runs")
+    images = run_audit(config, progress=False).images
+    correct = images[images["correct"].astype(bool)]
+    background = correct.groupby("label")["mass_background"].mean()
+    clean = background.drop([str(c) for c in SHORTCUTS])
+    for shortcut in SHORTCUTS:
+        assert background[str(shortcut)] > clean.median()
+    assert background[str(max(SHORTCUTS, key=lambda c: background[str(c)]))] > clean.max()
