@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,11 @@ class Entries:
     table: pd.DataFrame
     root: Path
     name: str  # a short description for the run manifest
+    mask_root: Path | None = None  # where mask_path starts, when not at root
+
+    @property
+    def mask_base(self) -> Path:
+        return self.mask_root if self.mask_root is not None else self.root
 
     @property
     def slice_columns(self) -> list[str]:
@@ -83,11 +88,11 @@ def read_folders(root: Path, masks: Path | None = None) -> Entries:
                 continue
             row = {"path": f"{class_dir.name}/{image.name}", "label": class_dir.name}
             if masks is not None:
-                row["mask_path"] = str(masks / class_dir.name / f"{image.stem}.png")
+                row["mask_path"] = f"{class_dir.name}/{image.stem}.png"
             rows.append(row)
     if not rows:
         raise ConfigError(f"no images found under {root}/<class>/ (suffixes {IMAGE_SUFFIXES})")
-    return Entries(pd.DataFrame(rows), root, f"folders:{root.name}")
+    return Entries(pd.DataFrame(rows), root, f"folders:{root.name}", mask_root=masks)
 
 
 def read_entries(dataset: DatasetSection) -> Entries:
@@ -103,7 +108,7 @@ def read_entries(dataset: DatasetSection) -> Entries:
     else:
         raise ConfigError("read_entries handles manifest, folders and coco sources")
     if dataset.limit is not None:
-        entries = Entries(entries.table.iloc[: dataset.limit].copy(), entries.root, entries.name)
+        entries = replace(entries, table=entries.table.iloc[: dataset.limit].copy())
     return entries
 
 
@@ -271,14 +276,14 @@ class LoadedRow:
 
 
 def load_row(
-    row: dict, root: Path, preprocessor: Preprocessor, regions: Sequence[RegionSection]
+    row: dict, entries: Entries, preprocessor: Preprocessor, regions: Sequence[RegionSection]
 ) -> LoadedRow:
     """Decode, check and preprocess one entry; raises ``SkipRow`` with the reason."""
-    pixels = _read_image(_inside(root, row["path"]))
+    pixels = _read_image(_inside(entries.root, row["path"]))
     height, width = pixels.shape[:2]
     mask = None
     if _present(row.get("mask_path")):
-        mask = _read_mask(_inside(root, row["mask_path"]))
+        mask = _read_mask(_inside(entries.mask_base, row["mask_path"]))
     elif _present(row.get("mask_rle")):
         mask = _decode_rle(row["mask_rle"])
     if mask is not None and mask.shape != (height, width):
@@ -339,7 +344,7 @@ def load_batches(
         if label is None:
             return position, f"label {row['label']!r} is not one of the model's classes", None
         try:
-            return position, None, (label, load_row(row, entries.root, preprocessor, regions))
+            return position, None, (label, load_row(row, entries, preprocessor, regions))
         except SkipRow as reason:
             return position, str(reason), None
 

@@ -54,10 +54,10 @@ def dataset_fingerprint(entries: Entries) -> str:
     buffer = io.StringIO()
     entries.table.to_csv(buffer, index=False)
     digest.update(buffer.getvalue().encode())
-    for column in ("path", "mask_path"):
+    for column, base in (("path", entries.root), ("mask_path", entries.mask_base)):
         if column in entries.table.columns:
             for value in entries.table[column].dropna():
-                path = entries.root / str(value)
+                path = base / str(value)
                 digest.update(str(path.stat().st_size if path.exists() else -1).encode())
     return digest.hexdigest()
 
@@ -262,6 +262,7 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
                 "dataset": {
                     "source": entries.name,
                     "root": str(entries.root),
+                    "mask_root": str(entries.mask_base),
                     "fingerprint": data_hash,
                     "rows": len(entries.table),
                     "slice_columns": entries.slice_columns,
