@@ -1,0 +1,420 @@
+"""Dataset sources beyond plain files: COCO instances JSON and TensorFlow Datasets.
+
+Both end as the same entries table as the file sources in ``audit.data``:
+
+* ``read_coco`` turns a COCO *instances* file into one row per annotated image,
+  labelled with the category of its largest object, the union mask of that
+  category as a run-length encoding (``mask_rle``) and its pixel box.
+* ``read_tfds`` exports a TFDS split once to a cache folder of PNG files and a
+  manifest CSV (``export_tf_dataset``, also usable on any ``tf.data.Dataset`` of
+  dicts), so the rest of the audit reads files exactly as for a manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from audit.config import ConfigError, DatasetSection
+from audit.data import Entries, read_manifest
+from audit.store import atomic_write
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------- COCO
+
+
+def read_coco(coco_json: Path, images: Path) -> Entries:
+    """A COCO instances JSON (polygon, RLE and crowd masks) as an entries table.
+
+    One row per image that has at least one annotation, in image-id order:
+
+    * ``path``: the image's ``file_name``, relative to ``images`` (the entries root);
+    * ``label``: the category name of the image's largest annotation (by mask area);
+    * ``mask_rle``: the union of every instance mask of that category in the image,
+      as JSON ``{"size": [h, w], "counts": "..."}`` (compressed COCO RLE);
+    * ``x_min, y_min, x_max, y_max``: the pixel box of that union (max exclusive);
+    * slice columns ``coco_image_id`` and ``num_objects`` (annotations of the label's
+      category in the image, crowd annotations included).
+
+    Images without annotations are not audit entries (they have no object to
+    measure attention against); they are counted, logged and named in the
+    entries' description, not raised on.
+    """
+    coco = _load_coco(Path(coco_json))
+    images = Path(images)
+    if not images.is_dir():
+        raise ConfigError(
+            f"COCO image folder not found: {images}; set dataset.coco_images to the folder "
+            f"that holds the file_name paths of {coco_json}"
+        )
+    rows, unannotated = [], 0
+    for image_id in sorted(coco.imgs):
+        annotations = coco.imgToAnns.get(image_id, [])
+        if not annotations:
+            unannotated += 1
+            continue
+        rows.append(_coco_row(coco, image_id, annotations, Path(coco_json)))
+    if not rows:
+        raise ConfigError(
+            f"{coco_json} has no annotated images; read_coco needs an instances file "
+            "with object annotations (e.g. instances_val2017.json)"
+        )
+    name = f"coco:{Path(coco_json).name}"
+    if unannotated:
+        log.info("%s: %d image(s) without annotations are not audit entries", name, unannotated)
+        name += f" ({unannotated} unannotated image(s) left out)"
+    return Entries(pd.DataFrame(rows), images, name)
+
+
+def _load_coco(path: Path):
+    """Parse and index the JSON with pycocotools, turning every failure into ConfigError."""
+    from pycocotools.coco import COCO
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"COCO annotation file not found: {path}; set dataset.coco to an instances JSON"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"cannot read COCO annotation file {path}: {error}; give a valid instances JSON "
+            "(e.g. annotations/instances_val2017.json)"
+        ) from None
+    keys = ("images", "annotations", "categories")
+    missing = [key for key in keys if key not in data] if isinstance(data, dict) else list(keys)
+    if missing:
+        raise ConfigError(
+            f"{path} is not a COCO instances file (no {', '.join(missing)}); give an "
+            "instances_*.json with images, annotations and categories"
+        )
+    coco = COCO()
+    coco.dataset = data
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco.createIndex()
+    except (KeyError, TypeError) as error:
+        raise ConfigError(
+            f"malformed COCO file {path}: an image, annotation or category lacks {error}; "
+            "every annotation needs id, image_id and category_id, every image id and file_name"
+        ) from None
+    return coco
+
+
+def _coco_row(coco, image_id: int, annotations: list[dict], source: Path) -> dict:
+    """The entry of one annotated image: largest object's category, its union mask and box."""
+    from pycocotools import mask as coco_mask
+
+    image = coco.imgs[image_id]
+    try:
+        height, width, file_name = int(image["height"]), int(image["width"]), image["file_name"]
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(
+            f"image {image_id} in {source} lacks height, width or file_name; COCO images "
+            "need all three"
+        ) from None
+    rles = [_annotation_rle(a, height, width, source) for a in annotations]
+    areas = [float(coco_mask.area(rle)) for rle in rles]
+    largest = annotations[int(np.argmax(areas))]  # ties: the first annotation
+    category = largest.get("category_id")
+    if category not in coco.cats:
+        raise ConfigError(
+            f"annotation {largest.get('id')} in {source} has category_id {category!r}, which "
+            "is not listed under categories; add the category or fix the id"
+        )
+    same = [rle for a, rle in zip(annotations, rles, strict=True) if a["category_id"] == category]
+    union = coco_mask.merge(same, intersect=False)  # equals encode(decoded union), byte for byte
+    row = {
+        "path": str(file_name),
+        "label": str(coco.cats[category]["name"]),
+        "mask_rle": json.dumps({"size": [height, width], "counts": union["counts"].decode()}),
+    }
+    row.update(_rle_box(union))
+    row.update({"coco_image_id": int(image_id), "num_objects": len(same)})
+    return row
+
+
+def _annotation_rle(annotation: dict, height: int, width: int, source: Path) -> dict:
+    """One annotation's mask as a compressed RLE: polygons, uncompressed or compressed RLE."""
+    from pycocotools import mask as coco_mask
+
+    segmentation = annotation.get("segmentation")
+    if isinstance(segmentation, list):
+        # pycocotools reads 4-number lists as boxes and rejects shorter ones: keep real polygons.
+        polygons = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            return coco_mask.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+        return coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
+    if isinstance(segmentation, dict) and "counts" in segmentation:
+        if list(segmentation.get("size", [])) != [height, width]:
+            raise ConfigError(
+                f"annotation {annotation.get('id')} in {source} has an RLE of size "
+                f"{segmentation.get('size')} on an image of [height, width] = "
+                f"[{height}, {width}]; fix the annotation's size"
+            )
+        counts = segmentation["counts"]
+        if isinstance(counts, list):  # uncompressed RLE, as crowd annotations use
+            return coco_mask.frPyObjects(segmentation, height, width)
+        return {
+            "size": [height, width],
+            "counts": counts.encode() if isinstance(counts, str) else counts,
+        }
+    raise ConfigError(
+        f"annotation {annotation.get('id')} in {source} has no segmentation; read_coco needs "
+        "instance masks (an instances_*.json); for boxes only, write a manifest with "
+        "x_min, y_min, x_max, y_max columns"
+    )
+
+
+def _rle_box(rle: dict) -> dict:
+    """The pixel box (max exclusive) of an RLE mask; NaN for an empty mask."""
+    from pycocotools import mask as coco_mask
+
+    x, y, w, h = (float(v) for v in coco_mask.toBbox(rle))
+    if w <= 0 or h <= 0:
+        return dict.fromkeys(("x_min", "y_min", "x_max", "y_max"), float("nan"))
+    return {"x_min": x, "y_min": y, "x_max": x + w, "y_max": y + h}
+
+
+# ------------------------------------------------------------------- TFDS
+
+MANIFEST_NAME = "manifest.csv"
+COMPLETE_NAME = "complete"
+EXPORT_FORMAT = 1
+TRIMAP_VALUES = {1, 2, 3}  # Oxford-IIIT Pet: 1 pet, 2 background, 3 border
+
+
+def cache_root() -> Path:
+    """``$BIAS_AUDIT_CACHE`` or ``~/.cache/bias-audit``."""
+    return Path(os.environ.get("BIAS_AUDIT_CACHE", "~/.cache/bias-audit")).expanduser()
+
+
+def tfds_cache_folder(name: str, split: str) -> Path:
+    """Where a TFDS split is exported: ``<cache>/tfds/<name>/<split>``."""
+    return cache_root() / "tfds" / _safe_name(name) / _safe_name(split)
+
+
+def _safe_name(text: str) -> str:
+    """A folder name for a TFDS name or split (``train[:10%]``, ``pet:4.0.0``), unambiguous."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text)
+    if safe != text:
+        safe += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return safe
+
+
+def read_tfds(dataset: DatasetSection) -> Entries:
+    """A TensorFlow Datasets split, exported once to PNG files + a manifest, as entries.
+
+    The split must already be prepared (``tfds build NAME`` or ``tfds.load(NAME)``
+    once with downloads); the audit never downloads. The export lives in
+    ``tfds_cache_folder(name, split)`` (``$BIAS_AUDIT_CACHE``, default
+    ``~/.cache/bias-audit``) and is reused while its ``complete`` marker names the
+    same image, label and mask keys; delete the folder to export again. Masks are
+    binarised as described in ``export_tf_dataset``. ``dataset.limit`` keeps the
+    first N rows of the (complete) export.
+    """
+    folder = tfds_cache_folder(dataset.tfds, dataset.tfds_split)
+    keys = {
+        "image_key": dataset.image_key,
+        "label_key": dataset.label_key,
+        "mask_key": dataset.mask_key,
+    }
+    manifest = _complete_export(folder, keys)
+    if manifest is None:
+        ds, label_names = _load_tfds(dataset)
+        manifest = export_tf_dataset(ds, folder, label_names=label_names, **keys)
+    entries = read_manifest(manifest)
+    table = entries.table
+    if dataset.limit is not None:
+        table = table.iloc[: dataset.limit].copy()
+    return Entries(table, entries.root, f"tfds:{dataset.tfds}/{dataset.tfds_split}")
+
+
+def _load_tfds(dataset: DatasetSection):
+    """The prepared split and the label feature's class names (None if not a ClassLabel)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ConfigError(
+            "dataset.tfds needs tensorflow-datasets: pip install 'bias-audit[tfds]'"
+        ) from None
+    name, split = dataset.tfds, dataset.tfds_split
+    try:
+        ds, info = tfds.load(name, split=split, with_info=True, download=False)
+    except Exception as error:  # tfds raises AssertionError, ValueError, ... for missing data
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"cannot load TFDS dataset {name!r}, split {split!r}: {first_line}; check the "
+            f"name and split and prepare the data first (`tfds build {name}`, or "
+            f"tfds.load({name!r}) once with downloads); TFDS_DATA_DIR sets where it looks"
+        ) from None
+    features = info.features
+    wanted = [dataset.image_key, dataset.label_key, dataset.mask_key]
+    missing = [key for key in wanted if key is not None and key not in features]
+    if missing:
+        raise ConfigError(
+            f"TFDS dataset {name!r} has no feature(s) {', '.join(missing)}; its features are "
+            f"{', '.join(features)}; set dataset.image_key / label_key / mask_key"
+        )
+    label = features[dataset.label_key]
+    names = list(label.names) if hasattr(label, "int2str") and hasattr(label, "names") else None
+    return ds, names
+
+
+def _complete_export(folder: Path, keys: dict) -> Path | None:
+    """The manifest of a finished export with these keys, or None if it must be (re)done."""
+    try:
+        marker = json.loads((folder / COMPLETE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    expected = {"format": EXPORT_FORMAT, **keys}
+    if any(marker.get(key) != value for key, value in expected.items()):
+        return None
+    manifest = folder / MANIFEST_NAME
+    return manifest if manifest.exists() else None
+
+
+def export_tf_dataset(
+    ds,
+    folder: Path,
+    *,
+    image_key: str,
+    label_key: str,
+    mask_key: str | None = None,
+    label_names: Sequence[str] | None = None,
+) -> Path:
+    """Write a ``tf.data.Dataset`` of dicts as PNG files and a manifest; return the manifest.
+
+    Element ``i`` becomes ``images/{i:06d}.png`` (uint8, 1, 3 or 4 channels) and,
+    with ``mask_key``, ``masks/{i:06d}.png`` (0 / 255). ``manifest.csv`` lists
+    ``path``, ``label`` and ``mask_path`` relative to ``folder``; labels are
+    ``label_names[i]`` for integer labels when given, else ``str(i)``; string
+    labels are kept.
+
+    Mask rule: a mask (``(h, w)`` or ``(h, w, 1)``) whose values all lie in
+    {1, 2, 3} is a trimap as in Oxford-IIIT Pet (1 object, 2 background, 3 border)
+    and the object is ``value == 1``; any other mask is ``value > 0`` (booleans as
+    they are).
+
+    The export always runs (``read_tfds`` is what reuses one). The manifest is
+    written atomically and the ``complete`` marker last, so a killed export is
+    redone, never half-used. Files other than the manifest, the marker and those
+    listed are left alone.
+    """
+    folder = Path(folder)
+    _check_keys(ds, [image_key, label_key, mask_key])
+    (folder / COMPLETE_NAME).unlink(missing_ok=True)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    if mask_key is not None:
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, element in enumerate(ds.as_numpy_iterator()):
+        stem = f"{index:06d}.png"
+        row = {"path": f"images/{stem}", "label": _label(element[label_key], label_names)}
+        _save_png(_image_array(element[image_key], index), folder / row["path"])
+        if mask_key is not None:
+            row["mask_path"] = f"masks/{stem}"
+            mask = _object_mask(element[mask_key], index)
+            _save_png(mask.astype(np.uint8) * 255, folder / row["mask_path"])
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"the dataset exported to {folder} is empty; nothing to audit")
+    columns = ["path", "label"] + (["mask_path"] if mask_key is not None else [])
+    manifest = folder / MANIFEST_NAME
+    _write_atomic(manifest, pd.DataFrame(rows, columns=columns).to_csv(index=False))
+    marker = {
+        "format": EXPORT_FORMAT,
+        "image_key": image_key,
+        "label_key": label_key,
+        "mask_key": mask_key,
+        "rows": len(rows),
+    }
+    _write_atomic(folder / COMPLETE_NAME, json.dumps(marker))
+    return manifest
+
+
+def _check_keys(ds, keys: Sequence[str | None]) -> None:
+    spec = getattr(ds, "element_spec", None)
+    if not isinstance(spec, dict):
+        raise ConfigError(
+            f"export_tf_dataset needs a tf.data.Dataset of dicts (feature name -> tensor), "
+            f"got elements of {type(spec).__name__}; map it to a dict first"
+        )
+    missing = [key for key in keys if key is not None and key not in spec]
+    if missing:
+        raise ConfigError(
+            f"the dataset's elements have no key(s) {', '.join(missing)}; they have "
+            f"{', '.join(spec)}; pass the right image_key / label_key / mask_key"
+        )
+
+
+def _label(value, names: Sequence[str] | None) -> str:
+    value = np.asarray(value)
+    if value.ndim != 0:
+        raise ConfigError(
+            f"labels must be scalars (a class index or name), got shape {value.shape}; "
+            "map one-hot labels to indices with argmax first"
+        )
+    item = value.item()
+    if isinstance(item, bytes):
+        return item.decode()
+    if isinstance(item, str):
+        return item
+    index = int(item)
+    if names is not None and 0 <= index < len(names):
+        return str(names[index])
+    return str(index)
+
+
+def _image_array(value, index: int) -> np.ndarray:
+    """uint8 (h, w), (h, w, 1), (h, w, 3) or (h, w, 4) -> an array PIL can write."""
+    pixels = np.asarray(value)
+    if pixels.dtype != np.uint8:
+        integral = np.issubdtype(pixels.dtype, np.integer)
+        if not (integral and pixels.size and pixels.min() >= 0 and pixels.max() <= 255):
+            raise ConfigError(
+                f"image {index} is {pixels.dtype} with values outside uint8; export 0..255 "
+                "uint8 pixels (undo any scaling, then tf.cast(image, tf.uint8))"
+            )
+        pixels = pixels.astype(np.uint8)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
+        raise ConfigError(
+            f"image {index} has shape {pixels.shape}; expected (height, width[, 1, 3 or 4])"
+        )
+    return pixels
+
+
+def _object_mask(value, index: int) -> np.ndarray:
+    """The object pixels of a mask: trimap ``== 1`` or ``> 0`` (see ``export_tf_dataset``)."""
+    mask = np.asarray(value)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise ConfigError(f"mask {index} has shape {mask.shape}; expected (height, width[, 1])")
+    if mask.dtype == bool:
+        return mask
+    if mask.size and set(np.unique(mask).tolist()) <= TRIMAP_VALUES:
+        return mask == 1
+    return mask > 0
+
+
+def _save_png(pixels: np.ndarray, path: Path) -> None:
+    Image.fromarray(pixels).save(path, format="PNG", compress_level=1)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda temporary: temporary.write_text(text))
