@@ -17,6 +17,47 @@ def _run(argv: list[str]) -> int:
     return run_main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bias-audit report", description="Write a run's report from its store."
+    )
+    parser.add_argument("run", help="a run folder (STORE/<run_id>)")
+    parser.add_argument("--format", choices=["html", "md", "json"], default="html")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from audit.report import write_reports
+
+    run_dir = Path(args.run)
+    if not (run_dir / "manifest.json").exists():
+        print(f"bias-audit report: {run_dir} is not a run folder", file=sys.stderr)
+        return EXIT_USAGE
+    written = write_reports(run_dir, formats=("json", args.format))
+    print(written[args.format])
+    return EXIT_OK
+
+
+def _compare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bias-audit compare",
+        description="Compare two runs; exit 1 when the new run adds a flag.",
+    )
+    parser.add_argument("old", help="the earlier run folder")
+    parser.add_argument("new", help="the later run folder")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from audit.compare import compare_runs, format_comparison
+
+    try:
+        result = compare_runs(Path(args.old), Path(args.new))
+    except FileNotFoundError as error:
+        print(f"bias-audit compare: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_comparison(result))
+    return EXIT_POLICY if result["new_flags"] else EXIT_OK
+
+
 def _demo(argv: list[str]) -> int:
     from pipelines.demo import main as demo_main
 
@@ -25,6 +66,8 @@ def _demo(argv: list[str]) -> int:
 
 COMMANDS = {
     "run": (_run, "audit a dataset (a YAML config, or --model/--data/--out)"),
+    "report": (_report, "write a run's report (html, md or json)"),
+    "compare": (_compare, "compare two runs: per-class deltas, new and resolved flags"),
     "demo": (_demo, "train a small biased model on generated digits and audit it"),
 }
 

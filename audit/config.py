@@ -32,6 +32,13 @@ class ModelSection(_Section):
     target: Literal["true", "predicted"] = Field(
         "true", description="Which class the main map explains; the other is kept as pred_*."
     )
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _yaml_true(cls, value):
+        # YAML reads an unquoted `true` as a boolean.
+        return "true" if value is True else value
+
     safe_mode: bool = Field(True, description="Keras safe mode; false only for trusted files.")
     class_names: list[str] | None = Field(
         None,
@@ -131,6 +138,33 @@ class MetricsSection(_Section):
     )
 
 
+class PolicySection(_Section):
+    """When a class or slice is flagged (docs/flags.md)."""
+
+    statistic: Literal["mass", "lift"] = Field(
+        "mass", description="Which spurious-region statistic is tested."
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="Benjamini-Hochberg q-value threshold.")
+    min_support: int = Field(20, ge=2, description="Smaller groups are not tested.")
+    effect_floor: float = Field(
+        0.05,
+        ge=0,
+        description="The 95% CI lower bound of (group - reference) must exceed this (mass units; "
+        "for lift, lift units).",
+    )
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
+    seed: int = Field(0, description="Seed of every bootstrap and sample.")
+    intervention_samples: int = Field(
+        200, ge=0, description="Images per class for the interventions (0 turns them off)."
+    )
+    gap_floor: float = Field(
+        0.10,
+        ge=0,
+        description="Interventions are evidence when the class's BG-gap exceeds the other "
+        "classes' median by this much (CI lower bound).",
+    )
+
+
 class OutputSection(_Section):
     store: Path = Field(Path("runs"), description="The run store folder.")
     run_id: str | None = Field(None, description="Name the run; default: time + config hash.")
@@ -144,6 +178,7 @@ class AuditConfig(_Section):
     preprocess: PreprocessSection = PreprocessSection()
     regions: tuple[RegionSection, ...] = DEFAULT_REGIONS
     metrics: MetricsSection = MetricsSection()
+    policy: PolicySection = PolicySection()
     output: OutputSection = OutputSection()
     batch_size: int = Field(32, ge=1, le=4096)
 
@@ -188,7 +223,10 @@ def build_config(data: dict, source: str = "(python)", base_dir: Path | None = N
 
 def _resolve_paths(config: AuditConfig, base_dir: Path) -> AuditConfig:
     def resolve(path: Path | None) -> Path | None:
-        return None if path is None or path.is_absolute() else base_dir / path
+        if path is None:
+            return None
+        path = path.expanduser()
+        return path if path.is_absolute() else base_dir / path
 
     dataset = config.dataset
     return config.model_copy(

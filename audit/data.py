@@ -24,6 +24,21 @@ from audit.config import ConfigError, DatasetSection, PreprocessSection, RegionS
 
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
 SOURCE_COLUMNS = ("path", "label", "mask_path", "mask_rle", *BOX_COLUMNS)
+# Columns the audit writes itself; a manifest must not use them for slices.
+RESERVED_COLUMNS = {
+    "row",
+    "label_index",
+    "pred",
+    "pred_label",
+    "confidence",
+    "correct",
+    "target",
+    "target_score",
+    "cam_total",
+    "zero_map",
+    "status",
+    "skip_reason",
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -39,6 +54,7 @@ class Entries:
     root: Path
     name: str  # a short description for the run manifest
     mask_root: Path | None = None  # where mask_path starts, when not at root
+    class_names: list[str] | None = None  # the source's own class order, if it has one
 
     @property
     def mask_base(self) -> Path:
@@ -57,7 +73,11 @@ def read_manifest(path: Path) -> Entries:
     if not path.exists():
         raise ConfigError(f"dataset manifest not found: {path}")
     try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        table = (
+            pd.read_parquet(path)
+            if path.suffix == ".parquet"
+            else pd.read_csv(path, dtype={"label": str, "path": str})
+        )
     except Exception as error:  # pandas raises many types for unreadable files
         raise ConfigError(f"cannot read manifest {path}: {error}") from None
     missing = [c for c in ("path", "label") if c not in table.columns]
@@ -71,6 +91,15 @@ def read_manifest(path: Path) -> Entries:
         raise ConfigError(
             f"manifest {path} has box column(s) {boxes}; give all of {', '.join(BOX_COLUMNS)}"
         )
+    reserved = sorted(set(table.columns) & RESERVED_COLUMNS)
+    if reserved:
+        raise ConfigError(
+            f"manifest {path} has column(s) {', '.join(reserved)}, which are names of result "
+            "columns in images.parquet; rename them (e.g. to slice_<name>)"
+        )
+    if table["label"].isna().any():
+        row = int(table.index[table["label"].isna()][0])
+        raise ConfigError(f"manifest {path}: row {row} has no label; every row needs one")
     table = table.reset_index(drop=True)
     table["path"] = table["path"].astype(str)
     table["label"] = table["label"].astype(str)
@@ -285,7 +314,12 @@ def load_row(
     if _present(row.get("mask_path")):
         mask = _read_mask(_inside(entries.mask_base, row["mask_path"]))
     elif _present(row.get("mask_rle")):
-        mask = _decode_rle(row["mask_rle"])
+        try:
+            mask = _decode_rle(row["mask_rle"])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise SkipRow(
+                f"mask_rle is not a COCO RLE JSON object with size and counts: {error}"
+            ) from None
     if mask is not None and mask.shape != (height, width):
         raise SkipRow(
             f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height} "
@@ -293,7 +327,10 @@ def load_row(
         )
     box = None
     if all(_present(row.get(c)) for c in BOX_COLUMNS):
-        values = [float(row[c]) for c in BOX_COLUMNS]
+        try:
+            values = [float(row[c]) for c in BOX_COLUMNS]
+        except (TypeError, ValueError):
+            raise SkipRow(f"box {[row[c] for c in BOX_COLUMNS]} is not four numbers") from None
         if not (values[0] < values[2] and values[1] < values[3]):
             raise SkipRow(f"box {values} is empty or inverted (need x_min < x_max, y_min < y_max)")
         box = preprocessor.mask(_box_mask(values, (height, width)))

@@ -24,11 +24,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from audit.analyse import analyse
 from audit.config import AuditConfig, ConfigError
 from audit.data import Batch, Entries, Preprocessor, class_names_for, load_batches, read_entries
 from audit.explain import PREDICTED, GradCAM, pad_batch
 from audit.metrics import METRICS, region_metrics
 from audit.models import load_model
+from audit.report import write_reports
 from audit.store import RunStore, file_sha256, latest_run
 
 # Rows per stored chunk, in batches: the unit of resume and of memory.
@@ -218,11 +220,19 @@ def _open_run(config: AuditConfig, run_key: str, resume: bool) -> tuple[RunStore
     return RunStore(store_root / f"{stamp}-{run_key[:8]}"), False
 
 
-def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = True) -> AuditResult:
+def run_audit(
+    config: AuditConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    baseline: Path | None = None,
+) -> AuditResult:
     """Audit a dataset as configured and return the stored run.
 
     ``resume``: continue the newest incomplete run with the same model, data and
     config (or the named ``output.run_id``) instead of starting a new one.
+    ``baseline``: a previous run folder; flags then compare each group with itself
+    in that run instead of with the other groups.
     """
     started = time.perf_counter()
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
@@ -234,7 +244,9 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
     else:
         entries = read_entries(config.dataset)
     class_names = class_names_for(
-        entries.table["label"], cam._ensure_cut(None).num_classes, config.model.class_names
+        entries.table["label"],
+        cam._ensure_cut(None).num_classes,
+        config.model.class_names or entries.class_names,
     )
     size = _input_size(model, config)
     model_hash = file_sha256(Path(config.model.path))
@@ -319,6 +331,15 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
             run.write_chunk(chunk, rows, cam_rows, maps)
     bar.close()
     images = run.assemble()
+    analyse(
+        run,
+        config,
+        model=model,
+        entries=entries,
+        preprocessor=preprocessor,
+        class_index=class_index,
+        baseline=baseline,
+    )
     reasons = Counter(images.loc[images["status"] == "skipped", "skip_reason"])
     manifest = run.update_manifest(
         status="complete",
@@ -333,5 +354,7 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
             "total_seconds": round(time.perf_counter() - started, 3),
             "compute_seconds": round(compute_seconds, 3),
         },
+        baseline=None if baseline is None else str(baseline),
     )
+    write_reports(run.root)
     return AuditResult(run.root, images, manifest)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from audit.config import ConfigError, build_config, load_config
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_POLICY, EXIT_USAGE = 0, 1, 2
+SEVERITY = {"none": 0, "warn": 1, "fail": 2}
 
 
 def _data_section(path: Path) -> dict:
@@ -36,7 +37,9 @@ def overrides_from(args: argparse.Namespace) -> dict:
     if args.unsafe_model:
         put("model", "safe_mode", False)
     if args.data is not None:
-        overrides["dataset"] = _data_section(Path(args.data).resolve())
+        # --data replaces the config's source (and its source-specific keys).
+        cleared = dict.fromkeys(("manifest", "folders", "masks", "coco", "coco_images", "tfds"))
+        overrides["dataset"] = cleared | _data_section(Path(args.data).resolve())
     put("dataset", "limit", args.limit)
     put("output", "store", args.out and str(Path(args.out).resolve()))
     put("output", "run_id", args.run_id)
@@ -55,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML audit config (docs/config.md)")
     p.add_argument("--model", help="model file (.keras/.h5)")
     p.add_argument("--data", help="manifest CSV/Parquet, or a class-folder root")
-    p.add_argument("--out", help="run store folder (default: runs/)")
+    p.add_argument(
+        "--out", help="run store folder (default: runs/ beside the config, or in the cwd)"
+    )
     p.add_argument("--run-id", help="name of the run folder")
     p.add_argument("--layer", help="target layer name or path")
     p.add_argument("--method", help="gradcam, hirescam, gradcam++, xgradcam or layercam")
@@ -64,6 +69,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"))
     p.add_argument("--limit", type=int, help="audit only the first N entries")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument(
+        "--baseline",
+        help="compare each group with itself in this run folder, or 'latest' (the newest "
+        "complete run in the store)",
+    )
+    p.add_argument(
+        "--fail-on",
+        choices=["warn", "fail"],
+        help="exit 1 when the audit's severity reaches this level",
+    )
     p.add_argument(
         "--unsafe-model", action="store_true", help="load models with code (trusted files only)"
     )
@@ -85,13 +100,61 @@ def main(argv: list[str]) -> int:
         from audit.pipeline import run_audit
         from audit.summary import format_summary
 
+        baseline = _baseline(args.baseline, Path(config.output.store))
         try:
-            result = run_audit(config, resume=args.resume, progress=not args.no_progress)
+            result = run_audit(
+                config, resume=args.resume, progress=not args.no_progress, baseline=baseline
+            )
         except (ModelStructureError, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
     except ConfigError as error:
         print(f"bias-audit run: {error}", file=sys.stderr)
         return EXIT_USAGE
+    import json
+
+    report = json.loads((result.run_dir / "report.json").read_text())
     print(format_summary(result.images, result.manifest))
-    print(f"stored in {result.run_dir}")
+    print(format_gate(report))
+    print(f"stored in {result.run_dir} (report.html, report.md, report.json)")
+    if args.fail_on and SEVERITY[report["severity"]] >= SEVERITY[args.fail_on]:
+        return EXIT_POLICY
     return EXIT_OK
+
+
+def _baseline(value: str | None, store: Path) -> Path | None:
+    if value is None:
+        return None
+    if value == "latest":
+        from audit.store import latest_run
+
+        found = latest_run(store, complete=True)
+        if found is None:
+            raise ConfigError(f"--baseline latest: no complete run in {store}")
+        return found
+    path = Path(value)
+    if not (path / "report.json").exists():
+        path = store / value  # a run id in the store
+    if not (path / "report.json").exists():
+        raise ConfigError(f"--baseline {value}: not a finished run folder or run id in {store}")
+    return path
+
+
+def format_gate(report: dict) -> str:
+    """The short PASS/WARN/FAIL table printed at the end of a run."""
+    lines = [
+        f"{report['outcome']}: "
+        + ", ".join(f"{count} {status}" for status, count in report["status_counts"].items())
+    ]
+    for entry in report["classes"]:
+        if entry["status"] != "ok":
+            level = {"fail": "FAIL", "warn": "WARN"}.get(entry["severity"], "PASS")
+            lines.append(f"  {level:4s}  {entry['class_name']}: {entry['status']}")
+            lines.extend(f"          {reason}" for reason in entry["reasons"])
+    for test in report["slices"]["tests"]:
+        if test.get("flagged"):
+            lines.append(
+                f"  WARN  slice {test['attribute']}={test['value']}: "
+                f"{test['statistic']} on {test['region']} {test['group_mean']:.3f} vs "
+                f"{test['reference_mean']:.3f} (q={test['q_value']:.2g})"
+            )
+    return "\n".join(lines)

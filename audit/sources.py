@@ -239,7 +239,13 @@ def read_tfds(dataset: DatasetSection) -> Entries:
     table = entries.table
     if dataset.limit is not None:
         table = table.iloc[: dataset.limit].copy()
-    return Entries(table, entries.root, f"tfds:{dataset.tfds}/{dataset.tfds_split}")
+    marker = json.loads((folder / COMPLETE_NAME).read_text())
+    return Entries(
+        table,
+        entries.root,
+        f"tfds:{dataset.tfds}/{dataset.tfds_split}",
+        class_names=marker.get("label_names"),
+    )
 
 
 def _load_tfds(dataset: DatasetSection):
@@ -340,6 +346,8 @@ def export_tf_dataset(
         "label_key": label_key,
         "mask_key": mask_key,
         "rows": len(rows),
+        # The label feature's names in index order: the model's output order.
+        "label_names": None if label_names is None else list(label_names),
     }
     _write_atomic(folder / COMPLETE_NAME, json.dumps(marker))
     return manifest

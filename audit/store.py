@@ -34,6 +34,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(handle)
     try:
         write(Path(temporary))
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600; runs are shared read-only
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -138,11 +139,13 @@ class RunStore:
         return rows_all[order], maps_all[order]
 
 
-def latest_run(store: Path, key: str | None = None) -> Path | None:
-    """The newest run folder in ``store`` (optionally with this run key)."""
+def latest_run(store: Path, key: str | None = None, complete: bool = False) -> Path | None:
+    """The newest run folder in ``store`` (optionally with this run key, or complete)."""
     runs = []
     for manifest in Path(store).glob(f"*/{MANIFEST}"):
         payload = read_json(manifest)
+        if complete and payload.get("status") != "complete":
+            continue
         if key is None or payload.get("run_key") == key:
             runs.append((payload.get("started", ""), manifest.parent))
     return max(runs)[1] if runs else None

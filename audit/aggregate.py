@@ -1,0 +1,253 @@
+"""Aggregate: per-image rows -> per-group statistics, with mergeable accumulators.
+
+Groups are computed from ``images.parquet`` four ways:
+
+* ``true``  - by true label, on correctly predicted rows: does the model find the object?
+* ``pred``  - by predicted label, on every row predicted as the class: which evidence
+  makes the model *say* it (background-driven false positives show up here);
+* ``slice`` - by the value of a slice attribute (``background_type``, ``gender``, ...);
+* ``class_slice`` - true label x slice value.
+
+An accumulator keeps, per group, the row ids and the values it needs (a few floats
+per image), so ``add`` over batches and ``merge`` of partial accumulators (one per
+shard or worker) give exactly the result of one pass over everything: ``finalize``
+sorts by row id before it bootstraps with a fixed seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+GROUP_KINDS = ("true", "pred", "slice", "class_slice")
+# Slice attributes with more distinct values than this are identifiers, not slices.
+MAX_SLICE_VALUES = 50
+# Above this many values a mean's CI uses the normal approximation (see bootstrap_mean_ci).
+NORMAL_APPROXIMATION_ABOVE = 20_000
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean (NaN for no values)."""
+    values = np.asarray(values, dtype="float64")
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    if len(values) == 1:
+        return float(values[0]), float(values[0])
+    if len(values) > NORMAL_APPROXIMATION_ABOVE:
+        # The bootstrap distribution of a mean over this many rows is normal to within
+        # rounding; the closed form avoids resampling millions of values.
+        from scipy.stats import norm
+
+        half = norm.ppf(0.5 + level / 2) * values.std(ddof=1) / np.sqrt(len(values))
+        return float(values.mean() - half), float(values.mean() + half)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 100):  # chunks bound memory for large groups
+        stop = min(start + 100, resamples)
+        picks = rng.integers(0, len(values), size=(stop - start, len(values)))
+        means[start:stop] = values[picks].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+@dataclass
+class GroupAccumulator:
+    """Rows of one group: ids, correctness, and the measured columns."""
+
+    columns: Sequence[str]
+    rows: list[np.ndarray] = field(default_factory=list)
+    correct: list[np.ndarray] = field(default_factory=list)
+    values: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, frame: pd.DataFrame) -> None:
+        if not len(frame):
+            return
+        self.rows.append(frame["row"].to_numpy(dtype="int64"))
+        self.correct.append(frame["correct"].to_numpy(dtype=bool))
+        for column in self.columns:
+            self.values.setdefault(column, []).append(frame[column].to_numpy(dtype="float64"))
+
+    def merge(self, other: GroupAccumulator) -> GroupAccumulator:
+        self.rows.extend(other.rows)
+        self.correct.extend(other.correct)
+        for column in self.columns:
+            self.values.setdefault(column, []).extend(other.values.get(column, []))
+        return self
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Row ids, correctness and values, sorted by row id (order-independent)."""
+        if not self.rows:
+            empty = np.zeros(0)
+            return empty.astype("int64"), empty.astype(bool), {c: empty for c in self.columns}
+        rows = np.concatenate(self.rows)
+        order = np.argsort(rows, kind="stable")
+        values = {c: np.concatenate(self.values[c])[order] for c in self.columns}
+        return rows[order], np.concatenate(self.correct)[order], values
+
+
+@dataclass
+class GroupKey:
+    kind: str  # one of GROUP_KINDS
+    class_index: int | None = None
+    attribute: str | None = None
+    value: str | None = None
+
+    def as_tuple(self) -> tuple:
+        return (self.kind, self.class_index, self.attribute, self.value)
+
+
+class Aggregator:
+    """Accumulates every group of a run; ``add`` batches of images rows, ``merge``, ``finalize``."""
+
+    def __init__(
+        self, region_names: Sequence[str], slice_columns: Sequence[str], target: str = "true"
+    ) -> None:
+        self.region_names = list(region_names)
+        self.slice_columns = list(slice_columns)
+        # Column prefixes of the true-class maps and of the predicted-class maps.
+        self.prefixes = (
+            {"true": "", "pred": "pred_"}
+            if target == "true"
+            else {
+                "true": "true_",
+                "pred": "",
+            }
+        )
+        self.columns = [
+            f"{prefix}{metric}_{region}"
+            for prefix in self.prefixes.values()
+            for region in self.region_names
+            for metric in ("mass", "lift", "pointing")
+        ]
+        self.groups: dict[tuple, GroupAccumulator] = {}
+        self.keys: dict[tuple, GroupKey] = {}
+
+    def column(self, kind: str, metric: str, region: str) -> str:
+        """The column a group kind is measured on.
+
+        True-label groups use the true class's maps on correct rows; predicted-label
+        and slice groups use the predicted class's maps on every row: what drove the
+        decision.
+        """
+        maps = "true" if kind in ("true", "class_slice") else "pred"
+        return f"{self.prefixes[maps]}{metric}_{region}"
+        self.groups: dict[tuple, GroupAccumulator] = {}
+        self.keys: dict[tuple, GroupKey] = {}
+
+    def _group(self, key: GroupKey) -> GroupAccumulator:
+        identity = key.as_tuple()
+        if identity not in self.groups:
+            self.groups[identity] = GroupAccumulator(self.columns)
+            self.keys[identity] = key
+        return self.groups[identity]
+
+    def add(self, images: pd.DataFrame) -> Aggregator:
+        ok = images[images["status"] == "ok"]
+        if not len(ok):
+            return self
+        ok = ok.assign(correct=ok["correct"].astype(bool))
+        for label, frame in ok.groupby("label_index"):
+            self._group(GroupKey("true", int(label))).add(frame)
+        for predicted, frame in ok.groupby("pred"):
+            self._group(GroupKey("pred", int(predicted))).add(frame)
+        for attribute in self.slice_columns:
+            values = ok[attribute].astype(str)
+            for value, frame in ok.groupby(values):
+                self._group(GroupKey("slice", None, attribute, str(value))).add(frame)
+                for label, sub in frame.groupby("label_index"):
+                    self._group(GroupKey("class_slice", int(label), attribute, str(value))).add(sub)
+        return self
+
+    def merge(self, other: Aggregator) -> Aggregator:
+        for identity, accumulator in other.groups.items():
+            if identity in self.groups:
+                self.groups[identity].merge(accumulator)
+            else:
+                self.groups[identity] = accumulator
+                self.keys[identity] = other.keys[identity]
+        return self
+
+    def finalize(
+        self, class_names: Sequence[str], *, resamples: int = 1000, seed: int = 0
+    ) -> pd.DataFrame:
+        """One row per group: support, accuracy/precision, mean metrics with 95% CIs."""
+        records = []
+        for identity in sorted(self.groups, key=_sort_key):
+            key = self.keys[identity]
+            rows, correct, values = self.groups[identity].arrays()
+            # True-label groups measure evidence on correct predictions; predicted-label
+            # groups on every prediction of the class (false positives included).
+            use = correct if key.kind in ("true", "class_slice") else np.ones_like(correct)
+            record = {
+                "kind": key.kind,
+                "class_index": key.class_index,
+                "class_name": None if key.class_index is None else class_names[key.class_index],
+                "attribute": key.attribute,
+                "value": key.value,
+                "n": int(len(rows)),
+                "n_measured": int(use.sum()),
+                "accuracy": float(correct.mean()) if len(rows) else float("nan"),
+            }
+            for region in self.region_names:
+                for metric in ("mass", "lift"):
+                    column = values[self.column(key.kind, metric, region)][use]
+                    finite = column[np.isfinite(column)]
+                    low, high = bootstrap_mean_ci(finite, resamples=resamples, seed=seed)
+                    record[f"{metric}_{region}"] = float(finite.mean()) if len(finite) else None
+                    record[f"{metric}_{region}_low"] = low if len(finite) else None
+                    record[f"{metric}_{region}_high"] = high if len(finite) else None
+                pointing = values[self.column(key.kind, "pointing", region)][use]
+                pointing = pointing[np.isfinite(pointing)]
+                record[f"pointing_{region}"] = float(pointing.mean()) if len(pointing) else None
+            records.append(record)
+        table = pd.DataFrame(records)
+        if len(table):
+            table = _add_worst_group(table)
+        return table
+
+
+def _sort_key(identity: tuple) -> tuple:
+    kind, class_index, attribute, value = identity
+    return (
+        GROUP_KINDS.index(kind),
+        -1 if class_index is None else class_index,
+        attribute or "",
+        value or "",
+    )
+
+
+def _add_worst_group(table: pd.DataFrame) -> pd.DataFrame:
+    """For slice groups: the worst accuracy among the attribute's values (worst-group)."""
+    slices = table["kind"] == "slice"
+    worst = table[slices].groupby("attribute")["accuracy"].transform("min")
+    table["worst_group_accuracy"] = np.nan
+    table.loc[slices, "worst_group_accuracy"] = worst
+    return table
+
+
+def slice_columns_of(images: pd.DataFrame, candidates: Iterable[str]) -> list[str]:
+    """Slice attributes worth grouping by: few distinct values (not ids or paths)."""
+    chosen = []
+    for column in candidates:
+        if column in images.columns and column not in ("mask_path", "mask_rle"):
+            distinct = images[column].nunique(dropna=True)
+            if 1 < distinct <= MAX_SLICE_VALUES:
+                chosen.append(column)
+    return chosen
+
+
+def aggregator_for(images: pd.DataFrame, manifest: dict, chunk_rows: int = 50_000) -> Aggregator:
+    """An ``Aggregator`` fed with a run's ``images`` table, in chunks."""
+    region_names = [region["name"] for region in manifest["regions"]]
+    slices = slice_columns_of(images, manifest["dataset"].get("slice_columns", []))
+    aggregator = Aggregator(region_names, slices, manifest["config"]["model"]["target"])
+    for start in range(0, len(images), chunk_rows):
+        aggregator.add(images.iloc[start : start + chunk_rows])
+    return aggregator

@@ -1,0 +1,120 @@
+"""Compare two runs: per-class deltas with significance, new and resolved flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import mannwhitneyu
+
+from audit.flags import benjamini_hochberg
+from audit.store import RunStore
+
+
+def _report(run_dir: Path) -> dict:
+    path = Path(run_dir) / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; is {run_dir} a finished run?")
+    return json.loads(path.read_text())
+
+
+def _flag_set(report: dict) -> dict[str, str]:
+    """Flag identities -> severity: non-ok classes and flagged slices."""
+    flags = {
+        f"class {entry['class_name']}: {entry['status']}": entry["severity"]
+        for entry in report["classes"]
+        if entry["status"] != "ok"
+    }
+    for test in report["slices"]["tests"]:
+        if test.get("flagged"):
+            flags[f"slice {test['attribute']}={test['value']} on {test['region']}"] = test[
+                "severity"
+            ]
+    return flags
+
+
+def compare_runs(old_dir: Path, new_dir: Path) -> dict:
+    """Deltas of every class's spurious mass (true label, correct rows) and flag changes."""
+    old, new = _report(old_dir), _report(new_dir)
+    old_images, new_images = RunStore(old_dir).images(), RunStore(new_dir).images()
+    spurious = [r["name"] for r in new["regions"] if r["role"] == "spurious"]
+    rows = []
+    for entry in new["classes"]:
+        name = entry["class_name"]
+        for region in spurious:
+            column = f"mass_{region}"
+            a = _class_values(old_images, old, name, column)
+            b = _class_values(new_images, new, name, column)
+            row = {
+                "class_name": name,
+                "region": region,
+                "old_mean": float(a.mean()) if len(a) else None,
+                "new_mean": float(b.mean()) if len(b) else None,
+                "delta": float(b.mean() - a.mean()) if len(a) and len(b) else None,
+                "p_value": np.nan,
+            }
+            if len(a) >= 2 and len(b) >= 2 and column in old_images and column in new_images:
+                row["p_value"] = float(mannwhitneyu(b, a, alternative="two-sided").pvalue)
+            rows.append(row)
+    deltas = pd.DataFrame(rows)
+    if len(deltas):
+        deltas["q_value"] = benjamini_hochberg(deltas["p_value"].to_numpy())
+    old_flags, new_flags = _flag_set(old), _flag_set(new)
+    return {
+        "old_run": old["run_id"],
+        "new_run": new["run_id"],
+        "old_outcome": old["outcome"],
+        "new_outcome": new["outcome"],
+        "deltas": deltas,
+        "new_flags": {k: v for k, v in new_flags.items() if k not in old_flags},
+        "resolved_flags": {k: v for k, v in old_flags.items() if k not in new_flags},
+        "kept_flags": {k: v for k, v in new_flags.items() if k in old_flags},
+    }
+
+
+def _class_values(images: pd.DataFrame, report: dict, name: str, column: str) -> np.ndarray:
+    class_names = [entry["class_name"] for entry in sorted(report["classes"], key=_index)]
+    if name not in class_names or column not in images:
+        return np.zeros(0)
+    index = class_names.index(name)
+    rows = images[
+        (images["status"] == "ok")
+        & (images["label_index"] == index)
+        & images["correct"].astype(bool)
+    ]
+    values = rows[column].to_numpy(dtype="float64")
+    return values[np.isfinite(values)]
+
+
+def _index(entry: dict) -> int:
+    return entry["class_index"]
+
+
+def format_comparison(result: dict, alpha: float = 0.05) -> str:
+    lines = [
+        f"{result['old_run']} ({result['old_outcome']}) -> {result['new_run']} "
+        f"({result['new_outcome']})"
+    ]
+    deltas = result["deltas"]
+    if len(deltas):
+        shown = deltas.assign(significant=np.where(deltas["q_value"] < alpha, "yes", ""))
+        lines.append(
+            shown.to_string(
+                index=False,
+                columns=[
+                    "class_name",
+                    "region",
+                    "old_mean",
+                    "new_mean",
+                    "delta",
+                    "q_value",
+                    "significant",
+                ],
+                float_format=lambda v: f"{v:.3f}",
+            )
+        )
+    for title, key in (("new flags", "new_flags"), ("resolved flags", "resolved_flags")):
+        lines.append(f"{title}: " + (", ".join(result[key]) if result[key] else "none"))
+    return "\n".join(lines)

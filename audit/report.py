@@ -1,0 +1,403 @@
+"""Report: report.json (the source of truth), report.md (fits a CI comment), report.html.
+
+Everything here reads the run store; nothing is recomputed. All user-controlled
+text (class names, paths, slice values, reasons) is escaped in HTML and Markdown.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from audit.analyse import SEVERITY_ORDER, class_verdicts, overall_severity, read_analysis
+from audit.overlay import colorize, overlay
+from audit.store import RunStore, atomic_write, write_json
+
+SCHEMA_VERSION = 1
+OUTCOMES = {"none": "PASS", "warn": "WARN", "fail": "FAIL"}
+THUMBNAIL = 96
+EXAMPLES_PER_CLASS = 4
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    return [_clean(record) for record in table.to_dict("records")] if len(table) else []
+
+
+def _ci(row: dict, name: str) -> dict:
+    return {"mean": row.get(name), "low": row.get(f"{name}_low"), "high": row.get(f"{name}_high")}
+
+
+def build_report(run_dir: Path) -> dict:
+    """The report dict of a run with its analysis tables."""
+    run = RunStore(run_dir)
+    manifest = run.manifest()
+    analysis = read_analysis(run_dir)
+    class_names = manifest["class_names"]
+    verdicts = class_verdicts(analysis, class_names)
+    groups = analysis.groups
+    regions = [region["name"] for region in manifest["regions"]]
+    classes = []
+    for verdict in verdicts:
+        index = verdict["class_index"]
+        entry = dict(verdict)
+        for kind, key in (("true", "true_label"), ("pred", "predicted_label")):
+            match = groups[(groups["kind"] == kind) & (groups["class_index"] == index)]
+            row = _clean(match.iloc[0].to_dict()) if len(match) else {}
+            view = {
+                "n": row.get("n", 0),
+                "n_measured": row.get("n_measured", 0),
+                "mass": {r: _ci(row, f"mass_{r}") for r in regions},
+                "lift": {r: _ci(row, f"lift_{r}") for r in regions},
+                "pointing": {r: row.get(f"pointing_{r}") for r in regions},
+            }
+            view["accuracy" if kind == "true" else "precision"] = row.get("accuracy")
+            entry[key] = view
+        entry["n"] = entry["true_label"]["n"]
+        entry["accuracy"] = entry["true_label"]["accuracy"]
+        entry["mass"] = entry["true_label"]["mass"]
+        flags = analysis.flags
+        entry["tests"] = _records(
+            flags[(flags["class_index"] == index) & flags["kind"].isin(["true", "pred"])]
+            if len(flags)
+            else flags
+        )
+        probe = analysis.interventions
+        probe = probe[probe["class_index"] == index] if len(probe) else probe
+        entry["interventions"] = _records(probe)[0] if len(probe) else None
+        strategies = analysis.strategies
+        strategies = (
+            strategies[strategies["class_index"] == index] if len(strategies) else strategies
+        )
+        entry["strategies"] = [
+            {k: v for k, v in record.items() if k != "mean_map"} for record in _records(strategies)
+        ]
+        entry["examples"] = _worst_examples(run, index, regions, manifest)
+        classes.append(entry)
+    classes.sort(key=lambda c: (-SEVERITY_ORDER[c["severity"]], c["class_index"]))
+    flags = analysis.flags
+    slice_tests = flags[flags["kind"] == "slice"] if len(flags) else flags
+    slice_groups = groups[groups["kind"].isin(["slice", "class_slice"])] if len(groups) else groups
+    severity = overall_severity(verdicts, flags)
+    images = run.images()
+    ok = images[images["status"] == "ok"]
+    return _clean(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": manifest["run_id"],
+            "outcome": OUTCOMES[severity],
+            "severity": severity,
+            "model": manifest["model"],
+            "dataset": manifest["dataset"],
+            "counts": manifest.get("counts", {}),
+            "accuracy": float(ok["correct"].astype(bool).mean()) if len(ok) else None,
+            "regions": manifest["regions"],
+            "policy": manifest["config"].get("policy", {}),
+            "config": manifest["config"],
+            "status_counts": {
+                status: sum(c["status"] == status for c in classes)
+                for status in ("bias-driven", "suspected", "ok")
+            },
+            "classes": classes,
+            "slices": {
+                "tests": _records(slice_tests),
+                "groups": _records(slice_groups),
+            },
+            "baseline": manifest.get("baseline"),
+        }
+    )
+
+
+def _worst_examples(run: RunStore, index: int, regions: list[str], manifest: dict) -> list[dict]:
+    """The class's correctly predicted rows with the most spurious mass."""
+    images = run.images()
+    spurious = [r["name"] for r in manifest["regions"] if r["role"] == "spurious"]
+    rows = images[(images["status"] == "ok") & (images["label_index"] == index)]
+    if not spurious or not len(rows):
+        return []
+    column = f"mass_{spurious[0]}"
+    rows = rows.sort_values(column, ascending=False, na_position="last").head(EXAMPLES_PER_CLASS)
+    keep = ["row", "path", "pred_label", "correct", *(f"mass_{r}" for r in regions)]
+    return _records(rows[[c for c in keep if c in rows.columns]])
+
+
+# ------------------------------------------------------------------ markdown
+
+
+def _md(text) -> str:
+    """Escape text for a Markdown table cell (and for HTML inside Markdown)."""
+    escaped = html.escape(str(text), quote=False)
+    for char in "|`*_[]<>#":
+        escaped = escaped.replace(char, "\\" + char)
+    return escaped
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render_markdown(report: dict) -> str:
+    spurious = [r["name"] for r in report["regions"] if r["role"] == "spurious"]
+    lines = [
+        f"## Bias audit {report['outcome']}: {_md(report['run_id'])}",
+        "",
+        f"Model `{_md(Path(report['model']['path']).name)}` (layer "
+        f"{_md(report['model']['layer'])}, {_md(report['model']['method'])}), "
+        f"{report['counts'].get('ok', 0)} images audited, "
+        f"{report['counts'].get('skipped', 0)} skipped; accuracy {_fmt(report['accuracy'], 3)}.",
+        "",
+        "| class | status | n | accuracy | "
+        + " | ".join(f"{_md(r)} mass [95% CI]" for r in spurious)
+        + " | BG-gap |",
+        "|---|---|---:|---:|" + "---:|" * len(spurious) + "---:|",
+    ]
+    for entry in report["classes"]:
+        cells = [
+            _md(entry["class_name"]),
+            f"**{entry['status']}**" if entry["status"] != "ok" else "ok",
+            str(entry["n"]),
+            _fmt(entry["accuracy"]),
+        ]
+        for region in spurious:
+            mass = entry["mass"][region]
+            cells.append(f"{_fmt(mass['mean'])} [{_fmt(mass['low'])}, {_fmt(mass['high'])}]")
+        probe = entry["interventions"]
+        cells.append(_fmt(probe["bg_gap"]) if probe else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    flagged = [e for e in report["classes"] if e["status"] != "ok"]
+    if flagged:
+        lines += ["", "### Why"]
+        for entry in flagged:
+            for reason in entry["reasons"]:
+                lines.append(f"- **{_md(entry['class_name'])}**: {_md(reason)}")
+    slices = [t for t in report["slices"]["tests"] if t.get("flagged")]
+    if slices:
+        lines += ["", "### Flagged slices"]
+        for test in slices:
+            lines.append(
+                f"- {_md(test['attribute'])} = {_md(test['value'])}: {test['statistic']} on "
+                f"{_md(test['region'])} {_fmt(test['group_mean'])} vs "
+                f"{_fmt(test['reference_mean'])}, q={test['q_value']:.2g} (warn)"
+            )
+    policy = report["policy"]
+    lines += [
+        "",
+        f"Flags need q < {policy.get('alpha')} (Benjamini-Hochberg) and a 95% CI lower bound "
+        f"above {policy.get('effect_floor')}; classes need n >= {policy.get('min_support')}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- html
+
+
+def _png_data_uri(picture: Image.Image) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _ci_bar(mean, low, high, label: str) -> str:
+    """An inline SVG bar with a CI whisker on a 0..1 scale."""
+    if mean is None:
+        return '<span class="muted">n/a</span>'
+    width = 160
+
+    def x(value):
+        return max(0.0, min(1.0, value if value is not None else 0.0)) * width
+
+    return (
+        f'<svg width="{width + 50}" height="16" role="img" aria-label="{html.escape(label)}">'
+        f'<rect x="0" y="3" width="{width}" height="10" fill="#eee"/>'
+        f'<rect x="0" y="3" width="{x(mean):.1f}" height="10" fill="#d9822b"/>'
+        f'<line x1="{x(low):.1f}" x2="{x(high):.1f}" y1="8" y2="8" stroke="#222" '
+        f'stroke-width="2"/><text x="{width + 4}" y="13" font-size="11">{mean:.2f}</text></svg>'
+    )
+
+
+def _example_thumbnails(run: RunStore, manifest: dict, examples: list[dict]) -> list[str]:
+    if not examples:
+        return []
+    rows, cams = run.cams()
+    position = {int(r): i for i, r in enumerate(rows)}
+    root = Path(manifest["dataset"]["root"])
+    thumbnails = []
+    for example in examples:
+        row = example["row"]
+        if row not in position:
+            continue
+        try:
+            with Image.open(root / example["path"]) as source:
+                image = source.convert("RGB")
+                image.thumbnail((THUMBNAIL, THUMBNAIL))
+                pixels = np.asarray(image, "float32") / 255
+        except OSError:
+            continue
+        picture = overlay(pixels, cams[position[row]].astype("float32"))
+        caption = f"row {row}: predicted {example.get('pred_label')}, " + ", ".join(
+            f"{k} {v:.2f}" for k, v in example.items() if k.startswith("mass_") and v is not None
+        )
+        thumbnails.append(
+            f'<figure><img src="{_png_data_uri(picture)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    return thumbnails
+
+
+def _strategy_maps(run_dir: Path, class_index: int) -> list[str]:
+    strategies = read_analysis(run_dir).strategies
+    if not len(strategies):
+        return []
+    figures = []
+    for record in strategies[strategies["class_index"] == class_index].itertuples():
+        mean_map = np.asarray(record.mean_map, "float32").reshape(record.map_shape)
+        picture = Image.fromarray((colorize(mean_map) * 255).astype("uint8")).resize(
+            (64, 64), Image.BILINEAR
+        )
+        note = " minority strategy" if record.minority_strategy else ""
+        caption = f"cluster {record.cluster}: {record.size} images ({record.fraction:.0%}){note}"
+        figures.append(
+            f'<figure><img src="{_png_data_uri(picture)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    return figures
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1rem 0}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+.card{border:1px solid #ccc;border-radius:6px;padding:1rem;margin:1rem 0}
+.bias-driven{border-left:6px solid #c0392b}.suspected{border-left:6px solid #e67e22}
+.ok{border-left:6px solid #27ae60}.muted{color:#888}
+figure{display:inline-block;margin:4px;font-size:11px;max-width:140px}
+pre{background:#f6f6f6;padding:1rem;overflow:auto}
+"""
+
+
+def render_html(report: dict, run_dir: Path) -> str:
+    run = RunStore(run_dir)
+    manifest = run.manifest()
+    escape = html.escape
+    spurious = [r["name"] for r in report["regions"] if r["role"] == "spurious"]
+    expected = [r["name"] for r in report["regions"] if r["role"] == "expected"]
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>Bias audit {escape(report['run_id'])}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Bias audit: {escape(report['outcome'])}</h1>",
+        f"<p>Run {escape(report['run_id'])}; model {escape(str(report['model']['path']))}, "
+        f"layer {escape(str(report['model']['layer']))}, {escape(report['model']['method'])}; "
+        f"{report['counts'].get('ok', 0)} images audited, "
+        f"{report['counts'].get('skipped', 0)} skipped.</p>",
+        "<h2>Summary</h2><table><tr><th>class</th><th>status</th><th>n</th><th>accuracy</th>"
+        + "".join(f"<th>{escape(r)} mass</th>" for r in spurious)
+        + "<th>BG-gap</th></tr>",
+    ]
+    for entry in report["classes"]:
+        probe = entry["interventions"]
+        parts.append(
+            f"<tr><td>{escape(entry['class_name'])}</td><td>{escape(entry['status'])}</td>"
+            f"<td>{entry['n']}</td><td>{_fmt(entry['accuracy'])}</td>"
+            + "".join(f"<td>{_fmt(entry['mass'][r]['mean'])}</td>" for r in spurious)
+            + f"<td>{_fmt(probe['bg_gap']) if probe else 'n/a'}</td></tr>"
+        )
+    parts.append("</table>")
+    for entry in report["classes"]:
+        parts.append(f"<div class='card {escape(entry['status'])}'>")
+        parts.append(
+            f"<h3>{escape(entry['class_name'])}: {escape(entry['status'])}</h3><ul>"
+            + "".join(f"<li>{escape(reason)}</li>" for reason in entry["reasons"])
+            + "</ul><table><tr><th>region</th><th>mass (true label, correct)</th>"
+            "<th>mass (predicted label)</th><th>lift</th></tr>"
+        )
+        for region in expected + spurious:
+            bars = "".join(
+                f"<td>{_ci_bar(m['mean'], m['low'], m['high'], region)}</td>"
+                for m in (
+                    entry["true_label"]["mass"][region],
+                    entry["predicted_label"]["mass"][region],
+                )
+            )
+            lift = entry["true_label"]["lift"][region]["mean"]
+            parts.append(f"<tr><td>{escape(region)}</td>{bars}<td>{_fmt(lift)}</td></tr>")
+        parts.append("</table>")
+        probe = entry["interventions"]
+        if probe:
+            parts.append(
+                "<p>Interventions on "
+                f"{probe['n_probe']} correct images: still predicted with the object only "
+                f"{probe['rate_object_only']:.2f}, background only "
+                f"{probe['rate_background_only']:.2f}, background swapped "
+                f"{probe['rate_mixed_rand']:.2f}; BG-gap {probe['bg_gap']:.2f} "
+                f"[{probe['bg_gap_low']:.2f}, {probe['bg_gap_high']:.2f}].</p>"
+            )
+        thumbnails = _example_thumbnails(run, manifest, entry["examples"])
+        if thumbnails:
+            parts.append("<h4>Most spurious mass</h4>" + "".join(thumbnails))
+        strategies = _strategy_maps(run_dir, entry["class_index"])
+        if strategies:
+            parts.append("<h4>Strategies (CAM clusters)</h4>" + "".join(strategies))
+        parts.append("</div>")
+    slice_groups = [g for g in report["slices"]["groups"] if g["kind"] == "slice"]
+    if slice_groups:
+        parts.append(
+            "<h2>Slices</h2><table><tr><th>attribute</th><th>value</th><th>n</th>"
+            "<th>accuracy</th><th>worst-group accuracy</th>"
+            + "".join(f"<th>{escape(r)} mass</th>" for r in spurious)
+            + "</tr>"
+        )
+        for group in slice_groups:
+            parts.append(
+                f"<tr><td>{escape(str(group['attribute']))}</td>"
+                f"<td>{escape(str(group['value']))}</td><td>{group['n']}</td>"
+                f"<td>{_fmt(group['accuracy'])}</td>"
+                f"<td>{_fmt(group.get('worst_group_accuracy'))}</td>"
+                + "".join(f"<td>{_fmt(group.get(f'mass_{r}'))}</td>" for r in spurious)
+                + "</tr>"
+            )
+        parts.append("</table>")
+    parts.append(
+        "<h2>Configuration and thresholds</h2><pre>"
+        + escape(json.dumps(report["config"], indent=2))
+        + "</pre></body></html>"
+    )
+    return "\n".join(parts)
+
+
+def write_reports(run_dir: Path, formats=("json", "md", "html")) -> dict[str, Path]:
+    """Write the requested report files; report.json is always (re)written first."""
+    run_dir = Path(run_dir)
+    report = build_report(run_dir)
+    written = {"json": run_dir / "report.json"}
+    write_json(written["json"], report)
+    if "md" in formats:
+        written["md"] = run_dir / "report.md"
+        text = render_markdown(report)
+        atomic_write(written["md"], lambda tmp: tmp.write_text(text))
+    if "html" in formats:
+        written["html"] = run_dir / "report.html"
+        page = render_html(report, run_dir)
+        atomic_write(written["html"], lambda tmp: tmp.write_text(page))
+    return written

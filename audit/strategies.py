@@ -1,0 +1,98 @@
+"""Strategies: cluster each class's CAMs to find minority strategies (SpRAy).
+
+Spectral Relevance Analysis (Lapuschkin et al. 2019): per class, the stored
+low-resolution CAMs are normalised to unit mass, a symmetric k-nearest-neighbour
+affinity graph is built, the number of clusters is read from the largest gap in
+the normalised Laplacian's smallest eigenvalues, and scikit-learn's spectral
+clustering assigns the maps. A small cluster with high spurious mass (say 15% of a
+class looking at a corner watermark) is a finding even when the class average
+looks fine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.sparse.csgraph import laplacian
+from sklearn.cluster import SpectralClustering
+from sklearn.neighbors import kneighbors_graph
+
+from audit.store import RunStore
+
+MIN_CLASS_SIZE = 12
+MAX_CLUSTERS = 6
+# A cluster this small whose spurious mass exceeds the class's by this much is a finding.
+MINORITY_FRACTION = 0.35
+MINORITY_EXCESS = 0.10
+EXAMPLES = 5
+
+
+def eigengap_clusters(affinity: np.ndarray, max_clusters: int = MAX_CLUSTERS) -> int:
+    """Number of clusters from the largest gap among the Laplacian's smallest eigenvalues."""
+    eigenvalues = np.sort(np.linalg.eigvalsh(laplacian(affinity, normed=True)))
+    candidates = eigenvalues[: max_clusters + 1]
+    if len(candidates) < 3:
+        return 1
+    gaps = np.diff(candidates)
+    return int(np.argmax(gaps[:max_clusters]) + 1)
+
+
+def cluster_maps(maps: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Cluster labels for (n, h, w) maps, normalised to unit mass; all-zero maps excluded."""
+    flat = maps.reshape(len(maps), -1).astype("float64")
+    flat = flat / np.maximum(flat.sum(axis=1, keepdims=True), 1e-12)
+    neighbours = min(10, len(flat) - 1)
+    graph = kneighbors_graph(flat, neighbours, include_self=False)
+    affinity = 0.5 * (graph + graph.T).toarray()
+    clusters = eigengap_clusters(affinity)
+    if clusters <= 1:
+        return np.zeros(len(flat), dtype=int)
+    model = SpectralClustering(
+        n_clusters=clusters, affinity="precomputed", random_state=seed, assign_labels="kmeans"
+    )
+    return model.fit_predict(affinity)
+
+
+def find_strategies(
+    run: RunStore, images: pd.DataFrame, manifest: dict, *, seed: int = 0
+) -> pd.DataFrame:
+    """One row per (class, cluster) with size, mean map, mass per region and examples."""
+    rows, cams = run.cams()
+    if not len(rows):
+        return pd.DataFrame()
+    position = {int(row): index for index, row in enumerate(rows)}
+    regions = [region["name"] for region in manifest["regions"]]
+    spurious = [r["name"] for r in manifest["regions"] if r["role"] == "spurious"]
+    ok = images[(images["status"] == "ok") & ~images["zero_map"].astype(bool)]
+    records = []
+    for label, group in ok.groupby("label_index"):
+        group = group[group["row"].isin(position)]
+        if len(group) < MIN_CLASS_SIZE:
+            continue
+        maps = cams[[position[int(r)] for r in group["row"]]].astype("float32")
+        labels = cluster_maps(maps, seed)
+        class_spurious = {name: group[f"mass_{name}"].mean() for name in spurious}
+        for cluster in sorted(set(labels.tolist())):
+            members = group[labels == cluster]
+            mean_map = maps[labels == cluster].mean(axis=0)
+            record = {
+                "class_index": int(label),
+                "class_name": manifest["class_names"][int(label)],
+                "cluster": int(cluster),
+                "size": len(members),
+                "fraction": len(members) / len(group),
+                "accuracy": float(members["correct"].astype(bool).mean()),
+                "map_shape": list(mean_map.shape),
+                "mean_map": mean_map.ravel().round(5).tolist(),
+                "examples": members["row"].head(EXAMPLES).astype(int).tolist(),
+            }
+            excess = 0.0
+            for name in regions:
+                record[f"mass_{name}"] = float(members[f"mass_{name}"].mean())
+            for name in spurious:
+                excess = max(excess, record[f"mass_{name}"] - class_spurious[name])
+            record["minority_strategy"] = bool(
+                record["fraction"] < MINORITY_FRACTION and excess > MINORITY_EXCESS
+            )
+            records.append(record)
+    return pd.DataFrame(records)

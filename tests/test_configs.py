@@ -1,0 +1,221 @@
+"""The example configs load, the config reference lists every key, and errors name the key."""
+
+import types
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from audit.cli import main
+from audit.config import (
+    DEFAULT_REGIONS,
+    AuditConfig,
+    ConfigError,
+    RegionSection,
+    build_config,
+    load_config,
+    merge,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIG_DOC = ROOT / "docs" / "config.md"
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models inside a field's annotation (``X``, ``X | None``, ``tuple[X, ...]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
+def _is_sequence(annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_sequence(arg) for arg in typing.get_args(annotation))
+    return origin in (tuple, list)
+
+
+def config_keys(model: type[BaseModel] = AuditConfig, prefix: str = "") -> dict[str, object]:
+    """Every key reachable from ``model`` as a dotted path (``regions[].name``) -> annotation."""
+    keys: dict[str, object] = {}
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys[dotted] = field.annotation
+        for section in _models_in(field.annotation):
+            inner = f"{dotted}[]." if _is_sequence(field.annotation) else f"{dotted}."
+            keys.update(config_keys(section, inner))
+    return keys
+
+
+def _literal_choices(annotation) -> list[str]:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(choice) for choice in typing.get_args(annotation)]
+    return [c for arg in typing.get_args(annotation) for c in _literal_choices(arg)]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "audit.yaml"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- example configs
+
+
+def test_the_example_configs_are_there():
+    names = {path.name for path in CONFIGS}
+    expected = {"demo.yaml", "manifest_boxes.yaml", "folders_masks.yaml", "coco.yaml"}
+    assert expected | {"tfds_pets.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_every_example_config_loads(path):
+    config = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    # Relative paths start at the config's folder, the store's default too.
+    assert config.model.path == path.parent / raw["model"]["path"]
+    assert config.output.store == path.parent / raw.get("output", {}).get("store", "runs")
+
+
+def test_demo_config_points_at_the_demo_and_keeps_the_default_regions():
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    configs = ROOT / "configs"
+    assert config.model.path == configs / "../demo-runs/demo_model.keras"
+    assert config.dataset.manifest == configs / "../demo-runs/audit_data/manifest.csv"
+    assert config.output.store == configs / "../runs"
+    assert config.regions == DEFAULT_REGIONS
+
+
+def test_tfds_example_leaves_class_names_out():
+    config = load_config(ROOT / "configs" / "tfds_pets.yaml")
+    assert config.dataset.tfds == "oxford_iiit_pet" and config.dataset.tfds_split == "test"
+    assert config.dataset.mask_key == "segmentation_mask"
+    assert config.model.class_names is None
+
+
+# ---------------------------------------------------------------- docs stay complete
+
+
+def test_walker_reaches_every_section():
+    keys = config_keys()
+    for key in ("model.path", "dataset.limit", "regions[].box_from_mask", "metrics.cam_size"):
+        assert key in keys
+    assert len([key for key in keys if key.startswith("regions[].")]) == len(
+        RegionSection.model_fields
+    )
+
+
+def test_config_doc_lists_every_key():
+    text = CONFIG_DOC.read_text()
+    missing = [key for key in config_keys() if f"`{key}`" not in text]
+    assert not missing, f"docs/config.md does not list {missing}"
+
+
+def test_config_doc_lists_every_choice():
+    text = CONFIG_DOC.read_text()
+    for key, annotation in config_keys().items():
+        for choice in _literal_choices(annotation):
+            assert choice in text, f"docs/config.md does not mention {key} = {choice}"
+
+
+# ---------------------------------------------------------------- errors name the key
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    path = _write(tmp_path, "model: {path: m.keras, layr: x}\ndataset: {manifest: d.csv}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "model.layr" in str(error.value) and "unknown key" in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_unknown_key_inside_a_region_names_its_index():
+    data = {
+        "model": {"path": "m.keras"},
+        "dataset": {"manifest": "d.csv"},
+        "regions": [{"name": "object", "source": "mask", "widht": 3}],
+    }
+    with pytest.raises(ConfigError, match=r"regions\.0\.widht: unknown key"):
+        build_config(data)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"model": {"path": "m.keras", "method": "magic"}}, "model.method"),
+        ({"metrics": {"iou_threshold": 1.5}}, "metrics.iou_threshold"),
+        ({"dataset": {"manifest": "d.csv", "limit": 0}}, "dataset.limit"),
+        ({"regions": [{"name": "the object", "source": "mask"}]}, "regions.0.name"),
+    ],
+)
+def test_bad_value_names_the_key(change, key):
+    data = merge({"model": {"path": "m.keras"}, "dataset": {"manifest": "d.csv"}}, change)
+    with pytest.raises(ConfigError) as error:
+        build_config(data)
+    lines = str(error.value).splitlines()
+    assert any(line.strip().startswith(f"{key}:") for line in lines), lines
+
+
+def test_cross_key_rules_fail():
+    with pytest.raises(ConfigError, match="exactly one of manifest, folders, coco or tfds"):
+        build_config({"model": {"path": "m"}, "dataset": {"manifest": "a", "folders": "b"}})
+    with pytest.raises(ConfigError, match="role: expected"):
+        build_config(
+            {
+                "model": {"path": "m"},
+                "dataset": {"manifest": "a"},
+                "regions": [{"name": "bg", "source": "background", "role": "spurious"}],
+            }
+        )
+
+
+def test_run_exits_2_on_an_unknown_key(tmp_path, capsys):
+    path = _write(tmp_path, "model: {path: m.keras, layr: x}\ndataset: {manifest: d.csv}\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layr" in err and "unknown key" in err
+
+
+# ---------------------------------------------------------------- overrides and paths
+
+
+def test_overrides_merge_nested_keys_and_win(tmp_path):
+    path = _write(
+        tmp_path,
+        "model: {path: m.keras, method: hirescam, layer: conv1}\n"
+        "dataset: {manifest: data/d.csv, limit: 10}\n"
+        "batch_size: 16\n",
+    )
+    overrides = {"model": {"layer": "conv2"}, "dataset": {"limit": 5}, "batch_size": 8}
+    config = load_config(path, overrides)
+    assert config.model.layer == "conv2" and config.model.method == "hirescam"
+    assert config.dataset.limit == 5 and config.dataset.manifest == tmp_path / "data/d.csv"
+    assert config.batch_size == 8
+    assert config.model.path == tmp_path / "m.keras"
+
+
+def test_merge_replaces_lists_and_leaves_its_inputs_alone():
+    base = {"model": {"path": "a"}, "regions": [{"name": "x"}, {"name": "y"}]}
+    merged = merge(base, {"model": {"layer": "l"}, "regions": [{"name": "z"}]})
+    assert merged == {"model": {"path": "a", "layer": "l"}, "regions": [{"name": "z"}]}
+    assert base == {"model": {"path": "a"}, "regions": [{"name": "x"}, {"name": "y"}]}
+
+
+def test_relative_paths_start_at_the_config_folder(tmp_path):
+    path = _write(tmp_path, "model: {path: m.keras}\ndataset: {tfds: mnist}\n")
+    config = load_config(path)
+    assert config.model.path == tmp_path / "m.keras"
+    assert config.dataset.tfds == "mnist"  # a name, not a path
+    assert config.output.store == tmp_path / "runs"  # the default store too
+
+
+def test_absolute_paths_stay_as_they_are(tmp_path):
+    path = _write(tmp_path, "model: {path: /abs/m.keras}\ndataset: {manifest: /abs/d.csv}\n")
+    config = load_config(path, {"output": {"store": "/abs/runs"}})
+    assert config.model.path == Path("/abs/m.keras")
+    assert config.dataset.manifest == Path("/abs/d.csv")
+    assert config.output.store == Path("/abs/runs")

@@ -1,0 +1,187 @@
+"""Aggregation, statistics, flags, interventions and strategies on fixed numbers."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import bootstrap
+
+from audit.aggregate import Aggregator, bootstrap_mean_ci
+from audit.config import PolicySection
+from audit.flags import benjamini_hochberg, bootstrap_difference_ci, evaluate_flags
+from audit.probes import intervene
+from audit.strategies import cluster_maps, eigengap_clusters
+
+
+def test_benjamini_hochberg_on_fixed_numbers():
+    # Hand-computed: sorted p (0.005, 0.01, 0.03, 0.04), q = p * m / rank, made monotone.
+    q = benjamini_hochberg(np.array([0.01, 0.04, 0.03, 0.005, np.nan]))
+    np.testing.assert_allclose(q[:4], [0.02, 0.04, 0.04, 0.02])
+    assert np.isnan(q[4])
+    # The textbook example of Benjamini & Hochberg (1995), 15 p-values: 4 rejected at 0.05.
+    p = np.array(
+        [
+            0.0001,
+            0.0004,
+            0.0019,
+            0.0095,
+            0.0201,
+            0.0278,
+            0.0298,
+            0.0344,
+            0.0459,
+            0.3240,
+            0.4262,
+            0.5719,
+            0.6528,
+            0.7590,
+            1.0,
+        ]
+    )
+    assert (benjamini_hochberg(p) < 0.05).sum() == 4
+
+
+def test_bootstrap_ci_agrees_with_scipy():
+    values = np.random.default_rng(0).gamma(2.0, 0.1, size=300)
+    ours = bootstrap_mean_ci(values, resamples=4000, seed=1)
+    theirs = bootstrap(
+        (values,), np.mean, n_resamples=4000, method="percentile", random_state=2
+    ).confidence_interval
+    assert ours[0] == pytest.approx(theirs.low, abs=0.004)
+    assert ours[1] == pytest.approx(theirs.high, abs=0.004)
+    assert ours[0] < values.mean() < ours[1]
+    # A large group uses the normal approximation, which agrees with the bootstrap.
+    big = np.random.default_rng(3).uniform(size=30_000)
+    low, high = bootstrap_mean_ci(big)
+    assert low == pytest.approx(big.mean() - 1.96 * big.std() / np.sqrt(len(big)), abs=1e-4)
+    assert high > big.mean()
+
+
+def test_difference_ci_covers_the_true_difference():
+    rng = np.random.default_rng(4)
+    group, reference = rng.normal(0.3, 0.1, 400), rng.normal(0.2, 0.1, 800)
+    low, high = bootstrap_difference_ci(group, reference, resamples=2000, seed=0)
+    assert low < 0.1 < high and high - low < 0.05
+
+
+def synthetic_images(n_per_class=60, shift=0.25, seed=0):
+    """Three classes; class 2 puts `shift` more mass on the background."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label in range(3):
+        for _ in range(n_per_class):
+            background = np.clip(rng.normal(0.4 + (shift if label == 2 else 0), 0.08), 0, 1)
+            rows.append(
+                {
+                    "label_index": label,
+                    "pred": label,
+                    "correct": True,
+                    "status": "ok",
+                    "mass_object": 1 - background,
+                    "mass_background": background,
+                    "lift_object": (1 - background) / 0.3,
+                    "lift_background": background / 0.7,
+                    "pointing_object": 1.0,
+                    "pointing_background": 0.0,
+                    "site": rng.choice(["a", "b"]),
+                }
+            )
+    frame = pd.DataFrame(rows)
+    frame["row"] = np.arange(len(frame))
+    for column in ("mass", "lift", "pointing"):
+        for region in ("object", "background"):
+            frame[f"pred_{column}_{region}"] = frame[f"{column}_{region}"]
+    return frame
+
+
+def aggregator_of(images, chunks=1):
+    aggregator = Aggregator(["object", "background"], ["site"])
+    for part in np.array_split(np.arange(len(images)), chunks):
+        aggregator.add(images.iloc[part])
+    return aggregator
+
+
+def test_accumulators_merge_to_the_same_result_in_any_order():
+    images = synthetic_images()
+    whole = aggregator_of(images).finalize(["a", "b", "c"], resamples=200)
+    streamed = aggregator_of(images, chunks=7).finalize(["a", "b", "c"], resamples=200)
+    shuffled = images.sample(frac=1.0, random_state=1)
+    left, right = aggregator_of(shuffled.iloc[:70]), aggregator_of(shuffled.iloc[70:])
+    merged = right.merge(left).finalize(["a", "b", "c"], resamples=200)
+    pd.testing.assert_frame_equal(whole, streamed)
+    pd.testing.assert_frame_equal(whole, merged)
+    true_rows = whole[whole["kind"] == "true"]
+    assert true_rows["n"].tolist() == [60, 60, 60]
+    assert {"slice", "class_slice", "pred"} <= set(whole["kind"])
+    assert whole.loc[whole["kind"] == "slice", "worst_group_accuracy"].notna().all()
+
+
+def test_the_shifted_class_is_flagged_and_the_others_are_not():
+    flags = evaluate_flags(
+        aggregator_of(synthetic_images()),
+        ["a", "b", "c"],
+        ["background"],
+        PolicySection(bootstrap_resamples=500),
+    )
+    true_flags = flags[flags["kind"] == "true"].set_index("class_index")
+    assert true_flags.loc[2, "flagged"] and true_flags.loc[2, "severity"] == "warn"
+    assert not true_flags.loc[0, "flagged"] and not true_flags.loc[1, "flagged"]
+    assert true_flags.loc[2, "q_value"] < 1e-6
+    assert true_flags.loc[2, "effect_low"] > 0.15
+    assert len(true_flags.loc[2, "examples"]) == 5
+    assert not flags[flags["kind"] == "slice"]["flagged"].any()  # sites are balanced
+
+
+def test_a_significant_but_tiny_effect_is_not_flagged():
+    images = synthetic_images(n_per_class=2000, shift=0.02)
+    flags = evaluate_flags(
+        aggregator_of(images),
+        ["a", "b", "c"],
+        ["background"],
+        PolicySection(bootstrap_resamples=300),
+    )
+    shifted = flags[(flags["kind"] == "true") & (flags["class_index"] == 2)].iloc[0]
+    assert shifted["q_value"] < 0.05  # significant...
+    assert shifted["effect_low"] < 0.05 and not shifted["flagged"]  # ...but below the floor
+
+
+def test_small_groups_are_not_tested():
+    flags = evaluate_flags(
+        aggregator_of(synthetic_images(n_per_class=10)),
+        ["a", "b", "c"],
+        ["background"],
+        PolicySection(),
+    )
+    assert flags["p_value"].isna().all() and not flags["flagged"].any()
+
+
+def test_interventions_on_hand_made_arrays():
+    images = np.zeros((2, 4, 4, 3), "float32")
+    images[0] = 0.2
+    images[0, 1:3, 1:3] = 1.0  # object of image 0
+    images[1] = 0.6
+    images[1, 0, 0] = 0.9  # object of image 1
+    objects = np.zeros((2, 4, 4), bool)
+    objects[0, 1:3, 1:3] = True
+    objects[1, 0, 0] = True
+    out = intervene(images, objects, partners=np.array([1, 0]))
+    np.testing.assert_allclose(out["object_only"][0, 0, 0], 0.2, rtol=1e-6)  # bg -> its mean
+    np.testing.assert_allclose(out["background_only"][0, 1, 1], 0.2, rtol=1e-6)  # object -> bg
+    np.testing.assert_allclose(out["mixed_rand"][0, 1, 1], 1.0)  # own object kept
+    np.testing.assert_allclose(out["mixed_rand"][0, 3, 3], 0.6)  # partner's background
+    np.testing.assert_allclose(out["mixed_rand"][0, 0, 0], 0.6)  # partner's object filled
+
+
+def test_eigengap_and_a_minority_strategy_cluster():
+    block = np.zeros((10, 10))
+    block[:6, :6] = 1
+    block[6:, 6:] = 1
+    np.fill_diagonal(block, 0)
+    assert eigengap_clusters(block) == 2
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0, 0.1, size=(60, 8, 8))
+    maps[:, 3:5, 3:5] += 1.0  # most maps look at the centre
+    maps[:9, 3:5, 3:5] -= 1.0
+    maps[:9, 0:2, 6:8] += 1.0  # 15% look at a corner "watermark"
+    labels = cluster_maps(maps)
+    corner = labels[:9]
+    assert len(set(corner.tolist())) == 1 and corner[0] not in labels[9:]
