@@ -95,7 +95,7 @@ def run_interventions(
     rng = np.random.default_rng(seed)
     records = []
     # Shuffle so a batch mixes classes and every image finds a partner of another class.
-    positions = rng.permutation(sample["row"].to_numpy())
+    positions = rng.permutation(sample["row"].to_numpy(copy=True))
     with ThreadPoolExecutor(max_workers=4) as pool:
         for batch in load_batches(
             entries,

@@ -23,7 +23,7 @@ def test_help_lists_commands(capsys):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_shows_the_shortcut(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "audit", "demo", "--out", str(tmp_path), "--epochs", "8"],
+        [sys.executable, "-m", "audit", "demo", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,

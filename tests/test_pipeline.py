@@ -2,29 +2,17 @@
 
 import json
 
-import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ink_model
 
 from audit.cli import main as cli_main
 from audit.config import ConfigError, build_config
 from audit.pipeline import run_audit
 from audit.store import RunStore
-from pipelines.demo import SHORTCUTS, prepare_demo, write_dataset
-from pipelines.demo_data import IMAGE_SIZE, make_demo_set
-
-
-def ink_model() -> keras.Model:
-    """Looks only at the bright digit strokes: a 1x1 conv firing on near-white pixels."""
-    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
-    ink = keras.layers.Conv2D(1, 1, activation="relu", name="ink")
-    pooled = keras.layers.GlobalAveragePooling2D()(ink(inputs))
-    dense = keras.layers.Dense(10, activation="softmax", name="classes")
-    model = keras.Model(inputs, dense(pooled))
-    ink.set_weights([np.full((1, 1, 3, 1), 1 / 3, "float32"), np.array([-0.75], "float32")])
-    dense.set_weights([np.linspace(1, 2, 10, dtype="float32")[None], np.zeros(10, "float32")])
-    return model
+from pipelines.demo import SHORTCUTS, write_dataset
+from pipelines.demo_data import make_demo_set
 
 
 @pytest.fixture(scope="module")
@@ -215,10 +203,9 @@ def test_cli_quick_form_and_config_errors(small_dataset, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_planted_background_shortcut_moves_mass_to_the_background(tmp_path):
-    files = prepare_demo(tmp_path, train_size=3000, audit_size=600, epochs=8)
-    config = config_for(files.manifest, files.model, tmp_path / "runs")
-    images = run_audit(config, progress=False).images
+def test_a_planted_background_shortcut_moves_mass_to_the_background(biased_demo):
+    _, _, result = biased_demo
+    images = result.images
     correct = images[images["correct"].astype(bool)]
     background = correct.groupby("label")["mass_background"].mean()
     clean = background.drop([str(c) for c in SHORTCUTS])

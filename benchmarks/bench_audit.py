@@ -1,0 +1,669 @@
+"""Audit pipeline throughput against the model's plain forward pass, and its peak memory.
+
+Throughput: a PNG dataset with object masks and a manifest is written to a temporary
+folder; in one process, in interleaved rounds, it times
+
+* the plain compiled forward pass of the same model over the same images, fed by the
+  same loader (``audit.data.load_batches`` with the same preprocessing, regions, batch
+  size and a 4-thread pool), so decoding is included on both sides, and
+* the whole audit, ``audit.pipeline.run_audit``, writing a fresh run each round,
+
+and prints images/s and the ratio audit / forward (the project's target is >= 0.9x),
+then a breakdown of where one (instrumented) audit run spends its time and the rates
+of its pieces called on their own:
+
+    python -m benchmarks.bench_audit                       # demo CNN, 1024 images 48x48
+    python -m benchmarks.bench_audit --size 224            # MobileNetV2 (alpha 0.35), 224x224
+    python -m benchmarks.bench_audit --size 224 --alpha 1.0 --images 128
+
+Memory: ``--memory`` audits N=1000 and N=10000 images of a 48x48 dataset, each in a
+fresh child process, and prints each child's peak RSS (VmHWM) and their ratio (the
+target is flat, a ratio near 1.0):
+
+    python -m benchmarks.bench_audit --memory
+
+Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import audit.pipeline as pipeline  # noqa: E402
+from audit.config import AuditConfig, build_config  # noqa: E402
+from audit.data import Preprocessor, class_names_for, load_batches, read_entries  # noqa: E402
+from audit.explain import PREDICTED, GradCAM, pad_batch  # noqa: E402
+from audit.metrics import region_metrics  # noqa: E402
+from audit.models import load_model  # noqa: E402
+from audit.store import RunStore  # noqa: E402
+from pipelines.demo import demo_model, write_dataset  # noqa: E402
+from pipelines.demo_data import DemoSet, make_demo_set  # noqa: E402
+
+MEMORY_COUNTS = (1000, 10000)
+
+
+# ------------------------------------------------------------------ data and models
+
+
+class _Resized:
+    """Lazily resized view of an (N, h, w[, 3]) array: images bilinear, masks nearest."""
+
+    def __init__(self, array: np.ndarray, size: int, mask: bool) -> None:
+        self.array, self.size, self.mask = array, size, mask
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if self.mask:
+            pixels = Image.fromarray(self.array[index].astype("uint8") * 255)
+            return np.asarray(pixels.resize((self.size, self.size), Image.NEAREST)) > 127
+        pixels = Image.fromarray((self.array[index] * 255).round().astype("uint8"))
+        resized = pixels.resize((self.size, self.size), Image.BILINEAR)
+        return np.asarray(resized).astype("float32") / 255
+
+
+def write_demo_dataset(root: Path, count: int, size: int, seed: int = 1) -> Path:
+    """The demo's audit set (digits on textures) as PNGs + masks + manifest, at ``size``."""
+    manifest = root / "manifest.csv"
+    if manifest.exists() and len(pd.read_csv(manifest)) == count:
+        return manifest  # reused from an earlier run with --workdir
+    demo = make_demo_set(count, seed=seed)
+    if size != demo.images.shape[1]:
+        demo = DemoSet(
+            _Resized(demo.images, size, mask=False),
+            demo.labels,
+            _Resized(demo.masks, size, mask=True),
+            demo.backgrounds,
+        )
+    return write_dataset(demo, root)
+
+
+def save_model(path: Path, size: int, alpha: float) -> Path:
+    if path.exists():
+        return path
+    keras.utils.set_random_seed(0)
+    if size == 48:
+        model = demo_model()
+    else:
+        model = keras.applications.MobileNetV2(
+            input_shape=(size, size, 3), alpha=alpha, weights=None, classes=10
+        )
+    model.save(path)
+    return path
+
+
+def make_config(model: Path, manifest: Path, store: Path, batch_size: int, **dataset):
+    return build_config(
+        {
+            "model": {"path": str(model)},
+            "dataset": {"manifest": str(manifest), **dataset},
+            "output": {"store": str(store)},
+            "batch_size": batch_size,
+        }
+    )
+
+
+def with_run_id(config: AuditConfig, run_id: str) -> AuditConfig:
+    return config.model_copy(update={"output": config.output.model_copy(update={"run_id": run_id})})
+
+
+class Loader:
+    """What ``run_audit`` builds to feed its step: entries, preprocessor, class index."""
+
+    def __init__(self, config: AuditConfig, model: keras.Model) -> None:
+        self.config = config
+        self.entries = read_entries(config.dataset)
+        cam = GradCAM(model, batch_size=config.batch_size)
+        num_classes = cam._ensure_cut(model.input_shape[1:]).num_classes
+        given = config.model.class_names or getattr(self.entries, "class_names", None)
+        names = class_names_for(self.entries.table["label"], num_classes, given)
+        self.class_index = {name: index for index, name in enumerate(names)}
+        self.size = tuple(model.input_shape[1:3])
+        self.preprocessor = Preprocessor(self.size, config.preprocess)
+
+    def batches(self, pool, positions=None):
+        if positions is None:
+            positions = range(len(self.entries.table))
+        return load_batches(
+            self.entries,
+            positions,
+            class_index=self.class_index,
+            preprocessor=self.preprocessor,
+            regions=self.config.regions,
+            batch_size=self.config.batch_size,
+            pool=pool,
+        )
+
+
+# ------------------------------------------------------------------ throughput
+
+
+def forward_runner(model: keras.Model, loader: Loader):
+    forward = tf.function(lambda x: model(x, training=False))
+    size = loader.config.batch_size
+
+    def run() -> int:
+        count = 0
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for batch in loader.batches(pool):
+                real = len(batch.rows)
+                images = batch.images if real == size else pad_batch(batch.images, size)
+                forward(tf.convert_to_tensor(images)).numpy()[:real]
+                count += real + len(batch.skipped)
+        return count
+
+    return run
+
+
+def audit_runner(config: AuditConfig, tag: str):
+    runs = iter(range(1_000_000))
+
+    def run() -> int:
+        result = pipeline.run_audit(with_run_id(config, f"{tag}-{next(runs)}"), progress=False)
+        return len(result.images)
+
+    return run
+
+
+class Timings:
+    """Wall seconds per phase of one instrumented ``run_audit`` (module attributes patched)."""
+
+    def __init__(self, track_memory: bool = False) -> None:
+        self.track_memory = track_memory
+        self.raised: dict[str, int] = defaultdict(int)  # KiB the phase raised VmHWM by
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._undo: list[tuple[object, str, object]] = []
+        self.chunk_starts: list[float] = []  # when run_audit asked for each chunk's batches
+        self.last_write = 0.0
+        self.nested: set[str] = set()  # phases inside another timed phase
+
+    def mark(self) -> tuple[float, int]:
+        return time.perf_counter(), _kib("VmHWM") if self.track_memory else 0
+
+    def add(self, key: str, mark: tuple[float, int]) -> None:
+        start, peak = mark
+        self.seconds[key] += time.perf_counter() - start
+        self.calls[key] += 1
+        if self.track_memory:
+            self.raised[key] += _kib("VmHWM") - peak
+
+    def wrap(self, owner, name: str, key: str, nested: bool = False) -> None:
+        """Time calls of ``owner.name`` (a module or class; skipped if it has none)."""
+        if isinstance(owner, str):
+            try:
+                owner = importlib.import_module(owner)
+            except ImportError:
+                return
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+        if nested:
+            self.nested.add(key)
+
+        def timed(*args, **kwargs):
+            start = self.mark()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.add(key, start)
+                if name == "write_chunk":
+                    self.last_write = time.perf_counter()
+
+        self._undo.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    def wrap_generator(self, owner, name: str, key: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            self.chunk_starts.append(time.perf_counter())
+            items = original(*args, **kwargs)
+            while True:
+                start = self.mark()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    self.add(key, start)
+                    return
+                self.add(key, start)
+                yield item
+
+        self._undo.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    def wrap_step(self) -> None:
+        original = pipeline.AuditStep.__call__
+
+        def timed(step, batch):
+            key = "step: later calls" if getattr(step, "_bench_traced", False) else None
+            start = self.mark()
+            try:
+                return original(step, batch)
+            finally:
+                self.add(key or "step: first call (traces)", start)
+                step._bench_traced = True
+
+        self._undo.append((pipeline.AuditStep, "__call__", original))
+        pipeline.AuditStep.__call__ = timed
+
+    def __enter__(self) -> Timings:
+        self.wrap(pipeline, "load_model", "setup: load_model")
+        self.wrap(pipeline, "GradCAM", "setup: GradCAM (cut model)")
+        self.wrap(pipeline, "read_entries", "setup: read manifest")
+        self.wrap(pipeline, "file_sha256", "setup: model sha256")
+        self.wrap(pipeline, "dataset_fingerprint", "setup: dataset fingerprint (stat)")
+        self.wrap(RunStore, "write_manifest", "store: manifest json")
+        self.wrap_generator(pipeline, "load_batches", "load_batches (waiting on decode)")
+        self.wrap_step()
+        self.wrap(pipeline, "_records", "_records (pandas rows)")
+        self.wrap(RunStore, "write_chunk", "store: write_chunk (npz + parquet)")
+        self.wrap(RunStore, "assemble", "store: assemble images.parquet")
+        # After the measuring pass (present in newer versions of run_audit).
+        self.wrap(pipeline, "analyse", "analyse (all of it)")
+        analysis = "audit.analyse"
+        self.wrap(analysis, "build_aggregator", "  (in analyse) build_aggregator", nested=True)
+        aggregator = getattr(importlib.import_module("audit.aggregate"), "Aggregator", None)
+        if aggregator is not None:
+            self.wrap(aggregator, "finalize", "  (in analyse) Aggregator.finalize", nested=True)
+        self.wrap(analysis, "evaluate_flags", "  (in analyse) evaluate_flags", nested=True)
+        self.wrap(analysis, "run_interventions", "  (in analyse) run_interventions", nested=True)
+        self.wrap("audit.strategies", "find_strategies", "  (in analyse) find_strategies", True)
+        self.wrap(analysis, "write_analysis", "  (in analyse) write_analysis", nested=True)
+        self.wrap(pipeline, "write_reports", "write_reports (json, md, html)")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+
+
+def instrumented_audit(config: AuditConfig) -> tuple[float, Timings]:
+    with Timings() as timings:
+        start = time.perf_counter()
+        pipeline.run_audit(config, progress=False)
+        total = time.perf_counter() - start
+    return total, timings
+
+
+def piece_rates(config: AuditConfig, model: keras.Model, loader: Loader) -> list[tuple]:
+    """Images/s of the audit's pieces on their own (same data, warm functions)."""
+    count = len(loader.entries.table)
+    size = config.batch_size
+    chunk_rows = size * pipeline.BATCHES_PER_CHUNK
+    rows: list[tuple] = []
+
+    def timed(name, function, note=""):
+        start = time.perf_counter()
+        result = function()
+        seconds = time.perf_counter() - start
+        rows.append((name, count / seconds, seconds, note))
+        return result
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        batches = timed("decode: load_batches, one stream", lambda: list(loader.batches(pool)))
+
+        def chunked():
+            for start in range(0, count, chunk_rows):
+                positions = range(start, min(count, start + chunk_rows))
+                yield from loader.batches(pool, positions)
+
+        timed(
+            "decode: load_batches per chunk",
+            lambda: list(chunked()),
+            f"as run_audit: a new pool.map every {chunk_rows} rows",
+        )
+
+    forward = tf.function(lambda x: model(x, training=False))
+
+    def run_forward():
+        for batch in batches:
+            images = batch.images if len(batch.rows) == size else pad_batch(batch.images, size)
+            forward(tf.convert_to_tensor(images)).numpy()
+
+    run_forward()  # trace
+    timed("compute: forward only (decoded)", run_forward)
+
+    cam = GradCAM(model, config.model.layer, config.model.method, batch_size=size)
+    start = time.perf_counter()
+    step = pipeline.AuditStep(cam, config, loader.size)
+    step(batches[0])
+    trace = time.perf_counter() - start
+    outs = timed("compute: AuditStep only (decoded)", lambda: [step(b) for b in batches])
+    rows[-1] = (*rows[-1][:3], f"first call (trace) {trace:.2f} s, paid once per run_audit")
+    rows.extend(step_parts(config, cam, loader.size, batches))
+
+    entries = loader.entries
+    names = list(loader.class_index)
+    pairs = list(zip(batches, outs, strict=True))
+    tables = timed(
+        "_records only",
+        lambda: [pipeline._records(b, o, entries, names, config) for b, o in pairs],
+    )
+
+    per_chunk = pipeline.BATCHES_PER_CHUNK
+    groups = [
+        (tables[i : i + per_chunk], outs[i : i + per_chunk])
+        for i in range(0, len(tables), per_chunk)
+    ]
+
+    def concat_sort():
+        return [
+            pd.concat(t, ignore_index=True).sort_values("row", kind="stable") for t, _ in groups
+        ]
+
+    frames = timed("chunk concat + sort (pandas)", concat_sort)
+
+    def parquet():
+        for frame in frames:
+            frame.to_parquet(io.BytesIO(), index=False)
+
+    def npz():
+        for _, out in groups:
+            maps = np.concatenate([o["cams"] for o in out])
+            np.savez(io.BytesIO(), rows=np.arange(len(maps)), maps=maps)
+
+    timed("rows -> parquet (in memory)", parquet, f"{len(frames)} chunk files")
+    timed("cams -> npz (in memory)", npz)
+    return rows
+
+
+@contextmanager
+def workdir(path: str | None):
+    """``--workdir`` (kept, data reused), or a temporary folder removed at the end."""
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench_audit_") as temporary:
+            yield Path(temporary)
+
+
+def step_parts(config: AuditConfig, cam: GradCAM, size, batches) -> list[tuple]:
+    """The compiled step taken apart: CAMs, region metrics, and rank_acc's two argsorts."""
+    count = sum(len(batch.rows) for batch in batches)
+    batch_size = config.batch_size
+    inputs = [
+        tuple(
+            tf.convert_to_tensor(pad_batch(array, batch_size))
+            for array in (batch.images, batch.labels, batch.regions.astype("float32"))
+        )
+        for batch in batches
+    ]
+
+    def upsampled_cams(images, labels):
+        targets = [labels, tf.fill(tf.shape(labels), PREDICTED)]
+        maps = cam.cam_batch_many(images, targets)["maps"]
+        return [tf.image.resize(m[..., None], size, method="bilinear")[..., 0] for m in maps]
+
+    def metrics(main, other, regions):
+        settings = config.metrics
+        return [
+            region_metrics(
+                maps,
+                regions,
+                iou_threshold=settings.iou_threshold,
+                pointing_tolerance=settings.pointing_tolerance,
+            )
+            for maps in (main, other)
+        ]
+
+    def rank_sorts(main, other):
+        flat = [tf.reshape(maps, (tf.shape(maps)[0], -1)) for maps in (main, other)]
+        order = [tf.argsort(m, axis=1, direction="DESCENDING", stable=True) for m in flat]
+        return [tf.argsort(o, axis=1, stable=True) for o in order]
+
+    functions = [tf.function(f) for f in (upsampled_cams, metrics, rank_sorts)]
+    cams_function, metrics_function, sorts_function = functions
+    maps = [cams_function(images, labels) for images, labels, _ in inputs]  # trace + data
+    metrics_function(*maps[0], inputs[0][2])
+    sorts_function(*maps[0])
+    parts = {
+        "  step: forward + 2 backward + CAMs + resize": lambda: [
+            cams_function(images, labels) for images, labels, _ in inputs
+        ],
+        "  step: region_metrics, both maps": lambda: [
+            metrics_function(*pair, regions)
+            for pair, (_, _, regions) in zip(maps, inputs, strict=True)
+        ],
+        "  step: (in it) rank_acc's argsorts": lambda: [sorts_function(*pair) for pair in maps],
+    }
+    rows = []
+    for name, function in parts.items():
+        start = time.perf_counter()
+        tf.nest.map_structure(lambda tensor: tensor.numpy(), function())
+        seconds = time.perf_counter() - start
+        rows.append((name, count / seconds, seconds, ""))
+    return rows
+
+
+def throughput(args, work: Path) -> None:
+    size = args.size
+    count = args.images or (1024 if size == 48 else 256)
+    data_root = work / f"data_{size}_{count}"
+    start = time.perf_counter()
+    manifest = write_demo_dataset(data_root, count, size)
+    alpha = args.alpha
+    model_name = "demo CNN" if size == 48 else f"MobileNetV2 alpha {alpha}"
+    model_path = save_model(work / f"model_{size}_{alpha}.keras", size, alpha)
+    print(f"data + model in {work} ({time.perf_counter() - start:.1f} s)")
+
+    config = make_config(model_path, manifest, work / "runs", args.batch_size)
+    model = load_model(model_path)
+    loader = Loader(config, model)
+    runners = {
+        "forward (load_batches + compiled)": forward_runner(model, loader),
+        "run_audit (whole audit)": audit_runner(config, f"r{os.getpid()}-{time.time_ns()}"),
+    }
+    for run in runners.values():  # warm-up: traces, first imports, page cache
+        run()
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    load_before = _load_now()
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            images = run()
+            rates[name].append(images / (time.perf_counter() - start))
+
+    print(
+        f"\n{model_name} {size}x{size}, random weights, batch {args.batch_size}, {count} PNG "
+        f"images + masks, median of {args.rounds} interleaved rounds, TF {tf.__version__}, "
+        f"Keras {keras.__version__}, {os.cpu_count()} CPUs, load average {load_before} (before) "
+        f"{_load_now()} (after)"
+    )
+    names = list(runners)
+    base = statistics.median(rates[names[0]])
+    print(f"{'':36s} {'images/s':>9s} {'x forward':>10s}   rounds (images/s)")
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        spread = " ".join(f"{v:.0f}" for v in values)
+        print(f"{name:36s} {rate:9.1f} {rate / base:9.2f}x   {spread}")
+    ratio = statistics.median(rates[names[1]]) / base
+    verdict = "meets" if ratio >= 0.9 else "BELOW"
+    print(f"audit / forward = {ratio:.2f}x ({verdict} the 0.9x target)")
+
+    total, timings = instrumented_audit(with_run_id(config, f"profile-{time.time_ns()}"))
+    rate = count / total
+    print(f"\nWhere one instrumented run_audit spends its {total:.2f} s ({rate:.0f} img/s):")
+    print(f"{'phase':42s} {'seconds':>8s} {'share':>6s} {'calls':>6s}")
+    accounted = 0.0
+    for key, seconds in sorted(timings.seconds.items(), key=lambda kv: -kv[1]):
+        accounted += 0.0 if key in timings.nested else seconds
+        calls = timings.calls[key]
+        print(f"{key:42s} {seconds:8.3f} {seconds / total:6.1%} {calls:6d}")
+    other = total - accounted
+    label = "other (concat/sort per chunk, config, ...)"
+    print(f"{label:42s} {other:8.3f} {other / total:6.1%}")
+    fixed = sum(
+        seconds
+        for key, seconds in timings.seconds.items()
+        if key.startswith("setup:") or key == "step: first call (traces)"
+    )
+    print(f"per-run fixed costs (setup + tracing the step): {fixed:.2f} s")
+    chunk_rows = config.batch_size * pipeline.BATCHES_PER_CHUNK
+    if len(timings.chunk_starts) > 1:  # chunks 2..n: no tracing, no setup
+        steady = (count - chunk_rows) / (timings.last_write - timings.chunk_starts[1])
+        print(
+            f"chunks 2..{len(timings.chunk_starts)} alone (steady state, load + step + records "
+            f"+ writes): {steady:.0f} img/s = {steady / base:.2f}x forward"
+        )
+
+    print("\nThe pieces on their own (same images; rates are images/s of that piece alone):")
+    print(f"{'piece':44s} {'images/s':>9s} {'seconds':>8s}   note")
+    for name, rate, seconds, note in piece_rates(config, model, loader):
+        print(f"{name:44s} {rate:9.0f} {seconds:8.3f}   {note}")
+
+
+# ------------------------------------------------------------------ memory
+
+
+def _load_now() -> str:
+    """The 1-minute load average: other work on these few cores skews every number."""
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def _kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def memory_child(args) -> None:
+    """One audit in this (fresh) process; prints its peak RSS as one JSON line."""
+    config = make_config(
+        Path(args.model), Path(args.manifest), Path(args.store), args.batch_size, limit=args.limit
+    )
+    before = _kib("VmRSS")
+    start = time.perf_counter()
+    with Timings(track_memory=True) as timings:
+        result = pipeline.run_audit(config, progress=False)
+    seconds = time.perf_counter() - start
+    report = {
+        "rows": len(result.images),
+        "seconds": seconds,
+        "rss_before_kib": before,
+        "vmhwm_kib": _kib("VmHWM"),
+        "rss_after_kib": _kib("VmRSS"),
+        "raised_kib": dict(timings.raised),
+        "nested": sorted(timings.nested),
+    }
+    print("BENCH_AUDIT_CHILD " + json.dumps(report))
+
+
+def memory(args, work: Path) -> None:
+    largest = max(MEMORY_COUNTS)
+    start = time.perf_counter()
+    manifest = write_demo_dataset(work / f"data_48_{largest}", largest, 48)
+    model_path = save_model(work / "model_48_demo.keras", 48, args.alpha)
+    print(f"data + model in {work} ({time.perf_counter() - start:.1f} s)")
+    results = {}
+    for count in MEMORY_COUNTS:
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_audit",
+            "--child",
+            "--model",
+            str(model_path),
+            "--manifest",
+            str(manifest),
+            "--store",
+            str(work / f"runs-memory-{time.time_ns()}"),
+            "--limit",
+            str(count),
+            "--batch-size",
+            str(args.batch_size),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        line = [r for r in done.stdout.splitlines() if r.startswith("BENCH_AUDIT_CHILD ")]
+        if done.returncode != 0 or not line:
+            sys.stderr.write(done.stdout + done.stderr)
+            raise SystemExit(f"the child audit of {count} images failed ({done.returncode})")
+        results[count] = json.loads(line[-1].split(" ", 1)[1])
+
+    print(
+        f"\nPeak RSS of run_audit, demo CNN 48x48, batch {args.batch_size}, one fresh process "
+        f"per N, TF {tf.__version__}, {os.cpu_count()} CPUs, load average {_load_now()}"
+    )
+    header = f"{'images':>7s} {'seconds':>8s} {'RSS before':>11s} {'peak (VmHWM)':>13s}"
+    print(f"{header} {'peak - before':>14s}")
+    for count, report in results.items():
+        before, peak = report["rss_before_kib"] / 1024, report["vmhwm_kib"] / 1024
+        print(
+            f"{count:7d} {report['seconds']:8.1f} {before:8.0f} MiB {peak:10.0f} MiB "
+            f"{peak - before:10.0f} MiB"
+        )
+    small, large = (results[c] for c in MEMORY_COUNTS)
+    growth_small = small["vmhwm_kib"] - small["rss_before_kib"]
+    growth_large = large["vmhwm_kib"] - large["rss_before_kib"]
+    print(
+        f"peak ratio N={MEMORY_COUNTS[1]} / N={MEMORY_COUNTS[0]}: "
+        f"{large['vmhwm_kib'] / small['vmhwm_kib']:.2f}x (target: flat, ~1.0); growth during "
+        f"the audit: {growth_large / max(growth_small, 1):.2f}x"
+    )
+    print("\nWhich phase raised the peak (MiB added to VmHWM while it ran; nested ones indented):")
+    columns = "".join(f" {f'N={count}':>9s}" for count in MEMORY_COUNTS)
+    print(f"{'phase':42s}{columns}")
+    keys = sorted(
+        {key for report in results.values() for key in report["raised_kib"]},
+        key=lambda key: -large["raised_kib"].get(key, 0),
+    )
+    for key in keys:
+        values = [results[count]["raised_kib"].get(key, 0) / 1024 for count in MEMORY_COUNTS]
+        if any(value >= 0.5 for value in values):
+            print(f"{key:42s}" + "".join(f" {value:9.1f}" for value in values))
+    for count, report in results.items():
+        counted = sum(v for k, v in report["raised_kib"].items() if k not in report["nested"])
+        rest = (report["vmhwm_kib"] - report["rss_before_kib"] - counted) / 1024
+        print(f"N={count}: not inside a timed phase (config, setup glue, ...): {rest:.1f} MiB")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=48, choices=(48, 224))
+    parser.add_argument("--images", type=int, default=None, help="default 1024 (48), 256 (224)")
+    parser.add_argument("--alpha", type=float, default=0.35, help="MobileNetV2 width (--size 224)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--memory", action="store_true", help="peak RSS for 1k vs 10k images")
+    parser.add_argument("--workdir", default=None, help="keep and reuse data here (default: tmp)")
+    child = parser.add_argument_group("internal (the --memory child)")
+    child.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    child.add_argument("--model", help=argparse.SUPPRESS)
+    child.add_argument("--manifest", help=argparse.SUPPRESS)
+    child.add_argument("--store", help=argparse.SUPPRESS)
+    child.add_argument("--limit", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        memory_child(args)
+    else:
+        with workdir(args.workdir) as work:
+            (memory if args.memory else throughput)(args, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Bias verdicts end to end: planted shortcuts found, clean models cleared, reports, gates."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import ink_model
+
+from audit.cli import main as cli_main
+from audit.compare import compare_runs
+from audit.config import build_config
+from audit.pipeline import run_audit
+from audit.report import render_markdown, write_reports
+from pipelines.demo import SHORTCUTS, train_demo_model, write_dataset
+from pipelines.demo_data import make_demo_set
+
+
+def report_of(run_dir):
+    return json.loads((run_dir / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_planted_shortcuts_are_bias_driven_by_class_and_slice(biased_demo):
+    _, _, result = biased_demo
+    report = report_of(result.run_dir)
+    assert report["schema_version"] == 1 and report["outcome"] == "FAIL"
+    status = {entry["class_name"]: entry for entry in report["classes"]}
+    for digit in SHORTCUTS:
+        entry = status[str(digit)]
+        assert entry["status"] == "bias-driven", entry["reasons"]
+        assert entry["intervention_evidence"]
+        # The predicted-label view flags it too: what makes the model *say* the class.
+        predicted = [t for t in entry["tests"] if t["kind"] == "pred" and t["flagged"]]
+        assert predicted and predicted[0]["q_value"] < 0.05
+        assert entry["mass"]["background"]["low"] <= entry["mass"]["background"]["mean"]
+        assert entry["interventions"]["bg_gap"] > 0.2
+    others = [e for name, e in status.items() if int(name) not in SHORTCUTS]
+    assert not any(e["status"] == "bias-driven" for e in others)
+    flagged_slices = {t["value"] for t in report["slices"]["tests"] if t["flagged"]}
+    assert "stripes" in flagged_slices
+    # Every class carries its numbers; the strategies and the CAMs are in the store.
+    assert all(e["true_label"]["n"] > 0 and e["examples"] for e in report["classes"])
+    assert (result.run_dir / "strategies.parquet").exists()
+    html = (result.run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html and "bias-driven" in html
+    assert "http://" not in html and "https://" not in html  # self-contained
+    assert len(html) < 2_000_000
+
+
+@pytest.mark.slow
+def test_models_trained_without_the_shortcut_are_not_bias_driven(tmp_path, biased_demo):
+    _, _, biased = biased_demo
+    for seed in (1, 2, 3):
+        root = tmp_path / f"seed{seed}"
+        model = train_demo_model(make_demo_set(4000, seed=seed + 10), epochs=14, seed=seed)
+        root.mkdir()
+        model.save(root / "clean.keras")
+        manifest = write_dataset(make_demo_set(600, seed=seed + 20), root / "data")
+        config = build_config(
+            {
+                "model": {"path": str(root / "clean.keras")},
+                "dataset": {"manifest": str(manifest)},
+                "output": {"store": str(root / "runs")},
+            }
+        )
+        result = run_audit(config, progress=False)
+        report = report_of(result.run_dir)
+        statuses = {e["class_name"]: e["status"] for e in report["classes"]}
+        assert "bias-driven" not in statuses.values(), (seed, statuses)
+        assert not any(t["flagged"] for t in report["slices"]["tests"]), seed
+        assert report["outcome"] in ("PASS", "WARN")  # suspects warn, never fail
+    # Comparing a clean run with the biased one: the biased run adds flags.
+    comparison = compare_runs(result.run_dir, biased.run_dir)
+    assert any(flag.startswith("class 7") for flag in comparison["new_flags"])
+    assert cli_main(["compare", str(result.run_dir), str(biased.run_dir)]) == 1
+    reverse = compare_runs(biased.run_dir, result.run_dir)
+    assert any(flag.startswith("class 7: bias-driven") for flag in reverse["resolved_flags"])
+    assert not any("bias-driven" in flag for flag in reverse["new_flags"])
+
+
+@pytest.mark.slow
+def test_gates_baselines_and_report_command(biased_demo, tmp_path, capsys):
+    files, config, result = biased_demo
+    store = tmp_path / "store"
+    shutil.copytree(result.run_dir, store / result.run_dir.name)
+    args = [
+        "run",
+        "--model",
+        str(files.model),
+        "--data",
+        str(files.manifest),
+        "--out",
+        str(store),
+        "--no-progress",
+    ]
+    assert cli_main([*args, "--fail-on", "fail", "--baseline", "latest"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "7: bias-driven" in out
+    newest = max(p for p in store.iterdir() if p.name != result.run_dir.name)
+    report = report_of(newest)
+    assert report["baseline"] == str(store / result.run_dir.name)
+    tests = [t for e in report["classes"] for t in e["tests"]]
+    assert tests and all(t["reference"] == "baseline run, same group" for t in tests)
+    # Same model and data as the baseline: no heatmap flag, the interventions still fail it.
+    assert not any(t["flagged"] for t in tests)
+    assert cli_main(["report", str(newest), "--format", "md"]) == 0
+    assert (newest / "report.md").exists()
+    assert cli_main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_reports_escape_hostile_class_names(tmp_path):
+    hostile = [
+        "<script>alert(1)</script>",
+        "quote\"'&amp;",
+        "ünïcødé ✓",
+        "|pipe|",
+        "*bold*",
+        "[link](http://x)",
+        "6",
+        "7",
+        "8",
+        "9",
+    ]
+    data = make_demo_set(40, seed=5)
+    data = type(data)(data.images, data.labels % 2, data.masks, data.backgrounds)
+    manifest = write_dataset(data, tmp_path / "data")
+    ink_model().save(tmp_path / "ink.keras")
+    config = build_config(
+        {
+            "model": {"path": str(tmp_path / "ink.keras"), "class_names": hostile},
+            "dataset": {"manifest": str(manifest)},
+            "output": {"store": str(tmp_path / "runs")},
+            "policy": {"intervention_samples": 10, "min_support": 5},
+        }
+    )
+    # Labels are "0"/"1" in the manifest; map them onto the hostile names.
+    import pandas as pd
+
+    table = pd.read_csv(manifest)
+    table["label"] = [hostile[int(label)] for label in table["label"]]
+    table.to_csv(manifest, index=False)
+    result = run_audit(config, progress=False)
+    html = (result.run_dir / "report.html").read_text()
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "ünïcødé ✓" in html and "quote&quot;&#x27;&amp;amp;" in html
+    markdown = render_markdown(report_of(result.run_dir))
+    assert "<script>" not in markdown and "\\|pipe\\|" in markdown
+    assert "](http" not in markdown.replace("\\]", "")
+    written = write_reports(result.run_dir, formats=("json", "md"))
+    assert json.loads(written["json"].read_text())["classes"][0]["class_name"] in hostile
+    assert np.isfinite(report_of(result.run_dir)["accuracy"])
