@@ -133,6 +133,13 @@ DEFAULT_REGIONS = (
 class MetricsSection(_Section):
     iou_threshold: float = Field(0.5, gt=0, lt=1, description="IoU binarises at t * max.")
     pointing_tolerance: int = Field(0, ge=0, description="Pointing-game tolerance in pixels.")
+    max_side: int = Field(
+        64,
+        ge=8,
+        le=1024,
+        description="Measure at most this many pixels per side: larger inputs are measured on "
+        "a grid this size, masks area-averaged to it (coverage fractions).",
+    )
     cam_size: int = Field(
         16, ge=4, le=64, description="Stored CAMs are resized to at most this side (fp16)."
     )

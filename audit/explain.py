@@ -102,6 +102,11 @@ class GradCAM:
         return self._cut.layer_path
 
     @property
+    def num_classes(self) -> int:
+        """The number of classes the model scores; known once the model is built."""
+        return self._ensure_cut(None).num_classes
+
+    @property
     def softmax_bypassed(self) -> bool:
         """Whether a final softmax was skipped to score logits."""
         return self._ensure_cut(None).softmax_bypassed

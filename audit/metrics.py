@@ -40,12 +40,19 @@ def region_metrics(
     *,
     iou_threshold: float = 0.5,
     pointing_tolerance: int = 0,
+    ranked: bool = True,
 ) -> dict[str, tf.Tensor]:
     """Every metric for every (image, region) pair.
 
     Args:
         maps: ``(batch, H, W)`` non-negative maps at the regions' resolution.
-        regions: ``(batch, regions, H, W)`` masks in {0, 1}.
+        regions: ``(batch, regions, H, W)`` masks in {0, 1}, or coverage fractions in
+            [0, 1] of masks area-averaged to a coarser grid: ``mass``, ``area`` and
+            ``lift`` weigh pixels by their coverage; ``pointing``, ``rank_acc`` and
+            ``iou`` use the pixels at least half covered.
+
+        ranked: compute ``rank_acc``, which needs one sort of every map (the costliest
+            metric on a CPU); without it the result has no ``rank_acc`` key.
 
     Returns:
         ``(batch, regions)`` float32 tensors named as in ``METRICS``, plus
@@ -55,18 +62,20 @@ def region_metrics(
     regions = tf.cast(regions, tf.float32)
     pixels = tf.cast(tf.shape(maps)[1] * tf.shape(maps)[2], tf.float32)
     flat_maps = tf.reshape(maps, (tf.shape(maps)[0], -1))  # (B, P)
-    flat_regions = tf.reshape(regions, (tf.shape(regions)[0], tf.shape(regions)[1], -1))
+    coverage = tf.reshape(regions, (tf.shape(regions)[0], tf.shape(regions)[1], -1))
+    flat_regions = tf.cast(coverage >= 0.5, tf.float32)  # the binary region
 
     total = tf.reduce_sum(flat_maps, axis=1)  # (B,)
     peak = tf.reduce_max(flat_maps, axis=1)
     zero_map = tf.logical_not(peak > 0.0)
-    region_pixels = tf.reduce_sum(flat_regions, axis=2)  # (B, R)
-    empty = region_pixels < 0.5
+    covered = tf.reduce_sum(coverage, axis=2)  # (B, R), in pixels
+    region_pixels = tf.reduce_sum(flat_regions, axis=2)  # (B, R), binary pixels
+    empty = covered < 1e-6
     undefined_map = tf.broadcast_to(zero_map[:, None], tf.shape(empty))
 
-    inside = tf.einsum("bp,brp->br", flat_maps, flat_regions)
+    inside = tf.einsum("bp,brp->br", flat_maps, coverage)
     mass = tf.math.divide_no_nan(inside, total[:, None])
-    area = region_pixels / pixels
+    area = covered / pixels
     lift = tf.math.divide_no_nan(mass, area)
 
     at_peak = tf.cast(flat_maps >= peak[:, None], tf.float32)  # every maximal pixel
@@ -79,12 +88,17 @@ def region_metrics(
         pointing_regions = tf.reshape(tf.transpose(dilated, (0, 3, 1, 2)), tf.shape(flat_regions))
     pointing = tf.cast(tf.einsum("bp,brp->br", at_peak, pointing_regions) > 0, tf.float32)
 
-    # rank of each pixel in descending order of L; the top-k set of a region of k
-    # pixels is {rank < k}.
-    order = tf.argsort(flat_maps, axis=1, direction="DESCENDING", stable=True)
-    ranks = tf.cast(tf.argsort(order, axis=1, stable=True), tf.float32)  # (B, P)
-    in_top = tf.cast(ranks[:, None, :] < region_pixels[:, :, None], tf.float32)
-    rank_acc = tf.math.divide_no_nan(tf.reduce_sum(in_top * flat_regions, axis=2), region_pixels)
+    # Relevance Rank Accuracy: walk the pixels in descending order of L (one stable
+    # argsort per map) and count, per region, how many of its pixels are among the
+    # first |R|: a cumulative sum of the region read at position |R| - 1.
+    rank_acc = None
+    if ranked:
+        order = tf.argsort(flat_maps, axis=1, direction="DESCENDING", stable=True)  # (B, P)
+        in_order = tf.gather(flat_regions, order, axis=2, batch_dims=1)  # (B, R, P)
+        hits = tf.cumsum(in_order, axis=2)
+        last = tf.maximum(tf.cast(region_pixels, tf.int32) - 1, 0)
+        found = tf.gather(hits, last[..., None], axis=2, batch_dims=2)[..., 0]
+        rank_acc = tf.math.divide_no_nan(found, region_pixels)
 
     hot = tf.cast(flat_maps >= iou_threshold * peak[:, None], tf.float32)  # (B, P)
     intersection = tf.einsum("bp,brp->br", hot, flat_regions)
@@ -92,13 +106,16 @@ def region_metrics(
     iou = tf.math.divide_no_nan(intersection, union)
 
     no_lift = tf.logical_or(undefined_map, empty)
-    return {
+    no_binary = tf.logical_or(undefined_map, region_pixels < 0.5)
+    result = {
         "mass": _undefined_where(undefined_map, mass),
         "area": area,
         "lift": _undefined_where(no_lift, lift),
         "pointing": _undefined_where(undefined_map, pointing),
-        "rank_acc": _undefined_where(no_lift, rank_acc),
-        "iou": _undefined_where(no_lift, iou),
+        "iou": _undefined_where(no_binary, iou),
         "zero_map": zero_map,
         "empty": empty,
     }
+    if rank_acc is not None:
+        result["rank_acc"] = _undefined_where(no_binary, rank_acc)
+    return result

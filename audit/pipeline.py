@@ -46,8 +46,9 @@ class AuditResult:
     manifest: dict
 
 
-def metric_columns(region_names, prefix: str = "") -> list[str]:
-    return [f"{prefix}{metric}_{name}" for name in region_names for metric in METRICS]
+# The other target's map (pred_* or true_*) skips rank_acc: it needs a sort of
+# every map, the costliest metric, and no flag reads it.
+OTHER_METRICS = tuple(metric for metric in METRICS if metric != "rank_acc")
 
 
 def dataset_fingerprint(entries: Entries) -> str:
@@ -73,6 +74,13 @@ class AuditStep:
         self.size = size
         self.function = tf.function(self._step)
 
+    def metric_size(self, map_shape) -> tuple[int, int]:
+        """The measuring grid: the input size, capped at ``metrics.max_side`` per side but
+        never coarser than twice the map's own resolution."""
+        side = max(self.config.metrics.max_side, 2 * max(int(map_shape[0]), int(map_shape[1])))
+        scale = min(1.0, side / max(self.size))
+        return max(1, round(self.size[0] * scale)), max(1, round(self.size[1] * scale))
+
     def _step(self, images, labels, regions):
         predicted = tf.fill(tf.shape(labels), PREDICTED)
         main_first = self.config.model.target == "true"
@@ -87,13 +95,21 @@ class AuditStep:
             "cam_total": tf.reduce_sum(out["maps"][0], axis=(1, 2)),
             "cams": self._storable(out["maps"][0]),
         }
+        metric_size = self.metric_size(out["maps"][0].shape[1:3])
+        coverage = regions
+        if metric_size != self.size:  # area-average masks to the measuring grid
+            coverage = tf.image.resize(
+                tf.transpose(regions, (0, 2, 3, 1)), metric_size, method="area"
+            )
+            coverage = tf.transpose(coverage, (0, 3, 1, 2))
         for key, maps in zip(("main", "other"), out["maps"], strict=True):
-            upsampled = tf.image.resize(maps[..., None], self.size, method="bilinear")[..., 0]
+            upsampled = tf.image.resize(maps[..., None], metric_size, method="bilinear")
             metrics = region_metrics(
-                upsampled,
-                regions,
+                upsampled[..., 0],
+                coverage,
                 iou_threshold=self.config.metrics.iou_threshold,
                 pointing_tolerance=self.config.metrics.pointing_tolerance,
+                ranked=key == "main",
             )
             result.update({f"{key}_{name}": value for name, value in metrics.items()})
         return result
@@ -165,9 +181,9 @@ def _measured_rows(batch, out, class_names, config) -> pd.DataFrame:
         "status": np.where(out["finite"], "ok", "skipped"),
         "skip_reason": np.where(out["finite"], None, "non-finite activations or gradients"),
     }
-    for prefix, key in (("", "main"), (other_prefix, "other")):
+    for prefix, key, metrics in (("", "main", METRICS), (other_prefix, "other", OTHER_METRICS)):
         for index, name in enumerate(region_names):
-            for metric in METRICS:
+            for metric in metrics:
                 values = out[f"{key}_{metric}"][:, index].astype("float64")
                 frame[f"{prefix}{metric}_{name}"] = np.where(out["finite"], values, np.nan)
     return pd.DataFrame(frame)
@@ -245,7 +261,7 @@ def run_audit(
         entries = read_entries(config.dataset)
     class_names = class_names_for(
         entries.table["label"],
-        cam._ensure_cut(None).num_classes,
+        cam.num_classes,
         config.model.class_names or entries.class_names,
     )
     size = _input_size(model, config)

@@ -139,7 +139,7 @@ def _worst_examples(run: RunStore, index: int, regions: list[str], manifest: dic
         return []
     column = f"mass_{spurious[0]}"
     rows = rows.sort_values(column, ascending=False, na_position="last").head(EXAMPLES_PER_CLASS)
-    keep = ["row", "path", "pred_label", "correct", *(f"mass_{r}" for r in regions)]
+    keep = ["row", "path", "mask_path", "pred_label", "correct", *(f"mass_{r}" for r in regions)]
     return _records(rows[[c for c in keep if c in rows.columns]])
 
 
@@ -255,7 +255,11 @@ def _example_thumbnails(run: RunStore, manifest: dict, examples: list[dict]) -> 
                 pixels = np.asarray(image, "float32") / 255
         except OSError:
             continue
-        picture = overlay(pixels, cams[position[row]].astype("float32"))
+        picture = overlay(
+            pixels,
+            cams[position[row]].astype("float32"),
+            outline=_outline(manifest, example, image),
+        )
         caption = f"row {row}: predicted {example.get('pred_label')}, " + ", ".join(
             f"{k} {v:.2f}" for k, v in example.items() if k.startswith("mass_") and v is not None
         )
@@ -264,6 +268,18 @@ def _example_thumbnails(run: RunStore, manifest: dict, examples: list[dict]) -> 
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
     return thumbnails
+
+
+def _outline(manifest: dict, example: dict, image: Image.Image) -> np.ndarray | None:
+    """The example's object mask at thumbnail size, when the dataset has mask files."""
+    if not example.get("mask_path"):
+        return None
+    root = Path(manifest["dataset"].get("mask_root") or manifest["dataset"]["root"])
+    try:
+        with Image.open(root / example["mask_path"]) as mask:
+            return np.asarray(mask.convert("L").resize(image.size, Image.NEAREST)) > 0
+    except OSError:
+        return None
 
 
 def _strategy_maps(run_dir: Path, class_index: int) -> list[str]:

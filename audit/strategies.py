@@ -20,6 +20,8 @@ from sklearn.neighbors import kneighbors_graph
 from audit.store import RunStore
 
 MIN_CLASS_SIZE = 12
+# Spectral clustering is O(n^3) in the maps of a class: cluster a seeded sample.
+MAX_MAPS_PER_CLASS = 1000
 MAX_CLUSTERS = 6
 # A cluster this small whose spurious mass exceeds the class's by this much is a finding.
 MINORITY_FRACTION = 0.35
@@ -69,6 +71,8 @@ def find_strategies(
         group = group[group["row"].isin(position)]
         if len(group) < MIN_CLASS_SIZE:
             continue
+        if len(group) > MAX_MAPS_PER_CLASS:
+            group = group.sample(n=MAX_MAPS_PER_CLASS, random_state=seed).sort_values("row")
         maps = cams[[position[int(r)] for r in group["row"]]].astype("float32")
         labels = cluster_maps(maps, seed)
         class_spurious = {name: group[f"mass_{name}"].mean() for name in spurious}

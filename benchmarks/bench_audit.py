@@ -57,6 +57,7 @@ from audit.explain import PREDICTED, GradCAM, pad_batch  # noqa: E402
 from audit.metrics import region_metrics  # noqa: E402
 from audit.models import load_model  # noqa: E402
 from audit.store import RunStore  # noqa: E402
+from benchmarks.timing import interleaved_rates  # noqa: E402
 from pipelines.demo import demo_model, write_dataset  # noqa: E402
 from pipelines.demo_data import DemoSet, make_demo_set  # noqa: E402
 
@@ -477,15 +478,8 @@ def throughput(args, work: Path) -> None:
         "forward (load_batches + compiled)": forward_runner(model, loader),
         "run_audit (whole audit)": audit_runner(config, f"r{os.getpid()}-{time.time_ns()}"),
     }
-    for run in runners.values():  # warm-up: traces, first imports, page cache
-        run()
-    rates: dict[str, list[float]] = {name: [] for name in runners}
     load_before = _load_now()
-    for _ in range(args.rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            images = run()
-            rates[name].append(images / (time.perf_counter() - start))
+    rates = interleaved_rates(runners, args.rounds)
 
     print(
         f"\n{model_name} {size}x{size}, random weights, batch {args.batch_size}, {count} PNG "

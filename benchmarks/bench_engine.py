@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 
 from audit import GradCAM  # noqa: E402
 from benchmarks.references import keras_example_heatmap, logit_clone  # noqa: E402
+from benchmarks.timing import interleaved_rates  # noqa: E402
 
 
 def batches(images: np.ndarray, size: int):
@@ -100,14 +100,7 @@ def main(argv=None) -> None:
         model, images, args.batch_size, "out_relu", images[: args.example_images]
     )
 
-    for run in runners.values():  # warm-up: traces and first-call costs
-        run()
-    rates: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            count = run()
-            rates[name].append(count / (time.perf_counter() - start))
+    rates = interleaved_rates(runners, args.rounds)
 
     print(
         f"\nMobileNetV2 {args.image_size}x{args.image_size}, random weights, batch "

@@ -71,3 +71,15 @@ def test_zero_maps_and_empty_regions_are_flagged_not_invented():
     assert out["mass"][1].tolist() == [1.0, 0.0]  # an empty region holds no mass
     assert np.isnan(out["lift"][1, 1]) and np.isnan(out["rank_acc"][1, 1])
     np.testing.assert_allclose(out["area"], [[0.25, 0.0], [0.25, 0.0]])
+
+
+def test_coverage_fractions_weigh_mass_and_area():
+    maps = np.ones((1, 4, 4))
+    maps[0, 0, 0] = 5.0
+    coverage = np.full((1, 1, 4, 4), 0.25)
+    coverage[0, 0, 0, 0] = 1.0  # the peak cell is fully inside
+    out = run(maps, coverage)
+    np.testing.assert_allclose(out["mass"][0, 0], (5 + 15 * 0.25) / 20, rtol=1e-6)
+    np.testing.assert_allclose(out["area"][0, 0], (1 + 15 * 0.25) / 16, rtol=1e-6)
+    assert out["pointing"][0, 0] == 1.0  # the peak cell is at least half covered
+    np.testing.assert_allclose(out["iou"][0, 0], 1.0)  # hot = {peak} = binary region

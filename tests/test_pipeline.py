@@ -2,6 +2,7 @@
 
 import json
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -212,3 +213,22 @@ def test_a_planted_background_shortcut_moves_mass_to_the_background(biased_demo)
     for shortcut in SHORTCUTS:
         assert background[str(shortcut)] > clean.median()
     assert background[str(max(SHORTCUTS, key=lambda c: background[str(c)]))] > clean.max()
+
+
+def test_a_coarser_measuring_grid_keeps_mass(small_dataset, tmp_path):
+    manifest, _ = small_dataset
+    # The ink model with its map pooled to 12x12: a grid of 24 is twice the map's side.
+    model = ink_model()
+    pooled = keras.layers.AveragePooling2D(4, name="pooled")(model.get_layer("ink").output)
+    head = model.get_layer("classes")(keras.layers.GlobalAveragePooling2D()(pooled))
+    keras.Model(model.inputs, head).save(tmp_path / "pooled.keras")
+    path = tmp_path / "pooled.keras"
+    fine = run_audit(config_for(manifest, path, tmp_path / "fine"), progress=False)
+    coarse = run_audit(
+        config_for(manifest, path, tmp_path / "coarse", metrics={"max_side": 8}), progress=False
+    )
+    for column in ("mass_object", "mass_background"):
+        np.testing.assert_allclose(coarse.images[column], fine.images[column], atol=0.04)
+    # lift = mass / area divides the small error by a small area (about 0.1 here).
+    np.testing.assert_allclose(coarse.images["lift_object"], fine.images["lift_object"], rtol=0.06)
+    np.testing.assert_allclose(coarse.images["area_object"], fine.images["area_object"], 1e-5)
