@@ -11,6 +11,7 @@ records it and goes on; nothing is dropped silently.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -170,10 +171,32 @@ def class_names_for(labels: pd.Series, num_classes: int, given: Sequence[str] | 
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """Resizes images (bilinear) and masks (nearest) and scales pixels as the model expects."""
+    """Resizes images (bilinear) and masks (nearest) and scales pixels as the model expects.
+
+    With ``region_size`` smaller than ``size``, the finished regions are area-averaged
+    to that measuring grid (float coverage fractions): done here, in the decode
+    threads, so full-resolution masks never travel to the compiled step.
+    """
 
     size: tuple[int, int]  # (height, width)
     settings: PreprocessSection
+    region_size: tuple[int, int] | None = None
+
+    def coverage(self, regions: np.ndarray) -> np.ndarray:
+        """(R, H, W) bool -> (R, h, w) float32 area fractions at ``region_size``."""
+        if self.region_size is None or tuple(self.region_size) == tuple(self.size):
+            return regions
+        (height, width), (rows, cols) = self.size, self.region_size
+        values = regions.astype("float32")
+        if height % rows == 0 and width % cols == 0:  # exact block means
+            blocks = values.reshape(len(values), rows, height // rows, cols, width // cols)
+            return blocks.mean(axis=(2, 4))
+        return np.stack(
+            [
+                np.asarray(Image.fromarray(region, mode="F").resize((cols, rows), Image.BOX))
+                for region in values
+            ]
+        )
 
     def image(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (h, w, 3) -> float32 (H, W, 3) ready for the model."""
@@ -334,12 +357,10 @@ def load_row(
         if not (values[0] < values[2] and values[1] < values[3]):
             raise SkipRow(f"box {values} is empty or inverted (need x_min < x_max, y_min < y_max)")
         box = preprocessor.mask(_box_mask(values, (height, width)))
-    return LoadedRow(
-        image=preprocessor.image(pixels),
-        regions=build_regions(
-            regions, None if mask is None else preprocessor.mask(mask), box, preprocessor.size
-        ),
+    stack = build_regions(
+        regions, None if mask is None else preprocessor.mask(mask), box, preprocessor.size
     )
+    return LoadedRow(image=preprocessor.image(pixels), regions=preprocessor.coverage(stack))
 
 
 def _present(value) -> bool:
@@ -355,6 +376,8 @@ class Batch:
     regions: np.ndarray  # (n, R, H, W) bool
     labels: np.ndarray  # (n,) int32 class indices
     skipped: dict[int, str] = field(default_factory=dict)
+    chunk: int = 0  # the chunk of rows the batch belongs to
+    chunk_end: bool = True  # the chunk's last batch
 
 
 def load_batches(
@@ -366,14 +389,20 @@ def load_batches(
     regions: Sequence[RegionSection],
     batch_size: int,
     pool: ThreadPoolExecutor,
+    chunk_rows: int | None = None,
 ) -> Iterator[Batch]:
-    """Decode rows in a thread pool (PIL releases the GIL) and yield full batches.
+    """Decode rows in a thread pool (PIL releases the GIL) and yield batches in order.
 
-    Skipped rows ride along with the batch after which they were found, so the
-    caller records every row exactly once.
+    Decoding runs ahead of the consumer by a bounded window (four batches), across
+    chunk boundaries, so the device never waits while a chunk is written. Batches
+    never straddle a chunk of ``chunk_rows`` rows (the unit of resume): the last
+    batch of each chunk has ``chunk_end`` set and may be short or empty. Skipped rows
+    ride along with the batch after which they were found, so the caller records
+    every row exactly once.
     """
     table = entries.table
     height, width = preprocessor.size
+    region_height, region_width = preprocessor.region_size or preprocessor.size
 
     def load(position: int):
         row = table.iloc[position].to_dict()
@@ -385,10 +414,7 @@ def load_batches(
         except SkipRow as reason:
             return position, str(reason), None
 
-    pending: list[tuple[int, int, LoadedRow]] = []
-    skipped: dict[int, str] = {}
-
-    def emit(items):
+    def emit(items, skipped, chunk, chunk_end):
         return Batch(
             rows=[p for p, _, _ in items],
             images=np.stack([item.image for _, _, item in items]).astype("float32")
@@ -396,18 +422,41 @@ def load_batches(
             else np.zeros((0, height, width, 3), "float32"),
             regions=np.stack([item.regions for _, _, item in items])
             if items
-            else np.zeros((0, len(regions), height, width), bool),
+            else np.zeros((0, len(regions), region_height, region_width), "float32"),
             labels=np.array([label for _, label, _ in items], dtype="int32"),
-            skipped=dict(skipped),
+            skipped=skipped,
+            chunk=chunk,
+            chunk_end=chunk_end,
         )
 
-    for position, reason, loaded in pool.map(load, positions):
+    window: deque = deque()
+    remaining = iter(positions)
+
+    def refill() -> None:
+        while len(window) < 4 * batch_size:
+            position = next(remaining, None)
+            if position is None:
+                return
+            window.append(pool.submit(load, position))
+
+    pending: list[tuple[int, int, LoadedRow]] = []
+    skipped: dict[int, str] = {}
+    current = None
+    refill()
+    while window:
+        position, reason, loaded = window.popleft().result()
+        refill()
+        chunk = position // chunk_rows if chunk_rows else 0
+        if current is not None and chunk != current:
+            yield emit(pending, skipped, current, True)
+            pending, skipped = [], {}
+        current = chunk
         if reason is not None:
             skipped[position] = reason
             continue
         pending.append((position, *loaded))
         if len(pending) == batch_size:
-            yield emit(pending)
+            yield emit(pending, skipped, chunk, False)
             pending, skipped = [], {}
-    if pending or skipped:
-        yield emit(pending)
+    if current is not None:
+        yield emit(pending, skipped, current, True)

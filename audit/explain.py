@@ -102,6 +102,12 @@ class GradCAM:
         return self._cut.layer_path
 
     @property
+    def feature_shape(self) -> tuple[int, int]:
+        """(height, width) of the target layer's maps; known once the model is built."""
+        shape = self._ensure_cut(None).feature_parts[-1].outputs[0].shape
+        return int(shape[1]), int(shape[2])
+
+    @property
     def num_classes(self) -> int:
         """The number of classes the model scores; known once the model is built."""
         return self._ensure_cut(None).num_classes

@@ -74,10 +74,12 @@ class AuditStep:
         self.size = size
         self.function = tf.function(self._step)
 
-    def metric_size(self, map_shape) -> tuple[int, int]:
+    @property
+    def metric_size(self) -> tuple[int, int]:
         """The measuring grid: the input size, capped at ``metrics.max_side`` per side but
         never coarser than twice the map's own resolution."""
-        side = max(self.config.metrics.max_side, 2 * max(int(map_shape[0]), int(map_shape[1])))
+        map_height, map_width = self.cam.feature_shape
+        side = max(self.config.metrics.max_side, 2 * max(map_height, map_width))
         scale = min(1.0, side / max(self.size))
         return max(1, round(self.size[0] * scale)), max(1, round(self.size[1] * scale))
 
@@ -95,20 +97,17 @@ class AuditStep:
             "cam_total": tf.reduce_sum(out["maps"][0], axis=(1, 2)),
             "cams": self._storable(out["maps"][0]),
         }
-        metric_size = self.metric_size(out["maps"][0].shape[1:3])
-        coverage = regions
-        if metric_size != self.size:  # area-average masks to the measuring grid
-            coverage = tf.image.resize(
-                tf.transpose(regions, (0, 2, 3, 1)), metric_size, method="area"
-            )
-            coverage = tf.transpose(coverage, (0, 3, 1, 2))
+        # The regions arrive on the measuring grid (see metric_size), as coverage.
         for key, maps in zip(("main", "other"), out["maps"], strict=True):
-            upsampled = tf.image.resize(maps[..., None], metric_size, method="bilinear")
+            upsampled = tf.image.resize(maps[..., None], regions.shape[2:4], method="bilinear")
             metrics = region_metrics(
                 upsampled[..., 0],
-                coverage,
+                regions,
                 iou_threshold=self.config.metrics.iou_threshold,
-                pointing_tolerance=self.config.metrics.pointing_tolerance,
+                # The tolerance is given in input pixels; the grid may be coarser.
+                pointing_tolerance=round(
+                    self.config.metrics.pointing_tolerance * regions.shape[3] / self.size[1]
+                ),
                 ranked=key == "main",
             )
             result.update({f"{key}_{name}": value for name, value in metrics.items()})
@@ -307,7 +306,7 @@ def run_audit(
     chunks = range((total + chunk_rows - 1) // chunk_rows)
     done = run.done_chunks()
     step = AuditStep(cam, config, size)
-    preprocessor = Preprocessor(size, config.preprocess)
+    preprocessor = Preprocessor(size, config.preprocess, region_size=step.metric_size)
     class_index = {name: index for index, name in enumerate(class_names)}
     from tqdm.auto import tqdm
 
@@ -319,32 +318,38 @@ def run_audit(
         initial=sum(min(chunk_rows, total - c * chunk_rows) for c in done),
     )
     compute_seconds = 0.0
+    todo = [
+        position
+        for chunk in chunks
+        if chunk not in done
+        for position in range(chunk * chunk_rows, min(total, (chunk + 1) * chunk_rows))
+    ]
+    tables, cam_rows, cams = [], [], []
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for chunk in chunks:
-            if chunk in done:
-                continue
-            positions = range(chunk * chunk_rows, min(total, (chunk + 1) * chunk_rows))
-            tables, cam_rows, cams = [], [], []
-            for batch in load_batches(
-                entries,
-                positions,
-                class_index=class_index,
-                preprocessor=preprocessor,
-                regions=config.regions,
-                batch_size=config.batch_size,
-                pool=pool,
-            ):
-                tick = time.perf_counter()
-                out = step(batch) if batch.rows else None
-                compute_seconds += time.perf_counter() - tick
-                if out is not None:
-                    cam_rows.extend(batch.rows)
-                    cams.append(out["cams"])
+        for batch in load_batches(
+            entries,
+            todo,
+            class_index=class_index,
+            preprocessor=preprocessor,
+            regions=config.regions,
+            batch_size=config.batch_size,
+            pool=pool,
+            chunk_rows=chunk_rows,
+        ):
+            tick = time.perf_counter()
+            out = step(batch) if batch.rows else None
+            compute_seconds += time.perf_counter() - tick
+            if out is not None:
+                cam_rows.extend(batch.rows)
+                cams.append(out["cams"])
+            if batch.rows or batch.skipped:
                 tables.append(_records(batch, out, entries, class_names, config))
-                bar.update(len(batch.rows) + len(batch.skipped))
-            rows = pd.concat(tables, ignore_index=True).sort_values("row", kind="stable")
-            maps = np.concatenate(cams) if cams else np.zeros((0, 1, 1), "float16")
-            run.write_chunk(chunk, rows, cam_rows, maps)
+            bar.update(len(batch.rows) + len(batch.skipped))
+            if batch.chunk_end:
+                rows = pd.concat(tables, ignore_index=True).sort_values("row", kind="stable")
+                maps = np.concatenate(cams) if cams else np.zeros((0, 1, 1), "float16")
+                run.write_chunk(batch.chunk, rows, cam_rows, maps)
+                tables, cam_rows, cams = [], [], []
     bar.close()
     images = run.assemble()
     analyse(
@@ -352,7 +357,7 @@ def run_audit(
         config,
         model=model,
         entries=entries,
-        preprocessor=preprocessor,
+        preprocessor=Preprocessor(size, config.preprocess),  # full-resolution masks
         class_index=class_index,
         baseline=baseline,
     )
