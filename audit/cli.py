@@ -58,6 +58,34 @@ def _compare(argv: list[str]) -> int:
     return EXIT_POLICY if result["new_flags"] else EXIT_OK
 
 
+def _dashboard(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bias-audit dashboard", description="Review runs in a Streamlit dashboard."
+    )
+    parser.add_argument("--store", default="runs", help="the run store folder (default: runs)")
+    parser.add_argument("--port", type=int, default=8501)
+    parser.add_argument("--address", default="localhost", help="interface to listen on")
+    args = parser.parse_args(argv)
+    import os
+    import subprocess
+    from pathlib import Path
+
+    store = Path(args.store).resolve()
+    if not store.is_dir():
+        print(f"bias-audit dashboard: store folder not found: {store}", file=sys.stderr)
+        return EXIT_USAGE
+    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(app),
+        "--server.port", str(args.port), "--server.address", args.address,
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--", "--store", str(store),
+    ]  # fmt: skip
+    print(f"Dashboard for {store} on http://{args.address}:{args.port}")
+    environment = os.environ | {"BIAS_AUDIT_STORE": str(store)}
+    return subprocess.call(command, env=environment)
+
+
 def _demo(argv: list[str]) -> int:
     from pipelines.demo import main as demo_main
 
@@ -68,6 +96,7 @@ COMMANDS = {
     "run": (_run, "audit a dataset (a YAML config, or --model/--data/--out)"),
     "report": (_report, "write a run's report (html, md or json)"),
     "compare": (_compare, "compare two runs: per-class deltas, new and resolved flags"),
+    "dashboard": (_dashboard, "review runs and record decisions in a Streamlit dashboard"),
     "demo": (_demo, "train a small biased model on generated digits and audit it"),
 }
 

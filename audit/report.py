@@ -11,6 +11,7 @@ import html
 import io
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from audit.analyse import SEVERITY_ORDER, class_verdicts, overall_severity, read_analysis
+from audit.decisions import CHOICES, latest_decisions, model_line
 from audit.overlay import colorize, overlay
 from audit.store import RunStore, atomic_write, write_json
 
@@ -59,10 +61,13 @@ def build_report(run_dir: Path) -> dict:
     verdicts = class_verdicts(analysis, class_names)
     groups = analysis.groups
     regions = [region["name"] for region in manifest["regions"]]
+    decisions = latest_decisions(run_dir.parent, model_line(manifest["model"]["path"]))
     classes = []
     for verdict in verdicts:
         index = verdict["class_index"]
         entry = dict(verdict)
+        decision = decisions.get(verdict["class_name"])
+        entry["decision"] = None if decision is None else asdict(decision)
         for kind, key in (("true", "true_label"), ("pred", "predicted_label")):
             match = groups[(groups["kind"] == kind) & (groups["class_index"] == index)]
             row = _clean(match.iloc[0].to_dict()) if len(match) else {}
@@ -92,7 +97,8 @@ def build_report(run_dir: Path) -> dict:
             strategies[strategies["class_index"] == index] if len(strategies) else strategies
         )
         entry["strategies"] = [
-            {k: v for k, v in record.items() if k != "mean_map"} for record in _records(strategies)
+            {k: v for k, v in record.items() if k not in ("mean_map", "members")}
+            for record in _records(strategies)
         ]
         entry["examples"] = _worst_examples(run, index, regions, manifest)
         classes.append(entry)
@@ -158,6 +164,15 @@ def _fmt(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _decision_text(entry: dict) -> str:
+    decision = entry["decision"]
+    return (
+        f"reviewer decision: {CHOICES.get(decision['decision'], decision['decision'])} by "
+        f"{decision['reviewer']} on {decision['decided_at'][:10]} (run {decision['run_id']})"
+        + (f": {decision['note']}" if decision["note"] else "")
+    )
+
+
 def render_markdown(report: dict) -> str:
     spurious = [r["name"] for r in report["regions"] if r["role"] == "spurious"]
     lines = [
@@ -192,6 +207,8 @@ def render_markdown(report: dict) -> str:
         for entry in flagged:
             for reason in entry["reasons"]:
                 lines.append(f"- **{_md(entry['class_name'])}**: {_md(reason)}")
+            if entry.get("decision"):
+                lines.append(f"- **{_md(entry['class_name'])}**: {_md(_decision_text(entry))}")
     slices = [t for t in report["slices"]["tests"] if t.get("flagged")]
     if slices:
         lines += ["", "### Flagged slices"]
@@ -345,6 +362,7 @@ def render_html(report: dict, run_dir: Path) -> str:
         parts.append(
             f"<h3>{escape(entry['class_name'])}: {escape(entry['status'])}</h3><ul>"
             + "".join(f"<li>{escape(reason)}</li>" for reason in entry["reasons"])
+            + (f"<li><b>{escape(_decision_text(entry))}</b></li>" if entry.get("decision") else "")
             + "</ul><table><tr><th>region</th><th>mass (true label, correct)</th>"
             "<th>mass (predicted label)</th><th>lift</th></tr>"
         )

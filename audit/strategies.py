@@ -89,6 +89,7 @@ def find_strategies(
                 "map_shape": list(mean_map.shape),
                 "mean_map": mean_map.ravel().round(5).tolist(),
                 "examples": members["row"].head(EXAMPLES).astype(int).tolist(),
+                "members": members["row"].astype(int).tolist(),
             }
             excess = 0.0
             for name in regions:

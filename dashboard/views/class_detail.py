@@ -1,0 +1,97 @@
+"""Class detail: worst-first gallery with CAM overlays, strategies and interventions."""
+
+import math
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from audit.overlay import colorize
+from dashboard.store import report, selected_run, store_path, table, thumbnail
+
+PAGE_SIZE = 12
+
+store = store_path()
+run = selected_run(store)
+if run is None:
+    st.info(f"No audit runs in {store} yet.")
+    st.stop()
+result = report(str(store), run)
+st.title("Class detail")
+names = [entry["class_name"] for entry in result["classes"]]  # sorted by severity
+name = st.selectbox("Class", names)
+entry = next(e for e in result["classes"] if e["class_name"] == name)
+index = entry["class_index"]
+st.caption(f"Status: {entry['status']}")
+for reason in entry["reasons"]:
+    st.text(reason)
+
+images = table(str(store), run, "images")
+spurious = [r["name"] for r in result["regions"] if r["role"] == "spurious"]
+rows = images[(images["status"] == "ok") & (images["label_index"] == index)]
+strategies = table(str(store), run, "strategies")
+strategies = strategies[strategies["class_index"] == index] if len(strategies) else strategies
+
+left, middle, right = st.columns(3)
+correctness = left.selectbox("Predictions", ["all", "correct", "incorrect"])
+slice_columns = result["dataset"].get("slice_columns", [])
+slice_options = ["all"] + [
+    f"{column} = {value}"
+    for column in slice_columns
+    if column in rows
+    for value in sorted(rows[column].dropna().astype(str).unique())
+]
+chosen_slice = middle.selectbox("Slice", slice_options)
+cluster_options = (
+    ["all"] + [f"cluster {c}" for c in strategies["cluster"].tolist()]
+    if len(strategies)
+    else ["all"]
+)
+chosen_cluster = right.selectbox("Strategy", cluster_options)
+
+if correctness != "all":
+    rows = rows[rows["correct"].astype(bool) == (correctness == "correct")]
+if chosen_slice != "all":
+    column, value = chosen_slice.split(" = ", 1)
+    rows = rows[rows[column].astype(str) == value]
+if chosen_cluster != "all":
+    members = strategies[strategies["cluster"] == int(chosen_cluster.split()[1])]["members"]
+    rows = rows[rows["row"].isin(list(members.iloc[0]))]
+if spurious:
+    rows = rows.sort_values(f"mass_{spurious[0]}", ascending=False, na_position="last")
+
+pages = max(1, math.ceil(len(rows) / PAGE_SIZE))
+page = st.number_input("Page", min_value=1, max_value=pages, value=1, step=1)
+st.caption(f"{len(rows)} images, worst first (most mass on {', '.join(spurious) or 'n/a'})")
+shown = rows.iloc[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+pictures, captions = [], []
+for row in shown.itertuples():
+    picture = thumbnail(str(store), run, int(row.row))
+    if picture is None:
+        continue
+    pictures.append(picture)
+    mass = getattr(row, f"mass_{spurious[0]}") if spurious else float("nan")
+    captions.append(f"row {row.row}: predicted {row.pred_label}, {spurious[0]} mass {mass:.2f}")
+if pictures:
+    st.image(pictures, caption=captions, width=160)
+
+st.subheader("Strategies (CAM clusters)")
+if len(strategies):
+    columns = st.columns(max(1, len(strategies)))
+    for column, strategy in zip(columns, strategies.itertuples(), strict=False):
+        mean_map = np.asarray(strategy.mean_map, "float32").reshape(strategy.map_shape)
+        picture = Image.fromarray((colorize(mean_map) * 255).astype("uint8")).resize((96, 96))
+        column.image(picture, width=96)
+        column.caption(
+            f"cluster {strategy.cluster}: {strategy.size} images ({strategy.fraction:.0%}), "
+            f"accuracy {strategy.accuracy:.2f}"
+            + (", minority strategy" if strategy.minority_strategy else "")
+        )
+else:
+    st.caption("Too few images to cluster.")
+
+st.subheader("Interventions")
+if entry["interventions"]:
+    st.dataframe([entry["interventions"]], hide_index=True)
+else:
+    st.caption("No interventions for this class (no expected region, or too few images).")

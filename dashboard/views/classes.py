@@ -1,0 +1,110 @@
+"""Classes: the per-class table of a run, sortable, with CI bars, and the slice tables."""
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard.store import escape_markdown, report, selected_run, store_path
+
+SEVERITY = {"fail": 2, "warn": 1, "none": 0}
+
+store = store_path()
+run = selected_run(store)
+if run is None:
+    st.info(f"No audit runs in {store} yet.")
+    st.stop()
+result = report(str(store), run)
+st.title("Classes")
+st.caption(f"Run {escape_markdown(run)}: outcome {result['outcome']}")
+spurious = [r["name"] for r in result["regions"] if r["role"] == "spurious"]
+view = st.radio("View", ["true label", "predicted label"], horizontal=True)
+key = "true_label" if view == "true label" else "predicted_label"
+
+rows = []
+for entry in result["classes"]:
+    side = entry[key]
+    tests = [t for t in entry["tests"] if t["kind"] == ("true" if key == "true_label" else "pred")]
+    q_values = [t["q_value"] for t in tests if t.get("q_value") is not None]
+    effects = [t["effect_low"] for t in tests if t.get("effect_low") is not None]
+    row = {
+        "class": entry["class_name"],
+        "status": entry["status"],
+        "severity": entry["severity"],
+        "n": side["n"],
+        "accuracy" if key == "true_label" else "precision": side.get(
+            "accuracy" if key == "true_label" else "precision"
+        ),
+        "q_value": min(q_values) if q_values else None,
+        "effect_ci_low": max(effects) if effects else None,
+        "bg_gap": (entry["interventions"] or {}).get("bg_gap"),
+        "decision": (entry.get("decision") or {}).get("decision"),
+    }
+    for region in spurious:
+        mass = side["mass"][region]
+        row[f"mass_{region}"] = mass["mean"]
+        row[f"mass_{region}_low"] = mass["low"]
+        row[f"mass_{region}_high"] = mass["high"]
+    rows.append(row)
+classes = pd.DataFrame(rows)
+order = st.selectbox("Sort by", ["severity", "q-value", "effect size", "class"])
+if order == "severity":
+    classes = classes.sort_values(
+        ["severity", "q_value"],
+        key=lambda c: c.map(SEVERITY) if c.name == "severity" else c,
+        ascending=[False, True],
+    )
+elif order == "q-value":
+    classes = classes.sort_values("q_value", na_position="last")
+elif order == "effect size":
+    classes = classes.sort_values("effect_ci_low", ascending=False, na_position="last")
+else:
+    classes = classes.sort_values("class")
+st.dataframe(
+    classes,
+    hide_index=True,
+    width="stretch",
+    column_config={
+        "q_value": st.column_config.NumberColumn(format="%.1e"),
+        "accuracy": st.column_config.NumberColumn(format="%.2f"),
+        "precision": st.column_config.NumberColumn(format="%.2f"),
+    },
+)
+
+for region in spurious:
+    st.subheader(f"Mass on {escape_markdown(region)} with 95% CI")
+    data = classes.rename(
+        columns={
+            f"mass_{region}": "mass",
+            f"mass_{region}_low": "low",
+            f"mass_{region}_high": "high",
+        }
+    )
+    sort = data["class"].tolist()
+    bars = (
+        alt.Chart(data)
+        .mark_bar()
+        .encode(
+            x=alt.X("mass:Q", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("class:N", sort=sort),
+            color=alt.Color("status:N"),
+        )
+    )
+    whiskers = (
+        alt.Chart(data).mark_rule().encode(x="low:Q", x2="high:Q", y=alt.Y("class:N", sort=sort))
+    )
+    st.altair_chart(bars + whiskers, width="stretch")
+
+st.subheader("Slices")
+groups = pd.DataFrame(result["slices"]["groups"])
+if len(groups):
+    slices = groups[groups["kind"] == "slice"]
+    tests = pd.DataFrame(result["slices"]["tests"])
+    columns = ["attribute", "value", "n", "accuracy", "worst_group_accuracy"]
+    columns += [c for c in (f"mass_{r}" for r in spurious) if c in slices.columns]
+    shown = slices[columns]
+    if len(tests):
+        flagged = tests.groupby(["attribute", "value"])["flagged"].any().rename("flagged")
+        shown = shown.merge(flagged, on=["attribute", "value"], how="left")
+    st.dataframe(shown, hide_index=True, width="stretch")
+else:
+    st.caption("This dataset has no slice attributes.")

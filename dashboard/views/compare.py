@@ -1,0 +1,34 @@
+"""Compare: two runs side by side, new and resolved flags, per-class deltas."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from audit.compare import compare_runs
+from dashboard.store import list_runs, store_path
+
+store = store_path()
+st.title("Compare runs")
+runs = list_runs(str(store))
+complete = runs[runs["outcome"] != "n/a"]["run_id"].tolist() if len(runs) else []
+if len(complete) < 2:
+    st.info("The store needs at least two finished runs to compare.")
+    st.stop()
+left, right = st.columns(2)
+old = left.selectbox("Earlier run", complete, index=1)
+new = right.selectbox("Later run", complete, index=0)
+result = compare_runs(Path(store) / old, Path(store) / new)
+left.metric("Outcome", result["old_outcome"])
+right.metric("Outcome", result["new_outcome"])
+st.subheader("New flags")
+st.dataframe(
+    [{"flag": flag, "severity": severity} for flag, severity in result["new_flags"].items()],
+    hide_index=True,
+)
+st.subheader("Resolved flags")
+st.dataframe(
+    [{"flag": flag, "severity": severity} for flag, severity in result["resolved_flags"].items()],
+    hide_index=True,
+)
+st.subheader("Per-class deltas of spurious mass")
+st.dataframe(result["deltas"], hide_index=True, width="stretch")
