@@ -28,7 +28,8 @@ def format_summary(images: pd.DataFrame, manifest: dict) -> str:
     lines = [
         f"run {manifest['run_id']}: {counts['rows']} rows, {counts['ok']} audited, "
         f"{counts['skipped']} skipped; layer {manifest['model']['layer']}, "
-        f"{manifest['model']['method']}, {manifest['timings']['total_seconds']:.1f} s",
+        f"{manifest['model']['method']}, {manifest['timings']['total_seconds']:.1f} s "
+        f"(audit pass {manifest['timings']['pass_seconds']:.1f} s)",
     ]
     for reason, count in list(counts["skip_reasons"].items())[:8]:
         lines.append(f"  skipped {count:>5d} x {reason}")

@@ -178,11 +178,15 @@ def forward_runner(model: keras.Model, loader: Loader):
     return run
 
 
+PASS_RATES: list[float] = []  # images/s of each timed run's audit pass (manifest timings)
+
+
 def audit_runner(config: AuditConfig, tag: str):
     runs = iter(range(1_000_000))
 
     def run() -> int:
         result = pipeline.run_audit(with_run_id(config, f"{tag}-{next(runs)}"), progress=False)
+        PASS_RATES.append(len(result.images) / result.manifest["timings"]["pass_seconds"])
         return len(result.images)
 
     return run
@@ -495,8 +499,16 @@ def throughput(args, work: Path) -> None:
         spread = " ".join(f"{v:.0f}" for v in values)
         print(f"{name:36s} {rate:9.1f} {rate / base:9.2f}x   {spread}")
     ratio = statistics.median(rates[names[1]]) / base
-    verdict = "meets" if ratio >= 0.9 else "BELOW"
-    print(f"audit / forward = {ratio:.2f}x ({verdict} the 0.9x target)")
+    # The timed rounds' own audit passes (load -> explain -> measure -> store, with model
+    # loading and tracing), without the analysis and reports that follow them.
+    pass_rate = statistics.median(PASS_RATES[-args.rounds :])
+    print(f"{'  of which the audit pass':36s} {pass_rate:9.1f} {pass_rate / base:9.2f}x")
+    for label, value in (
+        ("whole run / forward", ratio),
+        ("audit pass / forward", pass_rate / base),
+    ):
+        verdict = "meets" if value >= 0.9 else "BELOW"
+        print(f"{label} = {value:.2f}x ({verdict} the 0.9x target)")
 
     total, timings = instrumented_audit(with_run_id(config, f"profile-{time.time_ns()}"))
     rate = count / total
