@@ -67,7 +67,6 @@ def _dashboard(argv: list[str]) -> int:
     parser.add_argument("--address", default="localhost", help="interface to listen on")
     args = parser.parse_args(argv)
     import os
-    import subprocess
     from pathlib import Path
 
     store = Path(args.store).resolve()
@@ -81,9 +80,10 @@ def _dashboard(argv: list[str]) -> int:
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
         "--", "--store", str(store),
     ]  # fmt: skip
-    print(f"Dashboard for {store} on http://{args.address}:{args.port}")
-    environment = os.environ | {"BIAS_AUDIT_STORE": str(store)}
-    return subprocess.call(command, env=environment)
+    print(f"Dashboard for {store} on http://{args.address}:{args.port}", flush=True)
+    os.environ["BIAS_AUDIT_STORE"] = str(store)
+    # Become the Streamlit server (no child process left behind when this one stops).
+    os.execv(sys.executable, command)
 
 
 def _demo(argv: list[str]) -> int:

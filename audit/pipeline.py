@@ -137,47 +137,51 @@ class AuditStep:
         return {key: value.numpy()[:count] for key, value in out.items()}
 
 
-def _records(
-    batch: Batch,
-    out: dict[str, np.ndarray] | None,
+def _chunk_records(
+    measured: list[tuple[Batch, dict[str, np.ndarray]]],
+    skipped: dict[int, str],
     entries: Entries,
     class_names: list[str],
     config: AuditConfig,
 ) -> pd.DataFrame:
-    """One row per entry of the batch: measured rows, then the skipped ones."""
-    table = _measured_rows(batch, out, class_names, config) if out is not None else None
-    skipped = pd.DataFrame(
-        {
-            "row": list(batch.skipped),
-            "status": "skipped",
-            "skip_reason": list(batch.skipped.values()),
-        }
-    )
-    if table is None:
-        table = skipped
-    elif len(skipped):
-        table = pd.concat([table, skipped], ignore_index=True)
+    """One row per entry of a chunk, in row order: measured rows and skipped ones.
+
+    Built once per chunk from plain arrays: per-batch DataFrames cost more than the
+    step's own bookkeeping and hold the GIL the decode threads need.
+    """
+    parts = [_measured_rows(batch, out, class_names, config) for batch, out in measured]
+    frames = []
+    if parts:
+        frames.append(pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
+    if skipped:
+        frames.append(
+            pd.DataFrame(
+                {"row": list(skipped), "status": "skipped", "skip_reason": list(skipped.values())}
+            )
+        )
+    table = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    table = table.sort_values("row", kind="stable").reset_index(drop=True)
     source = entries.table.iloc[table["row"].to_numpy()].reset_index(drop=True)
     keep = [c for c in source.columns if c not in table.columns]
-    return pd.concat([table.reset_index(drop=True), source[keep]], axis=1)
+    return pd.concat([table, source[keep]], axis=1)
 
 
-def _measured_rows(batch, out, class_names, config) -> pd.DataFrame:
+def _measured_rows(batch, out, class_names, config) -> dict[str, np.ndarray]:
     region_names = [region.name for region in config.regions]
     other_prefix = "pred_" if config.model.target == "true" else "true_"
     predictions = out["logits"].argmax(-1)
     frame = {
-        "row": batch.rows,
+        "row": np.asarray(batch.rows, dtype="int64"),
         "label_index": batch.labels,
         "pred": predictions,
-        "pred_label": [class_names[p] for p in predictions],
+        "pred_label": np.asarray(class_names, dtype=object)[predictions],
         "confidence": out["probabilities"].max(-1),
         "correct": predictions == batch.labels,
         "target": out["target"],
         "target_score": np.take_along_axis(out["logits"], out["target"][:, None], 1)[:, 0],
         "cam_total": out["cam_total"],
         "zero_map": out["main_zero_map"],
-        "status": np.where(out["finite"], "ok", "skipped"),
+        "status": np.where(out["finite"], "ok", "skipped").astype(object),
         "skip_reason": np.where(out["finite"], None, "non-finite activations or gradients"),
     }
     for prefix, key, metrics in (("", "main", METRICS), (other_prefix, "other", OTHER_METRICS)):
@@ -185,7 +189,7 @@ def _measured_rows(batch, out, class_names, config) -> pd.DataFrame:
             for metric in metrics:
                 values = out[f"{key}_{metric}"][:, index].astype("float64")
                 frame[f"{prefix}{metric}_{name}"] = np.where(out["finite"], values, np.nan)
-    return pd.DataFrame(frame)
+    return frame
 
 
 def _versions() -> dict:
@@ -324,7 +328,7 @@ def run_audit(
         if chunk not in done
         for position in range(chunk * chunk_rows, min(total, (chunk + 1) * chunk_rows))
     ]
-    tables, cam_rows, cams = [], [], []
+    measured, skipped, cam_rows, cams = [], {}, [], []
     with ThreadPoolExecutor(max_workers=4) as pool:
         for batch in load_batches(
             entries,
@@ -340,16 +344,16 @@ def run_audit(
             out = step(batch) if batch.rows else None
             compute_seconds += time.perf_counter() - tick
             if out is not None:
+                measured.append((batch, out))
                 cam_rows.extend(batch.rows)
                 cams.append(out["cams"])
-            if batch.rows or batch.skipped:
-                tables.append(_records(batch, out, entries, class_names, config))
+            skipped.update(batch.skipped)
             bar.update(len(batch.rows) + len(batch.skipped))
             if batch.chunk_end:
-                rows = pd.concat(tables, ignore_index=True).sort_values("row", kind="stable")
+                rows = _chunk_records(measured, skipped, entries, class_names, config)
                 maps = np.concatenate(cams) if cams else np.zeros((0, 1, 1), "float16")
                 run.write_chunk(batch.chunk, rows, cam_rows, maps)
-                tables, cam_rows, cams = [], [], []
+                measured, skipped, cam_rows, cams = [], {}, [], []
     bar.close()
     images = run.assemble()
     pass_seconds = time.perf_counter() - started

@@ -283,7 +283,7 @@ class Timings:
         self.wrap(RunStore, "write_manifest", "store: manifest json")
         self.wrap_generator(pipeline, "load_batches", "load_batches (waiting on decode)")
         self.wrap_step()
-        self.wrap(pipeline, "_records", "_records (pandas rows)")
+        self.wrap(pipeline, "_chunk_records", "_chunk_records (pandas rows)")
         self.wrap(RunStore, "write_chunk", "store: write_chunk (npz + parquet)")
         self.wrap(RunStore, "assemble", "store: assemble images.parquet")
         # After the measuring pass (present in newer versions of run_audit).
@@ -364,8 +364,8 @@ def piece_rates(config: AuditConfig, model: keras.Model, loader: Loader) -> list
     names = list(loader.class_index)
     pairs = list(zip(batches, outs, strict=True))
     tables = timed(
-        "_records only",
-        lambda: [pipeline._records(b, o, entries, names, config) for b, o in pairs],
+        "_chunk_records only",
+        lambda: [pipeline._chunk_records([pair], {}, entries, names, config) for pair in pairs],
     )
 
     per_chunk = pipeline.BATCHES_PER_CHUNK
