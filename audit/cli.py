@@ -86,6 +86,39 @@ def _dashboard(argv: list[str]) -> int:
     os.execv(sys.executable, command)
 
 
+def _schedule(argv: list[str]) -> int:
+    if not argv or argv[0] != "run":
+        print("usage: bias-audit schedule run CONFIG [--fail-on warn|fail|never]", file=sys.stderr)
+        return EXIT_USAGE
+    from pipelines.scheduled import main as schedule_main
+
+    return schedule_main(argv[1:])
+
+
+def _history(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bias-audit history", description="List the runs in a store with their flags."
+    )
+    parser.add_argument("--store", default="runs")
+    parser.add_argument("--model-line", help="only this model line")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from audit.history import history
+
+    store = Path(args.store)
+    if not store.is_dir():
+        print(f"bias-audit history: store folder not found: {store}", file=sys.stderr)
+        return EXIT_USAGE
+    runs = history(store, args.model_line)
+    if not len(runs):
+        print(f"no finished runs in {store}")
+        return EXIT_OK
+    columns = ["run_id", "model_line", "outcome", "bias_driven", "suspected", "flags"]
+    print(runs[columns].to_string(index=False, max_colwidth=80))
+    return EXIT_OK
+
+
 def _demo(argv: list[str]) -> int:
     from pipelines.demo import main as demo_main
 
@@ -97,6 +130,8 @@ COMMANDS = {
     "report": (_report, "write a run's report (html, md or json)"),
     "compare": (_compare, "compare two runs: per-class deltas, new and resolved flags"),
     "dashboard": (_dashboard, "review runs and record decisions in a Streamlit dashboard"),
+    "schedule": (_schedule, "'schedule run CONFIG': audit every new model version, gate"),
+    "history": (_history, "list the store's runs, flags and decisions"),
     "demo": (_demo, "train a small biased model on generated digits and audit it"),
 }
 

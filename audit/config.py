@@ -24,7 +24,11 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    path: Path = Field(description="The classifier: a .keras or .h5 file.")
+    path: Path | None = Field(
+        None,
+        description="The classifier: a .keras or .h5 file (required unless schedule.models "
+        "names the versions).",
+    )
     layer: str | None = Field(
         None, description="Target layer name or path (outer/inner); null = automatic."
     )
@@ -172,6 +176,19 @@ class PolicySection(_Section):
     )
 
 
+class ScheduleSection(_Section):
+    """Which model versions a scheduled audit covers (``bias-audit schedule run``)."""
+
+    models: Path | list[Path] = Field(
+        description="A folder of model versions (matched by `pattern`, in natural name "
+        "order: v2 before v10), or a list of model files in version order."
+    )
+    pattern: str = Field("*.keras", description="With a folder: which files are versions.")
+    fail_on: Literal["warn", "fail"] | None = Field(
+        "fail", description="Exit 1 when a newly audited version reaches this severity."
+    )
+
+
 class OutputSection(_Section):
     store: Path = Field(Path("runs"), description="The run store folder.")
     run_id: str | None = Field(None, description="Name the run; default: time + config hash.")
@@ -187,10 +204,13 @@ class AuditConfig(_Section):
     metrics: MetricsSection = MetricsSection()
     policy: PolicySection = PolicySection()
     output: OutputSection = OutputSection()
+    schedule: ScheduleSection | None = None
     batch_size: int = Field(32, ge=1, le=4096)
 
     @model_validator(mode="after")
     def _regions_make_sense(self) -> AuditConfig:
+        if self.model.path is None and self.schedule is None:
+            raise ValueError("model.path is required (or schedule.models for scheduled audits)")
         names = [region.name for region in self.regions]
         if len(set(names)) != len(names):
             raise ValueError(f"region names must be unique, got {names}")
@@ -200,7 +220,7 @@ class AuditConfig(_Section):
 
     def fingerprint(self) -> str:
         """A hash of everything that changes the numbers (not where they are stored)."""
-        payload = self.model_dump(mode="json", exclude={"output"})
+        payload = self.model_dump(mode="json", exclude={"output", "schedule"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -236,8 +256,14 @@ def _resolve_paths(config: AuditConfig, base_dir: Path) -> AuditConfig:
         return path if path.is_absolute() else base_dir / path
 
     dataset = config.dataset
+    schedule = config.schedule
+    if schedule is not None:
+        models = schedule.models
+        models = [resolve(m) for m in models] if isinstance(models, list) else resolve(models)
+        schedule = schedule.model_copy(update={"models": models})
     return config.model_copy(
         update={
+            "schedule": schedule,
             "model": config.model.model_copy(update={"path": resolve(config.model.path)}),
             "dataset": dataset.model_copy(
                 update={

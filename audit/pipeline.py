@@ -28,6 +28,7 @@ from audit.analyse import analyse
 from audit.config import AuditConfig, ConfigError
 from audit.data import Batch, Entries, Preprocessor, class_names_for, load_batches, read_entries
 from audit.explain import PREDICTED, GradCAM, pad_batch
+from audit.history import index_run
 from audit.metrics import METRICS, region_metrics
 from audit.models import load_model
 from audit.report import write_reports
@@ -44,6 +45,7 @@ class AuditResult:
     run_dir: Path
     images: pd.DataFrame
     manifest: dict
+    reused: bool = False  # a complete run with the same key was returned, not recomputed
 
 
 # The other target's map (pred_* or true_*) skips rank_acc: it needs a sort of
@@ -274,7 +276,7 @@ def run_audit(
     run, reopened = _open_run(config, run_key, resume)
     chunk_rows = config.batch_size * BATCHES_PER_CHUNK
     if reopened and run.manifest().get("status") == "complete":
-        return AuditResult(run.root, run.images(), run.manifest())
+        return AuditResult(run.root, run.images(), run.manifest(), reused=True)
     if not reopened:
         run.write_manifest(
             {
@@ -385,6 +387,7 @@ def run_audit(
         baseline=None if baseline is None else str(baseline),
     )
     write_reports(run.root)
+    index_run(run.root.parent, run.root)
     manifest = run.update_manifest(
         timings=manifest["timings"] | {"total_seconds": round(time.perf_counter() - started, 3)}
     )

@@ -1,0 +1,90 @@
+"""Scheduled audits of model versions and the run history index."""
+
+import json
+import shutil
+
+import numpy as np
+import yaml
+from conftest import ink_model
+
+from audit.cli import main as cli_main
+from audit.config import load_config
+from audit.decisions import Decision, record_decision
+from audit.history import history
+from pipelines.demo import write_dataset
+from pipelines.demo_data import make_demo_set
+from pipelines.scheduled import model_versions, run_schedule
+
+
+def save_version(folder, name, scale):
+    model = ink_model()
+    dense = model.get_layer("classes")
+    weights, bias = dense.get_weights()
+    dense.set_weights([weights * scale, bias])
+    folder.mkdir(exist_ok=True)
+    model.save(folder / name)
+
+
+def write_config(tmp_path, manifest, models, **schedule):
+    path = tmp_path / "nightly.yaml"
+    config = {
+        "model": {"class_names": [str(d) for d in range(10)]},
+        "dataset": {"manifest": str(manifest)},
+        "output": {"store": str(tmp_path / "runs")},
+        "batch_size": 16,
+        "policy": {"intervention_samples": 20},
+        "schedule": {"models": str(models), **schedule},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_versions_are_audited_once_in_version_order(tmp_path):
+    manifest = write_dataset(make_demo_set(40, seed=4), tmp_path / "data")
+    models = tmp_path / "models"
+    for name, scale in (("ink_v10.keras", 3.0), ("ink_v2.keras", 2.0), ("ink_v1.keras", 1.0)):
+        save_version(models, name, scale)
+    (models / "notes.txt").write_text("not a model")
+    config = load_config(write_config(tmp_path, manifest, models))
+    assert [p.name for p in model_versions(config)] == [
+        "ink_v1.keras",
+        "ink_v2.keras",
+        "ink_v10.keras",
+    ]
+    first = run_schedule(config)
+    assert [r.reused for r in first] == [False, False, False]
+    assert len({r.run_dir for r in first}) == 3
+    again = run_schedule(config)
+    assert [r.reused for r in again] == [True, True, True]  # idempotent: nothing recomputed
+    assert [r.run_dir for r in again] == [r.run_dir for r in first]
+    save_version(models, "ink_v11.keras", 4.0)
+    third = run_schedule(config)
+    assert [r.reused for r in third] == [True, True, True, False]
+    # Each version after the first is compared with its predecessor's run.
+    manifest_v2 = json.loads((first[1].run_dir / "manifest.json").read_text())
+    assert manifest_v2["baseline"] == str(first[0].run_dir)
+    runs = history(tmp_path / "runs")
+    assert len(runs) == 4 and set(runs["model_line"]) == {"ink"}
+    assert np.isfinite(runs["accuracy"]).all()
+
+
+def test_the_schedule_gates_on_new_failures_and_history_shows_decisions(
+    biased_demo, tmp_path, capsys
+):
+    files, _, _ = biased_demo
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(files.model, models / "demo_v1.keras")
+    config = write_config(tmp_path, files.manifest, models, fail_on="fail")
+    assert cli_main(["schedule", "run", str(config)]) == 1  # a new FAIL
+    assert "demo_v1.keras: FAIL (audited" in capsys.readouterr().out
+    assert cli_main(["schedule", "run", str(config)]) == 0  # reused: nothing new fails
+    assert "demo_v1.keras: FAIL (reused" in capsys.readouterr().out
+    store = tmp_path / "runs"
+    (run_dir,) = [p for p in store.iterdir() if p.is_dir()]
+    record_decision(store, Decision("demo", "7", "relabel", "Ada", "", run_dir.name))
+    assert cli_main(["history", "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "class 7 (bias-driven) -> relabel by Ada" in out
+    assert cli_main(["history", "--store", str(tmp_path / "absent")]) == 2
+    assert cli_main(["schedule", "frobnicate"]) == 2
