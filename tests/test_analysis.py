@@ -97,7 +97,7 @@ def test_gates_baselines_and_report_command(biased_demo, tmp_path, capsys):
     assert cli_main([*args, "--fail-on", "fail", "--baseline", "latest"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "7: bias-driven" in out
-    newest = max(p for p in store.iterdir() if p.name != result.run_dir.name)
+    newest = max(p for p in store.iterdir() if p.is_dir() and p.name != result.run_dir.name)
     report = report_of(newest)
     assert report["baseline"] == str(store / result.run_dir.name)
     tests = [t for e in report["classes"] for t in e["tests"]]
