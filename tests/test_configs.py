@@ -76,7 +76,10 @@ def test_every_example_config_loads(path):
     config = load_config(path)
     raw = yaml.safe_load(path.read_text())
     # Relative paths start at the config's folder, the store's default too.
-    assert config.model.path == path.parent / raw["model"]["path"]
+    if "path" in raw["model"]:
+        assert config.model.path == path.parent / raw["model"]["path"]
+    else:  # a scheduled audit: the versions give the model path
+        assert config.schedule.models == path.parent / raw["schedule"]["models"]
     assert config.output.store == path.parent / raw.get("output", {}).get("store", "runs")
 
 
