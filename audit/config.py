@@ -93,6 +93,11 @@ class DatasetSection(_Section):
     label_key: str = "label"
     mask_key: str | None = Field(None, description="With tfds: the mask feature, if any.")
     limit: int | None = Field(None, ge=1, description="Audit only the first N entries.")
+    face_detector: Literal["mtcnn"] | None = Field(
+        None,
+        description="Detect face boxes with MTCNN before the audit (cached per dataset) "
+        "instead of reading face_* columns.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSection:
@@ -111,14 +116,21 @@ class DatasetSection(_Section):
 
 class RegionSection(_Section):
     name: str = Field(description="Column suffix in images.parquet: mass_<name>, ...")
-    source: Literal["mask", "box", "background", "border"] = Field(
-        description="mask: the object mask; box: the bounding box; background: the "
-        "complement of the expected regions; border: a frame of `width` pixels."
+    source: Literal["mask", "box", "face", "background", "border"] = Field(
+        description="mask: the object mask; box: the bounding box; face: the face box (manifest "
+        "face_* columns or dataset.face_detector); background: the complement of the "
+        "expected regions; border: a frame of `width` pixels."
     )
     role: Literal["expected", "spurious"] = "expected"
     dilate: int = Field(0, ge=0, description="Grow the region by this many pixels.")
     box_from_mask: bool = Field(False, description="With source mask: use the mask's box.")
     width: int = Field(4, ge=1, description="With source border: the frame width in pixels.")
+    shape: Literal["box", "ellipse"] = Field(
+        "box", description="With source face: the box, or the ellipse inscribed in it."
+    )
+    hair_band: float = Field(
+        0.0, ge=0, le=1, description="With source face: extend upwards by this share of its height."
+    )
 
     @field_validator("name")
     @classmethod

@@ -22,9 +22,10 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from audit.config import ConfigError, DatasetSection, PreprocessSection, RegionSection
+from audit.faces import FACE_COLUMNS, face_mask
 
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
-SOURCE_COLUMNS = ("path", "label", "mask_path", "mask_rle", *BOX_COLUMNS)
+SOURCE_COLUMNS = ("path", "label", "mask_path", "mask_rle", *BOX_COLUMNS, *FACE_COLUMNS)
 # Columns the audit writes itself; a manifest must not use them for slices.
 RESERVED_COLUMNS = {
     "row",
@@ -253,8 +254,13 @@ def build_regions(
     mask: np.ndarray | None,
     box: np.ndarray | None,
     shape: tuple[int, int],
+    faces: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """The (regions, H, W) stack for one image, from its resized mask and box masks."""
+    """The (regions, H, W) stack for one image, from its resized mask, box and face masks.
+
+    ``faces`` maps face region names to their masks, or to None when the image has
+    no face: an expected face region then skips the row, a spurious one stays empty.
+    """
     built: dict[str, np.ndarray] = {}
     for region in regions:
         if region.source == "mask":
@@ -265,6 +271,12 @@ def build_regions(
             if box is None:
                 raise SkipRow(f"region {region.name!r} needs a box and the row has none")
             area = box
+        elif region.source == "face":
+            area = (faces or {}).get(region.name)
+            if area is None:
+                if region.role == "expected":
+                    raise SkipRow(f"no face found for region {region.name!r}")
+                area = np.zeros(shape, dtype=bool)
         elif region.source == "border":
             area = np.ones(shape, dtype=bool)
             area[region.width : -region.width, region.width : -region.width] = False
@@ -357,8 +369,20 @@ def load_row(
         if not (values[0] < values[2] and values[1] < values[3]):
             raise SkipRow(f"box {values} is empty or inverted (need x_min < x_max, y_min < y_max)")
         box = preprocessor.mask(_box_mask(values, (height, width)))
+    faces = {}
+    if all(_present(row.get(c)) for c in FACE_COLUMNS):
+        face_box = [float(row[c]) for c in FACE_COLUMNS]
+        for region in regions:
+            if region.source == "face":
+                drawn = face_mask(
+                    face_box,
+                    (height, width),
+                    ellipse=region.shape == "ellipse",
+                    hair_band=region.hair_band,
+                )
+                faces[region.name] = preprocessor.mask(drawn)
     stack = build_regions(
-        regions, None if mask is None else preprocessor.mask(mask), box, preprocessor.size
+        regions, None if mask is None else preprocessor.mask(mask), box, preprocessor.size, faces
     )
     return LoadedRow(image=preprocessor.image(pixels), regions=preprocessor.coverage(stack))
 

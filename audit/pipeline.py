@@ -272,6 +272,11 @@ def run_audit(
     size = _input_size(model, config)
     model_hash = file_sha256(Path(config.model.path))
     data_hash = dataset_fingerprint(entries)
+    if config.dataset.face_detector is not None:
+        from audit.faces import with_detected_faces
+
+        cache = Path(config.output.store) / ".cache"
+        entries = with_detected_faces(entries, cache, data_hash, progress=progress)
     run_key = hashlib.sha256(f"{config.fingerprint()}{model_hash}{data_hash}".encode()).hexdigest()
     run, reopened = _open_run(config, run_key, resume)
     chunk_rows = config.batch_size * BATCHES_PER_CHUNK

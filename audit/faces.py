@@ -1,0 +1,97 @@
+"""Face regions: boxes from the manifest or from MTCNN, as masks (box or ellipse).
+
+A face region is ``expected`` for a face-attribute model and ``spurious`` for an
+occupation or scene model (the Grad-CAM paper's doctor/nurse case). Boxes come from
+the manifest's ``face_x_min, face_y_min, face_x_max, face_y_max`` columns (pixels of
+the original image) or, with ``dataset.face_detector: mtcnn``, from MTCNN, whose
+weights ship inside its package. Detection runs batched once per dataset before the
+audit and is cached in the store (``STORE/.cache/faces-<fingerprint>.parquet``);
+images with no face get empty boxes and are recorded, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from audit.store import atomic_write
+
+FACE_COLUMNS = ("face_x_min", "face_y_min", "face_x_max", "face_y_max")
+
+
+def face_mask(
+    box: Sequence[float], shape: tuple[int, int], *, ellipse: bool = False, hair_band: float = 0.0
+) -> np.ndarray:
+    """A face box as a bool mask of ``shape``: the box or its inscribed ellipse.
+
+    ``hair_band`` extends the region upwards by that fraction of the box height (the
+    hair and the top of the head, which detectors leave out).
+    """
+    x_min, y_min, x_max, y_max = (float(v) for v in box)
+    y_min -= hair_band * (y_max - y_min)
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]]
+    ys, xs = ys + 0.5, xs + 0.5  # pixel centres
+    if not ellipse:
+        return (xs >= x_min) & (xs < x_max) & (ys >= y_min) & (ys < y_max)
+    centre_x, centre_y = (x_min + x_max) / 2, (y_min + y_max) / 2
+    radius_x, radius_y = max((x_max - x_min) / 2, 1e-6), max((y_max - y_min) / 2, 1e-6)
+    return ((xs - centre_x) / radius_x) ** 2 + ((ys - centre_y) / radius_y) ** 2 <= 1.0
+
+
+def detect_faces(images: Sequence[np.ndarray], *, min_confidence: float = 0.9) -> list:
+    """The most confident face box ``(x_min, y_min, x_max, y_max)`` per image, or None.
+
+    Uses MTCNN (``pip install mtcnn``; its weights are inside the package).
+    """
+    try:
+        from mtcnn import MTCNN
+    except ImportError:
+        raise ImportError(
+            "face detection needs the mtcnn package: pip install 'bias-audit[faces]'"
+        ) from None
+    detector = MTCNN(device="CPU:0")
+    boxes = []
+    for image in images:
+        found = [
+            face
+            for face in detector.detect_faces(np.asarray(image, dtype="uint8"))
+            if face["confidence"] >= min_confidence
+        ]
+        if not found:
+            boxes.append(None)
+            continue
+        best = max(found, key=lambda face: face["confidence"])
+        x, y, width, height = best["box"]
+        boxes.append((float(x), float(y), float(x + width), float(y + height)))
+    return boxes
+
+
+def with_detected_faces(entries, cache_dir: Path, fingerprint: str, progress: bool = False):
+    """The entries with face columns from MTCNN, detected once and cached per dataset."""
+    from dataclasses import replace
+
+    cache = Path(cache_dir) / f"faces-{fingerprint[:16]}.parquet"
+    if cache.exists():
+        faces = pd.read_parquet(cache)
+    else:
+        rows = []
+        from tqdm.auto import tqdm
+
+        for position in tqdm(range(len(entries.table)), desc="faces", disable=not progress):
+            path = entries.root / str(entries.table.iloc[position]["path"])
+            try:
+                with Image.open(path) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+            except OSError:
+                rows.append(dict.fromkeys(FACE_COLUMNS))  # the audit records the bad image
+                continue
+            (box,) = detect_faces([pixels])
+            rows.append(dict(zip(FACE_COLUMNS, box or (None,) * 4, strict=True)))
+        faces = pd.DataFrame(rows, columns=list(FACE_COLUMNS)).astype("float64")
+        atomic_write(cache, lambda tmp: faces.to_parquet(tmp, index=False))
+    table = entries.table.drop(columns=[c for c in FACE_COLUMNS if c in entries.table])
+    return replace(entries, table=pd.concat([table, faces], axis=1))

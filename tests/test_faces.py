@@ -1,0 +1,96 @@
+"""Face regions: masks from boxes, manifest face columns, MTCNN on a real photo."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ink_model
+
+from audit.config import RegionSection, build_config
+from audit.data import SkipRow, build_regions
+from audit.faces import FACE_COLUMNS, detect_faces, face_mask, with_detected_faces
+from audit.pipeline import run_audit
+from pipelines.demo import write_dataset
+from pipelines.demo_data import make_demo_set
+
+
+def test_face_boxes_ellipses_and_hair_band():
+    box = face_mask((10, 20, 20, 40), (64, 64))
+    assert box.sum() == 10 * 20 and box[20, 10] and not box[19, 10]
+    ellipse = face_mask((10, 20, 20, 40), (64, 64), ellipse=True)
+    assert abs(ellipse.sum() - np.pi * 5 * 10) < 12 and not ellipse[20, 10]
+    band = face_mask((10, 20, 20, 40), (64, 64), hair_band=0.25)
+    assert band.sum() == 10 * 25 and band[15, 12]
+
+
+def test_missing_faces_skip_expected_regions_and_empty_spurious_ones():
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True
+    spurious = [
+        RegionSection(name="object", source="mask"),
+        RegionSection(name="face", source="face", role="spurious"),
+    ]
+    stack = build_regions(spurious, mask, None, (8, 8), {"face": None})
+    assert not stack[1].any()
+    expected = [RegionSection(name="face", source="face", role="expected")]
+    with pytest.raises(SkipRow, match="no face found"):
+        build_regions(expected, None, None, (8, 8), {})
+
+
+def test_manifest_face_columns_become_a_spurious_region(tmp_path):
+    manifest = write_dataset(make_demo_set(24, seed=6), tmp_path / "data")
+    table = pd.read_csv(manifest)
+    table[list(FACE_COLUMNS)] = [0.0, 0.0, 16.0, 16.0]  # a "face" in the top-left corner
+    table.loc[3, list(FACE_COLUMNS)] = np.nan  # no face in this image
+    table.to_csv(manifest, index=False)
+    ink_model().save(tmp_path / "ink.keras")
+    config = build_config(
+        {
+            "model": {"path": str(tmp_path / "ink.keras"), "class_names": list("0123456789")},
+            "dataset": {"manifest": str(manifest)},
+            "output": {"store": str(tmp_path / "runs")},
+            "regions": [
+                {"name": "object", "source": "mask"},
+                {"name": "face", "source": "face", "role": "spurious", "shape": "ellipse"},
+                {"name": "background", "source": "background", "role": "spurious"},
+            ],
+            "policy": {"intervention_samples": 0},
+        }
+    )
+    images = run_audit(config, progress=False).images
+    assert (images["status"] == "ok").all()  # the image without a face is kept
+    np.testing.assert_allclose(images["area_face"].drop(index=3), np.pi * 8 * 8 / 48**2, rtol=0.1)
+    assert images.loc[3, "area_face"] == 0 and np.isnan(images.loc[3, "lift_face"])
+
+
+@pytest.mark.slow
+def test_mtcnn_finds_the_astronauts_face_and_detections_are_cached(tmp_path, monkeypatch):
+    skimage_data = pytest.importorskip("skimage.data")  # a test extra; installed in CI
+    photo = skimage_data.astronaut()  # 512x512, Eileen Collins' face near x 170-230, y 40-130
+    (box,) = detect_faces([photo])
+    x_min, y_min, x_max, y_max = box
+    assert x_min < 200 < x_max and y_min < 90 < y_max
+    assert 30 < x_max - x_min < 150 and 40 < y_max - y_min < 180
+    assert detect_faces([np.full((120, 120, 3), 128, "uint8")]) == [None]  # no face
+
+    from PIL import Image
+
+    from audit.data import Entries
+
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(photo).save(tmp_path / "photos" / "astronaut.png")
+    Image.fromarray(np.full((64, 64, 3), 200, "uint8")).save(tmp_path / "photos" / "wall.png")
+    entries = Entries(
+        pd.DataFrame({"path": ["astronaut.png", "wall.png"], "label": ["a", "b"]}),
+        tmp_path / "photos",
+        "photos",
+    )
+    found = with_detected_faces(entries, tmp_path / "cache", "abc123")
+    assert found.table.loc[0, "face_x_min"] == pytest.approx(x_min)
+    assert found.table.loc[1, list(FACE_COLUMNS)].isna().all()  # recorded, not dropped
+
+    def no_detector(images, **kwargs):
+        raise AssertionError("the cache should answer")
+
+    monkeypatch.setattr("audit.faces.detect_faces", no_detector)
+    again = with_detected_faces(entries, tmp_path / "cache", "abc123")
+    pd.testing.assert_frame_equal(again.table, found.table)
