@@ -241,12 +241,79 @@ def _open_run(config: AuditConfig, run_key: str, resume: bool) -> tuple[RunStore
     return RunStore(store_root / f"{stamp}-{run_key[:8]}"), False
 
 
+@dataclass
+class PassWork:
+    """What an engine needs to measure the rows still to do and write their chunks."""
+
+    config: AuditConfig
+    run: RunStore
+    entries: Entries
+    class_names: list[str]
+    class_index: dict[str, int]
+    preprocessor: Preprocessor
+    chunk_rows: int
+    positions: list[int]
+    progress: bool
+    done_rows: int
+
+    def progress_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.done_rows + len(self.positions),
+            initial=self.done_rows,
+            unit="img",
+            desc="auditing",
+            disable=not self.progress,
+        )
+
+    def write_chunk(self, chunk: int, measured, skipped: dict[int, str]) -> None:
+        """Records and CAMs of one whole chunk, in row order (the same for every engine)."""
+        rows = _chunk_records(measured, skipped, self.entries, self.class_names, self.config)
+        cam_rows = [row for batch, _ in measured for row in batch.rows]
+        cams = [out["cams"] for _, out in measured]
+        maps = np.concatenate(cams) if cams else np.zeros((0, 1, 1), "float16")
+        self.run.write_chunk(chunk, rows, cam_rows, maps)
+
+
+def measure_local(work: PassWork, step: AuditStep) -> float:
+    """The embedded engine: decode threads feed the compiled step; returns compute seconds."""
+    compute_seconds = 0.0
+    measured, skipped = [], {}
+    bar = work.progress_bar()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for batch in load_batches(
+            work.entries,
+            work.positions,
+            class_index=work.class_index,
+            preprocessor=work.preprocessor,
+            regions=work.config.regions,
+            batch_size=work.config.batch_size,
+            pool=pool,
+            chunk_rows=work.chunk_rows,
+        ):
+            tick = time.perf_counter()
+            out = step(batch) if batch.rows else None
+            compute_seconds += time.perf_counter() - tick
+            if out is not None:
+                measured.append((batch, out))
+            skipped.update(batch.skipped)
+            bar.update(len(batch.rows) + len(batch.skipped))
+            if batch.chunk_end:
+                work.write_chunk(batch.chunk, measured, skipped)
+                measured, skipped = [], {}
+    bar.close()
+    return compute_seconds
+
+
 def run_audit(
     config: AuditConfig,
     *,
     resume: bool = False,
     progress: bool = True,
     baseline: Path | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> AuditResult:
     """Audit a dataset as configured and return the stored run.
 
@@ -254,6 +321,7 @@ def run_audit(
     config (or the named ``output.run_id``) instead of starting a new one.
     ``baseline``: a previous run folder; flags then compare each group with itself
     in that run instead of with the other groups.
+    ``engine``: ``local`` (embedded, the default) or ``ray`` (Ray Data; same records).
     """
     started = time.perf_counter()
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
@@ -319,49 +387,32 @@ def run_audit(
     step = AuditStep(cam, config, size)
     preprocessor = Preprocessor(size, config.preprocess, region_size=step.metric_size)
     class_index = {name: index for index, name in enumerate(class_names)}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total,
-        unit="img",
-        desc="auditing",
-        disable=not progress,
-        initial=sum(min(chunk_rows, total - c * chunk_rows) for c in done),
-    )
-    compute_seconds = 0.0
     todo = [
         position
         for chunk in chunks
         if chunk not in done
         for position in range(chunk * chunk_rows, min(total, (chunk + 1) * chunk_rows))
     ]
-    measured, skipped, cam_rows, cams = [], {}, [], []
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for batch in load_batches(
-            entries,
-            todo,
-            class_index=class_index,
-            preprocessor=preprocessor,
-            regions=config.regions,
-            batch_size=config.batch_size,
-            pool=pool,
-            chunk_rows=chunk_rows,
-        ):
-            tick = time.perf_counter()
-            out = step(batch) if batch.rows else None
-            compute_seconds += time.perf_counter() - tick
-            if out is not None:
-                measured.append((batch, out))
-                cam_rows.extend(batch.rows)
-                cams.append(out["cams"])
-            skipped.update(batch.skipped)
-            bar.update(len(batch.rows) + len(batch.skipped))
-            if batch.chunk_end:
-                rows = _chunk_records(measured, skipped, entries, class_names, config)
-                maps = np.concatenate(cams) if cams else np.zeros((0, 1, 1), "float16")
-                run.write_chunk(batch.chunk, rows, cam_rows, maps)
-                measured, skipped, cam_rows, cams = [], {}, [], []
-    bar.close()
+    work = PassWork(
+        config=config,
+        run=run,
+        entries=entries,
+        class_names=class_names,
+        class_index=class_index,
+        preprocessor=preprocessor,
+        chunk_rows=chunk_rows,
+        positions=todo,
+        progress=progress,
+        done_rows=total - len(todo),
+    )
+    if engine == "local":
+        compute_seconds = measure_local(work, step)
+    elif engine == "ray":
+        from pipelines.ray_engine import measure_ray
+
+        compute_seconds = measure_ray(work, ray_address=ray_address)
+    else:
+        raise ConfigError(f"unknown engine {engine!r}; use local or ray")
     images = run.assemble()
     pass_seconds = time.perf_counter() - started
     analyse(

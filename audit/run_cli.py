@@ -70,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="audit only the first N entries")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument(
+        "--engine", choices=["local", "ray"], default="local", help="where the audit pass runs"
+    )
+    p.add_argument("--ray-address", help="a Ray cluster to join (default: start a local one)")
+    p.add_argument(
         "--baseline",
         help="compare each group with itself in this run folder, or 'latest' (the newest "
         "complete run in the store)",
@@ -103,7 +107,12 @@ def main(argv: list[str]) -> int:
         baseline = _baseline(args.baseline, Path(config.output.store))
         try:
             result = run_audit(
-                config, resume=args.resume, progress=not args.no_progress, baseline=baseline
+                config,
+                resume=args.resume,
+                progress=not args.no_progress,
+                baseline=baseline,
+                engine=args.engine,
+                ray_address=args.ray_address,
             )
         except (ModelStructureError, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
