@@ -204,6 +204,9 @@ class ScheduleSection(_Section):
 class OutputSection(_Section):
     store: Path = Field(Path("runs"), description="The run store folder.")
     run_id: str | None = Field(None, description="Name the run; default: time + config hash.")
+    mlflow: bool = Field(
+        False, description="Log verdicts and reports to MLflow (needs the mlflow package)."
+    )
 
 
 class AuditConfig(_Section):

@@ -444,6 +444,10 @@ def run_audit(
     )
     write_reports(run.root)
     index_run(run.root.parent, run.root)
+    if config.output.mlflow:
+        from audit.mlflow_log import log_run
+
+        log_run(run.root)
     manifest = run.update_manifest(
         timings=manifest["timings"] | {"total_seconds": round(time.perf_counter() - started, 3)}
     )

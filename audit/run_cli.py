@@ -43,6 +43,8 @@ def overrides_from(args: argparse.Namespace) -> dict:
     put("dataset", "limit", args.limit)
     put("output", "store", args.out and str(Path(args.out).resolve()))
     put("output", "run_id", args.run_id)
+    if args.mlflow:
+        put("output", "mlflow", True)
     if args.size is not None:
         put("preprocess", "size", list(args.size))
     if args.batch_size is not None:
@@ -87,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
         "--unsafe-model", action="store_true", help="load models with code (trusted files only)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mlflow", action="store_true", help="log the run to MLflow (output.mlflow)")
     return p
 
 
