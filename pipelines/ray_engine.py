@@ -3,8 +3,8 @@
 ``bias-audit run ... --engine ray [--ray-address ADDR]`` (or ``run_audit(config,
 engine="ray")``):
 
-1. a CPU stage decodes and preprocesses each row (``Dataset.map``), carrying skipped
-   rows along with their reason;
+1. a CPU stage decodes and preprocesses the rows (``map_batches`` on a pool of
+   decoder actors), carrying skipped rows along with their reason;
 2. an actor class holds the model and the compiled step (``map_batches`` with the
    config's batch size, ``concurrency`` actors, ``num_gpus`` when the cluster has
    GPUs) and returns every row's outputs;
@@ -28,7 +28,7 @@ from audit.pipeline import AuditStep, PassWork
 
 
 class _Decode:
-    """Ray CPU stage: one manifest row -> preprocessed image and regions, or a skip."""
+    """Ray CPU stage: manifest rows -> preprocessed images and regions, or skips."""
 
     def __init__(self, work: PassWork) -> None:
         self.entries = work.entries
@@ -40,27 +40,24 @@ class _Decode:
         self.blank_image = np.zeros((height, width, 3), "float32")
         self.blank_regions = np.zeros((len(self.regions), region_height, region_width), "float32")
 
-    def __call__(self, item: dict) -> dict:
-        position = int(item["position"])
+    def __call__(self, batch: dict) -> dict:
+        rows = [self._one(int(position)) for position in batch["position"]]
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+    def _one(self, position: int) -> dict:
         row = self.entries.table.iloc[position].to_dict()
         label = self.class_index.get(row["label"])
-        result = {"position": position, "label": -1, "reason": ""}
+        blank = {"label": -1, "image": self.blank_image, "regions": self.blank_regions}
         if label is None:
             reason = f"label {row['label']!r} is not one of the model's classes"
-            return result | {
-                "reason": reason,
-                "image": self.blank_image,
-                "regions": self.blank_regions,
-            }
+            return {"position": position, "reason": reason, **blank}
         try:
             loaded = load_row(row, self.entries, self.preprocessor, self.regions)
         except SkipRow as reason:
-            return result | {
-                "reason": str(reason),
-                "image": self.blank_image,
-                "regions": self.blank_regions,
-            }
-        return result | {
+            return {"position": position, "reason": str(reason), **blank}
+        return {
+            "position": position,
+            "reason": "",
             "label": label,
             "image": loaded.image,
             "regions": loaded.regions.astype("float32"),
@@ -117,7 +114,13 @@ def measure_ray(work: PassWork, *, ray_address: str | None = None) -> float:
     context.enable_progress_bars = work.progress
     gpus = int(ray.cluster_resources().get("GPU", 0))
     dataset = ray.data.from_items([{"position": p} for p in work.positions])
-    decoded = dataset.map(_Decode, fn_constructor_args=(work,), concurrency=2)
+    decoded = dataset.map_batches(
+        _Decode,
+        fn_constructor_args=(work,),
+        batch_size=work.config.batch_size,
+        concurrency=2,
+        batch_format="numpy",
+    )
     measured = decoded.map_batches(
         _Measure,
         fn_constructor_args=(work.config.model_dump_json(), work.preprocessor.size),
