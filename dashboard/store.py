@@ -124,3 +124,13 @@ def selected_run(store: Path) -> str | None:
     current = st.session_state.get("run_id")
     index = options.index(current) if current in options else 0
     return st.sidebar.selectbox("Run", options, index=index, key="run_id")
+
+
+def current_run() -> tuple[Path, str, dict]:
+    """The store, the run chosen in the sidebar and its report; stops the page if none."""
+    store = store_path()
+    run = selected_run(store)
+    if run is None:
+        st.info(f"No audit runs in {store} yet: run `bias-audit run` or `bias-audit demo`.")
+        st.stop()
+    return store, run, report(str(store), run)

@@ -7,16 +7,11 @@ import streamlit as st
 from PIL import Image
 
 from audit.overlay import colorize
-from dashboard.store import report, selected_run, store_path, table, thumbnail
+from dashboard.store import current_run, table, thumbnail
 
 PAGE_SIZE = 12
 
-store = store_path()
-run = selected_run(store)
-if run is None:
-    st.info(f"No audit runs in {store} yet.")
-    st.stop()
-result = report(str(store), run)
+store, run, result = current_run()
 st.title("Class detail")
 names = [entry["class_name"] for entry in result["classes"]]  # sorted by severity
 name = st.selectbox("Class", names)

@@ -4,16 +4,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard.store import escape_markdown, report, selected_run, store_path
+from dashboard.store import current_run, escape_markdown
 
 SEVERITY = {"fail": 2, "warn": 1, "none": 0}
 
-store = store_path()
-run = selected_run(store)
-if run is None:
-    st.info(f"No audit runs in {store} yet.")
-    st.stop()
-result = report(str(store), run)
+store, run, result = current_run()
 st.title("Classes")
 st.caption(f"Run {escape_markdown(run)}: outcome {result['outcome']}")
 spurious = [r["name"] for r in result["regions"] if r["role"] == "spurious"]

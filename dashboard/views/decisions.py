@@ -6,14 +6,9 @@ import pandas as pd
 import streamlit as st
 
 from audit.decisions import CHOICES, Decision, model_line, read_decisions, record_decision
-from dashboard.store import report, selected_run, store_path
+from dashboard.store import current_run
 
-store = store_path()
-run = selected_run(store)
-if run is None:
-    st.info(f"No audit runs in {store} yet.")
-    st.stop()
-result = report(str(store), run)
+store, run, result = current_run()
 line = model_line(result["model"]["path"])
 st.title("Decisions")
 flagged = [e["class_name"] for e in result["classes"] if e["status"] != "ok"]
