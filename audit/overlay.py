@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -50,3 +52,33 @@ def overlay(
         )
         blended[mask & ~interior] = 1.0
     return Image.fromarray((blended * 255).round().astype("uint8"))
+
+
+def stored_overlay(
+    dataset: dict, path: str, mask_path, cam: np.ndarray | None, max_side: int | None = None
+) -> Image.Image | None:
+    """A stored CAM over its dataset image, outlined by the row's mask file if it has one.
+
+    ``dataset`` is a run manifest's ``dataset`` section (``root``, ``mask_root``);
+    ``max_side`` shrinks the image to a thumbnail first. Returns None when the image
+    cannot be read, and the plain image when there is no CAM.
+    """
+    root = Path(dataset["root"])
+    try:
+        with Image.open(root / path) as source:
+            picture = source.convert("RGB")
+    except OSError:
+        return None
+    if max_side is not None:
+        picture.thumbnail((max_side, max_side))
+    if cam is None:
+        return picture
+    outline = None
+    if isinstance(mask_path, str) and mask_path:
+        try:
+            with Image.open(Path(dataset.get("mask_root") or root) / mask_path) as mask:
+                outline = np.asarray(mask.convert("L").resize(picture.size, Image.NEAREST)) > 0
+        except OSError:
+            outline = None
+    pixels = np.asarray(picture, "float32") / 255
+    return overlay(pixels, cam.astype("float32"), outline=outline)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from audit.analyse import SEVERITY_ORDER, class_verdicts, overall_severity, read_analysis
 from audit.decisions import CHOICES, latest_decisions, model_line
-from audit.overlay import colorize, overlay
+from audit.overlay import colorize, stored_overlay
 from audit.store import RunStore, atomic_write, write_json
 
 SCHEMA_VERSION = 1
@@ -57,6 +57,7 @@ def build_report(run_dir: Path) -> dict:
     run = RunStore(run_dir)
     manifest = run.manifest()
     analysis = read_analysis(run_dir)
+    images = run.images()
     class_names = manifest["class_names"]
     verdicts = class_verdicts(analysis, class_names)
     groups = analysis.groups
@@ -100,14 +101,13 @@ def build_report(run_dir: Path) -> dict:
             {k: v for k, v in record.items() if k not in ("mean_map", "members")}
             for record in _records(strategies)
         ]
-        entry["examples"] = _worst_examples(run, index, regions, manifest)
+        entry["examples"] = _worst_examples(images, index, regions, manifest)
         classes.append(entry)
     classes.sort(key=lambda c: (-SEVERITY_ORDER[c["severity"]], c["class_index"]))
     flags = analysis.flags
     slice_tests = flags[flags["kind"] == "slice"] if len(flags) else flags
     slice_groups = groups[groups["kind"].isin(["slice", "class_slice"])] if len(groups) else groups
     severity = overall_severity(verdicts, flags)
-    images = run.images()
     ok = images[images["status"] == "ok"]
     return _clean(
         {
@@ -136,9 +136,10 @@ def build_report(run_dir: Path) -> dict:
     )
 
 
-def _worst_examples(run: RunStore, index: int, regions: list[str], manifest: dict) -> list[dict]:
+def _worst_examples(
+    images: pd.DataFrame, index: int, regions: list[str], manifest: dict
+) -> list[dict]:
     """The class's correctly predicted rows with the most spurious mass."""
-    images = run.images()
     spurious = [r["name"] for r in manifest["regions"] if r["role"] == "spurious"]
     rows = images[(images["status"] == "ok") & (images["label_index"] == index)]
     if not spurious or not len(rows):
@@ -254,29 +255,17 @@ def _ci_bar(mean, low, high, label: str) -> str:
     )
 
 
-def _example_thumbnails(run: RunStore, manifest: dict, examples: list[dict]) -> list[str]:
-    if not examples:
-        return []
-    rows, cams = run.cams()
-    position = {int(r): i for i, r in enumerate(rows)}
-    root = Path(manifest["dataset"]["root"])
+def _example_thumbnails(cam_of: dict, manifest: dict, examples: list[dict]) -> list[str]:
     thumbnails = []
     for example in examples:
         row = example["row"]
-        if row not in position:
+        if row not in cam_of:
             continue
-        try:
-            with Image.open(root / example["path"]) as source:
-                image = source.convert("RGB")
-                image.thumbnail((THUMBNAIL, THUMBNAIL))
-                pixels = np.asarray(image, "float32") / 255
-        except OSError:
-            continue
-        picture = overlay(
-            pixels,
-            cams[position[row]].astype("float32"),
-            outline=_outline(manifest, example, image),
+        picture = stored_overlay(
+            manifest["dataset"], example["path"], example.get("mask_path"), cam_of[row], THUMBNAIL
         )
+        if picture is None:
+            continue
         caption = f"row {row}: predicted {example.get('pred_label')}, " + ", ".join(
             f"{k} {v:.2f}" for k, v in example.items() if k.startswith("mass_") and v is not None
         )
@@ -287,20 +276,7 @@ def _example_thumbnails(run: RunStore, manifest: dict, examples: list[dict]) -> 
     return thumbnails
 
 
-def _outline(manifest: dict, example: dict, image: Image.Image) -> np.ndarray | None:
-    """The example's object mask at thumbnail size, when the dataset has mask files."""
-    if not example.get("mask_path"):
-        return None
-    root = Path(manifest["dataset"].get("mask_root") or manifest["dataset"]["root"])
-    try:
-        with Image.open(root / example["mask_path"]) as mask:
-            return np.asarray(mask.convert("L").resize(image.size, Image.NEAREST)) > 0
-    except OSError:
-        return None
-
-
-def _strategy_maps(run_dir: Path, class_index: int) -> list[str]:
-    strategies = read_analysis(run_dir).strategies
+def _strategy_maps(strategies: pd.DataFrame, class_index: int) -> list[str]:
     if not len(strategies):
         return []
     figures = []
@@ -333,6 +309,9 @@ pre{background:#f6f6f6;padding:1rem;overflow:auto}
 def render_html(report: dict, run_dir: Path) -> str:
     run = RunStore(run_dir)
     manifest = run.manifest()
+    rows, cams = run.cams()  # read once for every class's thumbnails
+    cam_of = dict(zip(rows.tolist(), cams, strict=True))
+    all_strategies = read_analysis(run_dir).strategies
     escape = html.escape
     spurious = [r["name"] for r in report["regions"] if r["role"] == "spurious"]
     expected = [r["name"] for r in report["regions"] if r["role"] == "expected"]
@@ -387,10 +366,10 @@ def render_html(report: dict, run_dir: Path) -> str:
                 f"{probe['rate_mixed_rand']:.2f}; BG-gap {probe['bg_gap']:.2f} "
                 f"[{probe['bg_gap_low']:.2f}, {probe['bg_gap_high']:.2f}].</p>"
             )
-        thumbnails = _example_thumbnails(run, manifest, entry["examples"])
+        thumbnails = _example_thumbnails(cam_of, manifest, entry["examples"])
         if thumbnails:
             parts.append("<h4>Most spurious mass</h4>" + "".join(thumbnails))
-        strategies = _strategy_maps(run_dir, entry["class_index"])
+        strategies = _strategy_maps(all_strategies, entry["class_index"])
         if strategies:
             parts.append("<h4>Strategies (CAM clusters)</h4>" + "".join(strategies))
         parts.append("</div>")

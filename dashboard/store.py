@@ -17,7 +17,7 @@ import streamlit as st
 from PIL import Image
 
 from audit.decisions import model_line
-from audit.overlay import overlay
+from audit.overlay import stored_overlay
 from audit.store import RunStore
 
 STORE_VARIABLE = "BIAS_AUDIT_STORE"
@@ -86,33 +86,23 @@ def cams(store: str, run_id: str) -> dict[int, np.ndarray]:
     return dict(zip(rows.tolist(), maps, strict=True))
 
 
+@st.cache_data(show_spinner=False)
+def image_rows(store: str, run_id: str) -> pd.DataFrame:
+    """``images.parquet`` indexed by row, for per-image lookups."""
+    return table(store, run_id, "images").set_index("row")
+
+
 @st.cache_data(show_spinner=False, max_entries=2048)
 def thumbnail(store: str, run_id: str, row: int) -> Image.Image | None:
     """The CAM overlay of one image with its mask outline (made once per run and row)."""
-    manifest = report(store, run_id)
-    images = table(store, run_id, "images").set_index("row")
-    entry = images.loc[row]
-    root = Path(manifest["dataset"]["root"])
-    try:
-        with Image.open(root / entry["path"]) as source:
-            picture = source.convert("RGB")
-            picture.thumbnail((THUMBNAIL, THUMBNAIL))
-    except OSError:
-        return None
-    outline = None
-    mask_path = entry.get("mask_path")
-    if isinstance(mask_path, str) and mask_path:
-        mask_root = Path(manifest["dataset"].get("mask_root") or root)
-        try:
-            with Image.open(mask_root / mask_path) as mask:
-                outline = np.asarray(mask.convert("L").resize(picture.size, Image.NEAREST)) > 0
-        except OSError:
-            outline = None
-    cam = cams(store, run_id).get(int(row))
-    pixels = np.asarray(picture, "float32") / 255
-    if cam is None:
-        return picture
-    return overlay(pixels, cam.astype("float32"), outline=outline)
+    entry = image_rows(store, run_id).loc[row]
+    return stored_overlay(
+        report(store, run_id)["dataset"],
+        entry["path"],
+        entry.get("mask_path"),
+        cams(store, run_id).get(int(row)),
+        THUMBNAIL,
+    )
 
 
 def selected_run(store: Path) -> str | None:

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import numpy as np
 import pandas as pd
 from PIL import Image
 
-from audit.overlay import overlay
+from audit.overlay import stored_overlay
 from audit.pipeline import run_audit
 from audit.run_cli import format_gate
 from audit.summary import format_summary
@@ -127,16 +126,13 @@ def write_overlays(run_dir: Path, out: Path, per_class: int = 3) -> int:
     images = run.images()
     rows, cams = run.cams()
     cam_of = dict(zip(rows.tolist(), cams, strict=True))
-    root = Path(run.manifest()["dataset"]["root"])
+    dataset = run.manifest()["dataset"]
     out.mkdir(parents=True, exist_ok=True)
     written = 0
     for label, group in images[images["status"] == "ok"].groupby("label"):
         for row in group.head(per_class).itertuples():
-            picture = np.asarray(Image.open(root / row.path).convert("RGB"), "float32") / 255
-            mask = np.asarray(Image.open(root / row.mask_path)) > 0
-            overlay(picture, cam_of[row.row].astype("float32"), outline=mask).save(
-                out / f"class_{label}_{row.row:05d}.png"
-            )
+            picture = stored_overlay(dataset, row.path, row.mask_path, cam_of[row.row])
+            picture.save(out / f"class_{label}_{row.row:05d}.png")
             written += 1
     return written
 
