@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
     import json
 
     report = json.loads((result.run_dir / "report.json").read_text())
-    print(format_summary(result.images, result.manifest))
+    print(format_summary(report, result.manifest))
     print(format_gate(report))
     print(f"stored in {result.run_dir} (report.html, report.md, report.json)")
     if args.fail_on and SEVERITY[report["severity"]] >= SEVERITY[args.fail_on]:

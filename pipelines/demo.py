@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  model: {files.model}\n  audit manifest: {files.manifest}")
     print("Auditing the model on the audit set (uniformly drawn backgrounds) ...")
     result = run_audit(demo_config(files, args.out / "runs"), progress=True)
-    print(format_summary(result.images, result.manifest))
     report = json.loads((result.run_dir / "report.json").read_text())
+    print(format_summary(report, result.manifest))
     print(format_gate(report))
     overlays = args.out / "overlays"
     write_overlays(result.run_dir, overlays)
