@@ -6,7 +6,7 @@ audited against the configured dataset with the previous version's run as the
 baseline, unless a complete run with the same run key (model hash, dataset
 fingerprint, config hash) is already in the store: then it is reused, never
 recomputed. Each version is compared with the one before, the reports are written,
-every run is indexed in the store's history, and the command exits with 1 when a
+every run is in the store's history index, and the command exits with 1 when a
 newly audited version reaches ``schedule.fail_on``.
 
 Cron, nightly at 02:00:
@@ -28,7 +28,6 @@ from pathlib import Path
 
 from audit.compare import compare_runs, format_comparison
 from audit.config import AuditConfig, ConfigError, load_config
-from audit.history import index_run
 from audit.pipeline import run_audit
 
 SEVERITY = {"PASS": 0, "WARN": 1, "FAIL": 2}
@@ -76,8 +75,8 @@ def run_schedule(config: AuditConfig, *, progress: bool = False) -> list[Version
         )
         baseline = results[-1].run_dir if results else None
         # resume=True returns a complete run with the same run key as it is.
+        # run_audit indexes the runs it makes; history() catches up on older ones.
         result = run_audit(versioned, resume=True, progress=progress, baseline=baseline)
-        index_run(result.run_dir.parent, result.run_dir)
         outcome = json.loads((result.run_dir / "report.json").read_text())["outcome"]
         results.append(VersionResult(version, result.run_dir, outcome, result.reused))
     return results
