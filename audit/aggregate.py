@@ -27,6 +27,8 @@ GROUP_KINDS = ("true", "pred", "slice", "class_slice")
 MAX_SLICE_VALUES = 50
 # Above this many values a mean's CI uses the normal approximation (see bootstrap_mean_ci).
 NORMAL_APPROXIMATION_ABOVE = 20_000
+# Bootstrap resamples drawn at a time (memory: this many copies of a group).
+RESAMPLE_CHUNK = 100
 
 
 def bootstrap_mean_ci(
@@ -48,12 +50,27 @@ def bootstrap_mean_ci(
         return float(values.mean() - half), float(values.mean() + half)
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
-    for start in range(0, resamples, 100):  # chunks bound memory for large groups
-        stop = min(start + 100, resamples)
-        picks = rng.integers(0, len(values), size=(stop - start, len(values)))
-        means[start:stop] = values[picks].mean(axis=1)
+    for start in range(0, resamples, RESAMPLE_CHUNK):  # chunks bound memory for large groups
+        stop = min(start + RESAMPLE_CHUNK, resamples)
+        means[start:stop] = resampled_means(values, stop - start, rng)
+    return percentile_interval(means, level)
+
+
+def resampled_means(values: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """The means of ``count`` bootstrap resamples of ``values``.
+
+    Above ``NORMAL_APPROXIMATION_ABOVE`` values they are drawn from the normal
+    distribution the bootstrap converges to, instead of resampling millions of rows.
+    """
+    if len(values) > NORMAL_APPROXIMATION_ABOVE:
+        return rng.normal(values.mean(), values.std(ddof=1) / np.sqrt(len(values)), count)
+    return values[rng.integers(0, len(values), size=(count, len(values)))].mean(axis=1)
+
+
+def percentile_interval(draws: np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap draws (the percentile method)."""
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = np.percentile(draws, [tail, 100 - tail])
     return float(low), float(high)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control, mannwhitneyu
 
-from audit.aggregate import Aggregator
+from audit.aggregate import RESAMPLE_CHUNK, Aggregator, percentile_interval, resampled_means
 from audit.config import PolicySection
 
 EXAMPLES_PER_FLAG = 5
@@ -36,21 +36,12 @@ def bootstrap_difference_ci(
     """Percentile bootstrap CI of mean(group) - mean(reference), resampling each side."""
     rng = np.random.default_rng(seed)
     differences = np.empty(resamples)
-    for start in range(0, resamples, 100):
-        stop = min(start + 100, resamples)
+    for start in range(0, resamples, RESAMPLE_CHUNK):
+        stop = min(start + RESAMPLE_CHUNK, resamples)
         size = stop - start
         group_means = group[rng.integers(0, len(group), (size, len(group)))].mean(axis=1)
-        reference_means = _resampled_means(reference, size, rng)
-        differences[start:stop] = group_means - reference_means
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(differences, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def _resampled_means(values: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    if len(values) > 20_000:  # the mean of a large reference is normal; skip the resampling
-        return rng.normal(values.mean(), values.std(ddof=1) / np.sqrt(len(values)), count)
-    return values[rng.integers(0, len(values), (count, len(values)))].mean(axis=1)
+        differences[start:stop] = group_means - resampled_means(reference, size, rng)
+    return percentile_interval(differences, level)
 
 
 def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
