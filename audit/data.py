@@ -404,6 +404,24 @@ class Batch:
     chunk_end: bool = True  # the chunk's last batch
 
 
+def load_entry(
+    entries: Entries,
+    position: int,
+    class_index: dict[str, int],
+    preprocessor: Preprocessor,
+    regions: Sequence[RegionSection],
+) -> tuple[str | None, tuple[int, LoadedRow] | None]:
+    """One entry: ``(None, (label index, loaded row))``, or ``(skip reason, None)``."""
+    row = entries.table.iloc[position].to_dict()
+    label = class_index.get(row["label"])
+    if label is None:
+        return f"label {row['label']!r} is not one of the model's classes", None
+    try:
+        return None, (label, load_row(row, entries, preprocessor, regions))
+    except SkipRow as reason:
+        return str(reason), None
+
+
 def load_batches(
     entries: Entries,
     positions: Sequence[int],
@@ -424,19 +442,12 @@ def load_batches(
     ride along with the batch after which they were found, so the caller records
     every row exactly once.
     """
-    table = entries.table
     height, width = preprocessor.size
     region_height, region_width = preprocessor.region_size or preprocessor.size
 
     def load(position: int):
-        row = table.iloc[position].to_dict()
-        label = class_index.get(row["label"])
-        if label is None:
-            return position, f"label {row['label']!r} is not one of the model's classes", None
-        try:
-            return position, None, (label, load_row(row, entries, preprocessor, regions))
-        except SkipRow as reason:
-            return position, str(reason), None
+        reason, loaded = load_entry(entries, position, class_index, preprocessor, regions)
+        return position, reason, loaded
 
     def emit(items, skipped, chunk, chunk_end):
         return Batch(

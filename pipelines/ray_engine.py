@@ -23,7 +23,7 @@ from collections import defaultdict
 import numpy as np
 
 from audit.config import AuditConfig
-from audit.data import Batch, SkipRow, load_row
+from audit.data import Batch, load_entry
 from audit.pipeline import AuditStep, PassWork
 
 
@@ -45,22 +45,19 @@ class _Decode:
         return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
     def _one(self, position: int) -> dict:
-        row = self.entries.table.iloc[position].to_dict()
-        label = self.class_index.get(row["label"])
-        blank = {"label": -1, "image": self.blank_image, "regions": self.blank_regions}
-        if label is None:
-            reason = f"label {row['label']!r} is not one of the model's classes"
+        reason, loaded = load_entry(
+            self.entries, position, self.class_index, self.preprocessor, self.regions
+        )
+        if loaded is None:
+            blank = {"label": -1, "image": self.blank_image, "regions": self.blank_regions}
             return {"position": position, "reason": reason, **blank}
-        try:
-            loaded = load_row(row, self.entries, self.preprocessor, self.regions)
-        except SkipRow as reason:
-            return {"position": position, "reason": str(reason), **blank}
+        label, row = loaded
         return {
             "position": position,
             "reason": "",
             "label": label,
-            "image": loaded.image,
-            "regions": loaded.regions.astype("float32"),
+            "image": row.image,
+            "regions": row.regions.astype("float32"),
         }
 
 
