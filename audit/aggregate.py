@@ -27,6 +27,8 @@ GROUP_KINDS = ("true", "pred", "slice", "class_slice")
 MAX_SLICE_VALUES = 50
 # Above this many values a mean's CI uses the normal approximation (see bootstrap_mean_ci).
 NORMAL_APPROXIMATION_ABOVE = 20_000
+# A weak-localisation box is correct at this IoU with the true box (ILSVRC).
+LOCALISATION_IOU = 0.5
 # Bootstrap resamples drawn at a time (memory: this many copies of a group).
 RESAMPLE_CHUNK = 100
 
@@ -124,9 +126,16 @@ class Aggregator:
     """Accumulates every group of a run; ``add`` batches of images rows, ``merge``, ``finalize``."""
 
     def __init__(
-        self, region_names: Sequence[str], slice_columns: Sequence[str], target: str = "true"
+        self,
+        region_names: Sequence[str],
+        slice_columns: Sequence[str],
+        target: str = "true",
+        main_map_columns: Sequence[str] = (),
     ) -> None:
         self.region_names = list(region_names)
+        # Main-map extras summarised per group when a run has them: counterfactual
+        # mass per region (cf_mass_*) and weak localisation (loc_iou).
+        self.main_map_columns = list(main_map_columns)
         self.slice_columns = list(slice_columns)
         # Column prefixes of the true-class maps and of the predicted-class maps.
         self.prefixes = (
@@ -142,7 +151,7 @@ class Aggregator:
             for prefix in self.prefixes.values()
             for region in self.region_names
             for metric in ("mass", "lift", "pointing")
-        ]
+        ] + self.main_map_columns
         self.groups: dict[tuple, GroupAccumulator] = {}
         self.keys: dict[tuple, GroupKey] = {}
 
@@ -155,8 +164,6 @@ class Aggregator:
         """
         maps = "true" if kind in ("true", "class_slice") else "pred"
         return f"{self.prefixes[maps]}{metric}_{region}"
-        self.groups: dict[tuple, GroupAccumulator] = {}
-        self.keys: dict[tuple, GroupKey] = {}
 
     def _group(self, key: GroupKey) -> GroupAccumulator:
         identity = key.as_tuple()
@@ -223,11 +230,33 @@ class Aggregator:
                 pointing = values[self.column(key.kind, "pointing", region)][use]
                 pointing = pointing[np.isfinite(pointing)]
                 record[f"pointing_{region}"] = float(pointing.mean()) if len(pointing) else None
+            record.update(_main_map_summary(values, use, correct, self.main_map_columns))
             records.append(record)
         table = pd.DataFrame(records)
         if len(table):
             table = _add_worst_group(table)
         return table
+
+
+def _main_map_summary(values, use, correct, columns) -> dict:
+    """Counterfactual mass means and weak-localisation errors of one group."""
+    summary = {}
+    for column in columns:
+        measured = values[column][use]
+        finite = measured[np.isfinite(measured)]
+        summary[column] = float(finite.mean()) if len(finite) else None
+    if "loc_iou" in columns:
+        iou = values["loc_iou"]
+        located = np.isfinite(iou)
+        hit = located & (np.nan_to_num(iou) >= LOCALISATION_IOU)
+        summary["loc_error"] = (
+            float(1 - hit[use & located].mean()) if (use & located).any() else None
+        )
+        # The ILSVRC top-1 localisation error: wrong class or box IoU below 0.5.
+        summary["top1_loc_error"] = (
+            float(1 - (hit & correct)[located].mean()) if located.any() else None
+        )
+    return summary
 
 
 def _sort_key(identity: tuple) -> tuple:
@@ -264,7 +293,9 @@ def aggregator_for(images: pd.DataFrame, manifest: dict, chunk_rows: int = 50_00
     """An ``Aggregator`` fed with a run's ``images`` table, in chunks."""
     region_names = [region["name"] for region in manifest["regions"]]
     slices = slice_columns_of(images, manifest["dataset"].get("slice_columns", []))
-    aggregator = Aggregator(region_names, slices, manifest["config"]["model"]["target"])
+    extras = [c for c in images.columns if c.startswith("cf_mass_")]
+    extras += ["loc_iou"] if "loc_iou" in images.columns else []
+    aggregator = Aggregator(region_names, slices, manifest["config"]["model"]["target"], extras)
     for start in range(0, len(images), chunk_rows):
         aggregator.add(images.iloc[start : start + chunk_rows])
     return aggregator

@@ -7,6 +7,17 @@ gradients ``G`` of the per-sample target logit with respect to ``A``, both shape
 so maps stay comparable across images and classes.
 
 Adding a method is one function here plus one entry in ``CAM_METHODS``.
+
+Two opt-in methods cost more or ignore the gradients (docs/metrics.md lists the costs):
+
+* ``eigencam`` (Muhammad & Yeasin 2020) is class-agnostic: the activations projected
+  on their first principal component. Same cost as the others (an SVD of an
+  ``(h*w, channels)`` matrix per image).
+* ``scorecam`` (Wang et al. 2020) needs forward passes, not gradients: one masked
+  forward per channel and image (``score_channels`` channels of highest spatial
+  variance, as in Faster Score-CAM, or all of them). It is a ``ScoreCAM`` object with
+  ``needs_forward = True``; the engine passes it the images, the targets and the
+  model's forward function.
 """
 
 from __future__ import annotations
@@ -73,20 +84,99 @@ def layercam(activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
     return tf.nn.relu(tf.reduce_sum(tf.nn.relu(gradients) * activations, axis=-1))
 
 
+def eigencam(activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+    """Eigen-CAM: the centred activations ``(h*w, channels)`` projected on their first
+    principal component. The gradients are ignored (the map is class-agnostic).
+
+    A principal component's sign is arbitrary; it is chosen so that the projection
+    agrees with the total activation (sum over channels), then ReLU as for the others.
+    """
+    del gradients
+    shape = tf.shape(activations)
+    flat = tf.reshape(activations, (shape[0], shape[1] * shape[2], shape[3]))
+    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
+    _, _, v = tf.linalg.svd(centred, full_matrices=False)
+    projection = tf.einsum("bpc,bc->bp", centred, v[:, :, 0])
+    total = tf.reduce_sum(flat, axis=-1)
+    total = total - tf.reduce_mean(total, axis=1, keepdims=True)
+    sign = tf.where(tf.reduce_sum(projection * total, axis=1, keepdims=True) < 0, -1.0, 1.0)
+    return tf.nn.relu(tf.reshape(projection * sign, shape[:3]))
+
+
+class ScoreCAM:
+    """Score-CAM: channel weights from the model's own response to masked inputs.
+
+    For each channel k of the target layer, ``H_k`` is ``A_k`` upsampled to the input
+    and min-max scaled to [0, 1]; its weight is
+    ``softmax(f(X * H_k))[c] - softmax(f(0))[c]``, the gain in class-c probability
+    over a black image; the map is ``ReLU(sum_k w_k A_k)``. ``channels`` limits the
+    sum to the k channels of highest spatial variance per image (Faster Score-CAM);
+    None uses every channel (one forward pass per channel: for 1280 channels, 1280x
+    a plain pass).
+    """
+
+    needs_forward = True
+
+    def __init__(self, channels: int | None = 32) -> None:
+        if channels is not None and channels < 1:
+            raise ValueError(f"score_channels must be at least 1 or None, got {channels}")
+        self.channels = channels
+
+    def __call__(self, activations, gradients, *, images, targets, forward) -> tf.Tensor:
+        del gradients
+        count = activations.shape[-1]
+        if self.channels is not None and self.channels < count:
+            variance = tf.math.reduce_variance(activations, axis=(1, 2))
+            _, picked = tf.math.top_k(variance, k=self.channels)
+            activations = tf.gather(activations, picked, axis=3, batch_dims=1)
+        size = images.shape[1:3]
+        black = tf.nn.softmax(forward(tf.zeros_like(images)))
+        floor = tf.gather(black, targets, axis=1, batch_dims=1)
+
+        def channel_score(index):
+            upsampled = tf.image.resize(activations[..., index : index + 1], size, "bilinear")
+            low = tf.reduce_min(upsampled, axis=(1, 2, 3), keepdims=True)
+            high = tf.reduce_max(upsampled, axis=(1, 2, 3), keepdims=True)
+            mask = tf.math.divide_no_nan(upsampled - low, high - low)
+            probabilities = tf.nn.softmax(forward(images * mask))
+            return tf.gather(probabilities, targets, axis=1, batch_dims=1) - floor
+
+        # One channel at a time (parallel_iterations=1): memory of one forward pass.
+        scores = tf.map_fn(
+            channel_score,
+            tf.range(tf.shape(activations)[-1]),
+            fn_output_signature=tf.float32,
+            parallel_iterations=1,
+        )
+        return _weighted_sum(tf.transpose(scores), activations)
+
+
 CAM_METHODS: dict[str, CamMethod] = {
     "gradcam": gradcam,
     "hirescam": hirescam,
     "gradcam++": gradcam_plus_plus,
     "xgradcam": xgradcam,
     "layercam": layercam,
+    "eigencam": eigencam,
+    "scorecam": ScoreCAM(),
 }
 
 
-def get_cam_method(name: str) -> CamMethod:
-    """Return the CAM function registered under ``name`` (case-insensitive)."""
+def get_cam_method(name: str, *, score_channels: int | None = 32) -> CamMethod:
+    """Return the CAM function registered under ``name`` (case-insensitive).
+
+    ``score_channels``: for ``scorecam``, how many channels to score (None = all).
+    """
     key = name.lower().replace("_", "").replace("-", "")
     aliases = {k.replace("-", ""): k for k in CAM_METHODS} | {"gradcampp": "gradcam++"}
     if key not in aliases:
         known = ", ".join(CAM_METHODS)
         raise ValueError(f"unknown CAM method {name!r}; choose one of: {known}")
+    if aliases[key] == "scorecam":
+        return ScoreCAM(score_channels)
     return CAM_METHODS[aliases[key]]
+
+
+def needs_forward(method: CamMethod) -> bool:
+    """Whether the method scores masked forward passes (Score-CAM) instead of gradients."""
+    return bool(getattr(method, "needs_forward", False))

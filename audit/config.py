@@ -32,7 +32,16 @@ class ModelSection(_Section):
     layer: str | None = Field(
         None, description="Target layer name or path (outer/inner); null = automatic."
     )
-    method: Literal["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam"] = "gradcam"
+    method: Literal[
+        "gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "eigencam", "scorecam"
+    ] = Field(
+        "gradcam",
+        description="The CAM method (docs/metrics.md); eigencam is class-agnostic, scorecam "
+        "costs one forward pass per scored channel.",
+    )
+    score_channels: int | None = Field(
+        32, ge=1, description="With scorecam: channels scored per image (null = all)."
+    )
     target: Literal["true", "predicted"] = Field(
         "true", description="Which class the main map explains; the other is kept as pred_*."
     )
@@ -149,6 +158,13 @@ DEFAULT_REGIONS = (
 class MetricsSection(_Section):
     iou_threshold: float = Field(0.5, gt=0, lt=1, description="IoU binarises at t * max.")
     pointing_tolerance: int = Field(0, ge=0, description="Pointing-game tolerance in pixels.")
+    loc_threshold: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="Weak localisation: the map's box is the largest connected component of "
+        "map >= t * max (the Grad-CAM paper's 15%).",
+    )
     max_side: int = Field(
         64,
         ge=8,

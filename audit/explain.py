@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit.cam_methods import get_cam_method
+from audit.cam_methods import eigencam, get_cam_method, gradcam, needs_forward
 from audit.models import ModelCut, ModelStructureError, cut_model
 
 # Target value meaning "the class the model predicts" inside the compiled step.
@@ -66,6 +66,10 @@ class GradCAM:
         batch_size: images per compiled step; the last batch is padded to it so the
             step is traced once per image shape.
         jit_compile: compile the step with XLA.
+        counterfactual: explain what argues *against* the target (Selvaraju et al.'s
+            counterfactual explanations): the method applied to the negated gradients.
+        score_channels: for ``scorecam``, the number of channels scored per image
+            (highest spatial variance first); None scores all of them.
 
     Scores are logits: a final softmax is bypassed without changing ``model``.
     """
@@ -78,6 +82,8 @@ class GradCAM:
         *,
         batch_size: int = 32,
         jit_compile: bool = False,
+        counterfactual: bool = False,
+        score_channels: int | None = 32,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -85,8 +91,14 @@ class GradCAM:
         self.method = method
         self.batch_size = batch_size
         self.jit_compile = jit_compile
+        self.counterfactual = counterfactual
         self._layer = layer
-        self._cam = get_cam_method(method)
+        self._cam = get_cam_method(method, score_channels=score_channels)
+        if counterfactual and method.lower().replace("-", "") in ("eigencam", "scorecam"):
+            raise ValueError(
+                f"counterfactual maps negate the gradients; {method} does not use gradients "
+                "(use gradcam, hirescam, gradcam++, xgradcam or layercam)"
+            )
         self._cut: ModelCut | None = None
         self._steps: dict[tuple[int, int] | None, tf.types.experimental.GenericFunction] = {}
         if model.built and not (
@@ -141,10 +153,20 @@ class GradCAM:
             "finite": result["finite"][0],
         }
 
-    def cam_batch_many(self, images: tf.Tensor, target_sets: Sequence[tf.Tensor], size=None):
+    def cam_batch_many(
+        self,
+        images: tf.Tensor,
+        target_sets: Sequence[tf.Tensor],
+        size=None,
+        *,
+        with_counterfactual: bool = False,
+    ):
         """Like ``cam_batch`` for several target sets: one forward, one head backward each.
 
         Returns ``logits`` and lists ``maps``, ``targets``, ``finite`` (one per set).
+        ``with_counterfactual`` adds ``counterfactual``: the first set's counterfactual
+        map (the method on the negated gradients; Grad-CAM's formula for eigencam and
+        scorecam, which do not use gradients), at the layer's resolution.
         """
         cut = self._ensure_cut(images.shape[1:])
         activations = cut.activations(images, training=False)
@@ -152,7 +174,10 @@ class GradCAM:
             tape.watch(activations)
             logits = tf.cast(cut.logits(activations, training=False), tf.float32)
             predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            chosen_sets = [tf.where(targets < 0, predicted, targets) for targets in target_sets]
+            chosen_sets = [
+                tf.where(targets < 0, predicted, tf.cast(targets, tf.int32))
+                for targets in target_sets
+            ]
             # Samples are independent at inference, so one backward pass of the
             # summed scores gives every sample's own gradient.
             scores = [
@@ -170,11 +195,27 @@ class GradCAM:
                     "None); choose a layer on the path to the output"
                 )
             gradients = tf.cast(gradients, tf.float32)
+            if self.counterfactual:
+                gradients = -gradients
             finite = tf.logical_and(
                 finite_activations, tf.reduce_all(tf.math.is_finite(gradients), axis=(1, 2, 3))
             )
             keep = finite[:, None, None, None]
-            maps = self._cam(tf.where(keep, activations_32, 0.0), tf.where(keep, gradients, 0.0))
+            safe = (tf.where(keep, activations_32, 0.0), tf.where(keep, gradients, 0.0))
+            if with_counterfactual and not result["maps"]:
+                negated = tf.where(keep, -gradients, 0.0)
+                gradient_free = self._cam is eigencam or needs_forward(self._cam)
+                formula = gradcam if gradient_free else self._cam
+                result["counterfactual"] = formula(safe[0], negated)
+            if needs_forward(self._cam):
+                maps = self._cam(
+                    *safe,
+                    images=images,
+                    targets=chosen_sets[len(result["maps"])],
+                    forward=lambda x: tf.cast(cut.logits(cut.activations(x)), tf.float32),
+                )
+            else:
+                maps = self._cam(*safe)
             if size is not None:
                 maps = tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
             result["maps"].append(maps)

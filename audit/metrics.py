@@ -34,6 +34,23 @@ def _undefined_where(condition: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
     return tf.where(condition, tf.constant(float("nan"), values.dtype), values)
 
 
+def region_mass(maps: tf.Tensor, regions: tf.Tensor) -> tf.Tensor:
+    """``mass`` alone: ``(batch, regions)``, NaN for a zero map (coverage-weighted)."""
+    flat_maps = tf.reshape(tf.cast(maps, tf.float32), (tf.shape(maps)[0], -1))
+    coverage = tf.reshape(
+        tf.cast(regions, tf.float32), (tf.shape(regions)[0], tf.shape(regions)[1], -1)
+    )
+    total = tf.reduce_sum(flat_maps, axis=1)
+    mass = tf.math.divide_no_nan(tf.einsum("bp,brp->br", flat_maps, coverage), total[:, None])
+    return _undefined_where(tf.broadcast_to(~(total > 0)[:, None], tf.shape(mass)), mass)
+
+
+def hot_mask(maps: tf.Tensor, threshold: float) -> tf.Tensor:
+    """``maps >= threshold * max`` per map (all False for a zero map): weak localisation."""
+    peak = tf.reduce_max(maps, axis=(1, 2), keepdims=True)
+    return tf.logical_and(maps >= threshold * peak, peak > 0)
+
+
 def region_metrics(
     maps: tf.Tensor,
     regions: tf.Tensor,

@@ -29,7 +29,7 @@ from audit.config import AuditConfig, ConfigError
 from audit.data import Batch, Entries, Preprocessor, class_names_for, load_batches, read_entries
 from audit.explain import PREDICTED, GradCAM, pad_batch
 from audit.history import index_run
-from audit.metrics import METRICS, region_metrics
+from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
 from audit.models import load_model
 from audit.report import write_reports
 from audit.store import RunStore, file_sha256, latest_run
@@ -67,6 +67,17 @@ def dataset_fingerprint(entries: Entries) -> str:
     return digest.hexdigest()
 
 
+def cam_for(model: keras.Model, config: AuditConfig) -> GradCAM:
+    """The engine as the config asks for it (the same for every audit engine)."""
+    return GradCAM(
+        model,
+        config.model.layer,
+        config.model.method,
+        batch_size=config.batch_size,
+        score_channels=config.model.score_channels,
+    )
+
+
 class AuditStep:
     """The compiled per-batch step of a dataset audit."""
 
@@ -89,8 +100,9 @@ class AuditStep:
         predicted = tf.fill(tf.shape(labels), PREDICTED)
         main_first = self.config.model.target == "true"
         target_sets = [labels, predicted] if main_first else [predicted, labels]
-        out = self.cam.cam_batch_many(images, target_sets)
+        out = self.cam.cam_batch_many(images, target_sets, with_counterfactual=True)
         logits = out["logits"]
+        grid = regions.shape[2:4]
         result = {
             "logits": logits,
             "probabilities": tf.nn.softmax(logits),
@@ -98,10 +110,17 @@ class AuditStep:
             "finite": tf.logical_and(out["finite"][0], out["finite"][1]),
             "cam_total": tf.reduce_sum(out["maps"][0], axis=(1, 2)),
             "cams": self._storable(out["maps"][0]),
+            "cf_total": tf.reduce_sum(out["counterfactual"], axis=(1, 2)),
+            "cf_mass": region_mass(
+                tf.image.resize(out["counterfactual"][..., None], grid, "bilinear")[..., 0],
+                regions,
+            ),
         }
         # The regions arrive on the measuring grid (see metric_size), as coverage.
         for key, maps in zip(("main", "other"), out["maps"], strict=True):
-            upsampled = tf.image.resize(maps[..., None], regions.shape[2:4], method="bilinear")
+            upsampled = tf.image.resize(maps[..., None], grid, method="bilinear")
+            if key == "main":
+                result["loc_hot"] = hot_mask(upsampled[..., 0], self.config.metrics.loc_threshold)
             metrics = region_metrics(
                 upsampled[..., 0],
                 regions,
@@ -136,7 +155,11 @@ class AuditStep:
             tf.convert_to_tensor(labels),
             tf.convert_to_tensor(regions.astype("float32")),
         )
-        return {key: value.numpy()[:count] for key, value in out.items()}
+        result = {key: value.numpy()[:count] for key, value in out.items()}
+        expected = [i for i, region in enumerate(self.config.regions) if region.role == "expected"]
+        # Connected components run on the host, on the measuring grid.
+        result["loc_iou"] = localisation_iou(result.pop("loc_hot"), batch.regions, expected)
+        return result
 
 
 def _chunk_records(
@@ -191,7 +214,50 @@ def _measured_rows(batch, out, class_names, config) -> dict[str, np.ndarray]:
             for metric in metrics:
                 values = out[f"{key}_{metric}"][:, index].astype("float64")
                 frame[f"{prefix}{metric}_{name}"] = np.where(out["finite"], values, np.nan)
+    for index, name in enumerate(region_names):
+        values = out["cf_mass"][:, index].astype("float64")
+        frame[f"cf_mass_{name}"] = np.where(out["finite"], values, np.nan)
+    frame["cf_total"] = out["cf_total"]
+    frame["loc_iou"] = np.where(out["finite"], out["loc_iou"], np.nan)
     return frame
+
+
+def localisation_iou(hot: np.ndarray, regions: np.ndarray, expected: list[int]) -> np.ndarray:
+    """Weak localisation (the Grad-CAM paper's ILSVRC protocol), per image.
+
+    The map's box bounds the largest connected component of ``hot`` (map >= t * max);
+    the true box bounds the expected regions (pixels at least half covered). Returns
+    their box IoU; NaN for a zero map or when there is no expected region.
+    """
+    from scipy import ndimage
+
+    result = np.full(len(hot), np.nan)
+    if not expected:
+        return result
+    truth = (regions[:, expected] >= 0.5).any(axis=1)
+    for index, (mask, target) in enumerate(zip(hot, truth, strict=True)):
+        labelled, count = ndimage.label(mask)
+        if count == 0 or not target.any():
+            continue
+        sizes = np.bincount(labelled.ravel())[1:]
+        found = _box(labelled == 1 + int(sizes.argmax()))
+        result[index] = box_iou(found, _box(target))
+    return result
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1), inclusive-exclusive, of a non-empty mask's pixels."""
+    ys, xs = np.nonzero(mask)
+    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+
+
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """IoU of two (y0, x0, y1, x1) boxes."""
+    height = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    width = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = height * width
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
 
 
 def _versions() -> dict:
@@ -325,7 +391,7 @@ def run_audit(
     """
     started = time.perf_counter()
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
-    cam = GradCAM(model, config.model.layer, config.model.method, batch_size=config.batch_size)
+    cam = cam_for(model, config)
     if config.dataset.tfds is not None:
         from audit.sources import read_tfds
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from audit.config import AuditConfig
 from audit.data import Batch, load_entry
-from audit.pipeline import AuditStep, PassWork
+from audit.pipeline import AuditStep, PassWork, cam_for
 
 
 class _Decode:
@@ -65,12 +65,11 @@ class _Measure:
     """Ray actor: holds the model and the compiled audit step."""
 
     def __init__(self, config_json: str, size: tuple[int, int]) -> None:
-        from audit.explain import GradCAM
         from audit.models import load_model
 
         config = AuditConfig.model_validate_json(config_json)
         model = load_model(config.model.path, safe_mode=config.model.safe_mode)
-        cam = GradCAM(model, config.model.layer, config.model.method, batch_size=config.batch_size)
+        cam = cam_for(model, config)
         self.step = AuditStep(cam, config, tuple(size))
 
     def __call__(self, batch: dict) -> dict:

@@ -83,3 +83,23 @@ def test_coverage_fractions_weigh_mass_and_area():
     np.testing.assert_allclose(out["area"][0, 0], (1 + 15 * 0.25) / 16, rtol=1e-6)
     assert out["pointing"][0, 0] == 1.0  # the peak cell is at least half covered
     np.testing.assert_allclose(out["iou"][0, 0], 1.0)  # hot = {peak} = binary region
+
+
+def test_weak_localisation_takes_the_largest_component_and_compares_boxes():
+    from audit.pipeline import box_iou, localisation_iou
+
+    hot = np.zeros((3, 10, 10), bool)
+    hot[0, 2:6, 2:6] = True  # the object's box exactly ...
+    hot[0, 8, 8] = True  # ... plus a one-pixel blob that is not the largest component
+    hot[1, 0:2, 0:10] = True  # a band at the top: overlaps the object's box partly
+    regions = np.zeros((3, 2, 10, 10), "float32")
+    regions[:, 0, 2:6, 2:6] = 1.0  # expected: the object
+    regions[:, 1] = 1.0 - regions[:, 0]  # spurious: the background
+    regions[2, 0] = 0.0  # no object at all
+    hot[2, 4, 4] = True
+    got = localisation_iou(hot, regions, expected=[0])
+    assert got[0] == 1.0
+    assert got[1] == box_iou((0, 0, 2, 10), (2, 2, 6, 6)) == 0.0
+    assert np.isnan(got[2])
+    assert box_iou((0, 0, 4, 4), (2, 2, 6, 6)) == 4 / 28
+    assert np.isnan(localisation_iou(hot, regions, expected=[])).all()

@@ -66,6 +66,42 @@ def test_a_model_that_looks_at_the_object_scores_high_object_mass(small_dataset,
     rows, cams = RunStore(result.run_dir).cams()
     assert rows.tolist() == list(range(72)) and cams.dtype == np.float16
     assert cams.shape == (72, 16, 16)  # the 48x48 map, capped at metrics.cam_size
+    # With only positive class weights nothing argues against the class: the
+    # counterfactual maps are zero (their mass undefined).
+    assert (images["cf_total"] == 0).all() and images["cf_mass_object"].isna().all()
+    assert images["loc_iou"].between(0, 1).all()
+
+
+def test_weak_localisation_finds_the_digit_box_from_a_coarse_map(small_dataset, tmp_path):
+    """The paper's protocol on generated data with known boxes (the digit's mask box).
+
+    The ink model's map pooled 4x (a 12x12 map, as coarse as a real network's) is one
+    blob over the digit: its 15% box matches the digit's box. The ink model's own
+    full-resolution map is fragmented strokes: its largest component is one stroke.
+    """
+    manifest, ink_path = small_dataset
+    ink = keras.saving.load_model(ink_path)
+    inputs = keras.Input((48, 48, 3))
+    pooled = keras.layers.AveragePooling2D(4, name="coarse")(ink.get_layer("ink")(inputs))
+    head = keras.layers.Dense(10, name="head")
+    coarse = keras.Model(inputs, head(keras.layers.GlobalAveragePooling2D()(pooled)))
+    head.set_weights(ink.get_layer("classes").get_weights())
+    coarse_path = tmp_path / "coarse.keras"
+    coarse.save(coarse_path)
+    results = {
+        name: run_audit(config_for(manifest, path, tmp_path / name), progress=False)
+        for name, path in (("coarse", coarse_path), ("strokes", ink_path))
+    }
+    coarse_iou = results["coarse"].images["loc_iou"]
+    assert coarse_iou.median() > 0.6
+    assert coarse_iou.median() > results["strokes"].images["loc_iou"].median() + 0.2
+    classes = pd.read_parquet(results["coarse"].run_dir / "classes.parquet")
+    assert {"loc_error", "top1_loc_error", "cf_mass_object", "loc_iou"} <= set(classes)
+    true_groups = classes[classes["kind"] == "true"].dropna(subset=["loc_error"])
+    rows = results["coarse"].images
+    for group in true_groups.itertuples():
+        mine = rows[(rows["label_index"] == group.class_index) & rows["correct"]]
+        assert group.loc_error == pytest.approx((mine["loc_iou"] < 0.5).mean())
 
 
 def test_bad_inputs_are_recorded_and_the_audit_goes_on(small_dataset, tmp_path):
