@@ -13,6 +13,7 @@ from audit.compare import compare_runs  # noqa: E402
 from audit.config import AuditConfig, ConfigError, build_config, load_config  # noqa: E402
 from audit.decisions import Decision, read_decisions, record_decision  # noqa: E402
 from audit.explain import PREDICTED, Explanation, GradCAM, zero_maps  # noqa: E402
+from audit.guided import GuidedGradCAM, guided_model  # noqa: E402
 from audit.metrics import region_metrics  # noqa: E402
 from audit.models import ModelCut, ModelStructureError, cut_model, load_model  # noqa: E402
 from audit.pipeline import AuditResult, run_audit  # noqa: E402
@@ -30,11 +31,13 @@ __all__ = [
     "Decision",
     "Explanation",
     "GradCAM",
+    "GuidedGradCAM",
     "ModelCut",
     "ModelStructureError",
     "build_config",
     "compare_runs",
     "cut_model",
+    "guided_model",
     "export_tf_dataset",
     "get_cam_method",
     "load_config",

@@ -7,25 +7,30 @@ Reads ``images.parquet`` and writes, next to it:
     flags.parquet          every statistical test with its q-value, CI and verdict
     interventions.parquet  per class prediction rates under each intervention, BG-gap
     strategies.parquet     per class CAM clusters (SpRAy)
+    trust.json             the trust checks of the maps (docs/trust.md)
+    guided/<row>.png       Guided Grad-CAM pictures of the report's example images
     report.json            the verdicts: the source of truth for every other report
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+import numpy as np
 import pandas as pd
 
 from audit.aggregate import aggregator_for
 from audit.config import AuditConfig
-from audit.data import Entries, Preprocessor
+from audit.data import Entries, Preprocessor, load_entry
 from audit.flags import evaluate_flags
 from audit.probes import run_interventions, sample_rows, summarise_interventions
 from audit.store import RunStore, atomic_write
 
 SEVERITY_ORDER = {"none": 0, "warn": 1, "fail": 2}
+EXAMPLES_PER_CLASS = 4
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,17 @@ class Analysis:
     flags: pd.DataFrame
     interventions: pd.DataFrame
     strategies: pd.DataFrame
+    trust: dict | None = field(default=None)
+
+
+def worst_examples(images: pd.DataFrame, index: int, manifest: dict) -> pd.DataFrame:
+    """The class's audited rows with the most spurious mass (the report's examples)."""
+    spurious = spurious_regions(manifest)
+    rows = images[(images["status"] == "ok") & (images["label_index"] == index)]
+    if not spurious or not len(rows):
+        return rows.iloc[:0]
+    column = f"mass_{spurious[0]}"
+    return rows.sort_values(column, ascending=False, na_position="last").head(EXAMPLES_PER_CLASS)
 
 
 def spurious_regions(manifest: dict) -> list[str]:
@@ -83,9 +99,68 @@ def analyse(
         )
         interventions = summarise_interventions(outcomes, class_names, policy)
     strategies = find_strategies(run, images, manifest, seed=policy.seed)
-    analysis = Analysis(groups, flags, interventions, strategies)
+
+    def load(rows):
+        loaded = [
+            load_entry(entries, row, class_index, preprocessor, config.regions) for row in rows
+        ]
+        return [(row, item) for row, (reason, item) in zip(rows, loaded, strict=True) if item]
+
+    trust = None
+    if config.trust.samples > 0:
+        trust = _trust_checks(model, config, load, images, len(class_names))
+    if config.trust.guided_examples:
+        rows = [
+            int(row)
+            for index in range(len(class_names))
+            for row in worst_examples(images, index, manifest)["row"]
+        ]
+        _write_guided(run, model, config, load(rows))
+    analysis = Analysis(groups, flags, interventions, strategies, trust)
     write_analysis(run, analysis)
     return analysis
+
+
+def _trust_checks(model, config: AuditConfig, load, images: pd.DataFrame, num_classes: int):
+    from audit.explain import GradCAM
+    from audit.trust import run_trust_checks, trust_sample
+
+    loaded = load(trust_sample(images, config.trust.samples, config.policy.seed))
+    if len(loaded) < 2 or num_classes < 2:
+        return None
+    pixels = np.stack([item.image for _, (_, item) in loaded]).astype("float32")
+    labels = np.array([label for _, (label, _) in loaded], dtype="int32")
+    result = run_trust_checks(
+        model,
+        GradCAM.for_config(model, config),
+        pixels,
+        labels,
+        settings=config.trust,
+        num_classes=num_classes,
+        seed=config.policy.seed,
+    )
+    result["rows"] = [row for row, _ in loaded]
+    return result
+
+
+def _write_guided(run: RunStore, model, config: AuditConfig, loaded) -> None:
+    """Guided Grad-CAM of each example row as ``guided/<row>.png`` (grey, input size)."""
+    from PIL import Image
+
+    from audit.guided import GuidedGradCAM, guided_picture
+
+    if not loaded:
+        return
+    guided = GuidedGradCAM(
+        model, config.model.layer, config.model.method, batch_size=config.batch_size
+    )
+    pixels = np.stack([item.image for _, (_, item) in loaded]).astype("float32")
+    labels = np.array([label for _, (label, _) in loaded], dtype="int32")
+    folder = run.root / "guided"
+    folder.mkdir(exist_ok=True)
+    for (row, _), result in zip(loaded, guided.explain(pixels, labels), strict=True):
+        picture = Image.fromarray(guided_picture(result))
+        atomic_write(folder / f"{row}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
 
 
 def write_analysis(run: RunStore, analysis: Analysis) -> None:
@@ -97,6 +172,9 @@ def write_analysis(run: RunStore, analysis: Analysis) -> None:
     ):
         table = _parquet_safe(table)
         atomic_write(run.root / f"{name}.parquet", lambda tmp, t=table: t.to_parquet(tmp))
+    if analysis.trust is not None:
+        text = json.dumps(analysis.trust, indent=2, default=float)
+        atomic_write(run.root / "trust.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def _parquet_safe(table: pd.DataFrame) -> pd.DataFrame:
@@ -116,7 +194,11 @@ def read_analysis(run_dir: Path) -> Analysis:
         path = Path(run_dir) / f"{name}.parquet"
         return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
-    return Analysis(read("classes"), read("flags"), read("interventions"), read("strategies"))
+    trust_path = Path(run_dir) / "trust.json"
+    trust = json.loads(trust_path.read_text()) if trust_path.exists() else None
+    return Analysis(
+        read("classes"), read("flags"), read("interventions"), read("strategies"), trust
+    )
 
 
 def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
@@ -126,6 +208,7 @@ def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
     """
     flags = analysis.flags
     interventions = analysis.interventions
+    untrusted = analysis.trust is not None and analysis.trust.get("verdict") == "untrusted"
     verdicts = []
     for index, name in enumerate(class_names):
         class_flags = (
@@ -167,6 +250,14 @@ def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
             status, severity = "suspected", "warn"
         else:
             status, severity = "ok", "none"
+        confidence = "normal"
+        if heatmap and untrusted:
+            confidence = "low"
+            reasons.append(
+                "low confidence in the heatmap evidence: the maps failed the trust checks ("
+                + "; ".join(analysis.trust["reasons"])
+                + ")"
+            )
         verdicts.append(
             {
                 "class_index": index,
@@ -176,6 +267,7 @@ def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
                 "reasons": reasons,
                 "heatmap_evidence": heatmap,
                 "intervention_evidence": intervention,
+                "confidence": confidence,
             }
         )
     return verdicts

@@ -217,6 +217,35 @@ class ScheduleSection(_Section):
     )
 
 
+class TrustSection(_Section):
+    """Checks of the maps themselves, run per audit on a sample (docs/trust.md)."""
+
+    samples: int = Field(
+        32, ge=0, description="Images (ok rows, spread over classes) checked; 0 turns them off."
+    )
+    steps: int = Field(10, ge=2, le=100, description="Deletion/insertion steps per curve.")
+    baseline: Literal["blur", "mean"] = Field(
+        "blur", description="What deleted pixels become: a blurred copy or the image's mean."
+    )
+    max_correlation: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Randomisation passes when the fully randomised model's maps correlate "
+        "less than this with the trained model's (mean Spearman).",
+    )
+    random_logit_max: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Random-logit passes when a random other class's maps correlate less "
+        "than this (CI upper bound).",
+    )
+    guided_examples: bool = Field(
+        True, description="Guided Grad-CAM pictures for the report's example images."
+    )
+
+
 class OutputSection(_Section):
     store: Path = Field(Path("runs"), description="The run store folder.")
     run_id: str | None = Field(None, description="Name the run; default: time + config hash.")
@@ -234,6 +263,7 @@ class AuditConfig(_Section):
     regions: tuple[RegionSection, ...] = DEFAULT_REGIONS
     metrics: MetricsSection = MetricsSection()
     policy: PolicySection = PolicySection()
+    trust: TrustSection = TrustSection()
     output: OutputSection = OutputSection()
     schedule: ScheduleSection | None = None
     batch_size: int = Field(32, ge=1, le=4096)

@@ -106,6 +106,17 @@ class GradCAM:
         ):
             self._cut = cut_model(model, layer)
 
+    @classmethod
+    def for_config(cls, model: keras.Model, config) -> GradCAM:
+        """The engine as an ``AuditConfig`` asks for it (the same for every audit stage)."""
+        return cls(
+            model,
+            config.model.layer,
+            config.model.method,
+            batch_size=config.batch_size,
+            score_channels=config.model.score_channels,
+        )
+
     @property
     def layer_path(self) -> str:
         """The target layer's path (``outer/inner``); known once the model is built."""

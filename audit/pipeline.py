@@ -67,17 +67,6 @@ def dataset_fingerprint(entries: Entries) -> str:
     return digest.hexdigest()
 
 
-def cam_for(model: keras.Model, config: AuditConfig) -> GradCAM:
-    """The engine as the config asks for it (the same for every audit engine)."""
-    return GradCAM(
-        model,
-        config.model.layer,
-        config.model.method,
-        batch_size=config.batch_size,
-        score_channels=config.model.score_channels,
-    )
-
-
 class AuditStep:
     """The compiled per-batch step of a dataset audit."""
 
@@ -391,7 +380,7 @@ def run_audit(
     """
     started = time.perf_counter()
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
-    cam = cam_for(model, config)
+    cam = GradCAM.for_config(model, config)
     if config.dataset.tfds is not None:
         from audit.sources import read_tfds
 

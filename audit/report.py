@@ -18,7 +18,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from audit.analyse import SEVERITY_ORDER, class_verdicts, overall_severity, read_analysis
+from audit.analyse import (
+    SEVERITY_ORDER,
+    class_verdicts,
+    overall_severity,
+    read_analysis,
+    worst_examples,
+)
 from audit.decisions import CHOICES, latest_decisions, model_line
 from audit.overlay import colorize, stored_overlay
 from audit.store import RunStore, atomic_write, write_json
@@ -26,7 +32,6 @@ from audit.store import RunStore, atomic_write, write_json
 SCHEMA_VERSION = 1
 OUTCOMES = {"none": "PASS", "warn": "WARN", "fail": "FAIL"}
 THUMBNAIL = 96
-EXAMPLES_PER_CLASS = 4
 
 
 def _clean(value):
@@ -80,6 +85,9 @@ def build_report(run_dir: Path) -> dict:
                 "pointing": {r: row.get(f"pointing_{r}") for r in regions},
             }
             view["accuracy" if kind == "true" else "precision"] = row.get("accuracy")
+            view["counterfactual_mass"] = {r: row.get(f"cf_mass_{r}") for r in regions}
+            for name in ("loc_iou", "loc_error", "top1_loc_error"):
+                view[name] = row.get(name)
             entry[key] = view
         entry["n"] = entry["true_label"]["n"]
         entry["accuracy"] = entry["true_label"]["accuracy"]
@@ -132,6 +140,7 @@ def build_report(run_dir: Path) -> dict:
                 "groups": _records(slice_groups),
             },
             "baseline": manifest.get("baseline"),
+            "trust": analysis.trust,
         }
     )
 
@@ -139,13 +148,8 @@ def build_report(run_dir: Path) -> dict:
 def _worst_examples(
     images: pd.DataFrame, index: int, regions: list[str], manifest: dict
 ) -> list[dict]:
-    """The class's correctly predicted rows with the most spurious mass."""
-    spurious = [r["name"] for r in manifest["regions"] if r["role"] == "spurious"]
-    rows = images[(images["status"] == "ok") & (images["label_index"] == index)]
-    if not spurious or not len(rows):
-        return []
-    column = f"mass_{spurious[0]}"
-    rows = rows.sort_values(column, ascending=False, na_position="last").head(EXAMPLES_PER_CLASS)
+    """The class's audited rows with the most spurious mass."""
+    rows = worst_examples(images, index, manifest)
     keep = ["row", "path", "mask_path", "pred_label", "correct", *(f"mass_{r}" for r in regions)]
     return _records(rows[[c for c in keep if c in rows.columns]])
 
@@ -219,6 +223,7 @@ def render_markdown(report: dict) -> str:
                 f"{_md(test['region'])} {_fmt(test['group_mean'])} vs "
                 f"{_fmt(test['reference_mean'])}, q={test['q_value']:.2g} (warn)"
             )
+    lines += _trust_markdown(report.get("trust"))
     policy = report["policy"]
     lines += [
         "",
@@ -226,6 +231,43 @@ def render_markdown(report: dict) -> str:
         f"above {policy.get('effect_floor')}; classes need n >= {policy.get('min_support')}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def trust_lines(trust: dict | None) -> list[str]:
+    """The trust checks as plain sentences (Markdown, HTML and the dashboard use them)."""
+    if not trust:
+        return ["Trust checks were not run (trust.samples: 0)."]
+    randomisation = trust["randomisation"]
+    logit = trust["random_logit"]
+    faith = trust["faithfulness"]
+    stages = ", ".join(
+        f"{stage['layers_randomised']} layers: {stage['correlation']:.2f}"
+        for stage in randomisation["stages"]
+    )
+    return [
+        f"Verdict: {trust['verdict']} ({trust['layer']}, {trust['method']}, "
+        f"{trust['samples']} images).",
+        f"Model-parameter randomisation ({randomisation['status']}): mean Spearman correlation "
+        f"with the trained model's maps after randomising the top layers: {stages}; "
+        f"threshold {randomisation['threshold']}.",
+        f"Random logit ({logit['status']}): a random other class's maps correlate "
+        f"{logit['correlation']:.2f} [{logit['ci'][0]:.2f}, {logit['ci'][1]:.2f}]; "
+        f"threshold {logit['threshold']}.",
+        f"Faithfulness ({faith['status']}, {faith['baseline']} baseline, {faith['steps']} "
+        f"steps): deletion AUC {faith['deletion_auc']:.3f} vs {faith['deletion_auc_random']:.3f}"
+        f" for a random map, insertion AUC {faith['insertion_auc']:.3f} vs "
+        f"{faith['insertion_auc_random']:.3f}; gain {faith['gain']:.3f} "
+        f"[{faith['gain_ci'][0]:.3f}, {faith['gain_ci'][1]:.3f}].",
+        *(f"Reason: {reason}." for reason in trust["reasons"]),
+    ]
+
+
+def _trust_markdown(trust: dict | None) -> list[str]:
+    lines = ["", "### Trust in the maps"]
+    lines += [f"- {_md(line)}" for line in trust_lines(trust)]
+    if trust and trust["verdict"] == "untrusted":
+        lines.append("- **Every heatmap flag above has low confidence.**")
+    return lines
 
 
 # ---------------------------------------------------------------------- html
@@ -255,7 +297,9 @@ def _ci_bar(mean, low, high, label: str) -> str:
     )
 
 
-def _example_thumbnails(cam_of: dict, manifest: dict, examples: list[dict]) -> list[str]:
+def _example_thumbnails(
+    cam_of: dict, manifest: dict, examples: list[dict], run_dir: Path
+) -> list[str]:
     thumbnails = []
     for example in examples:
         row = example["row"]
@@ -273,6 +317,14 @@ def _example_thumbnails(cam_of: dict, manifest: dict, examples: list[dict]) -> l
             f'<figure><img src="{_png_data_uri(picture)}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
+        guided = run_dir / "guided" / f"{row}.png"
+        if guided.exists():
+            with Image.open(guided) as stored:
+                picture = stored.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR)
+            thumbnails.append(
+                f'<figure><img src="{_png_data_uri(picture)}" alt="Guided Grad-CAM, row {row}">'
+                f"<figcaption>row {row}: Guided Grad-CAM</figcaption></figure>"
+            )
     return thumbnails
 
 
@@ -366,13 +418,24 @@ def render_html(report: dict, run_dir: Path) -> str:
                 f"{probe['rate_mixed_rand']:.2f}; BG-gap {probe['bg_gap']:.2f} "
                 f"[{probe['bg_gap_low']:.2f}, {probe['bg_gap_high']:.2f}].</p>"
             )
-        thumbnails = _example_thumbnails(cam_of, manifest, entry["examples"])
+        thumbnails = _example_thumbnails(cam_of, manifest, entry["examples"], run_dir)
         if thumbnails:
             parts.append("<h4>Most spurious mass</h4>" + "".join(thumbnails))
         strategies = _strategy_maps(all_strategies, entry["class_index"])
         if strategies:
             parts.append("<h4>Strategies (CAM clusters)</h4>" + "".join(strategies))
         parts.append("</div>")
+    trust = report.get("trust")
+    parts.append(
+        "<h2>Trust in the maps</h2><ul>"
+        + "".join(f"<li>{escape(line)}</li>" for line in trust_lines(trust))
+        + (
+            "<li><b>Every heatmap flag above has low confidence.</b></li>"
+            if trust and trust["verdict"] == "untrusted"
+            else ""
+        )
+        + "</ul>"
+    )
     slice_groups = [g for g in report["slices"]["groups"] if g["kind"] == "slice"]
     if slice_groups:
         parts.append(

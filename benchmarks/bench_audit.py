@@ -310,6 +310,8 @@ class Timings:
         self.wrap(analysis, "run_interventions", "  (in analyse) run_interventions", nested=True)
         self.wrap("audit.strategies", "find_strategies", "  (in analyse) find_strategies", True)
         self.wrap(analysis, "write_analysis", "  (in analyse) write_analysis", nested=True)
+        self.wrap(analysis, "_trust_checks", "  (in analyse) trust checks", nested=True)
+        self.wrap(analysis, "_write_guided", "  (in analyse) Guided Grad-CAM examples", True)
         self.wrap(pipeline, "write_reports", "write_reports (json, md, html)")
         return self
 

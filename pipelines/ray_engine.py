@@ -24,7 +24,8 @@ import numpy as np
 
 from audit.config import AuditConfig
 from audit.data import Batch, load_entry
-from audit.pipeline import AuditStep, PassWork, cam_for
+from audit.explain import GradCAM
+from audit.pipeline import AuditStep, PassWork
 
 
 class _Decode:
@@ -69,7 +70,7 @@ class _Measure:
 
         config = AuditConfig.model_validate_json(config_json)
         model = load_model(config.model.path, safe_mode=config.model.safe_mode)
-        cam = cam_for(model, config)
+        cam = GradCAM.for_config(model, config)
         self.step = AuditStep(cam, config, tuple(size))
 
     def __call__(self, batch: dict) -> dict:

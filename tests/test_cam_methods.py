@@ -69,7 +69,9 @@ def test_eigencam_recovers_a_planted_component_and_ignores_gradients():
     direction = rng.uniform(0.5, 1.5, size=8).astype("float32")
     activations = pattern[None, :, :, None] * direction + 0.01 * rng.random((1, 6, 6, 8))
     activations = tf.constant(activations.astype("float32"))
-    one = CAM_METHODS["eigencam"](activations, tf.constant(rng.normal(size=(1, 6, 6, 8)), "float32"))
+    one = CAM_METHODS["eigencam"](
+        activations, tf.constant(rng.normal(size=(1, 6, 6, 8)), "float32")
+    )
     other = CAM_METHODS["eigencam"](activations, tf.zeros((1, 6, 6, 8)))
     np.testing.assert_allclose(one.numpy(), other.numpy())
     hot = one.numpy()[0] > 0.5 * one.numpy().max()

@@ -17,7 +17,7 @@ names = [entry["class_name"] for entry in result["classes"]]  # sorted by severi
 name = st.selectbox("Class", names)
 entry = next(e for e in result["classes"] if e["class_name"] == name)
 index = entry["class_index"]
-st.caption(f"Status: {entry['status']}")
+st.caption(f"Status: {entry['status']}, confidence {entry.get('confidence', 'normal')}")
 for reason in entry["reasons"]:
     st.text(reason)
 
@@ -69,6 +69,16 @@ for row in shown.itertuples():
     captions.append(f"row {row.row}: predicted {row.pred_label}, {spurious[0]} mass {mass:.2f}")
 if pictures:
     st.image(pictures, caption=captions, width=160)
+
+guided = [(e["row"], store / run / "guided" / f"{e['row']}.png") for e in entry["examples"]]
+guided = [(row, path) for row, path in guided if path.exists()]
+if guided:
+    st.subheader("Guided Grad-CAM (the report's examples)")
+    st.image(
+        [Image.open(path) for _, path in guided],
+        caption=[f"row {row}" for row, _ in guided],
+        width=160,
+    )
 
 st.subheader("Strategies (CAM clusters)")
 if len(strategies):

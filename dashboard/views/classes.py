@@ -4,6 +4,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from audit.report import trust_lines
 from dashboard.store import current_run, escape_markdown
 
 SEVERITY = {"fail": 2, "warn": 1, "none": 0}
@@ -12,6 +13,12 @@ store, run, result = current_run()
 st.title("Classes")
 st.caption(f"Run {escape_markdown(run)}: outcome {result['outcome']}")
 spurious = [r["name"] for r in result["regions"] if r["role"] == "spurious"]
+trust = result.get("trust")
+with st.expander(f"Trust in the maps: {trust['verdict'] if trust else 'not checked'}"):
+    for line in trust_lines(trust):
+        st.text(line)
+    if trust and trust["verdict"] == "untrusted":
+        st.warning("Every heatmap flag of this run has low confidence.")
 view = st.radio("View", ["true label", "predicted label"], horizontal=True)
 key = "true_label" if view == "true label" else "predicted_label"
 
@@ -32,6 +39,8 @@ for entry in result["classes"]:
         "q_value": min(q_values) if q_values else None,
         "effect_ci_low": max(effects) if effects else None,
         "bg_gap": (entry["interventions"] or {}).get("bg_gap"),
+        "confidence": entry.get("confidence", "normal"),
+        "loc_error": side.get("loc_error"),
         "decision": (entry.get("decision") or {}).get("decision"),
     }
     for region in spurious:

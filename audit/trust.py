@@ -1,0 +1,292 @@
+"""Can the audit's maps be trusted? Three checks on a sample, run per audit.
+
+* **Model-parameter randomisation** (Adebayo et al. 2018): a copy of the model has
+  its weighted layers re-initialised in a cascade from the top (the logits layer)
+  down; after each stage the maps of the sample are compared with the original maps
+  by Spearman rank correlation. Maps that barely change when the weights they should
+  explain are destroyed are edge detectors, not explanations.
+* **Random logit**: the map of a random other class should differ from the map of
+  the explained class (mean Spearman correlation below ``random_logit_max``).
+* **Faithfulness** (deletion and insertion, Petsiuk et al. 2018): pixels are removed
+  most-relevant-first (replaced by a blurred or mean baseline) and the target class's
+  probability is tracked; insertion starts from the baseline and adds them back. The
+  areas under these curves are compared, image by image, with those of a random map:
+  a faithful map deletes faster (lower deletion AUC) and inserts faster (higher
+  insertion AUC). The check passes when the CI of the mean paired gain is above 0.
+
+A check passes, fails, or is inconclusive (too few usable images, or a CI that
+straddles its threshold). The trust verdict is ``trusted`` (all pass), ``untrusted``
+(any fails: every heatmap flag's confidence is then low, and the report says so) or
+``uncertain``.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from scipy import ndimage, stats
+
+from audit.aggregate import bootstrap_mean_ci
+from audit.explain import GradCAM, pad_batch
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each pair of maps; a constant map correlates 0."""
+    out = np.zeros(len(a))
+    for index, (x, y) in enumerate(zip(a, b, strict=True)):
+        x, y = np.ravel(x), np.ravel(y)
+        if np.ptp(x) == 0 or np.ptp(y) == 0:
+            out[index] = 1.0 if np.array_equal(x, y) else 0.0
+            continue
+        out[index] = stats.spearmanr(x, y).statistic
+    return out
+
+
+def _weighted_layers(model) -> list:
+    """Layers with a kernel, nested models flattened, in order from input to output."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found.extend(_weighted_layers(layer))
+        elif (
+            any(hasattr(layer, name) for name in ("kernel", "depthwise_kernel", "pointwise_kernel"))
+            and layer.weights
+        ):
+            found.append(layer)
+    return found
+
+
+def _stage_sizes(count: int) -> list[int]:
+    """Top layers randomised at each stage: the logits layer, then 25/50/100% of all."""
+    sizes = sorted({1, max(1, count // 4), max(1, count // 2), count})
+    return [size for size in sizes if size <= count]
+
+
+def randomisation_check(
+    model: keras.Model,
+    cam: GradCAM,
+    images: np.ndarray,
+    targets: np.ndarray,
+    original: np.ndarray,
+    *,
+    seed: int = 0,
+) -> list[dict]:
+    """Per cascade stage: how many top layers are random and the maps' mean Spearman.
+
+    The first entry (0 layers) compares the unchanged copy with the original maps.
+    Kernels are redrawn from N(0, std of the original kernel), biases set to zero;
+    batch-norm statistics are kept (they would only rescale the activations).
+    """
+    rng = np.random.default_rng(seed)
+    copy = keras.models.clone_model(model, recursive=True)
+    copy.set_weights(model.get_weights())
+    copied = GradCAM(copy, cam.layer_path, cam.method, batch_size=cam.batch_size)
+    layers = _weighted_layers(copy)[::-1]  # top first
+    stages = [{"layers_randomised": 0, "layer": None}]
+    stages[0]["correlation"] = float(
+        spearman_rows(copied.explain(images, targets), original).mean()
+    )
+    done = 0
+    for size in _stage_sizes(len(layers)):
+        for layer in layers[done:size]:
+            for variable in layer.weights:
+                values = np.asarray(variable.numpy())
+                if "bias" in variable.path.split("/")[-1]:
+                    variable.assign(np.zeros_like(values))
+                else:
+                    scale = float(values.std()) or 0.05
+                    variable.assign(rng.normal(0, scale, values.shape).astype(values.dtype))
+        done = size
+        _sync_logit_twin(copied, layers)
+        maps = copied.explain(images, targets)
+        stages.append(
+            {
+                "layers_randomised": size,
+                "layer": layers[size - 1].name,
+                "correlation": float(spearman_rows(maps, original).mean()),
+            }
+        )
+    return stages
+
+
+def _sync_logit_twin(cam: GradCAM, layers: list) -> None:
+    """A softmax layer's linear twin (models.py) holds a copy of its weights: refresh it."""
+    by_name = {layer.name: layer for layer in layers}
+    for part in cam._ensure_cut(None).head_parts:
+        source = by_name.get(part.name.removesuffix("_logits"))
+        if part.name.endswith("_logits") and source is not None:
+            part.set_weights(source.get_weights())
+
+
+def _baseline(images: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "mean":
+        return np.broadcast_to(images.mean(axis=(1, 2), keepdims=True), images.shape).copy()
+    sigma = max(images.shape[1], images.shape[2]) / 16
+    return np.stack(
+        [ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0)) for image in images]
+    ).astype(images.dtype)
+
+
+def deletion_insertion(
+    probability, images, targets, maps, *, steps: int, baseline: str, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deletion and insertion AUC per image for ``maps`` (at the images' size).
+
+    ``probability(batch) -> (batch, classes)`` softmax outputs. Pixels are ranked by
+    the map (ties in a fixed pixel order) and moved in ``steps`` equal portions; the AUC
+    is the trapezoid mean of the target probability over the ``steps + 1`` points.
+    """
+    count, height, width = maps.shape
+    pixels = height * width
+    order = np.argsort(-maps.reshape(count, pixels), axis=1, kind="stable")
+    base = _baseline(images, baseline)
+    curves = {"deletion": np.zeros((count, steps + 1)), "insertion": np.zeros((count, steps + 1))}
+    for step in range(steps + 1):
+        moved = np.zeros((count, pixels), bool)
+        take = round(pixels * step / steps)
+        np.put_along_axis(moved, order[:, :take], True, axis=1)
+        moved = moved.reshape(count, height, width, 1)
+        for name, variant in (
+            ("deletion", np.where(moved, base, images)),
+            ("insertion", np.where(moved, images, base)),
+        ):
+            for start in range(0, count, batch_size):
+                chunk = variant[start : start + batch_size]
+                output = probability(pad_batch(chunk.astype("float32"), batch_size))[: len(chunk)]
+                picked = np.take_along_axis(output, targets[start : start + len(chunk), None], 1)
+                curves[name][start : start + len(chunk), step] = picked[:, 0]
+    return tuple(np.trapezoid(curves[n], dx=1 / steps, axis=1) for n in ("deletion", "insertion"))
+
+
+def run_trust_checks(
+    model: keras.Model,
+    cam: GradCAM,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    settings,
+    num_classes: int,
+    seed: int = 0,
+) -> dict:
+    """Every check on one sample of preprocessed images with their true labels."""
+    rng = np.random.default_rng(seed)
+    original = cam.explain(images, labels)
+    result = {"layer": cam.layer_path, "method": cam.method, "samples": int(len(images))}
+    stages = randomisation_check(model, cam, images, labels, original, seed=seed)
+    final = stages[-1]["correlation"]
+    result["randomisation"] = {
+        "stages": stages,
+        "correlation": final,
+        "threshold": settings.max_correlation,
+        "status": "pass" if final < settings.max_correlation else "fail",
+    }
+    others = (labels + rng.integers(1, num_classes, size=len(labels))) % num_classes
+    correlations = spearman_rows(cam.explain(images, others.astype("int32")), original)
+    low, high = bootstrap_mean_ci(correlations, seed=seed)
+    result["random_logit"] = {
+        "correlation": float(correlations.mean()),
+        "ci": [low, high],
+        "threshold": settings.random_logit_max,
+        "status": _status(high < settings.random_logit_max, low >= settings.random_logit_max),
+    }
+    cut = cam._ensure_cut(None)
+    forward = tf.function(
+        lambda x: tf.nn.softmax(tf.cast(cut.logits(cut.activations(x)), "float32"))
+    )
+
+    def probability(batch):
+        return forward(tf.convert_to_tensor(batch)).numpy()
+
+    size = images.shape[1:3]
+    upsampled = cam.explain(images, labels, size=size)
+    random_maps = rng.random((len(images), *size)).astype("float32")
+    options = {"steps": settings.steps, "baseline": settings.baseline, "batch_size": cam.batch_size}
+    cam_del, cam_ins = deletion_insertion(probability, images, labels, upsampled, **options)
+    rnd_del, rnd_ins = deletion_insertion(probability, images, labels, random_maps, **options)
+    gain = (rnd_del - cam_del) + (cam_ins - rnd_ins)
+    low, high = bootstrap_mean_ci(gain, seed=seed)
+    result["faithfulness"] = {
+        "baseline": settings.baseline,
+        "steps": settings.steps,
+        "deletion_auc": float(cam_del.mean()),
+        "deletion_auc_random": float(rnd_del.mean()),
+        "insertion_auc": float(cam_ins.mean()),
+        "insertion_auc_random": float(rnd_ins.mean()),
+        "gain": float(gain.mean()),
+        "gain_ci": [low, high],
+        "status": _status(low > 0, high < 0),
+    }
+    result["per_class"] = (
+        pd.DataFrame(
+            {
+                "class_index": labels,
+                "deletion_auc": cam_del,
+                "insertion_auc": cam_ins,
+                "deletion_auc_random": rnd_del,
+                "insertion_auc_random": rnd_ins,
+            }
+        )
+        .groupby("class_index")
+        .agg(["mean", "count"])
+        .pipe(_flatten_columns)
+        .reset_index()
+        .to_dict("records")
+    )
+    result.update(trust_verdict(result))
+    return result
+
+
+def _flatten_columns(table: pd.DataFrame) -> pd.DataFrame:
+    table.columns = [
+        "n" if stat == "count" and column == "deletion_auc" else f"{column}"
+        for column, stat in table.columns
+    ]
+    return table.loc[:, ~table.columns.duplicated()]
+
+
+def _status(passed: bool, failed: bool) -> str:
+    return "pass" if passed else "fail" if failed else "inconclusive"
+
+
+CHECKS = ("randomisation", "random_logit", "faithfulness")
+
+
+def trust_verdict(result: dict) -> dict:
+    """``trusted`` / ``untrusted`` / ``uncertain`` with the reasons."""
+    statuses = {check: result[check]["status"] for check in CHECKS}
+    reasons = []
+    if statuses["randomisation"] != "pass":
+        reasons.append(
+            f"maps of the fully randomised model still correlate "
+            f"{result['randomisation']['correlation']:.2f} with the trained model's "
+            f"(threshold {result['randomisation']['threshold']})"
+        )
+    if statuses["random_logit"] != "pass":
+        reasons.append(
+            f"maps of a random other class correlate {result['random_logit']['correlation']:.2f}"
+            f" with the explained class's ({statuses['random_logit']})"
+        )
+    if statuses["faithfulness"] != "pass":
+        ci = result["faithfulness"]["gain_ci"]
+        reasons.append(
+            f"deletion/insertion gain over a random map {result['faithfulness']['gain']:.3f}, "
+            f"CI [{ci[0]:.3f}, {ci[1]:.3f}] ({statuses['faithfulness']})"
+        )
+    if "fail" in statuses.values():
+        verdict = "untrusted"
+    elif "inconclusive" in statuses.values():
+        verdict = "uncertain"
+    else:
+        verdict = "trusted"
+    return {"verdict": verdict, "reasons": reasons}
+
+
+def trust_sample(images: pd.DataFrame, count: int, seed: int) -> list[int]:
+    """Rows for the checks: ok rows, seeded, spread over classes (round robin)."""
+    ok = images[images["status"] == "ok"]
+    shuffled = ok.sample(frac=1.0, random_state=seed)
+    ranked = shuffled.assign(turn=shuffled.groupby("label_index").cumcount())
+    picked = ranked.sort_values(["turn", "label_index"], kind="stable").head(count)
+    return sorted(int(row) for row in picked["row"])

@@ -1,0 +1,148 @@
+"""Guided Grad-CAM and the trust checks of the maps (sanity and faithfulness)."""
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from audit.analyse import Analysis, class_verdicts
+from audit.explain import GradCAM
+from audit.guided import GuidedGradCAM, guided_model, guided_picture
+from audit.trust import randomisation_check, spearman_rows, trust_verdict
+
+
+def _tiny_relu_net():
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((2, 2, 1))
+    hidden = keras.layers.Dense(3, activation="relu", name="hidden")(keras.layers.Flatten()(inputs))
+    grid = keras.layers.Reshape((1, 1, 3), name="grid")(hidden)
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.Flatten()(grid))
+    return keras.Model(inputs, outputs)
+
+
+def test_guided_backprop_matches_the_hand_derived_gradient():
+    model = _tiny_relu_net()
+    images = np.random.default_rng(0).normal(size=(6, 2, 2, 1)).astype("float32")
+    targets = np.array([0, 1, 0, 1, 0, 1])
+    got = GuidedGradCAM(model, layer="grid").guided_backprop(images, targets)
+    w1, b1 = model.get_layer("hidden").get_weights()
+    w2, _ = model.get_layer("out").get_weights()
+    for image, target, gradient in zip(images, targets, got, strict=True):
+        before_relu = image.reshape(-1) @ w1 + b1
+        upstream = w2[:, target]  # d logit / d hidden
+        # Guided rule at the ReLU: pass where its input > 0 AND the gradient > 0.
+        passed = upstream * (before_relu > 0) * (upstream > 0)
+        np.testing.assert_allclose(gradient.reshape(-1), w1 @ passed, atol=1e-6)
+    # The ordinary gradient differs where a negative gradient was blocked.
+    with tf.GradientTape() as tape:
+        tensor = tf.constant(images)
+        tape.watch(tensor)
+        score = tf.reduce_sum(tf.gather(model(tensor), targets, axis=1, batch_dims=1))
+    plain = tape.gradient(score, tensor).numpy()
+    assert not np.allclose(plain, got)
+
+
+def test_guided_clone_leaves_the_model_alone_and_handles_nested_relu6_layers():
+    keras.utils.set_random_seed(1)
+    base = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, include_top=False
+    )
+    model = keras.Sequential(
+        [base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")]
+    )
+    images = np.random.default_rng(2).random((3, 32, 32, 3)).astype("float32")
+    before = model(images).numpy()
+    clone = guided_model(model)
+    np.testing.assert_allclose(clone(images).numpy(), before, rtol=1e-5)  # same forward
+    relus = [layer for layer in base.layers if isinstance(layer, keras.layers.ReLU)]
+    assert relus and all("call" not in vars(layer) for layer in relus)  # originals untouched
+    result = GuidedGradCAM(model).explain(images, np.array([0, 1, 2]))
+    assert result.shape == (3, 32, 32, 3) and np.isfinite(result).all()
+    picture = guided_picture(result[0])
+    assert picture.shape == (32, 32) and picture.dtype == np.uint8
+
+
+def test_randomised_models_give_low_map_correlation_and_the_unchanged_one_scores_1(
+    trained_cnn, digits_images
+):
+    images, labels = digits_images
+    images, labels = images[:24], labels[:24].astype("int32")
+    cam = GradCAM(trained_cnn)
+    original = cam.explain(images, labels)
+    np.testing.assert_allclose(spearman_rows(original, original), 1.0)
+    stages = randomisation_check(trained_cnn, cam, images, labels, original, seed=0)
+    assert stages[0]["layers_randomised"] == 0 and stages[0]["correlation"] == pytest.approx(1.0)
+    # The classifier (a softmax Dense, scored through its linear twin) is randomised first:
+    # the maps must move at once, and end up unrelated to the trained model's.
+    assert stages[1]["layer"] == "classifier" and stages[1]["correlation"] < 0.9
+    assert stages[-1]["correlation"] < 0.5
+    assert [s["layers_randomised"] for s in stages] == sorted(
+        s["layers_randomised"] for s in stages
+    )
+    # The user's model is untouched.
+    np.testing.assert_allclose(cam.explain(images, labels), original)
+
+
+def test_a_failed_check_makes_the_maps_untrusted_and_lowers_flag_confidence():
+    passing = {"status": "pass", "correlation": 0.1, "threshold": 0.5, "stages": []}
+    failing = dict(passing, status="fail", correlation=0.8)
+    faith = {"status": "pass", "gain": 0.3, "gain_ci": [0.2, 0.4]}
+    trust = {"randomisation": failing, "random_logit": passing, "faithfulness": faith}
+    trust.update(trust_verdict(trust))
+    assert trust["verdict"] == "untrusted" and "randomised" in trust["reasons"][0]
+    inconclusive = dict(
+        trust, randomisation=passing, faithfulness=dict(faith, status="inconclusive")
+    )
+    assert trust_verdict(inconclusive)["verdict"] == "uncertain"
+    flags = pd.DataFrame(
+        [
+            {
+                "class_index": 0,
+                "flagged": True,
+                "kind": "true",
+                "statistic": "mass",
+                "region": "background",
+                "group_mean": 0.8,
+                "reference_mean": 0.5,
+                "effect_low": 0.2,
+                "effect_high": 0.4,
+                "q_value": 0.001,
+            }
+        ]
+    )
+    empty = pd.DataFrame()
+    for given, confidence in ((trust, "low"), (None, "normal")):
+        verdicts = class_verdicts(Analysis(empty, flags, empty, empty, given), ["a", "b"])
+        assert verdicts[0]["status"] == "suspected"
+        assert verdicts[0]["confidence"] == confidence
+        assert verdicts[1]["confidence"] == "normal"  # no heatmap flag to downgrade
+    assert (
+        "failed the trust checks"
+        in class_verdicts(Analysis(empty, flags, empty, empty, trust), ["a", "b"])[0]["reasons"][-1]
+    )
+
+
+def test_the_demo_audit_runs_the_checks_and_grad_cam_deletes_faster_than_random(biased_demo):
+    """A trained model with a known object (the demo's digits): per-audit trust checks."""
+    _, _, result = biased_demo
+    trust = json.loads((result.run_dir / "trust.json").read_text())
+    faith = trust["faithfulness"]
+    assert faith["deletion_auc"] < faith["deletion_auc_random"]
+    assert faith["insertion_auc"] > faith["insertion_auc_random"]
+    assert faith["status"] == "pass" and trust["randomisation"]["status"] == "pass"
+    assert trust["random_logit"]["correlation"] < trust["random_logit"]["threshold"]
+    assert trust["verdict"] == "trusted" and len(trust["rows"]) == trust["samples"] == 32
+    assert {entry["class_index"] for entry in trust["per_class"]} == set(range(10))
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["trust"]["verdict"] == "trusted"
+    assert all(entry["confidence"] == "normal" for entry in report["classes"])
+    # Guided Grad-CAM pictures for the report's examples, shown in report.html.
+    example_rows = {e["row"] for entry in report["classes"] for e in entry["examples"]}
+    pictures = {int(p.stem) for p in (result.run_dir / "guided").glob("*.png")}
+    assert example_rows and pictures == example_rows
+    page = (result.run_dir / "report.html").read_text()
+    assert "Guided Grad-CAM" in page and "Trust in the maps" in page
+    assert "Trust in the maps" in (result.run_dir / "report.md").read_text()
