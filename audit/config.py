@@ -221,9 +221,9 @@ class TrustSection(_Section):
     """Checks of the maps themselves, run per audit on a sample (docs/trust.md)."""
 
     samples: int = Field(
-        32, ge=0, description="Images (ok rows, spread over classes) checked; 0 turns them off."
+        16, ge=0, description="Images (ok rows, spread over classes) checked; 0 turns them off."
     )
-    steps: int = Field(10, ge=2, le=100, description="Deletion/insertion steps per curve.")
+    steps: int = Field(8, ge=2, le=100, description="Deletion/insertion steps per curve.")
     baseline: Literal["blur", "mean"] = Field(
         "blur", description="What deleted pixels become: a blurred copy or the image's mean."
     )

@@ -34,4 +34,13 @@ def format_summary(report: dict, manifest: dict) -> str:
         lines.append(f"accuracy {report['accuracy']:.3f}; per class (correct rows):")
         table = class_table(report)
         lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    trust = report.get("trust")
+    if trust:
+        checks = ", ".join(
+            f"{name.replace('_', ' ')} {trust[name]['status']}"
+            for name in ("randomisation", "random_logit", "faithfulness")
+        )
+        lines.append(f"maps: {trust['verdict']} ({checks})")
+        if trust["verdict"] == "untrusted":
+            lines.append("  heatmap flags have low confidence: " + "; ".join(trust["reasons"]))
     return "\n".join(lines)

@@ -85,12 +85,13 @@ def randomisation_check(
     copied = GradCAM(copy, cam.layer_path, cam.method, batch_size=cam.batch_size)
     layers = _weighted_layers(copy)[::-1]  # top first
     stages = [{"layers_randomised": 0, "layer": None}]
+    size = original.shape[1:3]  # the original maps' size (layer or input resolution)
     stages[0]["correlation"] = float(
-        spearman_rows(copied.explain(images, targets), original).mean()
+        spearman_rows(copied.explain(images, targets, size), original).mean()
     )
     done = 0
-    for size in _stage_sizes(len(layers)):
-        for layer in layers[done:size]:
+    for top in _stage_sizes(len(layers)):
+        for layer in layers[done:top]:
             for variable in layer.weights:
                 values = np.asarray(variable.numpy())
                 if "bias" in variable.path.split("/")[-1]:
@@ -98,13 +99,13 @@ def randomisation_check(
                 else:
                     scale = float(values.std()) or 0.05
                     variable.assign(rng.normal(0, scale, values.shape).astype(values.dtype))
-        done = size
+        done = top
         _sync_logit_twin(copied, layers)
-        maps = copied.explain(images, targets)
+        maps = copied.explain(images, targets, size)
         stages.append(
             {
-                "layers_randomised": size,
-                "layer": layers[size - 1].name,
+                "layers_randomised": top,
+                "layer": layers[top - 1].name,
                 "correlation": float(spearman_rows(maps, original).mean()),
             }
         )
@@ -172,7 +173,9 @@ def run_trust_checks(
 ) -> dict:
     """Every check on one sample of preprocessed images with their true labels."""
     rng = np.random.default_rng(seed)
-    original = cam.explain(images, labels)
+    size = images.shape[1:3]
+    # Every map at the input size: one traced step serves all checks.
+    original = cam.explain(images, labels, size=size)
     result = {"layer": cam.layer_path, "method": cam.method, "samples": int(len(images))}
     stages = randomisation_check(model, cam, images, labels, original, seed=seed)
     final = stages[-1]["correlation"]
@@ -183,7 +186,7 @@ def run_trust_checks(
         "status": "pass" if final < settings.max_correlation else "fail",
     }
     others = (labels + rng.integers(1, num_classes, size=len(labels))) % num_classes
-    correlations = spearman_rows(cam.explain(images, others.astype("int32")), original)
+    correlations = spearman_rows(cam.explain(images, others.astype("int32"), size), original)
     low, high = bootstrap_mean_ci(correlations, seed=seed)
     result["random_logit"] = {
         "correlation": float(correlations.mean()),
@@ -199,8 +202,7 @@ def run_trust_checks(
     def probability(batch):
         return forward(tf.convert_to_tensor(batch)).numpy()
 
-    size = images.shape[1:3]
-    upsampled = cam.explain(images, labels, size=size)
+    upsampled = original
     random_maps = rng.random((len(images), *size)).astype("float32")
     options = {"steps": settings.steps, "baseline": settings.baseline, "batch_size": cam.batch_size}
     cam_del, cam_ins = deletion_insertion(probability, images, labels, upsampled, **options)

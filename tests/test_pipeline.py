@@ -233,6 +233,7 @@ def test_cli_quick_form_and_config_errors(small_dataset, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "20 rows, 20 audited, 0 skipped" in out and "stored in" in out
+    assert "maps: " in out and "randomisation " in out and "faithfulness " in out
     assert cli_main(["run", "--model", str(model_path)]) == 2
     assert "--data" in capsys.readouterr().err
     assert cli_main(["run", "--model", str(tmp_path / "nope.keras"), "--data", str(manifest)]) == 2

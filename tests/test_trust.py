@@ -134,8 +134,8 @@ def test_the_demo_audit_runs_the_checks_and_grad_cam_deletes_faster_than_random(
     assert faith["insertion_auc"] > faith["insertion_auc_random"]
     assert faith["status"] == "pass" and trust["randomisation"]["status"] == "pass"
     assert trust["random_logit"]["correlation"] < trust["random_logit"]["threshold"]
-    assert trust["verdict"] == "trusted" and len(trust["rows"]) == trust["samples"] == 32
-    assert {entry["class_index"] for entry in trust["per_class"]} == set(range(10))
+    assert trust["verdict"] == "trusted" and len(trust["rows"]) == trust["samples"] == 16
+    assert {entry["class_index"] for entry in trust["per_class"]} == set(range(10))  # spread
     report = json.loads((result.run_dir / "report.json").read_text())
     assert report["trust"]["verdict"] == "trusted"
     assert all(entry["confidence"] == "normal" for entry in report["classes"])
