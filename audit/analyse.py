@@ -67,11 +67,15 @@ def analyse(
     baseline: Path | None = None,
 ) -> Analysis:
     """Run every analysis stage on a stored run and write its tables."""
+    from audit.explain import GradCAM
     from audit.strategies import find_strategies
 
     images = run.images()
     manifest = run.manifest()
     policy = config.policy
+    # One engine for every stage after the pass: its traced forward and map functions
+    # are shared by the interventions, the trust checks and the guided examples.
+    cam = GradCAM.for_config(model, config)
     class_names = manifest["class_names"]
     aggregator = aggregator_for(images, manifest)
     groups = aggregator.finalize(
@@ -88,7 +92,7 @@ def analyse(
     if policy.intervention_samples > 0 and any(r.role == "expected" for r in config.regions):
         sample = sample_rows(images, policy.intervention_samples, policy.seed)
         outcomes = run_interventions(
-            model,
+            cam.probabilities,
             entries,
             sample,
             class_index=class_index,
@@ -108,21 +112,20 @@ def analyse(
 
     trust = None
     if config.trust.samples > 0:
-        trust = _trust_checks(model, config, load, images, len(class_names))
+        trust = _trust_checks(model, cam, config, load, images, len(class_names))
     if config.trust.guided_examples:
         rows = [
             int(row)
             for index in range(len(class_names))
             for row in worst_examples(images, index, manifest)["row"]
         ]
-        _write_guided(run, model, config, load(rows))
+        _write_guided(run, model, cam, load(rows))
     analysis = Analysis(groups, flags, interventions, strategies, trust)
     write_analysis(run, analysis)
     return analysis
 
 
-def _trust_checks(model, config: AuditConfig, load, images: pd.DataFrame, num_classes: int):
-    from audit.explain import GradCAM
+def _trust_checks(model, cam, config: AuditConfig, load, images: pd.DataFrame, num_classes: int):
     from audit.trust import run_trust_checks, trust_sample
 
     loaded = load(trust_sample(images, config.trust.samples, config.policy.seed))
@@ -132,7 +135,7 @@ def _trust_checks(model, config: AuditConfig, load, images: pd.DataFrame, num_cl
     labels = np.array([label for _, (label, _) in loaded], dtype="int32")
     result = run_trust_checks(
         model,
-        GradCAM.for_config(model, config),
+        cam,
         pixels,
         labels,
         settings=config.trust,
@@ -143,7 +146,7 @@ def _trust_checks(model, config: AuditConfig, load, images: pd.DataFrame, num_cl
     return result
 
 
-def _write_guided(run: RunStore, model, config: AuditConfig, loaded) -> None:
+def _write_guided(run: RunStore, model, cam, loaded) -> None:
     """Guided Grad-CAM of each example row as ``guided/<row>.png`` (grey, input size)."""
     from PIL import Image
 
@@ -151,9 +154,7 @@ def _write_guided(run: RunStore, model, config: AuditConfig, loaded) -> None:
 
     if not loaded:
         return
-    guided = GuidedGradCAM(
-        model, config.model.layer, config.model.method, batch_size=config.batch_size
-    )
+    guided = GuidedGradCAM(model, cam=cam)
     pixels = np.stack([item.image for _, (_, item) in loaded]).astype("float32")
     labels = np.array([label for _, (label, _) in loaded], dtype="int32")
     folder = run.root / "guided"

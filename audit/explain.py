@@ -101,6 +101,7 @@ class GradCAM:
             )
         self._cut: ModelCut | None = None
         self._steps: dict[tuple[int, int] | None, tf.types.experimental.GenericFunction] = {}
+        self._forward = None
         if model.built and not (
             isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is None
         ):
@@ -233,6 +234,21 @@ class GradCAM:
             result["finite"].append(finite)
         del tape
         return result
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Softmax of the logits for a batch, padded to ``batch_size`` (one traced forward,
+        shared by every stage that only needs predictions)."""
+        if self._forward is None:
+            cut = self._ensure_cut(images.shape[1:])
+            self._forward = tf.function(
+                lambda x: tf.nn.softmax(tf.cast(cut.logits(cut.activations(x)), tf.float32))
+            )
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = np.asarray(images[start : start + self.batch_size], dtype="float32")
+            padded = chunk if len(chunk) == self.batch_size else pad_batch(chunk, self.batch_size)
+            out.append(self._forward(tf.convert_to_tensor(padded)).numpy()[: len(chunk)])
+        return np.concatenate(out)
 
     def compiled_step(self, size: tuple[int, int] | None = None):
         """The compiled ``cam_batch`` for one output size (traced once per batch shape)."""

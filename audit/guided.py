@@ -81,9 +81,11 @@ class GuidedGradCAM:
         method: str = "gradcam",
         *,
         batch_size: int = 32,
+        cam: GradCAM | None = None,
     ) -> None:
-        self.cam = GradCAM(model, layer, method, batch_size=batch_size)
-        self.batch_size = batch_size
+        # ``cam``: an existing engine for ``model`` to reuse (its traced functions too).
+        self.cam = cam or GradCAM(model, layer, method, batch_size=batch_size)
+        self.batch_size = self.cam.batch_size
         self._cut = cut_model(guided_model(model), self.cam.layer_path)
         self._function = tf.function(self._gradients)
 

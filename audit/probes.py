@@ -20,13 +20,11 @@ judged on the bootstrap CI's lower bound.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from audit.aggregate import bootstrap_mean_ci
 from audit.config import PolicySection, RegionSection
@@ -80,7 +78,7 @@ def _partners(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def run_interventions(
-    model: keras.Model,
+    probabilities: Callable[[np.ndarray], np.ndarray],
     entries: Entries,
     sample: pd.DataFrame,
     *,
@@ -90,8 +88,10 @@ def run_interventions(
     batch_size: int,
     seed: int,
 ) -> pd.DataFrame:
-    """Per sampled row: the predicted class under each intervention."""
-    forward = tf.function(lambda x: model(x, training=False))
+    """Per sampled row: the predicted class under each intervention.
+
+    ``probabilities``: the model's batched forward pass (``GradCAM.probabilities``).
+    """
     expected = [i for i, region in enumerate(regions) if region.role == "expected"]
     rng = np.random.default_rng(seed)
     records = []
@@ -114,13 +114,10 @@ def run_interventions(
             # The sample holds correctly predicted rows: the audit pass already knows
             # the original prediction, so only the three interventions cost a forward.
             predictions = {"original": batch.labels}
-            for name, variant in variants.items():
-                if name == "original":
-                    continue
-                padded = np.zeros((batch_size, *variant.shape[1:]), "float32")
-                padded[: len(variant)] = variant
-                outputs = forward(tf.convert_to_tensor(padded))
-                predictions[name] = np.asarray(outputs).argmax(-1)[: len(variant)]
+            names = [name for name in variants if name != "original"]
+            outputs = probabilities(np.concatenate([variants[name] for name in names]))
+            for name, part in zip(names, np.split(outputs, len(names)), strict=True):
+                predictions[name] = part.argmax(-1)
             for position, row in enumerate(batch.rows):
                 record = {"row": row, "label_index": int(batch.labels[position])}
                 record.update({f"pred_{n}": int(predictions[n][position]) for n in INTERVENTIONS})
