@@ -251,14 +251,32 @@ class GradCAM:
         return np.concatenate(out)
 
     def compiled_step(self, size: tuple[int, int] | None = None):
-        """The compiled ``cam_batch`` for one output size (traced once per batch shape)."""
+        """The compiled ``cam_batch`` for one output size (traced once per batch shape).
+
+        On the TensorFlow backend a ``tf.function`` (``tf.GradientTape``); on JAX a
+        jitted stateless call with ``jax.vjp`` through the head (``audit.backends``).
+        Either takes NumPy-convertible ``(images, targets)`` and returns arrays.
+        """
         key = None if size is None else (int(size[0]), int(size[1]))
         if key not in self._steps:
+            backend = keras.backend.backend()
+            if backend == "jax":
+                from audit.backends import jax_cam_step
 
-            def step(images, targets):
-                return self.cam_batch(images, targets, key)
+                cut = self._ensure_cut(None)
+                self._steps[key] = jax_cam_step(cut, self._cam, key, self.counterfactual)
+            elif backend == "tensorflow":
 
-            self._steps[key] = tf.function(step, jit_compile=self.jit_compile)
+                def step(images, targets):
+                    return self.cam_batch(images, targets, key)
+
+                # NumPy inputs are traced like tensors: one trace per batch shape.
+                self._steps[key] = tf.function(step, jit_compile=self.jit_compile)
+            else:
+                raise NotImplementedError(
+                    f"GradCAM runs on the tensorflow and jax Keras backends; this process uses "
+                    f"{backend!r} (set KERAS_BACKEND=tensorflow or jax before importing keras)"
+                )
         return self._steps[key]
 
     def explain(
@@ -298,9 +316,9 @@ class GradCAM:
             if real < batch:  # pad so the step keeps one traced shape
                 chunk = pad_batch(chunk, batch)
                 chunk_targets = pad_batch(chunk_targets, batch)
-            result = step(tf.convert_to_tensor(chunk), tf.convert_to_tensor(chunk_targets))
+            result = step(chunk, chunk_targets)
             for key, value in result.items():
-                outputs.setdefault(key, []).append(value.numpy()[:real])
+                outputs.setdefault(key, []).append(np.asarray(value)[:real])
         if count == 0:
             raise ValueError("explain() needs at least one image")
         maps = np.concatenate(outputs["maps"]).astype(np.float32, copy=False)

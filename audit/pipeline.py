@@ -379,6 +379,12 @@ def run_audit(
     ``engine``: ``local`` (embedded, the default) or ``ray`` (Ray Data; same records).
     """
     started = time.perf_counter()
+    if keras.backend.backend() != "tensorflow":
+        raise ConfigError(
+            f"the dataset audit runs on the TensorFlow backend; this process uses Keras' "
+            f"{keras.backend.backend()!r} backend: set KERAS_BACKEND=tensorflow (GradCAM "
+            "itself also runs on jax)"
+        )
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
     cam = GradCAM.for_config(model, config)
     if config.dataset.tfds is not None:

@@ -1,0 +1,80 @@
+"""The Grad-CAM step on Keras backends other than TensorFlow.
+
+TensorFlow stays the default and the reference (``GradCAM.cam_batch_many``,
+``tf.GradientTape``). On JAX the same step is one jitted function of the weights:
+the features and head halves of the cut run as stateless calls, and ``jax.vjp``
+through the head gives every target's gradient with one backward pass per target
+set (the cotangent is the one-hot of each sample's target: the gradient of the sum
+of per-sample scores, exactly as on TensorFlow). The CAM methods are ``keras.ops``
+functions, so they run inside the jitted function unchanged.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+def _states(parts) -> list[tuple[list, list]]:
+    """Current weight values of each part (read per call: weight changes are seen)."""
+    return [
+        (
+            [variable.value for variable in part.trainable_variables],
+            [variable.value for variable in part.non_trainable_variables],
+        )
+        for part in parts
+    ]
+
+
+def _run(parts, states, inputs):
+    for part, (trainable, non_trainable) in zip(parts, states, strict=True):
+        inputs, _ = part.stateless_call(trainable, non_trainable, inputs, training=False)
+    return inputs
+
+
+def jax_cam_step(cut, method, size: tuple[int, int] | None, counterfactual: bool):
+    """A jitted ``(images, targets) -> {maps, logits, targets, finite}`` on JAX."""
+    import jax
+    import jax.numpy as jnp
+
+    if getattr(method, "needs_forward", False) or getattr(method, "__name__", "") == "eigencam":
+        raise NotImplementedError(
+            "on the jax backend GradCAM runs the one-pass methods (gradcam, hirescam, "
+            "gradcam++, xgradcam, layercam); eigencam and scorecam need TensorFlow"
+        )
+    features, head = list(cut.feature_parts), list(cut.head_parts)
+
+    def step(feature_states, head_states, images, targets):
+        activations = _run(features, feature_states, images)
+
+        def scores(values):
+            return _run(head, head_states, values).astype(jnp.float32)
+
+        logits, pullback = jax.vjp(scores, activations)
+        predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        chosen = jnp.where(targets < 0, predicted, targets.astype(jnp.int32))
+        (gradients,) = pullback(jax.nn.one_hot(chosen, logits.shape[-1], dtype=logits.dtype))
+        gradients = gradients.astype(jnp.float32)
+        if counterfactual:
+            gradients = -gradients
+        activations = activations.astype(jnp.float32)
+        finite = jnp.all(jnp.isfinite(activations), axis=(1, 2, 3)) & jnp.all(
+            jnp.isfinite(gradients), axis=(1, 2, 3)
+        )
+        keep = finite[:, None, None, None]
+        maps = method(jnp.where(keep, activations, 0.0), jnp.where(keep, gradients, 0.0))
+        if size is not None:
+            maps = keras.ops.image.resize(maps[..., None], size, interpolation="bilinear")[..., 0]
+        return {"maps": maps, "logits": logits, "targets": chosen, "finite": finite}
+
+    jitted = jax.jit(step)
+
+    def call(images, targets):
+        return jitted(
+            _states(features),
+            _states(head),
+            jnp.asarray(np.asarray(images, dtype="float32")),
+            jnp.asarray(np.asarray(targets, dtype="int32")),
+        )
+
+    return call
