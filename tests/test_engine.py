@@ -322,3 +322,25 @@ def test_non_finite_activations_are_flagged_and_zeroed():
     assert details.finite.tolist() == [True, False, True]
     assert not np.isnan(details.maps).any()
     assert details.zero[1]
+
+
+def test_mixed_precision_models_give_float32_maps_close_to_full_precision(
+    trained_cnn, digits_images
+):
+    """A bfloat16 forward (mixed precision) with float32 CAM arithmetic."""
+    images, labels = digits_images
+    mixed = keras.models.clone_model(
+        trained_cnn,
+        clone_function=lambda layer: layer.__class__.from_config(
+            layer.get_config() | {"dtype": "mixed_bfloat16"}
+        ),
+    )
+    mixed.set_weights(trained_cnn.get_weights())
+    targets = labels[:16].astype("int32")
+    full = GradCAM(trained_cnn).explain(images[:16], targets)
+    low = GradCAM(mixed).explain(images[:16], targets)
+    assert low.dtype == np.float32 and np.isfinite(low).all()
+    assert mixed.get_layer("conv2").compute_dtype == "bfloat16"
+    peak = full.reshape(16, -1).max(axis=1)[:, None, None]
+    assert np.abs(low / peak - full / peak).max() < 0.1
+    assert np.corrcoef(low.ravel(), full.ravel())[0, 1] > 0.99
