@@ -230,7 +230,11 @@ class Aggregator:
                 pointing = values[self.column(key.kind, "pointing", region)][use]
                 pointing = pointing[np.isfinite(pointing)]
                 record[f"pointing_{region}"] = float(pointing.mean()) if len(pointing) else None
-            record.update(_main_map_summary(values, use, correct, self.main_map_columns))
+            # The extras are measured on the main map: summarised only for the groups
+            # whose statistics come from that map (true-label groups by default).
+            maps = "true" if key.kind in ("true", "class_slice") else "pred"
+            if self.prefixes[maps] == "":
+                record.update(_main_map_summary(values, use, correct, self.main_map_columns))
             records.append(record)
         table = pd.DataFrame(records)
         if len(table):

@@ -155,13 +155,15 @@ def _write_guided(run: RunStore, model, cam, loaded) -> None:
     if not loaded:
         return
     guided = GuidedGradCAM(model, cam=cam)
-    pixels = np.stack([item.image for _, (_, item) in loaded]).astype("float32")
-    labels = np.array([label for _, (label, _) in loaded], dtype="int32")
     folder = run.root / "guided"
     folder.mkdir(exist_ok=True)
-    for (row, _), result in zip(loaded, guided.explain(pixels, labels), strict=True):
-        picture = Image.fromarray(guided_picture(result))
-        atomic_write(folder / f"{row}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
+    for start in range(0, len(loaded), cam.batch_size):  # memory: one batch at a time
+        part = loaded[start : start + cam.batch_size]
+        pixels = np.stack([item.image for _, (_, item) in part]).astype("float32")
+        labels = np.array([label for _, (label, _) in part], dtype="int32")
+        for (row, _), result in zip(part, guided.explain(pixels, labels), strict=True):
+            picture = Image.fromarray(guided_picture(result))
+            atomic_write(folder / f"{row}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
 
 
 def write_analysis(run: RunStore, analysis: Analysis) -> None:
@@ -173,9 +175,12 @@ def write_analysis(run: RunStore, analysis: Analysis) -> None:
     ):
         table = _parquet_safe(table)
         atomic_write(run.root / f"{name}.parquet", lambda tmp, t=table: t.to_parquet(tmp))
+    trust_path = run.root / "trust.json"
     if analysis.trust is not None:
         text = json.dumps(analysis.trust, indent=2, default=float)
-        atomic_write(run.root / "trust.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(trust_path, lambda tmp: Path(tmp).write_text(text))
+    else:
+        trust_path.unlink(missing_ok=True)  # never leave an earlier analysis's checks
 
 
 def _parquet_safe(table: pd.DataFrame) -> pd.DataFrame:

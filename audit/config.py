@@ -231,8 +231,8 @@ class TrustSection(_Section):
         0.5,
         gt=0,
         le=1,
-        description="Randomisation passes when the fully randomised model's maps correlate "
-        "less than this with the trained model's (mean Spearman).",
+        description="Randomisation passes when at every cascade stage the randomised model's "
+        "maps correlate less than this with the trained model's (mean Spearman).",
     )
     random_logit_max: float = Field(
         0.9,

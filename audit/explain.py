@@ -93,8 +93,9 @@ class GradCAM:
         self.jit_compile = jit_compile
         self.counterfactual = counterfactual
         self._layer = layer
+        self.score_channels = score_channels
         self._cam = get_cam_method(method, score_channels=score_channels)
-        if counterfactual and method.lower().replace("-", "") in ("eigencam", "scorecam"):
+        if counterfactual and (self._cam is eigencam or needs_forward(self._cam)):
             raise ValueError(
                 f"counterfactual maps negate the gradients; {method} does not use gradients "
                 "(use gradcam, hirescam, gradcam++, xgradcam or layercam)"
@@ -116,6 +117,19 @@ class GradCAM:
             config.model.method,
             batch_size=config.batch_size,
             score_channels=config.model.score_channels,
+        )
+
+    def like(self, model: keras.Model) -> GradCAM:
+        """The same engine (layer path, method, batch size, options) on another model
+        with the same structure, e.g. a randomised copy."""
+        return GradCAM(
+            model,
+            self.layer_path,
+            self.method,
+            batch_size=self.batch_size,
+            jit_compile=self.jit_compile,
+            counterfactual=self.counterfactual,
+            score_channels=self.score_channels,
         )
 
     @property
@@ -206,16 +220,15 @@ class GradCAM:
                     f"the logits do not depend on layer {cut.layer_path!r} (gradient is "
                     "None); choose a layer on the path to the output"
                 )
-            gradients = tf.cast(gradients, tf.float32)
-            if self.counterfactual:
-                gradients = -gradients
+            raw = tf.cast(gradients, tf.float32)
+            gradients = -raw if self.counterfactual else raw
             finite = tf.logical_and(
                 finite_activations, tf.reduce_all(tf.math.is_finite(gradients), axis=(1, 2, 3))
             )
             keep = finite[:, None, None, None]
             safe = (tf.where(keep, activations_32, 0.0), tf.where(keep, gradients, 0.0))
             if with_counterfactual and not result["maps"]:
-                negated = tf.where(keep, -gradients, 0.0)
+                negated = tf.where(keep, -raw, 0.0)  # against the target, whatever the mode
                 gradient_free = self._cam is eigencam or needs_forward(self._cam)
                 formula = gradcam if gradient_free else self._cam
                 result["counterfactual"] = formula(safe[0], negated)
@@ -307,6 +320,7 @@ class GradCAM:
         count = len(images)
         targets = self._check_targets(targets, count, images.shape[1:])
         batch = min(batch_size or self.batch_size, max(count, 1))
+        self._ensure_cut(images.shape[1:])  # an unbuilt Sequential gets built here
         step = self.compiled_step(size)
         outputs: dict[str, list[np.ndarray]] = {}
         for start in range(0, count, batch):

@@ -59,7 +59,9 @@ def guided_model(model: keras.Model) -> keras.Model:
 
     Other activations (GELU, swish, ...) keep their ordinary gradient.
     """
-    clone = keras.models.clone_model(model, clone_function=_clone_layer, recursive=True)
+    from audit.trust import independent_clone
+
+    clone = independent_clone(model, clone_function=_clone_layer)
     clone.set_weights(model.get_weights())
     return clone
 

@@ -216,7 +216,7 @@ def localisation_iou(hot: np.ndarray, regions: np.ndarray, expected: list[int]) 
 
     The map's box bounds the largest connected component of ``hot`` (map >= t * max);
     the true box bounds the expected regions (pixels at least half covered). Returns
-    their box IoU; NaN for a zero map or when there is no expected region.
+    their box IoU; 0 for a zero map (no box), NaN when there is no expected region.
     """
     from scipy import ndimage
 
@@ -225,8 +225,11 @@ def localisation_iou(hot: np.ndarray, regions: np.ndarray, expected: list[int]) 
         return result
     truth = (regions[:, expected] >= 0.5).any(axis=1)
     for index, (mask, target) in enumerate(zip(hot, truth, strict=True)):
+        if not target.any():
+            continue
         labelled, count = ndimage.label(mask)
-        if count == 0 or not target.any():
+        if count == 0:  # a zero map draws no box: a miss
+            result[index] = 0.0
             continue
         sizes = np.bincount(labelled.ravel())[1:]
         found = _box(labelled == 1 + int(sizes.argmax()))

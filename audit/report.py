@@ -236,28 +236,32 @@ def render_markdown(report: dict) -> str:
 def trust_lines(trust: dict | None) -> list[str]:
     """The trust checks as plain sentences (Markdown, HTML and the dashboard use them)."""
     if not trust:
-        return ["Trust checks were not run (trust.samples: 0)."]
+        return [
+            "Trust checks were not run (trust.samples: 0, fewer than 2 images or classes, "
+            "or a run from a version without them)."
+        ]
     randomisation = trust["randomisation"]
     logit = trust["random_logit"]
     faith = trust["faithfulness"]
     stages = ", ".join(
-        f"{stage['layers_randomised']} layers: {stage['correlation']:.2f}"
+        f"{stage['layers_randomised']} layers: {_fmt(stage['correlation'])}"
         for stage in randomisation["stages"]
     )
+    logit_ci, gain_ci = logit["ci"], faith["gain_ci"]
     return [
         f"Verdict: {trust['verdict']} ({trust['layer']}, {trust['method']}, "
         f"{trust['samples']} images).",
         f"Model-parameter randomisation ({randomisation['status']}): mean Spearman correlation "
         f"with the trained model's maps after randomising the top layers: {stages}; "
-        f"threshold {randomisation['threshold']}.",
+        f"threshold {randomisation['threshold']} at every stage.",
         f"Random logit ({logit['status']}): a random other class's maps correlate "
-        f"{logit['correlation']:.2f} [{logit['ci'][0]:.2f}, {logit['ci'][1]:.2f}]; "
+        f"{_fmt(logit['correlation'])} [{_fmt(logit_ci[0])}, {_fmt(logit_ci[1])}]; "
         f"threshold {logit['threshold']}.",
         f"Faithfulness ({faith['status']}, {faith['baseline']} baseline, {faith['steps']} "
-        f"steps): deletion AUC {faith['deletion_auc']:.3f} vs {faith['deletion_auc_random']:.3f}"
-        f" for a random map, insertion AUC {faith['insertion_auc']:.3f} vs "
-        f"{faith['insertion_auc_random']:.3f}; gain {faith['gain']:.3f} "
-        f"[{faith['gain_ci'][0]:.3f}, {faith['gain_ci'][1]:.3f}].",
+        f"steps): deletion AUC {_fmt(faith['deletion_auc'], 3)} vs "
+        f"{_fmt(faith['deletion_auc_random'], 3)} for a random map, insertion AUC "
+        f"{_fmt(faith['insertion_auc'], 3)} vs {_fmt(faith['insertion_auc_random'], 3)}; gain "
+        f"{_fmt(faith['gain'], 3)} [{_fmt(gain_ci[0], 3)}, {_fmt(gain_ci[1], 3)}].",
         *(f"Reason: {reason}." for reason in trust["reasons"]),
     ]
 

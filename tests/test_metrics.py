@@ -97,7 +97,10 @@ def test_weak_localisation_takes_the_largest_component_and_compares_boxes():
     regions[:, 1] = 1.0 - regions[:, 0]  # spurious: the background
     regions[2, 0] = 0.0  # no object at all
     hot[2, 4, 4] = True
+    hot = np.concatenate([hot, np.zeros((1, 10, 10), bool)])  # a zero map: no box, a miss
+    regions = np.concatenate([regions, regions[:1]])
     got = localisation_iou(hot, regions, expected=[0])
+    assert got[3] == 0.0
     assert got[0] == 1.0
     assert got[1] == box_iou((0, 0, 2, 10), (2, 2, 6, 6)) == 0.0
     assert np.isnan(got[2])
