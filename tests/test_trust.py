@@ -97,6 +97,11 @@ def test_a_failed_check_makes_the_maps_untrusted_and_lowers_flag_confidence():
         trust, randomisation=passing, faithfulness=dict(faith, status="inconclusive")
     )
     assert trust_verdict(inconclusive)["verdict"] == "uncertain"
+    # eigencam is class-agnostic: the random-logit check does not apply and does not count.
+    agnostic = dict(
+        trust, randomisation=passing, random_logit=dict(passing, status="not applicable")
+    )
+    assert trust_verdict(agnostic) == {"verdict": "trusted", "reasons": []}
     flags = pd.DataFrame(
         [
             {
