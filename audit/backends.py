@@ -1,4 +1,4 @@
-"""The Grad-CAM step on Keras backends other than TensorFlow.
+"""The Grad-CAM step on Keras backends other than TensorFlow (JAX and PyTorch).
 
 TensorFlow stays the default and the reference (``GradCAM.cam_batch_many``,
 ``tf.GradientTape``). On JAX the same step is one jitted function of the weights:
@@ -76,5 +76,52 @@ def jax_cam_step(cut, method, size: tuple[int, int] | None, counterfactual: bool
             jnp.asarray(np.asarray(images, dtype="float32")),
             jnp.asarray(np.asarray(targets, dtype="int32")),
         )
+
+    return call
+
+
+def torch_cam_step(cut, method, size: tuple[int, int] | None, counterfactual: bool):
+    """``(images, targets) -> {maps, logits, targets, finite}`` on PyTorch (autograd).
+
+    The features half runs without a graph; the head runs on activations that require
+    gradients, and ``torch.autograd.grad`` of the summed target logits gives every
+    sample's gradient in one backward pass through the head only.
+    """
+    import torch
+
+    if getattr(method, "needs_forward", False) or getattr(method, "__name__", "") == "eigencam":
+        raise NotImplementedError(
+            "on the torch backend GradCAM runs the one-pass methods (gradcam, hirescam, "
+            "gradcam++, xgradcam, layercam); eigencam and scorecam need TensorFlow"
+        )
+    ops = keras.ops
+
+    def call(images, targets):
+        images = ops.convert_to_tensor(np.asarray(images, dtype="float32"))
+        targets = ops.convert_to_tensor(np.asarray(targets, dtype="int32"))
+        with torch.no_grad():
+            activations = cut.activations(images, training=False)
+        activations = activations.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = cut.logits(activations, training=False).float()
+            predicted = torch.argmax(logits, dim=-1).to(torch.int32)
+            chosen = torch.where(targets < 0, predicted, targets)
+            score = torch.gather(logits, 1, chosen[:, None].long()).sum()
+            (gradients,) = torch.autograd.grad(score, activations)
+        with torch.no_grad():
+            gradients = gradients.float()
+            if counterfactual:
+                gradients = -gradients
+            values = activations.detach().float()
+            finite = torch.isfinite(values).all(dim=(1, 2, 3)) & torch.isfinite(gradients).all(
+                dim=(1, 2, 3)
+            )
+            keep = finite[:, None, None, None]
+            zero = torch.zeros((), dtype=values.dtype, device=values.device)
+            maps = method(torch.where(keep, values, zero), torch.where(keep, gradients, zero))
+            if size is not None:
+                maps = ops.image.resize(maps[..., None], size, interpolation="bilinear")[..., 0]
+            result = {"maps": maps, "logits": logits.detach(), "targets": chosen, "finite": finite}
+            return {key: ops.convert_to_numpy(value) for key, value in result.items()}
 
     return call

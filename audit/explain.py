@@ -267,7 +267,8 @@ class GradCAM:
         """The compiled ``cam_batch`` for one output size (traced once per batch shape).
 
         On the TensorFlow backend a ``tf.function`` (``tf.GradientTape``); on JAX a
-        jitted stateless call with ``jax.vjp`` through the head (``audit.backends``).
+        jitted stateless call with ``jax.vjp`` through the head; on PyTorch autograd
+        through the head (``audit.backends``).
         Either takes NumPy-convertible ``(images, targets)`` and returns arrays.
         """
         key = None if size is None else (int(size[0]), int(size[1]))
@@ -278,6 +279,11 @@ class GradCAM:
 
                 cut = self._ensure_cut(None)
                 self._steps[key] = jax_cam_step(cut, self._cam, key, self.counterfactual)
+            elif backend == "torch":
+                from audit.backends import torch_cam_step
+
+                cut = self._ensure_cut(None)
+                self._steps[key] = torch_cam_step(cut, self._cam, key, self.counterfactual)
             elif backend == "tensorflow":
 
                 def step(images, targets):
@@ -287,7 +293,7 @@ class GradCAM:
                 self._steps[key] = tf.function(step, jit_compile=self.jit_compile)
             else:
                 raise NotImplementedError(
-                    f"GradCAM runs on the tensorflow and jax Keras backends; this process uses "
+                    f"GradCAM runs on the tensorflow, jax and torch Keras backends; this uses "
                     f"{backend!r} (set KERAS_BACKEND=tensorflow or jax before importing keras)"
                 )
         return self._steps[key]

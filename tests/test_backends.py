@@ -1,9 +1,12 @@
-"""The engine on the JAX backend equals the TensorFlow reference on the same model and weights.
+"""The engine on the JAX and PyTorch backends equals the TensorFlow reference on the same
+model and weights.
 
-Keras picks its backend once per process, so each JAX run is a child process with
-``KERAS_BACKEND=jax`` that loads the ``.keras`` file this (TensorFlow) process saved.
+Keras picks its backend once per process, so each run is a child process with
+``KERAS_BACKEND`` set that loads the ``.keras`` file this (TensorFlow) process saved.
+JAX comes with the test extras; ``.ci/run`` also installs PyTorch's CPU build.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -17,8 +20,15 @@ from conftest import small_cnn
 
 from audit import GradCAM
 
-pytest.importorskip("jax")
-
+OTHER_BACKENDS = [
+    pytest.param(
+        name,
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec(name) is None, reason=f"{name} is not installed"
+        ),
+    )
+    for name in ("jax", "torch")
+]
 ONE_PASS_METHODS = ("gradcam", "hirescam", "gradcam++", "xgradcam", "layercam")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,27 +104,35 @@ def models(tmp_path_factory, digits_images):
     return paths, images_path, images[300:310]
 
 
-@pytest.mark.parametrize("layout", ["flat", "nested"])
-def test_jax_maps_equal_tensorflow_maps(models, layout, tmp_path):
-    paths, images_path, images = models
-    results = {
-        backend: _explain_on(backend, paths[layout], images_path, tmp_path / f"{backend}.npz")
-        for backend in ("tensorflow", "jax")
+@pytest.fixture(scope="module")
+def tensorflow_maps(models, tmp_path_factory):
+    paths, images_path, _ = models
+    root = tmp_path_factory.mktemp("tensorflow_maps")
+    return {
+        layout: _explain_on("tensorflow", paths[layout], images_path, root / f"{layout}.npz")
+        for layout in paths
     }
-    tf_maps, jax_maps = results["tensorflow"], results["jax"]
-    assert str(jax_maps["backend"]) == "jax" and str(tf_maps["backend"]) == "tensorflow"
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+@pytest.mark.parametrize("layout", ["flat", "nested"])
+def test_maps_equal_tensorflow_maps(models, tensorflow_maps, backend, layout, tmp_path):
+    paths, images_path, images = models
+    tf_maps = tensorflow_maps[layout]
+    other = _explain_on(backend, paths[layout], images_path, tmp_path / f"{backend}.npz")
+    assert str(other["backend"]) == backend and str(tf_maps["backend"]) == "tensorflow"
     for key in [*ONE_PASS_METHODS, *(m + "_up" for m in ONE_PASS_METHODS), "counterfactual"]:
-        assert tf_maps[key].shape == jax_maps[key].shape
+        assert tf_maps[key].shape == other[key].shape
         assert np.abs(tf_maps[key]).max() > 0, key  # a real comparison, not of zeros
         np.testing.assert_allclose(
-            _normalised(jax_maps[key]), _normalised(tf_maps[key]), atol=1e-4, err_msg=key
+            _normalised(other[key]), _normalised(tf_maps[key]), atol=1e-4, err_msg=key
         )
-    np.testing.assert_array_equal(jax_maps["predictions"], tf_maps["predictions"])
+    np.testing.assert_array_equal(other["predictions"], tf_maps["predictions"])
     np.testing.assert_allclose(
-        _normalised(jax_maps["predicted_maps"]), _normalised(tf_maps["predicted_maps"]), atol=1e-4
+        _normalised(other["predicted_maps"]), _normalised(tf_maps["predicted_maps"]), atol=1e-4
     )
     # The known-answer test of the engine holds on each backend.
-    for maps in (tf_maps, jax_maps):
+    for maps in (tf_maps, other):
         np.testing.assert_allclose(maps["gradcam"], maps["closed_form"], rtol=1e-4, atol=1e-6)
     # And this process's own (TensorFlow) engine agrees with its child.
     model = keras.saving.load_model(paths[layout])
@@ -122,7 +140,8 @@ def test_jax_maps_equal_tensorflow_maps(models, layout, tmp_path):
     np.testing.assert_allclose(here, tf_maps["gradcam"], rtol=1e-5, atol=1e-7)
 
 
-def test_the_audit_pipeline_asks_for_tensorflow_on_other_backends(models, tmp_path):
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_the_audit_pipeline_asks_for_tensorflow_on_other_backends(models, backend, tmp_path):
     paths, _, _ = models
     script = textwrap.dedent(
         f"""
@@ -136,7 +155,7 @@ def test_the_audit_pipeline_asks_for_tensorflow_on_other_backends(models, tmp_pa
             print("REFUSED", error)
         """
     )
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(ROOT))
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
