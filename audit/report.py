@@ -266,6 +266,22 @@ def trust_lines(trust: dict | None) -> list[str]:
     ]
 
 
+def _main_map_text(view: dict, regions: list[str]) -> str:
+    """Counterfactual mass and weak localisation of a class's correct images (if measured)."""
+    parts = []
+    counter = view.get("counterfactual_mass") or {}
+    if any(counter.get(region) is not None for region in regions):
+        shares = ", ".join(f"{region} {_fmt(counter.get(region))}" for region in regions)
+        parts.append(f"Counterfactual map (what argues against the class): mass {shares}.")
+    if view.get("loc_error") is not None:
+        parts.append(
+            f"Weak localisation: mean box IoU {_fmt(view.get('loc_iou'))}, localisation "
+            f"error {_fmt(view.get('loc_error'))}, top-1 localisation error "
+            f"{_fmt(view.get('top1_loc_error'))}."
+        )
+    return " ".join(parts)
+
+
 def _trust_markdown(trust: dict | None) -> list[str]:
     lines = ["", "### Trust in the maps"]
     lines += [f"- {_md(line)}" for line in trust_lines(trust)]
@@ -422,6 +438,9 @@ def render_html(report: dict, run_dir: Path) -> str:
                 f"{probe['rate_mixed_rand']:.2f}; BG-gap {probe['bg_gap']:.2f} "
                 f"[{probe['bg_gap_low']:.2f}, {probe['bg_gap_high']:.2f}].</p>"
             )
+        main_map = _main_map_text(entry["true_label"], expected + spurious)
+        if main_map:
+            parts.append(f"<p>{escape(main_map)}</p>")
         thumbnails = _example_thumbnails(cam_of, manifest, entry["examples"], run_dir)
         if thumbnails:
             parts.append("<h4>Most spurious mass</h4>" + "".join(thumbnails))

@@ -95,6 +95,8 @@ def test_weak_localisation_finds_the_digit_box_from_a_coarse_map(small_dataset, 
     coarse_iou = results["coarse"].images["loc_iou"]
     assert coarse_iou.median() > 0.6
     assert coarse_iou.median() > results["strokes"].images["loc_iou"].median() + 0.2
+    page = (results["coarse"].run_dir / "report.html").read_text()
+    assert "Weak localisation: mean box IoU" in page
     classes = pd.read_parquet(results["coarse"].run_dir / "classes.parquet")
     assert {"loc_error", "top1_loc_error", "cf_mass_object", "loc_iou"} <= set(classes)
     true_groups = classes[classes["kind"] == "true"].dropna(subset=["loc_error"])

@@ -150,4 +150,5 @@ def test_the_demo_audit_runs_the_checks_and_grad_cam_deletes_faster_than_random(
     assert example_rows and pictures == example_rows
     page = (result.run_dir / "report.html").read_text()
     assert "Guided Grad-CAM" in page and "Trust in the maps" in page
+    assert "Counterfactual map (what argues against the class): mass object" in page
     assert "Trust in the maps" in (result.run_dir / "report.md").read_text()
