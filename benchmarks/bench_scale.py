@@ -41,6 +41,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 SIZE = 224
+# Untimed batches before each timing: PyTorch's CPU kernels, for one, are slow on the
+# first calls of a shape.
+WARMUP_BATCHES = 3
 
 
 def write_jpegs(root: Path, count: int, seed: int = 0) -> list[Path]:
@@ -163,7 +166,8 @@ def main(argv=None) -> None:
             inputs = preprocess(decoded.astype("float32"))
             batch = args.batch_size
             forward = compiled_forward(model)
-            forward(inputs[:batch])  # trace / jit
+            for _ in range(WARMUP_BATCHES):  # trace / jit, and the backend's first-call costs
+                forward(inputs[:batch])
             start = time.perf_counter()
             counted = 0
             for chunk in batches_of(inputs, batch):
@@ -172,7 +176,8 @@ def main(argv=None) -> None:
             results["forward (compiled, decoded)"] = rate(counted, time.perf_counter() - start)
 
             cam = GradCAM(model, batch_size=batch)
-            cam.explain(inputs[:batch])  # trace / jit
+            for _ in range(WARMUP_BATCHES):
+                cam.explain(inputs[:batch])
             start = time.perf_counter()
             counted = 0
             for chunk in batches_of(inputs, batch):
