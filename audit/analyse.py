@@ -125,14 +125,19 @@ def analyse(
     return analysis
 
 
+def _arrays(loaded) -> tuple[np.ndarray, np.ndarray]:
+    """Images and label indices of ``(row, (label, LoadedRow))`` pairs."""
+    pixels = np.stack([item.image for _, (_, item) in loaded]).astype("float32")
+    return pixels, np.array([label for _, (label, _) in loaded], dtype="int32")
+
+
 def _trust_checks(model, cam, config: AuditConfig, load, images: pd.DataFrame, num_classes: int):
     from audit.trust import run_trust_checks, trust_sample
 
     loaded = load(trust_sample(images, config.trust.samples, config.policy.seed))
     if len(loaded) < 2 or num_classes < 2:
         return None
-    pixels = np.stack([item.image for _, (_, item) in loaded]).astype("float32")
-    labels = np.array([label for _, (label, _) in loaded], dtype="int32")
+    pixels, labels = _arrays(loaded)
     result = run_trust_checks(
         model,
         cam,
@@ -159,8 +164,7 @@ def _write_guided(run: RunStore, model, cam, loaded) -> None:
     folder.mkdir(exist_ok=True)
     for start in range(0, len(loaded), cam.batch_size):  # memory: one batch at a time
         part = loaded[start : start + cam.batch_size]
-        pixels = np.stack([item.image for _, (_, item) in part]).astype("float32")
-        labels = np.array([label for _, (label, _) in part], dtype="int32")
+        pixels, labels = _arrays(part)
         for (row, _), result in zip(part, guided.explain(pixels, labels), strict=True):
             picture = Image.fromarray(guided_picture(result))
             atomic_write(folder / f"{row}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from audit.cam_methods import uses_gradients
+
 
 def _states(parts) -> list[tuple[list, list]]:
     """Current weight values of each part (read per call: weight changes are seen)."""
@@ -32,16 +34,21 @@ def _run(parts, states, inputs):
     return inputs
 
 
+def _one_pass_only(method, backend: str) -> None:
+    """The gradient-free methods (eigencam, scorecam) are TensorFlow-only: say so."""
+    if not uses_gradients(method):
+        raise NotImplementedError(
+            f"on the {backend} backend GradCAM runs the one-pass methods (gradcam, hirescam, "
+            "gradcam++, xgradcam, layercam); eigencam and scorecam need TensorFlow"
+        )
+
+
 def jax_cam_step(cut, method, size: tuple[int, int] | None, counterfactual: bool):
     """A jitted ``(images, targets) -> {maps, logits, targets, finite}`` on JAX."""
     import jax
     import jax.numpy as jnp
 
-    if getattr(method, "needs_forward", False) or getattr(method, "__name__", "") == "eigencam":
-        raise NotImplementedError(
-            "on the jax backend GradCAM runs the one-pass methods (gradcam, hirescam, "
-            "gradcam++, xgradcam, layercam); eigencam and scorecam need TensorFlow"
-        )
+    _one_pass_only(method, "jax")
     features, head = list(cut.feature_parts), list(cut.head_parts)
 
     def step(feature_states, head_states, images, targets):
@@ -89,11 +96,7 @@ def torch_cam_step(cut, method, size: tuple[int, int] | None, counterfactual: bo
     """
     import torch
 
-    if getattr(method, "needs_forward", False) or getattr(method, "__name__", "") == "eigencam":
-        raise NotImplementedError(
-            "on the torch backend GradCAM runs the one-pass methods (gradcam, hirescam, "
-            "gradcam++, xgradcam, layercam); eigencam and scorecam need TensorFlow"
-        )
+    _one_pass_only(method, "torch")
     ops = keras.ops
 
     def call(images, targets):

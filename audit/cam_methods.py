@@ -182,3 +182,14 @@ def get_cam_method(name: str, *, score_channels: int | None = 32) -> CamMethod:
 def needs_forward(method: CamMethod) -> bool:
     """Whether the method scores masked forward passes (Score-CAM) instead of gradients."""
     return bool(getattr(method, "needs_forward", False))
+
+
+def uses_gradients(method: CamMethod) -> bool:
+    """False for the methods that ignore the gradients (Eigen-CAM, Score-CAM): they have
+    no counterfactual form and run only on TensorFlow."""
+    return method is not eigencam and not needs_forward(method)
+
+
+def class_agnostic(method: CamMethod) -> bool:
+    """True when the map does not depend on the explained class (Eigen-CAM)."""
+    return method is eigencam

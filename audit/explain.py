@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit.cam_methods import eigencam, get_cam_method, gradcam, needs_forward
+from audit.cam_methods import get_cam_method, gradcam, needs_forward, uses_gradients
 from audit.models import ModelCut, ModelStructureError, cut_model
 
 # Target value meaning "the class the model predicts" inside the compiled step.
@@ -95,7 +95,7 @@ class GradCAM:
         self._layer = layer
         self.score_channels = score_channels
         self._cam = get_cam_method(method, score_channels=score_channels)
-        if counterfactual and (self._cam is eigencam or needs_forward(self._cam)):
+        if counterfactual and not uses_gradients(self._cam):
             raise ValueError(
                 f"counterfactual maps negate the gradients; {method} does not use gradients "
                 "(use gradcam, hirescam, gradcam++, xgradcam or layercam)"
@@ -229,8 +229,7 @@ class GradCAM:
             safe = (tf.where(keep, activations_32, 0.0), tf.where(keep, gradients, 0.0))
             if with_counterfactual and not result["maps"]:
                 negated = tf.where(keep, -raw, 0.0)  # against the target, whatever the mode
-                gradient_free = self._cam is eigencam or needs_forward(self._cam)
-                formula = gradcam if gradient_free else self._cam
+                formula = self._cam if uses_gradients(self._cam) else gradcam
                 result["counterfactual"] = formula(safe[0], negated)
             if needs_forward(self._cam):
                 maps = self._cam(

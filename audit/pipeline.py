@@ -75,6 +75,7 @@ class AuditStep:
         self.config = config
         self.size = size
         self.function = tf.function(self._step)
+        self.expected = [i for i, r in enumerate(config.regions) if r.role == "expected"]
 
     @property
     def metric_size(self) -> tuple[int, int]:
@@ -145,9 +146,8 @@ class AuditStep:
             tf.convert_to_tensor(regions.astype("float32")),
         )
         result = {key: value.numpy()[:count] for key, value in out.items()}
-        expected = [i for i, region in enumerate(self.config.regions) if region.role == "expected"]
         # Connected components run on the host, on the measuring grid.
-        result["loc_iou"] = localisation_iou(result.pop("loc_hot"), batch.regions, expected)
+        result["loc_iou"] = localisation_iou(result.pop("loc_hot"), batch.regions, self.expected)
         return result
 
 

@@ -30,6 +30,7 @@ import pandas as pd
 from scipy import integrate, ndimage, stats
 
 from audit.aggregate import bootstrap_mean_ci
+from audit.cam_methods import class_agnostic, get_cam_method
 from audit.explain import GradCAM
 
 
@@ -207,14 +208,13 @@ def run_trust_checks(
     others = (labels + rng.integers(1, num_classes, size=len(labels))) % num_classes
     correlations = spearman_rows(cam.explain(images, others.astype("int32"), size), original)
     low, high = bootstrap_mean_ci(correlations, seed=seed)
-    class_agnostic = cam.method.lower().replace("-", "").replace("_", "") == "eigencam"
     result["random_logit"] = {
         "correlation": float(correlations.mean()),
         "ci": [low, high],
         "threshold": settings.random_logit_max,
         # Eigen-CAM ignores the class by design: the check does not apply.
         "status": "not applicable"
-        if class_agnostic
+        if class_agnostic(get_cam_method(cam.method))
         else _status(high < settings.random_logit_max, low >= settings.random_logit_max),
     }
     random_maps = rng.random((len(images), *size)).astype("float32")
@@ -239,32 +239,21 @@ def run_trust_checks(
         "gain_ci": [low, high],
         "status": _status(low > 0, high < 0),
     }
+    curves = {
+        "deletion_auc": cam_del,
+        "insertion_auc": cam_ins,
+        "deletion_auc_random": rnd_del,
+        "insertion_auc_random": rnd_ins,
+    }
     result["per_class"] = (
-        pd.DataFrame(
-            {
-                "class_index": labels,
-                "deletion_auc": cam_del,
-                "insertion_auc": cam_ins,
-                "deletion_auc_random": rnd_del,
-                "insertion_auc_random": rnd_ins,
-            }
-        )
+        pd.DataFrame({"class_index": labels, **curves})
         .groupby("class_index")
-        .agg(["mean", "count"])
-        .pipe(_flatten_columns)
+        .agg(n=("deletion_auc", "size"), **{name: (name, "mean") for name in curves})
         .reset_index()
         .to_dict("records")
     )
     result.update(trust_verdict(result))
     return result
-
-
-def _flatten_columns(table: pd.DataFrame) -> pd.DataFrame:
-    table.columns = [
-        "n" if stat == "count" and column == "deletion_auc" else f"{column}"
-        for column, stat in table.columns
-    ]
-    return table.loc[:, ~table.columns.duplicated()]
 
 
 def _status(passed: bool, failed: bool) -> str:
