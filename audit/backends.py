@@ -1,12 +1,13 @@
 """The Grad-CAM step on Keras backends other than TensorFlow (JAX and PyTorch).
 
 TensorFlow stays the default and the reference (``GradCAM.cam_batch_many``,
-``tf.GradientTape``). On JAX the same step is one jitted function of the weights:
-the features and head halves of the cut run as stateless calls, and ``jax.vjp``
-through the head gives every target's gradient with one backward pass per target
-set (the cotangent is the one-hot of each sample's target: the gradient of the sum
-of per-sample scores, exactly as on TensorFlow). The CAM methods are ``keras.ops``
-functions, so they run inside the jitted function unchanged.
+``tf.GradientTape``); every backend shares ``explain.cam_sets`` (the maps, in
+``keras.ops``) and the caller's ``post`` (upsampling, region metrics), so they run
+inside each backend's compiled program unchanged. On JAX the step is one jitted
+function of the weights: the features and head halves of the cut run as stateless
+calls, and ``jax.vjp`` through the head gives every target's gradient with one
+backward pass per target set (the cotangent is the one-hot of each sample's target:
+the gradient of the sum of per-sample scores, exactly as on TensorFlow).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import keras
 import numpy as np
 
 from audit.cam_methods import uses_gradients
+from audit.explain import cam_sets
 
 
 def _states(parts) -> list[tuple[list, list]]:
@@ -43,88 +45,121 @@ def _one_pass_only(method, backend: str) -> None:
         )
 
 
-def jax_cam_step(cut, method, size: tuple[int, int] | None, counterfactual: bool):
-    """A jitted ``(images, targets) -> {maps, logits, targets, finite}`` on JAX."""
+def jax_program(cut, method, post, counterfactual: bool, with_counterfactual: bool):
+    """``GradCAM.program`` on JAX: one jitted function of the weights and the inputs."""
     import jax
     import jax.numpy as jnp
 
     _one_pass_only(method, "jax")
     features, head = list(cut.feature_parts), list(cut.head_parts)
 
-    def step(feature_states, head_states, images, targets):
+    def step(feature_states, head_states, images, target_sets, extras):
         activations = _run(features, feature_states, images)
 
         def scores(values):
             return _run(head, head_states, values).astype(jnp.float32)
 
         logits, pullback = jax.vjp(scores, activations)
-        predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        chosen = jnp.where(targets < 0, predicted, targets.astype(jnp.int32))
-        (gradients,) = pullback(jax.nn.one_hot(chosen, logits.shape[-1], dtype=logits.dtype))
-        gradients = gradients.astype(jnp.float32)
-        if counterfactual:
-            gradients = -gradients
-        activations = activations.astype(jnp.float32)
-        finite = jnp.all(jnp.isfinite(activations), axis=(1, 2, 3)) & jnp.all(
-            jnp.isfinite(gradients), axis=(1, 2, 3)
+
+        def gradient_of(chosen):  # the one-hot cotangent: d sum_i logits[i, chosen_i]
+            (gradients,) = pullback(jax.nn.one_hot(chosen, logits.shape[-1], dtype=logits.dtype))
+            return gradients
+
+        out = cam_sets(
+            method,
+            activations,
+            logits,
+            gradient_of,
+            target_sets,
+            counterfactual=counterfactual,
+            with_counterfactual=with_counterfactual,
         )
-        keep = finite[:, None, None, None]
-        maps = method(jnp.where(keep, activations, 0.0), jnp.where(keep, gradients, 0.0))
-        if size is not None:
-            maps = keras.ops.image.resize(maps[..., None], size, interpolation="bilinear")[..., 0]
-        return {"maps": maps, "logits": logits, "targets": chosen, "finite": finite}
+        return post(out, images, *extras)
 
     jitted = jax.jit(step)
 
-    def call(images, targets):
-        return jitted(
+    def run(images, target_sets, *extras):
+        out = jitted(
             _states(features),
             _states(head),
             jnp.asarray(np.asarray(images, dtype="float32")),
-            jnp.asarray(np.asarray(targets, dtype="int32")),
+            [jnp.asarray(np.asarray(targets, dtype="int32")) for targets in target_sets],
+            [jnp.asarray(extra) for extra in extras],
         )
+        return {key: np.asarray(value) for key, value in out.items()}
 
-    return call
+    return run
 
 
-def torch_cam_step(cut, method, size: tuple[int, int] | None, counterfactual: bool):
-    """``(images, targets) -> {maps, logits, targets, finite}`` on PyTorch (autograd).
-
-    The features half runs without a graph; the head runs on activations that require
-    gradients, and ``torch.autograd.grad`` of the summed target logits gives every
-    sample's gradient in one backward pass through the head only.
-    """
+def torch_program(cut, method, post, counterfactual: bool, with_counterfactual: bool):
+    """``GradCAM.program`` on PyTorch: the features run without a graph; the head runs
+    on activations that require gradients, and ``torch.autograd.grad`` of the summed
+    target logits gives every sample's gradient with one backward pass through the head
+    per target set."""
     import torch
 
     _one_pass_only(method, "torch")
     ops = keras.ops
 
-    def call(images, targets):
+    def run(images, target_sets, *extras):
         images = ops.convert_to_tensor(np.asarray(images, dtype="float32"))
-        targets = ops.convert_to_tensor(np.asarray(targets, dtype="int32"))
+        target_sets = [
+            ops.convert_to_tensor(np.asarray(targets, dtype="int32")) for targets in target_sets
+        ]
+        extras = [ops.convert_to_tensor(extra) for extra in extras]
         with torch.no_grad():
             activations = cut.activations(images, training=False)
         activations = activations.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = cut.logits(activations, training=False).float()
-            predicted = torch.argmax(logits, dim=-1).to(torch.int32)
-            chosen = torch.where(targets < 0, predicted, targets)
-            score = torch.gather(logits, 1, chosen[:, None].long()).sum()
-            (gradients,) = torch.autograd.grad(score, activations)
+
+        def gradient_of(chosen):
+            with torch.enable_grad():
+                score = torch.gather(logits, 1, chosen[:, None].long()).sum()
+                (gradients,) = torch.autograd.grad(score, activations, retain_graph=True)
+            return gradients
+
         with torch.no_grad():
-            gradients = gradients.float()
-            if counterfactual:
-                gradients = -gradients
-            values = activations.detach().float()
-            finite = torch.isfinite(values).all(dim=(1, 2, 3)) & torch.isfinite(gradients).all(
-                dim=(1, 2, 3)
+            out = cam_sets(
+                method,
+                activations.detach(),
+                logits.detach(),
+                gradient_of,
+                target_sets,
+                counterfactual=counterfactual,
+                with_counterfactual=with_counterfactual,
             )
-            keep = finite[:, None, None, None]
-            zero = torch.zeros((), dtype=values.dtype, device=values.device)
-            maps = method(torch.where(keep, values, zero), torch.where(keep, gradients, zero))
-            if size is not None:
-                maps = ops.image.resize(maps[..., None], size, interpolation="bilinear")[..., 0]
-            result = {"maps": maps, "logits": logits.detach(), "targets": chosen, "finite": finite}
+            result = post(out, images, *extras)
             return {key: ops.convert_to_numpy(value) for key, value in result.items()}
 
-    return call
+    return run
+
+
+def compiled_forward(cut):
+    """``images -> softmax(logits)`` as NumPy, compiled for the running backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        function = tf.function(
+            lambda x: tf.nn.softmax(tf.cast(cut.logits(cut.activations(x)), tf.float32))
+        )
+        return lambda images: function(tf.convert_to_tensor(images)).numpy()
+    if backend == "jax":
+        import jax
+
+        parts = list(cut.feature_parts) + list(cut.head_parts)
+        jitted = jax.jit(
+            lambda states, x: jax.nn.softmax(_run(parts, states, x).astype("float32"), axis=-1)
+        )
+        return lambda images: np.asarray(jitted(_states(parts), images))
+    if backend == "torch":
+        import torch
+
+        def forward(images):
+            with torch.no_grad():
+                logits = cut.logits(cut.activations(keras.ops.convert_to_tensor(images)))
+                return keras.ops.convert_to_numpy(torch.softmax(logits.float(), dim=-1))
+
+        return forward
+    raise NotImplementedError(f"no compiled forward for the {backend!r} backend")

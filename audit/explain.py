@@ -101,7 +101,7 @@ class GradCAM:
                 "(use gradcam, hirescam, gradcam++, xgradcam or layercam)"
             )
         self._cut: ModelCut | None = None
-        self._steps: dict[tuple[int, int] | None, tf.types.experimental.GenericFunction] = {}
+        self._steps: dict[tuple[int, int] | None, Program] = {}
         self._forward = None
         if model.built and not (
             isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is None
@@ -164,137 +164,132 @@ class GradCAM:
             self._cut = cut_model(self.model, self._layer)
         return self._cut
 
-    def cam_batch(self, images: tf.Tensor, targets: tf.Tensor, size=None) -> dict[str, tf.Tensor]:
-        """One batch: forward, head-only backward, CAM. Traceable inside ``tf.function``.
-
-        ``targets`` holds a class index per image, or ``PREDICTED`` (-1) for the
-        predicted class. Returns ``maps`` (upsampled to ``size`` when given),
-        ``logits``, ``targets`` (resolved) and ``finite``.
-        """
-        result = self.cam_batch_many(images, [targets], size)
-        return {
-            "maps": result["maps"][0],
-            "logits": result["logits"],
-            "targets": result["targets"][0],
-            "finite": result["finite"][0],
-        }
-
     def cam_batch_many(
         self,
         images: tf.Tensor,
         target_sets: Sequence[tf.Tensor],
-        size=None,
         *,
         with_counterfactual: bool = False,
     ):
-        """Like ``cam_batch`` for several target sets: one forward, one head backward each.
+        """The TensorFlow step for several target sets: one forward, one head backward each.
 
-        Returns ``logits`` and lists ``maps``, ``targets``, ``finite`` (one per set).
-        ``with_counterfactual`` adds ``counterfactual``: the first set's counterfactual
-        map (the method on the negated gradients; Grad-CAM's formula for eigencam and
-        scorecam, which do not use gradients), at the layer's resolution.
+        Traceable inside ``tf.function``. Returns ``logits`` and lists ``maps``,
+        ``targets``, ``finite`` (one per set), as ``cam_sets`` describes.
         """
         cut = self._ensure_cut(images.shape[1:])
         activations = cut.activations(images, training=False)
-        with tf.GradientTape(persistent=len(target_sets) > 1) as tape:
+        with tf.GradientTape(persistent=True) as tape:
             tape.watch(activations)
             logits = tf.cast(cut.logits(activations, training=False), tf.float32)
-            predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            chosen_sets = [
-                tf.where(targets < 0, predicted, tf.cast(targets, tf.int32))
-                for targets in target_sets
-            ]
+
+        def gradient_of(chosen):
             # Samples are independent at inference, so one backward pass of the
             # summed scores gives every sample's own gradient.
-            scores = [
-                tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
-                for chosen in chosen_sets
-            ]
-        activations_32 = tf.cast(activations, tf.float32)
-        finite_activations = tf.reduce_all(tf.math.is_finite(activations_32), axis=(1, 2, 3))
-        result = {"logits": logits, "targets": chosen_sets, "maps": [], "finite": []}
-        for score in scores:
+            with tape:
+                score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
             gradients = tape.gradient(score, activations)
             if gradients is None:
                 raise ModelStructureError(
                     f"the logits do not depend on layer {cut.layer_path!r} (gradient is "
                     "None); choose a layer on the path to the output"
                 )
-            raw = tf.cast(gradients, tf.float32)
-            gradients = -raw if self.counterfactual else raw
-            finite = tf.logical_and(
-                finite_activations, tf.reduce_all(tf.math.is_finite(gradients), axis=(1, 2, 3))
-            )
-            keep = finite[:, None, None, None]
-            safe = (tf.where(keep, activations_32, 0.0), tf.where(keep, gradients, 0.0))
-            if with_counterfactual and not result["maps"]:
-                negated = tf.where(keep, -raw, 0.0)  # against the target, whatever the mode
-                formula = self._cam if uses_gradients(self._cam) else gradcam
-                result["counterfactual"] = formula(safe[0], negated)
-            if needs_forward(self._cam):
-                maps = self._cam(
-                    *safe,
-                    images=images,
-                    targets=chosen_sets[len(result["maps"])],
-                    forward=lambda x: tf.cast(cut.logits(cut.activations(x)), tf.float32),
-                )
-            else:
-                maps = self._cam(*safe)
-            if size is not None:
-                maps = tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
-            result["maps"].append(maps)
-            result["finite"].append(finite)
-        del tape
+            return gradients
+
+        result = cam_sets(
+            self._cam,
+            activations,
+            logits,
+            gradient_of,
+            target_sets,
+            counterfactual=self.counterfactual,
+            with_counterfactual=with_counterfactual,
+            images=images,
+            forward=lambda x: tf.cast(cut.logits(cut.activations(x)), tf.float32),
+        )
         return result
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Softmax of the logits for a batch, padded to ``batch_size`` (one traced forward,
-        shared by every stage that only needs predictions)."""
-        if self._forward is None:
-            cut = self._ensure_cut(images.shape[1:])
-            self._forward = tf.function(
-                lambda x: tf.nn.softmax(tf.cast(cut.logits(cut.activations(x)), tf.float32))
+    def program(self, post, *, with_counterfactual: bool = False) -> Program:
+        """Compile ``post(cam_sets(...), images, *extras)`` for the running Keras backend.
+
+        The program takes ``(images, target_sets, *extras)`` (NumPy-convertible; a
+        target of ``PREDICTED`` explains the predicted class) and returns ``post``'s
+        dict as NumPy arrays. ``post`` is ``keras.ops`` code (upsampling, region
+        metrics), so it runs on device inside the same compiled program: a
+        ``tf.function`` with ``tf.GradientTape`` on TensorFlow, one ``jax.jit`` of a
+        stateless call with ``jax.vjp`` through the head on JAX, autograd through the
+        head on PyTorch (``audit.backends``). Traced once per input shape.
+        """
+        cut = self._ensure_cut(None)
+        backend = keras.backend.backend()
+        program = Program()
+
+        def counted(out, images, *extras):
+            program.traces += 1  # Python runs this once per trace when compiled
+            return post(out, images, *extras)
+
+        if backend == "tensorflow":
+
+            def step(images, target_sets, *extras):
+                many = self.cam_batch_many(
+                    images, target_sets, with_counterfactual=with_counterfactual
+                )
+                return counted(many, images, *extras)
+
+            function = tf.function(step, jit_compile=self.jit_compile)
+
+            def run(images, target_sets, *extras):
+                out = function(
+                    tf.convert_to_tensor(images),
+                    [tf.convert_to_tensor(targets, tf.int32) for targets in target_sets],
+                    *(tf.convert_to_tensor(extra) for extra in extras),
+                )
+                return {key: value.numpy() for key, value in out.items()}
+
+        elif backend in ("jax", "torch"):
+            from audit import backends
+
+            build = backends.jax_program if backend == "jax" else backends.torch_program
+            run = build(cut, self._cam, counted, self.counterfactual, with_counterfactual)
+        else:
+            raise NotImplementedError(
+                f"GradCAM runs on the tensorflow, jax and torch Keras backends; this uses "
+                f"{backend!r} (set KERAS_BACKEND=tensorflow, jax or torch before importing keras)"
             )
+        program.run = run
+        return program
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Softmax of the logits for a batch, padded to ``batch_size`` (one compiled
+        forward, shared by every stage that only needs predictions)."""
+        if self._forward is None:
+            from audit.backends import compiled_forward
+
+            self._forward = compiled_forward(self._ensure_cut(images.shape[1:]))
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = np.asarray(images[start : start + self.batch_size], dtype="float32")
             padded = chunk if len(chunk) == self.batch_size else pad_batch(chunk, self.batch_size)
-            out.append(self._forward(tf.convert_to_tensor(padded)).numpy()[: len(chunk)])
+            out.append(self._forward(padded)[: len(chunk)])
         return np.concatenate(out)
 
-    def compiled_step(self, size: tuple[int, int] | None = None):
-        """The compiled ``cam_batch`` for one output size (traced once per batch shape).
-
-        On the TensorFlow backend a ``tf.function`` (``tf.GradientTape``); on JAX a
-        jitted stateless call with ``jax.vjp`` through the head; on PyTorch autograd
-        through the head (``audit.backends``).
-        Either takes NumPy-convertible ``(images, targets)`` and returns arrays.
-        """
+    def compiled_step(self, size: tuple[int, int] | None = None) -> Program:
+        """The compiled single-target step for one output size: ``(images, targets) ->
+        {maps, logits, targets, finite}`` (see ``program``)."""
         key = None if size is None else (int(size[0]), int(size[1]))
         if key not in self._steps:
-            backend = keras.backend.backend()
-            if backend == "jax":
-                from audit.backends import jax_cam_step
 
-                cut = self._ensure_cut(None)
-                self._steps[key] = jax_cam_step(cut, self._cam, key, self.counterfactual)
-            elif backend == "torch":
-                from audit.backends import torch_cam_step
+            def first(out, images):
+                maps = out["maps"][0]
+                if key is not None:
+                    maps = upsample(maps, key)
+                return {
+                    "maps": maps,
+                    "logits": out["logits"],
+                    "targets": out["targets"][0],
+                    "finite": out["finite"][0],
+                }
 
-                cut = self._ensure_cut(None)
-                self._steps[key] = torch_cam_step(cut, self._cam, key, self.counterfactual)
-            elif backend == "tensorflow":
-
-                def step(images, targets):
-                    return self.cam_batch(images, targets, key)
-
-                # NumPy inputs are traced like tensors: one trace per batch shape.
-                self._steps[key] = tf.function(step, jit_compile=self.jit_compile)
-            else:
-                raise NotImplementedError(
-                    f"GradCAM runs on the tensorflow, jax and torch Keras backends; this uses "
-                    f"{backend!r} (set KERAS_BACKEND=tensorflow or jax before importing keras)"
-                )
+            self._steps[key] = self.program(first)
         return self._steps[key]
 
     def explain(
@@ -392,3 +387,78 @@ def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
     """Zero-pad the batch axis to ``size`` so a compiled step keeps one traced shape."""
     padding = np.zeros((size - len(array), *array.shape[1:]), dtype=array.dtype)
     return np.concatenate([array, padding])
+
+
+class Program:
+    """A compiled step: ``program(images, target_sets, *extras)`` with NumPy-convertible
+    inputs (``target_sets``: a list of per-image target arrays, or one such array)
+    returns a dict of NumPy arrays.
+
+    ``traces`` counts how often Python ran the step's body: once per input shape on
+    TensorFlow and JAX; every call on PyTorch, which runs eagerly.
+    """
+
+    def __init__(self) -> None:
+        self.run = None
+        self.traces = 0
+
+    def __call__(self, images, target_sets, *extras) -> dict[str, np.ndarray]:
+        if not isinstance(target_sets, list | tuple):
+            target_sets = [target_sets]
+        return self.run(images, list(target_sets), *extras)
+
+
+def upsample(maps, size: tuple[int, int]):
+    """``(B, h, w)`` maps resized bilinearly to ``size`` (``keras.ops``: any backend)."""
+    resized = keras.ops.image.resize(maps[..., None], size, interpolation="bilinear")
+    return resized[..., 0]
+
+
+def cam_sets(
+    method,
+    activations,
+    logits,
+    gradient_of,
+    target_sets,
+    *,
+    counterfactual: bool = False,
+    with_counterfactual: bool = False,
+    images=None,
+    forward=None,
+) -> dict:
+    """Maps of every target set from one forward pass, in ``keras.ops`` (any backend).
+
+    ``gradient_of(chosen)`` returns the backend's gradient of ``sum_i logits[i,
+    chosen_i]`` with respect to ``activations`` (one head backward pass per set).
+    Returns ``logits`` and, per set, ``maps`` (raw, at the layer's resolution),
+    ``targets`` (``PREDICTED`` resolved) and ``finite`` (False where activations or
+    gradients were not finite; those maps are zero). ``with_counterfactual`` adds
+    ``counterfactual``: the first set's counterfactual map (the method on the negated
+    gradients; Grad-CAM's formula for methods without gradients).
+    """
+    ops = keras.ops
+    predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
+    activations = ops.cast(activations, "float32")
+    finite_activations = ops.all(ops.isfinite(activations), axis=(1, 2, 3))
+    result = {"logits": logits, "targets": [], "maps": [], "finite": []}
+    for targets in target_sets:
+        chosen = ops.where(targets < 0, predicted, ops.cast(targets, "int32"))
+        raw = ops.cast(gradient_of(chosen), "float32")
+        gradients = -raw if counterfactual else raw
+        finite = ops.logical_and(
+            finite_activations, ops.all(ops.isfinite(gradients), axis=(1, 2, 3))
+        )
+        keep = finite[:, None, None, None]
+        safe = (ops.where(keep, activations, 0.0), ops.where(keep, gradients, 0.0))
+        if with_counterfactual and not result["maps"]:
+            negated = ops.where(keep, -raw, 0.0)  # against the target, whatever the mode
+            formula = method if uses_gradients(method) else gradcam
+            result["counterfactual"] = formula(safe[0], negated)
+        if needs_forward(method):
+            maps = method(*safe, images=images, targets=chosen, forward=forward)
+        else:
+            maps = method(*safe)
+        result["maps"].append(maps)
+        result["targets"].append(chosen)
+        result["finite"].append(finite)
+    return result

@@ -1,4 +1,7 @@
-"""Per-image region metrics of a CAM, computed in TensorFlow inside the compiled step.
+"""Per-image region metrics of a CAM, computed on device inside the compiled step.
+
+Written in ``keras.ops``, so the same functions run in the TensorFlow, JAX and
+PyTorch steps (only the stable descending sort is spelled per backend).
 
 For a map ``L >= 0`` (upsampled to the mask size) and a binary region ``R``:
 
@@ -25,40 +28,65 @@ so no aggregate ever averages a made-up number.
 
 from __future__ import annotations
 
-import tensorflow as tf
+import keras
 
 METRICS = ("mass", "area", "lift", "pointing", "rank_acc", "iou")
 
-
-def _undefined_where(condition: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
-    return tf.where(condition, tf.constant(float("nan"), values.dtype), values)
+ops = keras.ops
 
 
-def region_mass(maps: tf.Tensor, regions: tf.Tensor) -> tf.Tensor:
+def _undefined_where(condition, values):
+    return ops.where(condition, ops.cast(float("nan"), values.dtype), values)
+
+
+def _flat(maps, regions):
+    """``(B, P)`` float32 maps and ``(B, R, P)`` float32 coverage."""
+    maps, regions = ops.cast(maps, "float32"), ops.cast(regions, "float32")
+    batch, count = ops.shape(regions)[0], ops.shape(regions)[1]
+    return ops.reshape(maps, (ops.shape(maps)[0], -1)), ops.reshape(regions, (batch, count, -1))
+
+
+def region_mass(maps, regions):
     """``mass`` alone: ``(batch, regions)``, NaN for a zero map (coverage-weighted)."""
-    flat_maps = tf.reshape(tf.cast(maps, tf.float32), (tf.shape(maps)[0], -1))
-    coverage = tf.reshape(
-        tf.cast(regions, tf.float32), (tf.shape(regions)[0], tf.shape(regions)[1], -1)
-    )
-    total = tf.reduce_sum(flat_maps, axis=1)
-    mass = tf.math.divide_no_nan(tf.einsum("bp,brp->br", flat_maps, coverage), total[:, None])
-    return _undefined_where(tf.broadcast_to(~(total > 0)[:, None], tf.shape(mass)), mass)
+    flat_maps, coverage = _flat(maps, regions)
+    total = ops.sum(flat_maps, axis=1)
+    mass = ops.divide_no_nan(ops.einsum("bp,brp->br", flat_maps, coverage), total[:, None])
+    return _undefined_where(ops.broadcast_to(~(total > 0)[:, None], ops.shape(mass)), mass)
 
 
-def hot_mask(maps: tf.Tensor, threshold: float) -> tf.Tensor:
+def hot_mask(maps, threshold: float):
     """``maps >= threshold * max`` per map (all False for a zero map): weak localisation."""
-    peak = tf.reduce_max(maps, axis=(1, 2), keepdims=True)
-    return tf.logical_and(maps >= threshold * peak, peak > 0)
+    peak = ops.max(maps, axis=(1, 2), keepdims=True)
+    return ops.logical_and(maps >= threshold * peak, peak > 0)
+
+
+def descending_order(values):
+    """Indices that sort each row of ``(B, P)`` in descending order, ties in pixel order
+    (a stable sort; ``keras.ops.argsort`` promises neither direction nor stability)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.argsort(values, axis=1, direction="DESCENDING", stable=True)
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        return jnp.argsort(-values, axis=1, stable=True)
+    if backend == "torch":
+        import torch
+
+        return torch.argsort(values, dim=1, descending=True, stable=True)
+    raise NotImplementedError(f"no stable sort for the {backend!r} backend")
 
 
 def region_metrics(
-    maps: tf.Tensor,
-    regions: tf.Tensor,
+    maps,
+    regions,
     *,
     iou_threshold: float = 0.5,
     pointing_tolerance: int = 0,
     ranked: bool = True,
-) -> dict[str, tf.Tensor]:
+) -> dict:
     """Every metric for every (image, region) pair.
 
     Args:
@@ -75,55 +103,55 @@ def region_metrics(
         ``(batch, regions)`` float32 tensors named as in ``METRICS``, plus
         ``zero_map`` ``(batch,)`` and ``empty`` ``(batch, regions)`` booleans.
     """
-    maps = tf.cast(maps, tf.float32)
-    regions = tf.cast(regions, tf.float32)
-    pixels = tf.cast(tf.shape(maps)[1] * tf.shape(maps)[2], tf.float32)
-    flat_maps = tf.reshape(maps, (tf.shape(maps)[0], -1))  # (B, P)
-    coverage = tf.reshape(regions, (tf.shape(regions)[0], tf.shape(regions)[1], -1))
-    flat_regions = tf.cast(coverage >= 0.5, tf.float32)  # the binary region
+    regions = ops.cast(regions, "float32")
+    pixels = float(maps.shape[1] * maps.shape[2])
+    flat_maps, coverage = _flat(maps, regions)  # (B, P), (B, R, P)
+    flat_regions = ops.cast(coverage >= 0.5, "float32")  # the binary region
 
-    total = tf.reduce_sum(flat_maps, axis=1)  # (B,)
-    peak = tf.reduce_max(flat_maps, axis=1)
-    zero_map = tf.logical_not(peak > 0.0)
-    covered = tf.reduce_sum(coverage, axis=2)  # (B, R), in pixels
-    region_pixels = tf.reduce_sum(flat_regions, axis=2)  # (B, R), binary pixels
+    total = ops.sum(flat_maps, axis=1)  # (B,)
+    peak = ops.max(flat_maps, axis=1)
+    zero_map = ops.logical_not(peak > 0.0)
+    covered = ops.sum(coverage, axis=2)  # (B, R), in pixels
+    region_pixels = ops.sum(flat_regions, axis=2)  # (B, R), binary pixels
     empty = covered < 1e-6
-    undefined_map = tf.broadcast_to(zero_map[:, None], tf.shape(empty))
+    undefined_map = ops.broadcast_to(zero_map[:, None], ops.shape(empty))
 
-    inside = tf.einsum("bp,brp->br", flat_maps, coverage)
-    mass = tf.math.divide_no_nan(inside, total[:, None])
+    inside = ops.einsum("bp,brp->br", flat_maps, coverage)
+    mass = ops.divide_no_nan(inside, total[:, None])
     area = covered / pixels
-    lift = tf.math.divide_no_nan(mass, area)
+    lift = ops.divide_no_nan(mass, area)
 
-    at_peak = tf.cast(flat_maps >= peak[:, None], tf.float32)  # every maximal pixel
+    at_peak = ops.cast(flat_maps >= peak[:, None], "float32")  # every maximal pixel
     pointing_regions = flat_regions
     if pointing_tolerance > 0:
         size = 2 * pointing_tolerance + 1
-        dilated = tf.nn.max_pool2d(
-            tf.transpose(regions, (0, 2, 3, 1)), size, strides=1, padding="SAME"
+        dilated = ops.max_pool(
+            ops.transpose(regions, (0, 2, 3, 1)), size, strides=1, padding="same"
         )
-        pointing_regions = tf.reshape(tf.transpose(dilated, (0, 3, 1, 2)), tf.shape(flat_regions))
-    pointing = tf.cast(tf.einsum("bp,brp->br", at_peak, pointing_regions) > 0, tf.float32)
+        pointing_regions = ops.reshape(
+            ops.transpose(dilated, (0, 3, 1, 2)), ops.shape(flat_regions)
+        )
+    pointing = ops.cast(ops.einsum("bp,brp->br", at_peak, pointing_regions) > 0, "float32")
 
     # Relevance Rank Accuracy: walk the pixels in descending order of L (one stable
     # argsort per map) and count, per region, how many of its pixels are among the
     # first |R|: a cumulative sum of the region read at position |R| - 1.
     rank_acc = None
     if ranked:
-        order = tf.argsort(flat_maps, axis=1, direction="DESCENDING", stable=True)  # (B, P)
-        in_order = tf.gather(flat_regions, order, axis=2, batch_dims=1)  # (B, R, P)
-        hits = tf.cumsum(in_order, axis=2)
-        last = tf.maximum(tf.cast(region_pixels, tf.int32) - 1, 0)
-        found = tf.gather(hits, last[..., None], axis=2, batch_dims=2)[..., 0]
-        rank_acc = tf.math.divide_no_nan(found, region_pixels)
+        order = descending_order(flat_maps)  # (B, P)
+        order = ops.broadcast_to(order[:, None, :], ops.shape(flat_regions))
+        hits = ops.cumsum(ops.take_along_axis(flat_regions, order, axis=2), axis=2)  # (B, R, P)
+        last = ops.maximum(ops.cast(region_pixels, "int32") - 1, 0)
+        found = ops.take_along_axis(hits, last[..., None], axis=2)[..., 0]
+        rank_acc = ops.divide_no_nan(found, region_pixels)
 
-    hot = tf.cast(flat_maps >= iou_threshold * peak[:, None], tf.float32)  # (B, P)
-    intersection = tf.einsum("bp,brp->br", hot, flat_regions)
-    union = tf.reduce_sum(hot, axis=1)[:, None] + region_pixels - intersection
-    iou = tf.math.divide_no_nan(intersection, union)
+    hot = ops.cast(flat_maps >= iou_threshold * peak[:, None], "float32")  # (B, P)
+    intersection = ops.einsum("bp,brp->br", hot, flat_regions)
+    union = ops.sum(hot, axis=1)[:, None] + region_pixels - intersection
+    iou = ops.divide_no_nan(intersection, union)
 
-    no_lift = tf.logical_or(undefined_map, empty)
-    no_binary = tf.logical_or(undefined_map, region_pixels < 0.5)
+    no_lift = ops.logical_or(undefined_map, empty)
+    no_binary = ops.logical_or(undefined_map, region_pixels < 0.5)
     result = {
         "mass": _undefined_where(undefined_map, mass),
         "area": area,

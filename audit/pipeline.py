@@ -10,10 +10,11 @@ resumes at the first missing chunk.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import platform
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +28,7 @@ import tensorflow as tf
 from audit.analyse import analyse
 from audit.config import AuditConfig, ConfigError
 from audit.data import Batch, Entries, Preprocessor, class_names_for, load_batches, read_entries
-from audit.explain import PREDICTED, GradCAM, pad_batch
+from audit.explain import PREDICTED, GradCAM, pad_batch, upsample
 from audit.history import index_run
 from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
 from audit.models import load_model
@@ -68,13 +69,13 @@ def dataset_fingerprint(entries: Entries) -> str:
 
 
 class AuditStep:
-    """The compiled per-batch step of a dataset audit."""
+    """The compiled per-batch step of a dataset audit (any Keras backend)."""
 
     def __init__(self, cam: GradCAM, config: AuditConfig, size: tuple[int, int]) -> None:
         self.cam = cam
         self.config = config
         self.size = size
-        self.function = tf.function(self._step)
+        self.program = cam.program(self._measure, with_counterfactual=True)
         self.expected = [i for i, r in enumerate(config.regions) if r.role == "expected"]
 
     @property
@@ -86,33 +87,33 @@ class AuditStep:
         scale = min(1.0, side / max(self.size))
         return max(1, round(self.size[0] * scale)), max(1, round(self.size[1] * scale))
 
-    def _step(self, images, labels, regions):
-        predicted = tf.fill(tf.shape(labels), PREDICTED)
-        main_first = self.config.model.target == "true"
-        target_sets = [labels, predicted] if main_first else [predicted, labels]
-        out = self.cam.cam_batch_many(images, target_sets, with_counterfactual=True)
+    def _target_sets(self, labels: np.ndarray) -> list[np.ndarray]:
+        """The main target first (true or predicted class), then the other one."""
+        predicted = np.full_like(labels, PREDICTED)
+        return [labels, predicted] if self.config.model.target == "true" else [predicted, labels]
+
+    def _measure(self, out, images, regions) -> dict:
+        """Everything stored per image, from the maps (``keras.ops``, inside the step)."""
+        ops = keras.ops
         logits = out["logits"]
-        grid = regions.shape[2:4]
+        # The regions arrive on the measuring grid (see metric_size), as coverage.
+        grid = tuple(regions.shape[2:4])
         result = {
             "logits": logits,
-            "probabilities": tf.nn.softmax(logits),
+            "probabilities": ops.softmax(logits, axis=-1),
             "target": out["targets"][0],
-            "finite": tf.logical_and(out["finite"][0], out["finite"][1]),
-            "cam_total": tf.reduce_sum(out["maps"][0], axis=(1, 2)),
+            "finite": ops.logical_and(out["finite"][0], out["finite"][1]),
+            "cam_total": ops.sum(out["maps"][0], axis=(1, 2)),
             "cams": self._storable(out["maps"][0]),
-            "cf_total": tf.reduce_sum(out["counterfactual"], axis=(1, 2)),
-            "cf_mass": region_mass(
-                tf.image.resize(out["counterfactual"][..., None], grid, "bilinear")[..., 0],
-                regions,
-            ),
+            "cf_total": ops.sum(out["counterfactual"], axis=(1, 2)),
+            "cf_mass": region_mass(upsample(out["counterfactual"], grid), regions),
         }
-        # The regions arrive on the measuring grid (see metric_size), as coverage.
         for key, maps in zip(("main", "other"), out["maps"], strict=True):
-            upsampled = tf.image.resize(maps[..., None], grid, method="bilinear")
+            upsampled = upsample(maps, grid)
             if key == "main":
-                result["loc_hot"] = hot_mask(upsampled[..., 0], self.config.metrics.loc_threshold)
+                result["loc_hot"] = hot_mask(upsampled, self.config.metrics.loc_threshold)
             metrics = region_metrics(
-                upsampled[..., 0],
+                upsampled,
                 regions,
                 iou_threshold=self.config.metrics.iou_threshold,
                 # The tolerance is given in input pixels; the grid may be coarser.
@@ -125,14 +126,21 @@ class AuditStep:
         return result
 
     def _storable(self, maps):
-        """Low-resolution fp16 maps: the layer's own size, capped at ``cam_size``."""
+        """Low-resolution fp16 maps: the layer's own size, capped at ``cam_size``
+        (area-averaged on TensorFlow; antialiased bilinear elsewhere)."""
         height, width = maps.shape[1], maps.shape[2]
         cap = self.config.metrics.cam_size
         if height > cap or width > cap:
             scale = cap / max(height, width)
             shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-            maps = tf.image.resize(maps[..., None], shape, method="area")[..., 0]
-        return tf.cast(maps, tf.float16)
+            area = keras.backend.backend() == "tensorflow"
+            maps = keras.ops.image.resize(
+                maps[..., None],
+                shape,
+                interpolation="area" if area else "bilinear",
+                antialias=not area,
+            )[..., 0]
+        return keras.ops.cast(maps, "float16")
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
         count = len(batch.rows)
@@ -140,12 +148,8 @@ class AuditStep:
         images, labels, regions = batch.images, batch.labels, batch.regions
         if count < size:  # keep one traced shape
             images, labels, regions = (pad_batch(a, size) for a in (images, labels, regions))
-        out = self.function(
-            tf.convert_to_tensor(images),
-            tf.convert_to_tensor(labels),
-            tf.convert_to_tensor(regions.astype("float32")),
-        )
-        result = {key: value.numpy()[:count] for key, value in out.items()}
+        out = self.program(images, self._target_sets(labels), regions.astype("float32"))
+        result = {key: value[:count] for key, value in out.items()}
         # Connected components run on the host, on the measuring grid.
         result["loc_iou"] = localisation_iou(result.pop("loc_hot"), batch.regions, self.expected)
         return result
@@ -255,13 +259,18 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 def _versions() -> dict:
     import audit
 
-    return {
+    backend = keras.backend.backend()
+    versions = {
         "bias_audit": audit.__version__,
+        "keras_backend": backend,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
+    if backend != "tensorflow":
+        versions[backend] = importlib.import_module(backend).__version__
+    return versions
 
 
 def _input_size(model: keras.Model, config: AuditConfig) -> tuple[int, int]:
@@ -334,33 +343,67 @@ class PassWork:
         self.run.write_chunk(chunk, rows, cam_rows, maps)
 
 
+class ChunkWriter:
+    """Writes chunks on a background thread so the step never waits for Parquet.
+
+    At most ``pending`` chunks wait in memory (memory stays flat); the first write
+    error is raised in the caller at the next ``submit`` or at ``close``. A killed run
+    loses only unwritten chunks, which resume recomputes (a part file marks a chunk
+    done only once it is complete).
+    """
+
+    def __init__(self, work: PassWork, pending: int = 2) -> None:
+        self.work = work
+        self.pending = pending
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
+        self.futures: deque = deque()
+
+    def submit(self, chunk: int, measured, skipped: dict[int, str]) -> None:
+        # Collect finished writes (raising their errors) and wait while the window is full.
+        while self.futures and (len(self.futures) >= self.pending or self.futures[0].done()):
+            self.futures.popleft().result()
+        self.futures.append(self.pool.submit(self.work.write_chunk, chunk, measured, skipped))
+
+    def close(self) -> None:
+        try:
+            while self.futures:
+                self.futures.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def measure_local(work: PassWork, step: AuditStep) -> float:
-    """The embedded engine: decode threads feed the compiled step; returns compute seconds."""
+    """The embedded engine: decode threads feed the compiled step, a writer thread stores
+    the chunks; returns compute seconds."""
     compute_seconds = 0.0
     measured, skipped = [], {}
     bar = work.progress_bar()
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for batch in load_batches(
-            work.entries,
-            work.positions,
-            class_index=work.class_index,
-            preprocessor=work.preprocessor,
-            regions=work.config.regions,
-            batch_size=work.config.batch_size,
-            pool=pool,
-            chunk_rows=work.chunk_rows,
-        ):
-            tick = time.perf_counter()
-            out = step(batch) if batch.rows else None
-            compute_seconds += time.perf_counter() - tick
-            if out is not None:
-                measured.append((batch, out))
-            skipped.update(batch.skipped)
-            bar.update(len(batch.rows) + len(batch.skipped))
-            if batch.chunk_end:
-                work.write_chunk(batch.chunk, measured, skipped)
-                measured, skipped = [], {}
-    bar.close()
+    writer = ChunkWriter(work)
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for batch in load_batches(
+                work.entries,
+                work.positions,
+                class_index=work.class_index,
+                preprocessor=work.preprocessor,
+                regions=work.config.regions,
+                batch_size=work.config.batch_size,
+                pool=pool,
+                chunk_rows=work.chunk_rows,
+            ):
+                tick = time.perf_counter()
+                out = step(batch) if batch.rows else None
+                compute_seconds += time.perf_counter() - tick
+                if out is not None:
+                    measured.append((batch, out))
+                skipped.update(batch.skipped)
+                bar.update(len(batch.rows) + len(batch.skipped))
+                if batch.chunk_end:
+                    writer.submit(batch.chunk, measured, skipped)
+                    measured, skipped = [], {}
+    finally:
+        writer.close()
+        bar.close()
     return compute_seconds
 
 
@@ -382,11 +425,11 @@ def run_audit(
     ``engine``: ``local`` (embedded, the default) or ``ray`` (Ray Data; same records).
     """
     started = time.perf_counter()
-    if keras.backend.backend() != "tensorflow":
+    if engine == "ray" and keras.backend.backend() != "tensorflow":
         raise ConfigError(
-            f"the dataset audit runs on the TensorFlow backend; this process uses Keras' "
-            f"{keras.backend.backend()!r} backend: set KERAS_BACKEND=tensorflow (GradCAM "
-            "itself also runs on jax)"
+            f"the Ray engine runs on the TensorFlow backend; this process uses Keras' "
+            f"{keras.backend.backend()!r} backend: use --engine local, or set "
+            "KERAS_BACKEND=tensorflow"
         )
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
     cam = GradCAM.for_config(model, config)

@@ -180,9 +180,9 @@ def test_one_trace_for_many_batches_including_the_padded_last(trained_cnn, digit
     cam = GradCAM(trained_cnn, batch_size=32)
     maps = cam.explain(images[:100], size=(24, 24))  # 3 full batches and a padded one
     assert maps.shape == (100, 24, 24)
-    assert cam.compiled_step((24, 24)).experimental_get_tracing_count() == 1
+    assert cam.compiled_step((24, 24)).traces == 1
     cam.explain(images[100:150], size=(24, 24))
-    assert cam.compiled_step((24, 24)).experimental_get_tracing_count() == 1
+    assert cam.compiled_step((24, 24)).traces == 1
 
 
 def test_predicted_targets_and_upsampling(trained_cnn, digits_images):
