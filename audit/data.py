@@ -11,6 +11,7 @@ records it and goes on; nothing is dropped silently.
 from __future__ import annotations
 
 import json
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 class SkipRow(Exception):
     """This row cannot be audited; the message is the recorded reason."""
+
+
+# Decode threads of the local engine and the interventions: Pillow releases the GIL
+# while it decodes and resamples, so threads scale with the cores (4 on 2 cores, as
+# before; 32 at most on a large machine).
+DECODE_THREADS = max(4, min(32, 2 * (os.cpu_count() or 2)))
 
 
 @dataclass(frozen=True)

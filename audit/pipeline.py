@@ -27,7 +27,15 @@ import tensorflow as tf
 
 from audit.analyse import analyse
 from audit.config import AuditConfig, ConfigError
-from audit.data import Batch, Entries, Preprocessor, class_names_for, load_batches, read_entries
+from audit.data import (
+    DECODE_THREADS,
+    Batch,
+    Entries,
+    Preprocessor,
+    class_names_for,
+    load_batches,
+    read_entries,
+)
 from audit.explain import PREDICTED, GradCAM, pad_batch, upsample
 from audit.history import index_run
 from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
@@ -86,6 +94,18 @@ class AuditStep:
         side = max(self.config.metrics.max_side, 2 * max(map_height, map_width))
         scale = min(1.0, side / max(self.size))
         return max(1, round(self.size[0] * scale)), max(1, round(self.size[1] * scale))
+
+    def warm_up(self) -> float:
+        """Trace (compile) the step on a batch of zeros shaped like the real ones, so the
+        measuring loop's timings are steady state; returns the seconds it took."""
+        size = self.config.batch_size
+        tick = time.perf_counter()
+        self.program(
+            np.zeros((size, *self.size, 3), "float32"),
+            self._target_sets(np.zeros(size, "int32")),
+            np.zeros((size, len(self.config.regions), *self.metric_size), "float32"),
+        )
+        return time.perf_counter() - tick
 
     def _target_sets(self, labels: np.ndarray) -> list[np.ndarray]:
         """The main target first (true or predicted class), then the other one."""
@@ -380,7 +400,7 @@ def measure_local(work: PassWork, step: AuditStep) -> float:
     bar = work.progress_bar()
     writer = ChunkWriter(work)
     try:
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
             for batch in load_batches(
                 work.entries,
                 work.positions,
@@ -425,12 +445,6 @@ def run_audit(
     ``engine``: ``local`` (embedded, the default) or ``ray`` (Ray Data; same records).
     """
     started = time.perf_counter()
-    if engine == "ray" and keras.backend.backend() != "tensorflow":
-        raise ConfigError(
-            f"the Ray engine runs on the TensorFlow backend; this process uses Keras' "
-            f"{keras.backend.backend()!r} backend: use --engine local, or set "
-            "KERAS_BACKEND=tensorflow"
-        )
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
     cam = GradCAM.for_config(model, config)
     if config.dataset.tfds is not None:
@@ -513,11 +527,16 @@ def run_audit(
         done_rows=total - len(todo),
     )
     if engine == "local":
+        trace_seconds = step.warm_up() if todo else 0.0
+        tick = time.perf_counter()
         compute_seconds = measure_local(work, step)
+        measure_seconds = time.perf_counter() - tick
     elif engine == "ray":
         from pipelines.ray_engine import measure_ray
 
+        tick = time.perf_counter()
         compute_seconds = measure_ray(work, ray_address=ray_address)
+        trace_seconds, measure_seconds = None, time.perf_counter() - tick
     else:
         raise ConfigError(f"unknown engine {engine!r}; use local or ray")
     images = run.assemble()
@@ -544,6 +563,11 @@ def run_audit(
         timings={
             # load -> explain -> measure -> store (model loading and tracing included)
             "pass_seconds": round(pass_seconds, 3),
+            # the step's compile on zeros, then the measuring loop (decode -> step ->
+            # store) and the step's share of it
+            "trace_seconds": None if trace_seconds is None else round(trace_seconds, 3),
+            "measure_seconds": round(measure_seconds, 3),
+            "measured_rows": len(todo),
             "compute_seconds": round(compute_seconds, 3),
             "analysis_seconds": round(time.perf_counter() - started - pass_seconds, 3),
         },

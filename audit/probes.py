@@ -28,7 +28,7 @@ import pandas as pd
 
 from audit.aggregate import bootstrap_mean_ci
 from audit.config import PolicySection, RegionSection
-from audit.data import Entries, Preprocessor, load_batches
+from audit.data import DECODE_THREADS, Entries, Preprocessor, load_batches
 
 INTERVENTIONS = ("original", "object_only", "background_only", "mixed_rand")
 
@@ -97,7 +97,7 @@ def run_interventions(
     records = []
     # Shuffle so a batch mixes classes and every image finds a partner of another class.
     positions = rng.permutation(sample["row"].to_numpy(copy=True))
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
         for batch in load_batches(
             entries,
             positions.tolist(),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+import keras
 import numpy as np
 
 from audit.config import AuditConfig
@@ -65,8 +66,16 @@ class _Decode:
 class _Measure:
     """Ray actor: holds the model and the compiled audit step."""
 
-    def __init__(self, config_json: str, size: tuple[int, int]) -> None:
+    def __init__(self, config_json: str, size: tuple[int, int], backend: str) -> None:
+        import keras
+
         from audit.models import load_model
+
+        if keras.backend.backend() != backend:  # runtime_env below sets it; say if not
+            raise RuntimeError(
+                f"this Ray worker runs Keras on {keras.backend.backend()!r}, the driver on "
+                f"{backend!r}: set KERAS_BACKEND={backend} on the cluster's workers"
+            )
 
         config = AuditConfig.model_validate_json(config_json)
         model = load_model(config.model.path, safe_mode=config.model.safe_mode)
@@ -110,6 +119,9 @@ def measure_ray(work: PassWork, *, ray_address: str | None = None) -> float:
     context.execution_options.preserve_order = True  # rows come back in manifest order
     context.enable_progress_bars = work.progress
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    # The workers run the driver's Keras backend (TensorFlow, JAX or PyTorch).
+    backend = keras.backend.backend()
+    runtime_env = {"env_vars": {"KERAS_BACKEND": backend}}
     dataset = ray.data.from_items([{"position": p} for p in work.positions])
     decoded = dataset.map_batches(
         _Decode,
@@ -117,14 +129,16 @@ def measure_ray(work: PassWork, *, ray_address: str | None = None) -> float:
         batch_size=work.config.batch_size,
         concurrency=2,
         batch_format="numpy",
+        runtime_env=runtime_env,
     )
     measured = decoded.map_batches(
         _Measure,
-        fn_constructor_args=(work.config.model_dump_json(), work.preprocessor.size),
+        fn_constructor_args=(work.config.model_dump_json(), work.preprocessor.size, backend),
         batch_size=work.config.batch_size,
         concurrency=max(1, gpus),
         num_gpus=1 if gpus else 0,
         batch_format="numpy",
+        runtime_env=runtime_env,
     )
     expected = defaultdict(int)
     for position in work.positions:

@@ -225,3 +225,29 @@ def test_the_whole_audit_on_other_backends_equals_tensorflows(biased_demo, backe
     verdicts = [{c["class_name"]: c["status"] for c in report["classes"]} for report in reports]
     assert verdicts[0] == verdicts[1] and "bias-driven" in verdicts[0].values()
     assert reports[0]["trust"]["verdict"] == reports[1]["trust"]["verdict"] == "trusted"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_the_ray_engine_on_other_backends_matches_the_local_engine(backend):
+    """The Ray engine's equality test, run whole in a process on ``backend`` (the actors
+    get the driver's backend through their runtime_env and refuse any other)."""
+    pytest.importorskip("ray")
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_ray_engine.py",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:]

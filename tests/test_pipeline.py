@@ -10,7 +10,7 @@ from conftest import ink_model
 
 from audit.cli import main as cli_main
 from audit.config import ConfigError, build_config
-from audit.pipeline import run_audit
+from audit.pipeline import AuditStep, run_audit
 from audit.store import RunStore
 from pipelines.demo import SHORTCUTS, write_dataset
 from pipelines.demo_data import make_demo_set
@@ -271,3 +271,24 @@ def test_a_coarser_measuring_grid_keeps_mass(small_dataset, tmp_path):
     # lift = mass / area divides the small error by a small area (about 0.1 here).
     np.testing.assert_allclose(coarse.images["lift_object"], fine.images["lift_object"], rtol=0.06)
     np.testing.assert_allclose(coarse.images["area_object"], fine.images["area_object"], 1e-5)
+
+
+def test_the_step_is_compiled_once_by_its_warm_up(small_dataset, tmp_path, monkeypatch):
+    """The warm-up on zeros traces the very program the real (and padded) batches use, so
+    the measuring loop's timings are steady state."""
+    manifest, model_path = small_dataset
+    steps = []
+    original = AuditStep.warm_up
+
+    def recorded(self):
+        steps.append(self)
+        return original(self)
+
+    monkeypatch.setattr(AuditStep, "warm_up", recorded)
+    config = config_for(manifest, model_path, tmp_path, batch_size=7)  # 72 rows: a padded batch
+    result = run_audit(config, progress=False)
+    (step,) = steps
+    assert step.program.traces == 1
+    timings = result.manifest["timings"]
+    assert timings["measured_rows"] == 72 and timings["trace_seconds"] > 0
+    assert 0 < timings["compute_seconds"] <= timings["measure_seconds"] <= timings["pass_seconds"]
