@@ -15,7 +15,6 @@ Reads ``images.parquet`` and writes, next to it:
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,13 +113,7 @@ def analyse(
     trust = None
     if config.trust.samples > 0:
         trust = _trust_checks(model, cam, config, load, images, len(class_names))
-    if config.trust.guided_examples and keras.backend.backend() != "tensorflow":
-        warnings.warn(
-            "Guided Grad-CAM examples need the TensorFlow backend (guided ReLU gradients); "
-            f"skipped on {keras.backend.backend()}",
-            stacklevel=2,
-        )
-    elif config.trust.guided_examples:
+    if config.trust.guided_examples:
         rows = [
             int(row)
             for index in range(len(class_names))

@@ -1,4 +1,6 @@
-"""The Grad-CAM step on Keras backends other than TensorFlow (JAX and PyTorch).
+"""The engine's compiled programs on each Keras backend: the Grad-CAM step on JAX and
+PyTorch, and the plain forward pass and the input gradients (Guided Grad-CAM) on all
+three.
 
 TensorFlow stays the default and the reference (``GradCAM.cam_batch_many``,
 ``tf.GradientTape``); every backend shares ``explain.cam_sets`` (the maps, in
@@ -15,7 +17,6 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from audit.cam_methods import uses_gradients
 from audit.explain import cam_sets
 
 
@@ -36,21 +37,11 @@ def _run(parts, states, inputs):
     return inputs
 
 
-def _one_pass_only(method, backend: str) -> None:
-    """The gradient-free methods (eigencam, scorecam) are TensorFlow-only: say so."""
-    if not uses_gradients(method):
-        raise NotImplementedError(
-            f"on the {backend} backend GradCAM runs the one-pass methods (gradcam, hirescam, "
-            "gradcam++, xgradcam, layercam); eigencam and scorecam need TensorFlow"
-        )
-
-
 def jax_program(cut, method, post, counterfactual: bool, with_counterfactual: bool):
     """``GradCAM.program`` on JAX: one jitted function of the weights and the inputs."""
     import jax
     import jax.numpy as jnp
 
-    _one_pass_only(method, "jax")
     features, head = list(cut.feature_parts), list(cut.head_parts)
 
     def step(feature_states, head_states, images, target_sets, extras):
@@ -65,6 +56,9 @@ def jax_program(cut, method, post, counterfactual: bool, with_counterfactual: bo
             (gradients,) = pullback(jax.nn.one_hot(chosen, logits.shape[-1], dtype=logits.dtype))
             return gradients
 
+        def forward(values):  # Score-CAM's masked forward passes
+            return scores(_run(features, feature_states, values))
+
         out = cam_sets(
             method,
             activations,
@@ -73,6 +67,8 @@ def jax_program(cut, method, post, counterfactual: bool, with_counterfactual: bo
             target_sets,
             counterfactual=counterfactual,
             with_counterfactual=with_counterfactual,
+            images=images,
+            forward=forward,
         )
         return post(out, images, *extras)
 
@@ -98,8 +94,10 @@ def torch_program(cut, method, post, counterfactual: bool, with_counterfactual: 
     per target set."""
     import torch
 
-    _one_pass_only(method, "torch")
     ops = keras.ops
+
+    def forward(values):  # Score-CAM's masked forward passes
+        return cut.logits(cut.activations(values, training=False), training=False).float()
 
     def run(images, target_sets, *extras):
         images = ops.convert_to_tensor(np.asarray(images, dtype="float32"))
@@ -128,6 +126,8 @@ def torch_program(cut, method, post, counterfactual: bool, with_counterfactual: 
                 target_sets,
                 counterfactual=counterfactual,
                 with_counterfactual=with_counterfactual,
+                images=images,
+                forward=forward,
             )
             result = post(out, images, *extras)
             return {key: ops.convert_to_numpy(value) for key, value in result.items()}
@@ -163,3 +163,52 @@ def compiled_forward(cut):
 
         return forward
     raise NotImplementedError(f"no compiled forward for the {backend!r} backend")
+
+
+def input_gradients(cut):
+    """``(images, targets) -> d(sum_i logits[i, targets_i]) / d images`` as NumPy, compiled
+    for the running backend (Guided Grad-CAM's backward pass to the input)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def gradients(images, targets):
+            with tf.GradientTape() as tape:
+                tape.watch(images)
+                logits = tf.cast(cut.logits(cut.activations(images)), tf.float32)
+                score = tf.reduce_sum(tf.gather(logits, targets, axis=1, batch_dims=1))
+            return tape.gradient(score, images)
+
+        return lambda images, targets: gradients(
+            tf.convert_to_tensor(images), tf.convert_to_tensor(targets, tf.int32)
+        ).numpy()
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        parts = list(cut.feature_parts) + list(cut.head_parts)
+
+        def score(images, states, targets):
+            logits = _run(parts, states, images).astype(jnp.float32)
+            return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
+
+        jitted = jax.jit(jax.grad(score))
+        return lambda images, targets: np.asarray(
+            jitted(jnp.asarray(images), _states(parts), jnp.asarray(targets, dtype="int32"))
+        )
+    if backend == "torch":
+        import torch
+
+        def run(images, targets):
+            images = keras.ops.convert_to_tensor(np.asarray(images, dtype="float32"))
+            images.requires_grad_(True)
+            chosen = keras.ops.convert_to_tensor(np.asarray(targets, dtype="int64"))
+            with torch.enable_grad():
+                logits = cut.logits(cut.activations(images)).float()
+                score = torch.gather(logits, 1, chosen[:, None]).sum()
+                (gradients,) = torch.autograd.grad(score, images)
+            return keras.ops.convert_to_numpy(gradients)
+
+        return run
+    raise NotImplementedError(f"no input gradients for the {backend!r} backend")

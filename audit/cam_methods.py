@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import tensorflow as tf
+import keras
 from keras import ops
 
-CamMethod = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+CamMethod = Callable[..., object]
 
 # Guards divisions by sums that are legitimately zero (a dead channel).
 _EPS = 1e-7
@@ -86,7 +86,7 @@ def layercam(activations, gradients):
     return ops.relu(ops.sum(ops.relu(gradients) * activations, axis=-1))
 
 
-def eigencam(activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+def eigencam(activations, gradients):
     """Eigen-CAM: the centred activations ``(h*w, channels)`` projected on their first
     principal component. The gradients are ignored (the map is class-agnostic).
 
@@ -94,15 +94,28 @@ def eigencam(activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
     agrees with the total activation (sum over channels), then ReLU as for the others.
     """
     del gradients
-    shape = tf.shape(activations)
-    flat = tf.reshape(activations, (shape[0], shape[1] * shape[2], shape[3]))
-    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
-    _, _, v = tf.linalg.svd(centred, full_matrices=False)
-    projection = tf.einsum("bpc,bc->bp", centred, v[:, :, 0])
-    total = tf.reduce_sum(flat, axis=-1)
-    total = total - tf.reduce_mean(total, axis=1, keepdims=True)
-    sign = tf.where(tf.reduce_sum(projection * total, axis=1, keepdims=True) < 0, -1.0, 1.0)
-    return tf.nn.relu(tf.reshape(projection * sign, shape[:3]))
+    batch, height, width, channels = ops.shape(activations)
+    flat = ops.reshape(activations, (batch, height * width, channels))
+    centred = flat - ops.mean(flat, axis=1, keepdims=True)
+    _, _, v_transposed = ops.svd(centred, full_matrices=False)  # (B, min(P, C), C)
+    projection = ops.einsum("bpc,bc->bp", centred, v_transposed[:, 0, :])
+    total = ops.sum(flat, axis=-1)
+    total = total - ops.mean(total, axis=1, keepdims=True)
+    sign = ops.where(ops.sum(projection * total, axis=1, keepdims=True) < 0, -1.0, 1.0)
+    return ops.relu(ops.reshape(projection * sign, (batch, height, width)))
+
+
+def _map_indices(function, count: int):
+    """``stack([function(i) for i in range(count)])``, one index at a time: the memory
+    of one call. TensorFlow: ``tf.map_fn`` without parallel iterations; JAX: a
+    ``lax.map`` loop (not ``count`` unrolled copies); PyTorch: a loop."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.map_fn(
+            function, tf.range(count), fn_output_signature=tf.float32, parallel_iterations=1
+        )
+    return ops.map(function, ops.arange(count, dtype="int32"))
 
 
 class ScoreCAM:
@@ -124,33 +137,30 @@ class ScoreCAM:
             raise ValueError(f"score_channels must be at least 1 or None, got {channels}")
         self.channels = channels
 
-    def __call__(self, activations, gradients, *, images, targets, forward) -> tf.Tensor:
+    def __call__(self, activations, gradients, *, images, targets, forward):
         del gradients
         count = activations.shape[-1]
         if self.channels is not None and self.channels < count:
-            variance = tf.math.reduce_variance(activations, axis=(1, 2))
-            _, picked = tf.math.top_k(variance, k=self.channels)
-            activations = tf.gather(activations, picked, axis=3, batch_dims=1)
-        size = images.shape[1:3]
-        black = tf.nn.softmax(forward(tf.zeros_like(images)))
-        floor = tf.gather(black, targets, axis=1, batch_dims=1)
+            variance = ops.var(activations, axis=(1, 2))
+            _, picked = ops.top_k(variance, k=self.channels)
+            activations = ops.take_along_axis(activations, picked[:, None, None, :], axis=3)
+            count = self.channels
+        size = tuple(images.shape[1:3])
+        chosen = ops.cast(targets, "int32")[:, None]
+        black = ops.softmax(forward(ops.zeros_like(images)), axis=-1)
+        floor = ops.take_along_axis(black, chosen, axis=1)[:, 0]
 
         def channel_score(index):
-            upsampled = tf.image.resize(activations[..., index : index + 1], size, "bilinear")
-            low = tf.reduce_min(upsampled, axis=(1, 2, 3), keepdims=True)
-            high = tf.reduce_max(upsampled, axis=(1, 2, 3), keepdims=True)
-            mask = tf.math.divide_no_nan(upsampled - low, high - low)
-            probabilities = tf.nn.softmax(forward(images * mask))
-            return tf.gather(probabilities, targets, axis=1, batch_dims=1) - floor
+            channel = ops.take(activations, ops.reshape(index, (1,)), axis=3)
+            upsampled = ops.image.resize(channel, size, interpolation="bilinear")
+            low = ops.min(upsampled, axis=(1, 2, 3), keepdims=True)
+            high = ops.max(upsampled, axis=(1, 2, 3), keepdims=True)
+            mask = ops.divide_no_nan(upsampled - low, high - low)
+            probabilities = ops.softmax(forward(images * mask), axis=-1)
+            return ops.take_along_axis(probabilities, chosen, axis=1)[:, 0] - floor
 
-        # One channel at a time (parallel_iterations=1): memory of one forward pass.
-        scores = tf.map_fn(
-            channel_score,
-            tf.range(tf.shape(activations)[-1]),
-            fn_output_signature=tf.float32,
-            parallel_iterations=1,
-        )
-        return _weighted_sum(tf.transpose(scores), activations)
+        scores = _map_indices(channel_score, count)  # (channels, batch)
+        return _weighted_sum(ops.transpose(scores), activations)
 
 
 CAM_METHODS: dict[str, CamMethod] = {
@@ -186,7 +196,7 @@ def needs_forward(method: CamMethod) -> bool:
 
 def uses_gradients(method: CamMethod) -> bool:
     """False for the methods that ignore the gradients (Eigen-CAM, Score-CAM): they have
-    no counterfactual form and run only on TensorFlow."""
+    no counterfactual form."""
     return method is not eigencam and not needs_forward(method)
 
 

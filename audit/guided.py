@@ -3,7 +3,9 @@
 Guided backpropagation passes a gradient through a ReLU only where both the ReLU's
 input is positive (its own derivative) and the incoming gradient is positive. The
 user's model is never changed: a clone is built (nested models included) whose
-ReLU-family activations carry that rule as a custom gradient, with the same weights.
+ReLU-family activations carry that rule as a custom gradient, with the same weights
+(``tf.custom_gradient``, ``jax.custom_vjp`` or a ``torch.autograd.Function``,
+following the Keras backend).
 
 Guided Grad-CAM multiplies the guided gradient of the target logit with respect to
 the input by the Grad-CAM map upsampled to the input: a high-resolution map of the
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from audit.backends import input_gradients
 from audit.explain import GradCAM, _as_image_batch, pad_batch
 from audit.models import cut_model
 
@@ -24,21 +26,62 @@ _RELU_ACTIVATIONS = {"relu", "relu6", "leaky_relu"}
 
 
 def _guided(function):
-    """``function`` (an element-wise ReLU-like op) with the guided-backprop gradient."""
+    """``function`` (an element-wise ReLU-like op) with the guided-backprop gradient:
+    ``upstream * f'(x) * [upstream > 0]``, on the running Keras backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    @tf.custom_gradient
-    def guided(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = function(x)
-        local = tape.gradient(y, x)  # element-wise: the op's own derivative
+        @tf.custom_gradient
+        def guided(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = function(x)
+            local = tape.gradient(y, x)  # element-wise: the op's own derivative
 
-        def gradient(upstream):
-            return upstream * local * tf.cast(upstream > 0, upstream.dtype)
+            def gradient(upstream):
+                return upstream * local * tf.cast(upstream > 0, upstream.dtype)
 
-        return y, gradient
+            return y, gradient
 
-    return guided
+        return guided
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        @jax.custom_vjp
+        def guided(x):
+            return function(x)
+
+        def forward(x):
+            return function(x), x
+
+        def backward(x, upstream):
+            _, pullback = jax.vjp(function, x)
+            (local,) = pullback(jnp.ones_like(upstream))
+            return (upstream * local * (upstream > 0).astype(upstream.dtype),)
+
+        guided.defvjp(forward, backward)
+        return guided
+    if backend == "torch":
+        import torch
+
+        class Guided(torch.autograd.Function):
+            @staticmethod
+            def forward(context, x):
+                context.save_for_backward(x)
+                return function(x)
+
+            @staticmethod
+            def backward(context, upstream):
+                (x,) = context.saved_tensors
+                with torch.enable_grad():
+                    leaf = x.detach().requires_grad_(True)
+                    (local,) = torch.autograd.grad(function(leaf), leaf, torch.ones_like(upstream))
+                return upstream * local * (upstream > 0).to(upstream.dtype)
+
+        return Guided.apply
+    raise NotImplementedError(f"guided backpropagation is not written for {backend!r}")
 
 
 def _is_relu(activation) -> bool:
@@ -89,14 +132,7 @@ class GuidedGradCAM:
         self.cam = cam or GradCAM(model, layer, method, batch_size=batch_size)
         self.batch_size = self.cam.batch_size
         self._cut = cut_model(guided_model(model), self.cam.layer_path)
-        self._function = tf.function(self._gradients)
-
-    def _gradients(self, images, targets):
-        with tf.GradientTape() as tape:
-            tape.watch(images)
-            logits = tf.cast(self._cut.logits(self._cut.activations(images)), tf.float32)
-            score = tf.reduce_sum(tf.gather(logits, targets, axis=1, batch_dims=1))
-        return tape.gradient(score, images)
+        self._function = input_gradients(self._cut)
 
     def guided_backprop(self, images, targets=None) -> np.ndarray:
         """Guided gradients of each target logit with respect to its image."""
@@ -109,8 +145,7 @@ class GuidedGradCAM:
             chunk = images[start : start + self.batch_size]
             real = len(chunk)
             padded = [pad_batch(a, self.batch_size) for a in (chunk, targets[start : start + real])]
-            result = self._function(*(tf.convert_to_tensor(a) for a in padded))
-            out.append(result.numpy()[:real])
+            out.append(self._function(*padded)[:real])
         return np.concatenate(out)
 
     def explain(self, images, targets=None) -> np.ndarray:
