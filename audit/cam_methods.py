@@ -152,7 +152,9 @@ class ScoreCAM:
 
         def channel_score(index):
             channel = ops.take(activations, ops.reshape(index, (1,)), axis=3)
-            upsampled = ops.image.resize(channel, size, interpolation="bilinear")
+            upsampled = ops.image.resize(
+                channel, size, interpolation="bilinear", data_format="channels_last"
+            )
             low = ops.min(upsampled, axis=(1, 2, 3), keepdims=True)
             high = ops.max(upsampled, axis=(1, 2, 3), keepdims=True)
             mask = ops.divide_no_nan(upsampled - low, high - low)

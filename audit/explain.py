@@ -409,9 +409,30 @@ class Program:
 
 
 def upsample(maps, size: tuple[int, int]):
-    """``(B, h, w)`` maps resized bilinearly to ``size`` (``keras.ops``: any backend)."""
-    resized = keras.ops.image.resize(maps[..., None], size, interpolation="bilinear")
+    """``(B, h, w)`` maps resized bilinearly to ``size`` (``keras.ops``: any backend;
+    channels-last whatever ``keras.config.image_data_format()`` says)."""
+    resized = keras.ops.image.resize(
+        maps[..., None], size, interpolation="bilinear", data_format="channels_last"
+    )
     return resized[..., 0]
+
+
+def area_downscale(maps, size: tuple[int, int]):
+    """``(B, h, w)`` maps shrunk to ``size`` by area averaging (each output cell is the
+    mean of the input it covers, fractional overlaps weighted): TensorFlow's ``area``
+    resize written as two matrix products, so every backend stores the same maps."""
+    rows = keras.ops.convert_to_tensor(_overlap_matrix(maps.shape[1], size[0]))
+    cols = keras.ops.convert_to_tensor(_overlap_matrix(maps.shape[2], size[1]))
+    return keras.ops.einsum("ih,bhw,jw->bij", rows, keras.ops.cast(maps, "float32"), cols)
+
+
+def _overlap_matrix(source: int, target: int) -> np.ndarray:
+    """(target, source) weights: the share of output cell i that input cell j covers."""
+    scale = source / target
+    starts = np.arange(target)[:, None] * scale
+    cells = np.arange(source)[None, :]
+    overlap = np.clip(np.minimum(starts + scale, cells + 1) - np.maximum(starts, cells), 0, None)
+    return (overlap / scale).astype("float32")
 
 
 def cam_sets(

@@ -104,7 +104,7 @@ def region_metrics(
         ``zero_map`` ``(batch,)`` and ``empty`` ``(batch, regions)`` booleans.
     """
     regions = ops.cast(regions, "float32")
-    pixels = float(maps.shape[1] * maps.shape[2])
+    pixels = ops.cast(ops.shape(maps)[1] * ops.shape(maps)[2], "float32")
     flat_maps, coverage = _flat(maps, regions)  # (B, P), (B, R, P)
     flat_regions = ops.cast(coverage >= 0.5, "float32")  # the binary region
 
@@ -126,7 +126,11 @@ def region_metrics(
     if pointing_tolerance > 0:
         size = 2 * pointing_tolerance + 1
         dilated = ops.max_pool(
-            ops.transpose(regions, (0, 2, 3, 1)), size, strides=1, padding="same"
+            ops.transpose(regions, (0, 2, 3, 1)),
+            size,
+            strides=1,
+            padding="same",
+            data_format="channels_last",
         )
         pointing_regions = ops.reshape(
             ops.transpose(dilated, (0, 3, 1, 2)), ops.shape(flat_regions)

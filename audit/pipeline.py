@@ -16,7 +16,7 @@ import platform
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from audit.data import (
     load_batches,
     read_entries,
 )
-from audit.explain import PREDICTED, GradCAM, pad_batch, upsample
+from audit.explain import PREDICTED, GradCAM, area_downscale, pad_batch, upsample
 from audit.history import index_run
 from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
 from audit.models import load_model
@@ -146,20 +146,14 @@ class AuditStep:
         return result
 
     def _storable(self, maps):
-        """Low-resolution fp16 maps: the layer's own size, capped at ``cam_size``
-        (area-averaged on TensorFlow; antialiased bilinear elsewhere)."""
+        """Low-resolution fp16 maps: the layer's own size, capped at ``cam_size`` (area
+        averaged, the same on every backend)."""
         height, width = maps.shape[1], maps.shape[2]
         cap = self.config.metrics.cam_size
         if height > cap or width > cap:
             scale = cap / max(height, width)
             shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-            area = keras.backend.backend() == "tensorflow"
-            maps = keras.ops.image.resize(
-                maps[..., None],
-                shape,
-                interpolation="area" if area else "bilinear",
-                antialias=not area,
-            )[..., 0]
+            maps = area_downscale(maps, shape)
         return keras.ops.cast(maps, "float16")
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
@@ -414,8 +408,8 @@ def measure_local(work: PassWork, step: AuditStep) -> float:
                 tick = time.perf_counter()
                 out = step(batch) if batch.rows else None
                 compute_seconds += time.perf_counter() - tick
-                if out is not None:
-                    measured.append((batch, out))
+                if out is not None:  # the writer needs the rows and labels, not the pixels
+                    measured.append((replace(batch, images=None, regions=None), out))
                 skipped.update(batch.skipped)
                 bar.update(len(batch.rows) + len(batch.skipped))
                 if batch.chunk_end:
@@ -471,6 +465,15 @@ def run_audit(
     chunk_rows = config.batch_size * BATCHES_PER_CHUNK
     if reopened and run.manifest().get("status") == "complete":
         return AuditResult(run.root, run.images(), run.manifest(), reused=True)
+    started_on = keras.backend.backend()
+    if reopened:
+        started_on = run.manifest().get("versions", {}).get("keras_backend", "tensorflow")
+    if started_on != keras.backend.backend():
+        raise ConfigError(
+            f"run {run.root} was started on Keras' {started_on!r} backend and this process "
+            f"uses {keras.backend.backend()!r}; one run never mixes backends: resume it with "
+            f"KERAS_BACKEND={started_on}, or start a new run (another output.run_id)"
+        )
     if not reopened:
         run.write_manifest(
             {

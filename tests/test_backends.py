@@ -78,6 +78,9 @@ CHILD = textwrap.dedent(
     regions[2, 0] = 0.5 * (rng.random((9, 9)) > 0.5)  # coverage fractions
     for name, value in region_metrics(maps, regions, pointing_tolerance=1).items():
         out["metric_" + name] = keras.ops.convert_to_numpy(value)
+    # The stored CAMs' area downscaling (maps larger than metrics.cam_size).
+    from audit.explain import area_downscale
+    out["area"] = keras.ops.convert_to_numpy(area_downscale(maps, (5, 7)))
     np.savez(out_path, **out)
     """
 ).replace("METHODS", repr(METHODS))
@@ -158,6 +161,7 @@ def test_maps_equal_tensorflow_maps(models, tensorflow_maps, backend, layout, tm
     for key in metrics:
         np.testing.assert_allclose(other[key], tf_maps[key], rtol=1e-6, err_msg=key)
     assert np.isnan(tf_maps["metric_mass"][0]).all() and tf_maps["metric_empty"][1, 1]
+    np.testing.assert_allclose(other["area"], tf_maps["area"], rtol=1e-5, atol=1e-6)
     # The known-answer test of the engine holds on each backend.
     for maps in (tf_maps, other):
         np.testing.assert_allclose(maps["gradcam"], maps["closed_form"], rtol=1e-4, atol=1e-6)

@@ -344,3 +344,18 @@ def test_mixed_precision_models_give_float32_maps_close_to_full_precision(
     peak = full.reshape(16, -1).max(axis=1)[:, None, None]
     assert np.abs(low / peak - full / peak).max() < 0.1
     assert np.corrcoef(low.ravel(), full.ravel())[0, 1] > 0.99
+
+
+def test_maps_do_not_depend_on_the_global_image_data_format(trained_cnn, digits_images):
+    """The engine's resizes are channels-last whatever keras.config says (a channels-last
+    model loads fine under a channels_first setting)."""
+    images, labels = digits_images
+    expected = GradCAM(trained_cnn).explain(images[:8], labels[:8], size=(24, 24))
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        maps = GradCAM(trained_cnn).explain(images[:8], labels[:8], size=(24, 24))
+    finally:
+        keras.config.set_image_data_format(previous)
+    assert maps.shape == (8, 24, 24)
+    np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-7)

@@ -106,3 +106,29 @@ def test_weak_localisation_takes_the_largest_component_and_compares_boxes():
     assert np.isnan(got[2])
     assert box_iou((0, 0, 4, 4), (2, 2, 6, 6)) == 4 / 28
     assert np.isnan(localisation_iou(hot, regions, expected=[])).all()
+
+
+def test_region_metrics_trace_with_unknown_image_sizes():
+    """``audit.region_metrics`` inside a ``tf.function`` whose sizes are unknown."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    maps = rng.random((2, 6, 5)).astype("float32")
+    regions = (rng.random((2, 2, 6, 5)) > 0.5).astype("float32")
+    signature = [tf.TensorSpec((None, None, None)), tf.TensorSpec((None, 2, None, None))]
+    traced = tf.function(lambda m, r: region_metrics(m, r), input_signature=signature)
+    eager = region_metrics(maps, regions)
+    for name, value in traced(maps, regions).items():
+        np.testing.assert_allclose(value.numpy(), np.asarray(eager[name]), err_msg=name)
+
+
+def test_area_downscale_is_tensorflows_area_resize():
+    import tensorflow as tf
+
+    from audit.explain import area_downscale
+
+    rng = np.random.default_rng(0)
+    for shape, size in [((28, 28), (16, 16)), ((14, 20), (11, 16)), ((17, 9), (16, 8))]:
+        maps = rng.random((3, *shape)).astype("float32")
+        reference = tf.image.resize(maps[..., None], size, method="area")[..., 0].numpy()
+        np.testing.assert_allclose(np.asarray(area_downscale(maps, size)), reference, atol=1e-6)

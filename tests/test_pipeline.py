@@ -292,3 +292,27 @@ def test_the_step_is_compiled_once_by_its_warm_up(small_dataset, tmp_path, monke
     timings = result.manifest["timings"]
     assert timings["measured_rows"] == 72 and timings["trace_seconds"] > 0
     assert 0 < timings["compute_seconds"] <= timings["measure_seconds"] <= timings["pass_seconds"]
+
+
+def test_a_run_is_never_resumed_on_another_keras_backend(small_dataset, tmp_path, monkeypatch):
+    manifest, model_path = small_dataset
+    config = config_for(manifest, model_path, tmp_path)
+    original = RunStore.write_chunk
+
+    def dies_after_one_chunk(self, chunk, *args, **kwargs):
+        if chunk > 0:
+            raise KeyboardInterrupt("killed")
+        return original(self, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "write_chunk", dies_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(config, progress=False)
+    monkeypatch.setattr(RunStore, "write_chunk", original)
+    (run_dir,) = tmp_path.iterdir()
+    store = RunStore(run_dir)
+    versions = store.manifest()["versions"]
+    assert versions["keras_backend"] == keras.backend.backend()
+    store.update_manifest(versions=versions | {"keras_backend": "jax"})  # as if started on JAX
+    with pytest.raises(ConfigError, match="KERAS_BACKEND=jax"):
+        run_audit(config, resume=True, progress=False)
+    assert store.done_chunks() == {0}  # nothing was added to the run
