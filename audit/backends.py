@@ -17,7 +17,18 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from audit.explain import cam_sets
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def running_backend() -> str:
+    """The running Keras backend, or a clear error if the engine is not written for it."""
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        raise NotImplementedError(
+            f"the audit runs on the tensorflow, jax and torch Keras backends; this process "
+            f"uses {backend!r} (set KERAS_BACKEND=tensorflow, jax or torch before importing keras)"
+        )
+    return backend
 
 
 def _states(parts) -> list[tuple[list, list]]:
@@ -37,8 +48,10 @@ def _run(parts, states, inputs):
     return inputs
 
 
-def jax_program(cut, method, post, counterfactual: bool, with_counterfactual: bool):
-    """``GradCAM.program`` on JAX: one jitted function of the weights and the inputs."""
+def jax_program(cut, maps_of, post):
+    """``GradCAM.program`` on JAX: one jitted function of the weights and the inputs.
+
+    ``maps_of``: ``explain.cam_sets`` with the engine's method and options bound."""
     import jax
     import jax.numpy as jnp
 
@@ -59,17 +72,7 @@ def jax_program(cut, method, post, counterfactual: bool, with_counterfactual: bo
         def forward(values):  # Score-CAM's masked forward passes
             return scores(_run(features, feature_states, values))
 
-        out = cam_sets(
-            method,
-            activations,
-            logits,
-            gradient_of,
-            target_sets,
-            counterfactual=counterfactual,
-            with_counterfactual=with_counterfactual,
-            images=images,
-            forward=forward,
-        )
+        out = maps_of(activations, logits, gradient_of, target_sets, images=images, forward=forward)
         return post(out, images, *extras)
 
     jitted = jax.jit(step)
@@ -87,7 +90,7 @@ def jax_program(cut, method, post, counterfactual: bool, with_counterfactual: bo
     return run
 
 
-def torch_program(cut, method, post, counterfactual: bool, with_counterfactual: bool):
+def torch_program(cut, maps_of, post):
     """``GradCAM.program`` on PyTorch: the features run without a graph; the head runs
     on activations that require gradients, and ``torch.autograd.grad`` of the summed
     target logits gives every sample's gradient with one backward pass through the head
@@ -118,14 +121,11 @@ def torch_program(cut, method, post, counterfactual: bool, with_counterfactual: 
             return gradients
 
         with torch.no_grad():
-            out = cam_sets(
-                method,
+            out = maps_of(
                 activations.detach(),
                 logits.detach(),
                 gradient_of,
                 target_sets,
-                counterfactual=counterfactual,
-                with_counterfactual=with_counterfactual,
                 images=images,
                 forward=forward,
             )
@@ -137,7 +137,7 @@ def torch_program(cut, method, post, counterfactual: bool, with_counterfactual: 
 
 def compiled_forward(cut):
     """``images -> softmax(logits)`` as NumPy, compiled for the running backend."""
-    backend = keras.backend.backend()
+    backend = running_backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -153,22 +153,20 @@ def compiled_forward(cut):
             lambda states, x: jax.nn.softmax(_run(parts, states, x).astype("float32"), axis=-1)
         )
         return lambda images: np.asarray(jitted(_states(parts), images))
-    if backend == "torch":
-        import torch
+    import torch
 
-        def forward(images):
-            with torch.no_grad():
-                logits = cut.logits(cut.activations(keras.ops.convert_to_tensor(images)))
-                return keras.ops.convert_to_numpy(torch.softmax(logits.float(), dim=-1))
+    def forward(images):
+        with torch.no_grad():
+            logits = cut.logits(cut.activations(keras.ops.convert_to_tensor(images)))
+            return keras.ops.convert_to_numpy(torch.softmax(logits.float(), dim=-1))
 
-        return forward
-    raise NotImplementedError(f"no compiled forward for the {backend!r} backend")
+    return forward
 
 
 def input_gradients(cut):
     """``(images, targets) -> d(sum_i logits[i, targets_i]) / d images`` as NumPy, compiled
     for the running backend (Guided Grad-CAM's backward pass to the input)."""
-    backend = keras.backend.backend()
+    backend = running_backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -197,18 +195,16 @@ def input_gradients(cut):
         return lambda images, targets: np.asarray(
             jitted(jnp.asarray(images), _states(parts), jnp.asarray(targets, dtype="int32"))
         )
-    if backend == "torch":
-        import torch
+    import torch
 
-        def run(images, targets):
-            images = keras.ops.convert_to_tensor(np.asarray(images, dtype="float32"))
-            images.requires_grad_(True)
-            chosen = keras.ops.convert_to_tensor(np.asarray(targets, dtype="int64"))
-            with torch.enable_grad():
-                logits = cut.logits(cut.activations(images)).float()
-                score = torch.gather(logits, 1, chosen[:, None]).sum()
-                (gradients,) = torch.autograd.grad(score, images)
-            return keras.ops.convert_to_numpy(gradients)
+    def run(images, targets):
+        images = keras.ops.convert_to_tensor(np.asarray(images, dtype="float32"))
+        images.requires_grad_(True)
+        chosen = keras.ops.convert_to_tensor(np.asarray(targets, dtype="int64"))
+        with torch.enable_grad():
+            logits = cut.logits(cut.activations(images)).float()
+            score = torch.gather(logits, 1, chosen[:, None]).sum()
+            (gradients,) = torch.autograd.grad(score, images)
+        return keras.ops.convert_to_numpy(gradients)
 
-        return run
-    raise NotImplementedError(f"no input gradients for the {backend!r} backend")
+    return run

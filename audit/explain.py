@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import keras
 import numpy as np
@@ -219,8 +220,10 @@ class GradCAM:
         stateless call with ``jax.vjp`` through the head on JAX, autograd through the
         head on PyTorch (``audit.backends``). Traced once per input shape.
         """
+        from audit import backends
+
         cut = self._ensure_cut(None)
-        backend = keras.backend.backend()
+        backend = backends.running_backend()
         program = Program()
 
         def counted(out, images, *extras):
@@ -245,16 +248,15 @@ class GradCAM:
                 )
                 return {key: value.numpy() for key, value in out.items()}
 
-        elif backend in ("jax", "torch"):
-            from audit import backends
-
-            build = backends.jax_program if backend == "jax" else backends.torch_program
-            run = build(cut, self._cam, counted, self.counterfactual, with_counterfactual)
         else:
-            raise NotImplementedError(
-                f"GradCAM runs on the tensorflow, jax and torch Keras backends; this uses "
-                f"{backend!r} (set KERAS_BACKEND=tensorflow, jax or torch before importing keras)"
+            maps_of = partial(
+                cam_sets,
+                self._cam,
+                counterfactual=self.counterfactual,
+                with_counterfactual=with_counterfactual,
             )
+            build = backends.jax_program if backend == "jax" else backends.torch_program
+            run = build(cut, maps_of, counted)
         program.run = run
         return program
 

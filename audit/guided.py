@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from audit.backends import input_gradients
+from audit.backends import input_gradients, running_backend
 from audit.explain import GradCAM, _as_image_batch, pad_batch
 from audit.models import cut_model
 
@@ -28,7 +28,7 @@ _RELU_ACTIVATIONS = {"relu", "relu6", "leaky_relu"}
 def _guided(function):
     """``function`` (an element-wise ReLU-like op) with the guided-backprop gradient:
     ``upstream * f'(x) * [upstream > 0]``, on the running Keras backend."""
-    backend = keras.backend.backend()
+    backend = running_backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -63,25 +63,23 @@ def _guided(function):
 
         guided.defvjp(forward, backward)
         return guided
-    if backend == "torch":
-        import torch
+    import torch
 
-        class Guided(torch.autograd.Function):
-            @staticmethod
-            def forward(context, x):
-                context.save_for_backward(x)
-                return function(x)
+    class Guided(torch.autograd.Function):
+        @staticmethod
+        def forward(context, x):
+            context.save_for_backward(x)
+            return function(x)
 
-            @staticmethod
-            def backward(context, upstream):
-                (x,) = context.saved_tensors
-                with torch.enable_grad():
-                    leaf = x.detach().requires_grad_(True)
-                    (local,) = torch.autograd.grad(function(leaf), leaf, torch.ones_like(upstream))
-                return upstream * local * (upstream > 0).to(upstream.dtype)
+        @staticmethod
+        def backward(context, upstream):
+            (x,) = context.saved_tensors
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(True)
+                (local,) = torch.autograd.grad(function(leaf), leaf, torch.ones_like(upstream))
+            return upstream * local * (upstream > 0).to(upstream.dtype)
 
-        return Guided.apply
-    raise NotImplementedError(f"guided backpropagation is not written for {backend!r}")
+    return Guided.apply
 
 
 def _is_relu(activation) -> bool:

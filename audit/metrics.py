@@ -63,7 +63,9 @@ def hot_mask(maps, threshold: float):
 def descending_order(values):
     """Indices that sort each row of ``(B, P)`` in descending order, ties in pixel order
     (a stable sort; ``keras.ops.argsort`` promises neither direction nor stability)."""
-    backend = keras.backend.backend()
+    from audit.backends import running_backend
+
+    backend = running_backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -72,11 +74,9 @@ def descending_order(values):
         import jax.numpy as jnp
 
         return jnp.argsort(-values, axis=1, stable=True)
-    if backend == "torch":
-        import torch
+    import torch
 
-        return torch.argsort(values, dim=1, descending=True, stable=True)
-    raise NotImplementedError(f"no stable sort for the {backend!r} backend")
+    return torch.argsort(values, dim=1, descending=True, stable=True)
 
 
 def region_metrics(

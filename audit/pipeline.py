@@ -465,15 +465,14 @@ def run_audit(
     chunk_rows = config.batch_size * BATCHES_PER_CHUNK
     if reopened and run.manifest().get("status") == "complete":
         return AuditResult(run.root, run.images(), run.manifest(), reused=True)
-    started_on = keras.backend.backend()
-    if reopened:
+    if reopened:  # one run never mixes backends
         started_on = run.manifest().get("versions", {}).get("keras_backend", "tensorflow")
-    if started_on != keras.backend.backend():
-        raise ConfigError(
-            f"run {run.root} was started on Keras' {started_on!r} backend and this process "
-            f"uses {keras.backend.backend()!r}; one run never mixes backends: resume it with "
-            f"KERAS_BACKEND={started_on}, or start a new run (another output.run_id)"
-        )
+        if started_on != keras.backend.backend():
+            raise ConfigError(
+                f"run {run.root} was started on Keras' {started_on!r} backend and this "
+                f"process uses {keras.backend.backend()!r}: resume it with "
+                f"KERAS_BACKEND={started_on}, or start a new run (another output.run_id)"
+            )
     if not reopened:
         run.write_manifest(
             {
@@ -529,19 +528,18 @@ def run_audit(
         progress=progress,
         done_rows=total - len(todo),
     )
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"unknown engine {engine!r}; use local or ray")
+    # The Ray actors compile their own steps; locally the step is compiled before the loop.
+    trace_seconds = None if engine == "ray" else step.warm_up() if todo else 0.0
+    tick = time.perf_counter()
     if engine == "local":
-        trace_seconds = step.warm_up() if todo else 0.0
-        tick = time.perf_counter()
         compute_seconds = measure_local(work, step)
-        measure_seconds = time.perf_counter() - tick
-    elif engine == "ray":
+    else:
         from pipelines.ray_engine import measure_ray
 
-        tick = time.perf_counter()
         compute_seconds = measure_ray(work, ray_address=ray_address)
-        trace_seconds, measure_seconds = None, time.perf_counter() - tick
-    else:
-        raise ConfigError(f"unknown engine {engine!r}; use local or ray")
+    measure_seconds = time.perf_counter() - tick
     images = run.assemble()
     pass_seconds = time.perf_counter() - started
     analyse(
