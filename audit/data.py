@@ -10,6 +10,8 @@ records it and goes on; nothing is dropped silently.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 from collections import deque
@@ -308,10 +310,21 @@ def build_regions(
 
 
 def _inside(root: Path, relative: str) -> Path:
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
+    """``root / relative`` with symlinks resolved; refused when it leaves ``root``."""
+    joined = os.path.join(root, relative)
+    folder, name = os.path.split(joined)
+    if name in ("", ".", "..") or os.path.islink(joined):
+        path = Path(os.path.realpath(joined))
+    else:  # one lstat per file: its folder's resolution is shared by its siblings
+        path = Path(_real_folder(folder), name)
+    if not path.is_relative_to(_real_folder(str(root))):
         raise SkipRow(f"path {relative!r} escapes the dataset root {root}; refused")
     return path
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -419,9 +432,14 @@ def load_entry(
     class_index: dict[str, int],
     preprocessor: Preprocessor,
     regions: Sequence[RegionSection],
+    row: dict | None = None,
 ) -> tuple[str | None, tuple[int, LoadedRow] | None]:
-    """One entry: ``(None, (label index, loaded row))``, or ``(skip reason, None)``."""
-    row = entries.table.iloc[position].to_dict()
+    """One entry: ``(None, (label index, loaded row))``, or ``(skip reason, None)``.
+
+    ``row``: the entry's table row as a dict, when the caller already has it.
+    """
+    if row is None:
+        row = entries.table.iloc[position].to_dict()
     label = class_index.get(row["label"])
     if label is None:
         return f"label {row['label']!r} is not one of the model's classes", None
@@ -454,8 +472,8 @@ def load_batches(
     height, width = preprocessor.size
     region_height, region_width = preprocessor.region_size or preprocessor.size
 
-    def load(position: int):
-        reason, loaded = load_entry(entries, position, class_index, preprocessor, regions)
+    def load(position: int, row: dict):
+        reason, loaded = load_entry(entries, position, class_index, preprocessor, regions, row)
         return position, reason, loaded
 
     def emit(items, skipped, chunk, chunk_end):
@@ -475,13 +493,17 @@ def load_batches(
 
     window: deque = deque()
     remaining = iter(positions)
+    ahead: deque = deque()  # (position, row dict), read from the table a batch at a time
 
     def refill() -> None:
         while len(window) < 4 * batch_size:
-            position = next(remaining, None)
-            if position is None:
-                return
-            window.append(pool.submit(load, position))
+            if not ahead:
+                block = list(itertools.islice(remaining, batch_size))
+                if not block:
+                    return
+                # One table read per batch: a per-row .iloc costs more than a decode.
+                ahead.extend(zip(block, entries.table.iloc[block].to_dict("records")))
+            window.append(pool.submit(load, *ahead.popleft()))
 
     pending: list[tuple[int, int, LoadedRow]] = []
     skipped: dict[int, str] = {}

@@ -71,6 +71,10 @@ class GradCAM:
             counterfactual explanations): the method applied to the negated gradients.
         score_channels: for ``scorecam``, the number of channels scored per image
             (highest spatial variance first); None scores all of them.
+        pad_to_batch: every call runs whole batches of ``batch_size`` (the last one
+            padded), so a few images do not compile the step for another shape: for
+            an engine that many stages share (the audit's). By default a call with
+            fewer images than ``batch_size`` runs them as one smaller batch.
 
     Scores are logits: a final softmax is bypassed without changing ``model``.
     """
@@ -85,6 +89,7 @@ class GradCAM:
         jit_compile: bool = False,
         counterfactual: bool = False,
         score_channels: int | None = 32,
+        pad_to_batch: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -95,6 +100,7 @@ class GradCAM:
         self.counterfactual = counterfactual
         self._layer = layer
         self.score_channels = score_channels
+        self.pad_to_batch = pad_to_batch
         self._cam = get_cam_method(method, score_channels=score_channels)
         if counterfactual and not uses_gradients(self._cam):
             raise ValueError(
@@ -118,19 +124,7 @@ class GradCAM:
             config.model.method,
             batch_size=config.batch_size,
             score_channels=config.model.score_channels,
-        )
-
-    def like(self, model: keras.Model) -> GradCAM:
-        """The same engine (layer path, method, batch size, options) on another model
-        with the same structure, e.g. a randomised copy."""
-        return GradCAM(
-            model,
-            self.layer_path,
-            self.method,
-            batch_size=self.batch_size,
-            jit_compile=self.jit_compile,
-            counterfactual=self.counterfactual,
-            score_channels=self.score_channels,
+            pad_to_batch=True,
         )
 
     @property
@@ -321,7 +315,9 @@ class GradCAM:
         images = _as_image_batch(images)
         count = len(images)
         targets = self._check_targets(targets, count, images.shape[1:])
-        batch = min(batch_size or self.batch_size, max(count, 1))
+        batch = batch_size or self.batch_size
+        if not self.pad_to_batch:
+            batch = min(batch, max(count, 1))
         self._ensure_cut(images.shape[1:])  # an unbuilt Sequential gets built here
         step = self.compiled_step(size)
         outputs: dict[str, list[np.ndarray]] = {}

@@ -83,8 +83,8 @@ class AuditStep:
         self.cam = cam
         self.config = config
         self.size = size
-        self.program = cam.program(self._measure, with_counterfactual=True)
         self.expected = [i for i, r in enumerate(config.regions) if r.role == "expected"]
+        self.program = cam.program(self._measure, with_counterfactual=True)
 
     @property
     def metric_size(self) -> tuple[int, int]:
@@ -132,6 +132,9 @@ class AuditStep:
             upsampled = upsample(maps, grid)
             if key == "main":
                 result["loc_hot"] = hot_mask(upsampled, self.config.metrics.loc_threshold)
+                if self.expected:  # weak localisation's true box: the expected pixels
+                    chosen = ops.take(regions, self.expected, axis=1)
+                    result["loc_truth"] = ops.any(chosen >= 0.5, axis=1)
             metrics = region_metrics(
                 upsampled,
                 regions,
@@ -163,10 +166,7 @@ class AuditStep:
         if count < size:  # keep one traced shape
             images, labels, regions = (pad_batch(a, size) for a in (images, labels, regions))
         out = self.program(images, self._target_sets(labels), regions.astype("float32"))
-        result = {key: value[:count] for key, value in out.items()}
-        # Connected components run on the host, on the measuring grid.
-        result["loc_iou"] = localisation_iou(result.pop("loc_hot"), batch.regions, self.expected)
-        return result
+        return {key: value[:count] for key, value in out.items()}
 
 
 def _chunk_records(
@@ -225,23 +225,25 @@ def _measured_rows(batch, out, class_names, config) -> dict[str, np.ndarray]:
         values = out["cf_mass"][:, index].astype("float64")
         frame[f"cf_mass_{name}"] = np.where(out["finite"], values, np.nan)
     frame["cf_total"] = out["cf_total"]
-    frame["loc_iou"] = np.where(out["finite"], out["loc_iou"], np.nan)
+    # Connected components run on the host (the writer's thread), on the measuring grid.
+    loc_iou = localisation_iou(out["loc_hot"], out.get("loc_truth"))
+    frame["loc_iou"] = np.where(out["finite"], loc_iou, np.nan)
     return frame
 
 
-def localisation_iou(hot: np.ndarray, regions: np.ndarray, expected: list[int]) -> np.ndarray:
+def localisation_iou(hot: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
     """Weak localisation (the Grad-CAM paper's ILSVRC protocol), per image.
 
     The map's box bounds the largest connected component of ``hot`` (map >= t * max);
-    the true box bounds the expected regions (pixels at least half covered). Returns
-    their box IoU; 0 for a zero map (no box), NaN when there is no expected region.
+    the true box bounds ``truth``, the expected regions' pixels (at least half
+    covered). Returns their box IoU; 0 for a zero map (no box), NaN when there is no
+    expected region (``truth`` None or empty).
     """
     from scipy import ndimage
 
     result = np.full(len(hot), np.nan)
-    if not expected:
+    if truth is None:
         return result
-    truth = (regions[:, expected] >= 0.5).any(axis=1)
     for index, (mask, target) in enumerate(zip(hot, truth, strict=True)):
         if not target.any():
             continue

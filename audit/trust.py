@@ -1,9 +1,10 @@
 """Can the audit's maps be trusted? Three checks on a sample, run per audit.
 
-* **Model-parameter randomisation** (Adebayo et al. 2018): a copy of the model has
-  its weighted layers re-initialised in a cascade from the top (the logits layer)
-  down; after each stage the maps of the sample are compared with the original maps
-  by Spearman rank correlation, and every stage must stay below ``max_correlation``.
+* **Model-parameter randomisation** (Adebayo et al. 2018): the model has its
+  weighted layers re-initialised in a cascade from the top (the logits layer) down,
+  in place (the weights are restored afterwards); after each stage the maps of the
+  sample are compared with the original maps by Spearman rank correlation, and
+  every stage must stay below ``max_correlation``.
   Maps that barely change when the weights they should explain are destroyed are
   edge detectors, not explanations.
 * **Random logit**: the map of a random other class should differ from the map of
@@ -94,41 +95,46 @@ def randomisation_check(
 ) -> list[dict]:
     """Per cascade stage: how many top layers are random and the maps' mean Spearman.
 
-    The first entry (0 layers) compares the unchanged copy with the original maps.
     Kernels are redrawn from N(0, std of the original kernel), biases set to zero;
-    batch-norm statistics are kept (they would only rescale the activations).
+    batch-norm statistics are kept (they would only rescale the activations). The
+    cascade runs on ``model``'s own weights, in place, so ``cam``'s compiled step is
+    reused (no copy to build and compile); every weight is restored afterwards, even
+    on an error. The first entry (0 layers) compares the restored model's maps with
+    ``original``: 1.0 when the model is back as it was.
     """
     rng = np.random.default_rng(seed)
-    copy = independent_clone(model)
-    copy.set_weights(model.get_weights())
-    copied = cam.like(copy)
-    layers = _weighted_layers(copy)[::-1]  # top first
-    stages = [{"layers_randomised": 0, "layer": None}]
+    layers = _weighted_layers(model)[::-1]  # top first
+    variables = [variable for layer in layers for variable in layer.weights]
+    saved = [np.array(variable.numpy()) for variable in variables]
     size = original.shape[1:3]  # the original maps' size (layer or input resolution)
-    stages[0]["correlation"] = float(
-        spearman_rows(copied.explain(images, targets, size), original).mean()
-    )
+    stages = []
     done = 0
-    for top in _stage_sizes(len(layers)):
-        for layer in layers[done:top]:
-            for variable in layer.weights:
-                values = np.asarray(variable.numpy())
-                if "bias" in variable.path.split("/")[-1]:
-                    variable.assign(np.zeros_like(values))
-                else:
-                    scale = float(values.std()) or 0.05
-                    variable.assign(rng.normal(0, scale, values.shape).astype(values.dtype))
-        done = top
-        _sync_logit_twin(copied, layers)
-        maps = copied.explain(images, targets, size)
-        stages.append(
-            {
-                "layers_randomised": top,
-                "layer": layers[top - 1].name,
-                "correlation": float(spearman_rows(maps, original).mean()),
-            }
-        )
-    return stages
+    try:
+        for top in _stage_sizes(len(layers)):
+            for layer in layers[done:top]:
+                for variable in layer.weights:
+                    values = np.asarray(variable.numpy())
+                    if "bias" in variable.path.split("/")[-1]:
+                        variable.assign(np.zeros_like(values))
+                    else:
+                        scale = float(values.std()) or 0.05
+                        variable.assign(rng.normal(0, scale, values.shape).astype(values.dtype))
+            done = top
+            _sync_logit_twin(cam, layers)
+            maps = cam.explain(images, targets, size)
+            stages.append(
+                {
+                    "layers_randomised": top,
+                    "layer": layers[top - 1].name,
+                    "correlation": float(spearman_rows(maps, original).mean()),
+                }
+            )
+    finally:
+        for variable, values in zip(variables, saved, strict=True):
+            variable.assign(values)
+        _sync_logit_twin(cam, layers)
+    restored = spearman_rows(cam.explain(images, targets, size), original).mean()
+    return [{"layers_randomised": 0, "layer": None, "correlation": float(restored)}, *stages]
 
 
 def _sync_logit_twin(cam: GradCAM, layers: list) -> None:
@@ -157,14 +163,24 @@ def deletion_insertion(
     ``probability(batch) -> (batch, classes)`` softmax outputs. Pixels are ranked by
     the map (ties in a fixed pixel order) and moved in ``steps`` equal portions; the AUC
     is the trapezoid mean of the target probability over the ``steps + 1`` points. At
-    each step every map set's deleted and inserted images go through one batched call.
+    each inner step every map set's deleted and inserted images go through one batched
+    call; the ends (the image, the baseline) are shared by all curves.
     """
     count, height, width = maps_sets[0].shape
     pixels = height * width
     orders = [np.argsort(-m.reshape(count, pixels), axis=1, kind="stable") for m in maps_sets]
     base = _baseline(images, baseline)
     curves = np.zeros((len(maps_sets), 2, count, steps + 1))  # set, deletion/insertion
-    for step in range(steps + 1):
+
+    def target_probability(batch: np.ndarray, repeats: int) -> np.ndarray:
+        output = probability(batch.astype("float32"))
+        return np.take_along_axis(output, np.tile(targets, repeats)[:, None], 1)[:, 0]
+
+    # Every curve starts and ends at the image or the baseline, whatever the map.
+    kept, moved = np.split(target_probability(np.concatenate([images, base]), 2), 2)
+    curves[:, 0, :, 0] = curves[:, 1, :, steps] = kept
+    curves[:, 0, :, steps] = curves[:, 1, :, 0] = moved
+    for step in range(1, steps):
         take = round(pixels * step / steps)
         variants = []
         for order in orders:
@@ -172,8 +188,7 @@ def deletion_insertion(
             np.put_along_axis(moved, order[:, :take], True, axis=1)
             moved = moved.reshape(count, height, width, 1)
             variants += [np.where(moved, base, images), np.where(moved, images, base)]
-        output = probability(np.concatenate(variants).astype("float32"))
-        picked = np.take_along_axis(output, np.tile(targets, len(variants))[:, None], 1)[:, 0]
+        picked = target_probability(np.concatenate(variants), len(variants))
         curves[:, :, :, step] = picked.reshape(len(maps_sets), 2, count)
     aucs = integrate.trapezoid(curves, dx=1 / steps, axis=3)
     return [(aucs[index, 0], aucs[index, 1]) for index in range(len(maps_sets))]
