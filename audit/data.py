@@ -502,7 +502,7 @@ def load_batches(
                 if not block:
                     return
                 # One table read per batch: a per-row .iloc costs more than a decode.
-                ahead.extend(zip(block, entries.table.iloc[block].to_dict("records")))
+                ahead.extend(zip(block, entries.table.iloc[block].to_dict("records"), strict=True))
             window.append(pool.submit(load, *ahead.popleft()))
 
     pending: list[tuple[int, int, LoadedRow]] = []
