@@ -15,6 +15,7 @@ Reads ``images.parquet`` and writes, next to it:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,12 +66,16 @@ def analyse(
     preprocessor: Preprocessor,
     class_index: dict[str, int],
     baseline: Path | None = None,
+    images: pd.DataFrame | None = None,
 ) -> Analysis:
-    """Run every analysis stage on a stored run and write its tables."""
+    """Run every analysis stage on a stored run and write its tables.
+
+    ``images``: the run's ``images.parquet`` when the caller holds it already.
+    """
     from audit.explain import GradCAM
     from audit.strategies import find_strategies
 
-    images = run.images()
+    images = run.images() if images is None else images
     manifest = run.manifest()
     policy = config.policy
     # One engine for every stage after the pass: its traced forward and map functions
@@ -162,10 +167,14 @@ def _write_guided(run: RunStore, model, cam, loaded) -> None:
     guided = GuidedGradCAM(model, cam=cam)
     folder = run.root / "guided"
     folder.mkdir(exist_ok=True)
-    for start in range(0, len(loaded), cam.batch_size):  # memory: one batch at a time
-        part = loaded[start : start + cam.batch_size]
+    # Memory: one batch at a time. The full backward pass to the input is costly, so
+    # the rows are split evenly (40 rows: two calls of 20, not 32 and 8 padded to 32).
+    batch = math.ceil(len(loaded) / math.ceil(len(loaded) / cam.batch_size))
+    for start in range(0, len(loaded), batch):
+        part = loaded[start : start + batch]
         pixels, labels = _arrays(part)
-        for (row, _), result in zip(part, guided.explain(pixels, labels), strict=True):
+        results = guided.explain(pixels, labels, batch_size=batch)
+        for (row, _), result in zip(part, results, strict=True):
             picture = Image.fromarray(guided_picture(result))
             atomic_write(folder / f"{row}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
 

@@ -471,6 +471,7 @@ def load_batches(
     """
     height, width = preprocessor.size
     region_height, region_width = preprocessor.region_size or preprocessor.size
+    _real_folder.cache_clear()  # resolved folders are remembered for one pass at most
 
     def load(position: int, row: dict):
         reason, loaded = load_entry(entries, position, class_index, preprocessor, regions, row)

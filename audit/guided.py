@@ -132,27 +132,33 @@ class GuidedGradCAM:
         self._cut = cut_model(guided_model(model), self.cam.layer_path)
         self._function = input_gradients(self._cut)
 
-    def guided_backprop(self, images, targets=None) -> np.ndarray:
-        """Guided gradients of each target logit with respect to its image."""
+    def guided_backprop(self, images, targets=None, *, batch_size: int | None = None):
+        """Guided gradients of each target logit with respect to its image.
+
+        ``batch_size``: images per compiled call (the last call padded to it); by
+        default the engine's. Each size compiles once.
+        """
         images = _as_image_batch(images)
         if targets is None:
             targets = self.cam.explain_details(images).predictions
         targets = np.asarray(targets, dtype="int32")
+        batch = batch_size or self.batch_size
         out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
+        for start in range(0, len(images), batch):
+            chunk = images[start : start + batch]
             real = len(chunk)
-            padded = [pad_batch(a, self.batch_size) for a in (chunk, targets[start : start + real])]
+            padded = [pad_batch(a, batch) for a in (chunk, targets[start : start + real])]
             out.append(self._function(*padded)[:real])
         return np.concatenate(out)
 
-    def explain(self, images, targets=None) -> np.ndarray:
+    def explain(self, images, targets=None, *, batch_size: int | None = None) -> np.ndarray:
         """Guided Grad-CAM: guided gradients times the upsampled Grad-CAM map."""
         images = _as_image_batch(images)
         if targets is None:
             targets = self.cam.explain_details(images).predictions
         maps = self.cam.explain(images, targets, size=images.shape[1:3])
-        return self.guided_backprop(images, targets) * maps[..., None]
+        guided = self.guided_backprop(images, targets, batch_size=batch_size)
+        return guided * maps[..., None]
 
 
 def guided_picture(guided: np.ndarray) -> np.ndarray:

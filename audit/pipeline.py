@@ -552,6 +552,7 @@ def run_audit(
         preprocessor=Preprocessor(size, config.preprocess),  # full-resolution masks
         class_index=class_index,
         baseline=baseline,
+        images=images,
     )
     reasons = Counter(images.loc[images["status"] == "skipped", "skip_reason"])
     manifest = run.update_manifest(

@@ -109,3 +109,28 @@ def test_manifest_errors_name_the_file_and_the_fix(tmp_path):
     (tmp_path / "b.csv").write_text("path,label,x_min,y_min\na.png,1,0,0\n")
     with pytest.raises(ConfigError, match="x_max"):
         read_manifest(tmp_path / "b.csv")
+
+
+def test_paths_that_leave_the_dataset_root_are_refused_symlinks_included(tmp_path):
+    from audit.data import SkipRow, _inside
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "images").mkdir(parents=True)
+    outside.mkdir()
+    (root / "images" / "a.png").write_bytes(b"x")
+    (outside / "secret.png").write_bytes(b"x")
+    (root / "linked_folder").symlink_to(outside, target_is_directory=True)
+    (root / "images" / "linked_file.png").symlink_to(outside / "secret.png")
+    (root / "images" / "inner_link.png").symlink_to(root / "images" / "a.png")
+    assert _inside(root, "images/a.png") == (root / "images" / "a.png").resolve()
+    assert _inside(root, "images/inner_link.png") == (root / "images" / "a.png").resolve()
+    assert _inside(root, "images/../images/a.png") == (root / "images" / "a.png").resolve()
+    for escaping in (
+        "../outside/secret.png",
+        str(outside / "secret.png"),
+        "linked_folder/secret.png",
+        "images/linked_file.png",
+        "..",
+    ):
+        with pytest.raises(SkipRow, match="escapes the dataset root"):
+            _inside(root, escaping)

@@ -185,6 +185,25 @@ def test_one_trace_for_many_batches_including_the_padded_last(trained_cnn, digit
     assert cam.compiled_step((24, 24)).traces == 1
 
 
+def test_an_engine_that_pads_to_its_batch_compiles_once_for_any_number_of_images(
+    trained_cnn, digits_images
+):
+    """The audit's engines (``pad_to_batch``): the trust checks' 16 images and the
+    guided examples' 8 run through the shape the 32-image batches compiled."""
+    images, labels = digits_images
+    padded = GradCAM(trained_cnn, batch_size=8, pad_to_batch=True)
+    plain = GradCAM(trained_cnn, batch_size=8)
+    for count in (3, 5, 11):
+        np.testing.assert_allclose(
+            padded.explain(images[:count], labels[:count]),
+            plain.explain(images[:count], labels[:count]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    assert padded.compiled_step(None).traces == 1
+    assert plain.compiled_step(None).traces == 3  # shapes 3, 5 and 8
+
+
 def test_predicted_targets_and_upsampling(trained_cnn, digits_images):
     images, labels = digits_images
     cam = GradCAM(trained_cnn)

@@ -11,7 +11,13 @@ import tensorflow as tf
 from audit.analyse import Analysis, class_verdicts
 from audit.explain import GradCAM
 from audit.guided import GuidedGradCAM, guided_model, guided_picture
-from audit.trust import randomisation_check, spearman_rows, trust_verdict
+from audit.trust import (
+    _baseline,
+    deletion_insertion,
+    randomisation_check,
+    spearman_rows,
+    trust_verdict,
+)
 
 
 def _tiny_relu_net():
@@ -84,6 +90,68 @@ def test_randomised_models_give_low_map_correlation_and_the_unchanged_one_scores
     )
     # The user's model is untouched.
     np.testing.assert_allclose(cam.explain(images, labels), original)
+
+
+def test_the_randomisation_restores_every_weight_even_when_a_stage_fails(
+    trained_cnn, digits_images
+):
+    """The cascade randomises the audited model in place: an error mid-way must still
+    leave the model (and the softmax's linear twin in the engine) as it was."""
+    images, labels = digits_images
+    images, labels = images[:8], labels[:8].astype("int32")
+    cam = GradCAM(trained_cnn)
+    original = cam.explain(images, labels)
+    before = [weights.copy() for weights in trained_cnn.get_weights()]
+    explain, calls = cam.explain, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second stage: some layers are random by now
+            raise RuntimeError("stage failed")
+        return explain(*args, **kwargs)
+
+    cam.explain = failing
+    with pytest.raises(RuntimeError, match="stage failed"):
+        randomisation_check(trained_cnn, cam, images, labels, original, seed=0)
+    cam.explain = explain
+    for got, want in zip(trained_cnn.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(cam.explain(images, labels), original)
+
+
+def test_deletion_insertion_equals_evaluating_every_curve_point():
+    """The shared ends (the image, the baseline) give the same AUCs as evaluating every
+    point of every curve."""
+    rng = np.random.default_rng(0)
+    count, side, steps = 5, 6, 4
+    images = rng.random((count, side, side, 3)).astype("float32")
+    targets = np.array([0, 1, 2, 0, 1])
+    weights = rng.normal(size=(side * side * 3, 3)).astype("float32")
+
+    def probability(batch):
+        logits = batch.reshape(len(batch), -1) @ weights
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    maps_sets = [rng.random((count, side, side)).astype("float32") for _ in range(2)]
+    got = deletion_insertion(probability, images, targets, maps_sets, steps=steps, baseline="mean")
+    base = _baseline(images, "mean")
+    for maps, (deletion, insertion) in zip(maps_sets, got, strict=True):
+        order = np.argsort(-maps.reshape(count, -1), axis=1, kind="stable")
+        curves = {"deletion": [], "insertion": []}
+        for step in range(steps + 1):
+            moved = np.zeros((count, side * side), bool)
+            np.put_along_axis(moved, order[:, : round(side * side * step / steps)], True, 1)
+            moved = moved.reshape(count, side, side, 1)
+            for name, variant in (
+                ("deletion", np.where(moved, base, images)),
+                ("insertion", np.where(moved, images, base)),
+            ):
+                curves[name].append(probability(variant)[np.arange(count), targets])
+        for name, auc in (("deletion", deletion), ("insertion", insertion)):
+            points = np.stack(curves[name], axis=1)
+            expected = (points[:, :-1] + points[:, 1:]).sum(axis=1) / (2 * steps)
+            np.testing.assert_allclose(auc, expected, rtol=1e-6)
 
 
 def test_a_failed_check_makes_the_maps_untrusted_and_lowers_flag_confidence():
