@@ -32,6 +32,9 @@ from audit.store import RunStore, atomic_write
 
 SEVERITY_ORDER = {"none": 0, "warn": 1, "fail": 2}
 EXAMPLES_PER_CLASS = 4
+# The analysis explains small samples (16 trust images, the examples of each class):
+# its engine pads every call to at most this many images, one compiled shape for all.
+ANALYSIS_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -66,21 +69,17 @@ def analyse(
     preprocessor: Preprocessor,
     class_index: dict[str, int],
     baseline: Path | None = None,
-    images: pd.DataFrame | None = None,
 ) -> Analysis:
-    """Run every analysis stage on a stored run and write its tables.
-
-    ``images``: the run's ``images.parquet`` when the caller holds it already.
-    """
+    """Run every analysis stage on a stored run and write its tables."""
     from audit.explain import GradCAM
     from audit.strategies import find_strategies
 
-    images = run.images() if images is None else images
+    images = run.images()
     manifest = run.manifest()
     policy = config.policy
     # One engine for every stage after the pass: its traced forward and map functions
     # are shared by the interventions, the trust checks and the guided examples.
-    cam = GradCAM.for_config(model, config)
+    cam = GradCAM.for_config(model, config, batch_size=min(config.batch_size, ANALYSIS_BATCH))
     class_names = manifest["class_names"]
     aggregator = aggregator_for(images, manifest)
     groups = aggregator.finalize(

@@ -327,6 +327,12 @@ def _real_folder(folder: str) -> str:
     return os.path.realpath(folder)
 
 
+def forget_resolved_paths() -> None:
+    """Drop the remembered folder resolutions: every run (and every pass of
+    ``load_batches``) resolves its paths afresh, so a swapped symlink is seen."""
+    _real_folder.cache_clear()
+
+
 def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
@@ -471,7 +477,7 @@ def load_batches(
     """
     height, width = preprocessor.size
     region_height, region_width = preprocessor.region_size or preprocessor.size
-    _real_folder.cache_clear()  # resolved folders are remembered for one pass at most
+    forget_resolved_paths()
 
     def load(position: int, row: dict):
         reason, loaded = load_entry(entries, position, class_index, preprocessor, regions, row)

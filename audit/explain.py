@@ -64,8 +64,9 @@ class GradCAM:
             4-D feature map that feeds global pooling or flatten.
         method: one of ``audit.CAM_METHODS`` (gradcam, hirescam, gradcam++, xgradcam,
             layercam).
-        batch_size: images per compiled step; the last batch is padded to it so the
-            step is traced once per image shape.
+        batch_size: images per compiled step; the last batch of a call is padded to
+            it, so the step is traced once per image shape (a call with fewer images
+            runs them as one smaller batch unless ``pad_to_batch``).
         jit_compile: compile the step with XLA.
         counterfactual: explain what argues *against* the target (Selvaraju et al.'s
             counterfactual explanations): the method applied to the negated gradients.
@@ -108,7 +109,7 @@ class GradCAM:
                 "(use gradcam, hirescam, gradcam++, xgradcam or layercam)"
             )
         self._cut: ModelCut | None = None
-        self._steps: dict[tuple[int, int] | None, Program] = {}
+        self._step: Program | None = None
         self._forward = None
         if model.built and not (
             isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is None
@@ -116,13 +117,14 @@ class GradCAM:
             self._cut = cut_model(model, layer)
 
     @classmethod
-    def for_config(cls, model: keras.Model, config) -> GradCAM:
-        """The engine as an ``AuditConfig`` asks for it (the same for every audit stage)."""
+    def for_config(cls, model: keras.Model, config, *, batch_size: int | None = None) -> GradCAM:
+        """The engine as an ``AuditConfig`` asks for it (the same for every audit stage;
+        ``batch_size`` overrides the config's), padding every call to its batch size."""
         return cls(
             model,
             config.model.layer,
             config.model.method,
-            batch_size=config.batch_size,
+            batch_size=batch_size or config.batch_size,
             score_channels=config.model.score_channels,
             pad_to_batch=True,
         )
@@ -255,8 +257,17 @@ class GradCAM:
         return program
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Softmax of the logits for a batch, padded to ``batch_size`` (one compiled
-        forward, shared by every stage that only needs predictions)."""
+        """Softmax of the logits of each image (the predicted class's maps come along).
+
+        With a gradient method the logits come from the engine's own compiled step: one
+        compiled program serves maps and predictions, and the maps cost only a backward
+        pass through the head. Eigen-CAM and Score-CAM, whose maps cost more than a
+        forward pass, use a compiled forward of their own, padded to ``batch_size``.
+        """
+        if uses_gradients(self._cam):
+            logits = self.explain_details(images).logits.astype("float32")
+            exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            return exp / exp.sum(axis=-1, keepdims=True)
         if self._forward is None:
             from audit.backends import compiled_forward
 
@@ -268,25 +279,22 @@ class GradCAM:
             out.append(self._forward(padded)[: len(chunk)])
         return np.concatenate(out)
 
-    def compiled_step(self, size: tuple[int, int] | None = None) -> Program:
-        """The compiled single-target step for one output size: ``(images, targets) ->
-        {maps, logits, targets, finite}`` (see ``program``)."""
-        key = None if size is None else (int(size[0]), int(size[1]))
-        if key not in self._steps:
+    def compiled_step(self) -> Program:
+        """The compiled single-target step: ``(images, targets) -> {maps, logits,
+        targets, finite}`` with maps at the layer's resolution (see ``program``);
+        ``explain`` upsamples its output, so every output size shares this program."""
+        if self._step is None:
 
             def first(out, images):
-                maps = out["maps"][0]
-                if key is not None:
-                    maps = upsample(maps, key)
                 return {
-                    "maps": maps,
+                    "maps": out["maps"][0],
                     "logits": out["logits"],
                     "targets": out["targets"][0],
                     "finite": out["finite"][0],
                 }
 
-            self._steps[key] = self.program(first)
-        return self._steps[key]
+            self._step = self.program(first)
+        return self._step
 
     def explain(
         self,
@@ -319,7 +327,7 @@ class GradCAM:
         if not self.pad_to_batch:
             batch = min(batch, max(count, 1))
         self._ensure_cut(images.shape[1:])  # an unbuilt Sequential gets built here
-        step = self.compiled_step(size)
+        step = self.compiled_step()
         outputs: dict[str, list[np.ndarray]] = {}
         for start in range(0, count, batch):
             chunk = images[start : start + batch]
@@ -328,9 +336,14 @@ class GradCAM:
             if real < batch:  # pad so the step keeps one traced shape
                 chunk = pad_batch(chunk, batch)
                 chunk_targets = pad_batch(chunk_targets, batch)
-            result = step(chunk, chunk_targets)
+            result = {
+                key: np.asarray(value)[:real] for key, value in step(chunk, chunk_targets).items()
+            }
+            if size is not None:  # outside the compiled step: one program for every size
+                size = (int(size[0]), int(size[1]))
+                result["maps"] = keras.ops.convert_to_numpy(upsample(result["maps"], size))
             for key, value in result.items():
-                outputs.setdefault(key, []).append(np.asarray(value)[:real])
+                outputs.setdefault(key, []).append(value)
         if count == 0:
             raise ValueError("explain() needs at least one image")
         maps = np.concatenate(outputs["maps"]).astype(np.float32, copy=False)

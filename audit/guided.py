@@ -95,13 +95,28 @@ def _clone_layer(layer):
     return clone
 
 
+def independent_clone(model: keras.Model, **options) -> keras.Model:
+    """``clone_model(recursive=True)`` that refuses to share a variable with ``model``.
+
+    Keras versions before the fix of keras-team/keras#21120 cloned only one level of
+    nesting; a copy that shares weights would let the guided clone's changes reach
+    the user's model.
+    """
+    copy = keras.models.clone_model(model, recursive=True, **options)
+    original = {id(variable) for variable in model.weights}
+    if any(id(variable) in original for variable in copy.weights):
+        raise RuntimeError(
+            f"keras {keras.__version__} clone_model shares layers of nested models with the "
+            "original; upgrade Keras (pip install -U keras) for Guided Grad-CAM"
+        )
+    return copy
+
+
 def guided_model(model: keras.Model) -> keras.Model:
     """A copy of ``model`` whose ReLU, ReLU6 and leaky ReLU follow the guided rule.
 
     Other activations (GELU, swish, ...) keep their ordinary gradient.
     """
-    from audit.trust import independent_clone
-
     clone = independent_clone(model, clone_function=_clone_layer)
     clone.set_weights(model.get_weights())
     return clone

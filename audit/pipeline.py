@@ -33,6 +33,7 @@ from audit.data import (
     Entries,
     Preprocessor,
     class_names_for,
+    forget_resolved_paths,
     load_batches,
     read_entries,
 )
@@ -225,8 +226,12 @@ def _measured_rows(batch, out, class_names, config) -> dict[str, np.ndarray]:
         values = out["cf_mass"][:, index].astype("float64")
         frame[f"cf_mass_{name}"] = np.where(out["finite"], values, np.nan)
     frame["cf_total"] = out["cf_total"]
-    # Connected components run on the host (the writer's thread), on the measuring grid.
-    loc_iou = localisation_iou(out["loc_hot"], out.get("loc_truth"))
+    # Connected components run on the host, on the measuring grid: here on the writer's
+    # thread (local engine), or already in the actor (Ray).
+    if "loc_iou" in out:
+        loc_iou = out["loc_iou"]
+    else:
+        loc_iou = localisation_iou(out["loc_hot"], out.get("loc_truth"))
     frame["loc_iou"] = np.where(out["finite"], loc_iou, np.nan)
     return frame
 
@@ -441,6 +446,7 @@ def run_audit(
     ``engine``: ``local`` (embedded, the default) or ``ray`` (Ray Data; same records).
     """
     started = time.perf_counter()
+    forget_resolved_paths()
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
     cam = GradCAM.for_config(model, config)
     if config.dataset.tfds is not None:
@@ -552,7 +558,6 @@ def run_audit(
         preprocessor=Preprocessor(size, config.preprocess),  # full-resolution masks
         class_index=class_index,
         baseline=baseline,
-        images=images,
     )
     reasons = Counter(images.loc[images["status"] == "skipped", "skip_reason"])
     manifest = run.update_manifest(

@@ -47,23 +47,6 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def independent_clone(model: keras.Model, **options) -> keras.Model:
-    """``clone_model(recursive=True)`` that refuses to share a variable with ``model``.
-
-    Keras versions before the fix of keras-team/keras#21120 cloned only one level of
-    nesting; a copy that shares weights would let the randomisation overwrite the
-    user's model.
-    """
-    copy = keras.models.clone_model(model, recursive=True, **options)
-    original = {id(variable) for variable in model.weights}
-    if any(id(variable) in original for variable in copy.weights):
-        raise RuntimeError(
-            f"keras {keras.__version__} clone_model shares layers of nested models with the "
-            "original; upgrade Keras (pip install -U keras) for the trust checks"
-        )
-    return copy
-
-
 def _weighted_layers(model) -> list:
     """Layers with a kernel, nested models flattened, in order from input to output."""
     found = []
@@ -102,9 +85,13 @@ def randomisation_check(
     on an error. The first entry (0 layers) compares the restored model's maps with
     ``original``: 1.0 when the model is back as it was.
     """
+    if model is not cam.model:
+        raise ValueError("randomisation_check needs the engine of this very model (cam.model)")
     rng = np.random.default_rng(seed)
     layers = _weighted_layers(model)[::-1]  # top first
-    variables = [variable for layer in layers for variable in layer.weights]
+    # The engine's copy of a softmax layer's weights (its linear twin) is saved too.
+    twins = [part for part in cam._ensure_cut(None).head_parts if part.name.endswith("_logits")]
+    variables = [variable for item in layers + twins for variable in item.weights]
     saved = [np.array(variable.numpy()) for variable in variables]
     size = original.shape[1:3]  # the original maps' size (layer or input resolution)
     stages = []
@@ -132,7 +119,11 @@ def randomisation_check(
     finally:
         for variable, values in zip(variables, saved, strict=True):
             variable.assign(values)
-        _sync_logit_twin(cam, layers)
+    if not all(
+        np.array_equal(variable.numpy(), values)
+        for variable, values in zip(variables, saved, strict=True)
+    ):
+        raise RuntimeError("the model's weights could not be restored after randomisation")
     restored = spearman_rows(cam.explain(images, targets, size), original).mean()
     return [{"layers_randomised": 0, "layer": None, "correlation": float(restored)}, *stages]
 

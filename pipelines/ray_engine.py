@@ -26,7 +26,7 @@ import numpy as np
 from audit.config import AuditConfig
 from audit.data import Batch, load_entry
 from audit.explain import GradCAM
-from audit.pipeline import AuditStep, PassWork
+from audit.pipeline import AuditStep, PassWork, localisation_iou
 
 
 class _Decode:
@@ -94,6 +94,8 @@ class _Measure:
             labels=batch["label"][ok].astype("int32"),
         )
         out = self.step(inputs)
+        # Weak localisation here, in parallel actors: its two masks per row stay here.
+        out["loc_iou"] = localisation_iou(out.pop("loc_hot"), out.pop("loc_truth", None))
         for key, values in out.items():  # one row per input row; skipped rows hold zeros
             full = np.zeros((len(ok), *values.shape[1:]), dtype=values.dtype)
             full[ok] = values

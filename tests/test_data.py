@@ -134,3 +134,18 @@ def test_paths_that_leave_the_dataset_root_are_refused_symlinks_included(tmp_pat
     ):
         with pytest.raises(SkipRow, match="escapes the dataset root"):
             _inside(root, escaping)
+
+
+def test_a_swapped_root_symlink_is_resolved_afresh_by_the_next_pass(tmp_path):
+    from audit.data import _inside, forget_resolved_paths
+
+    for version in ("v1", "v2"):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "a.png").write_bytes(version.encode())
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "v1", target_is_directory=True)
+    assert _inside(current, "a.png") == (tmp_path / "v1" / "a.png").resolve()
+    current.unlink()
+    current.symlink_to(tmp_path / "v2", target_is_directory=True)
+    forget_resolved_paths()  # what run_audit and load_batches do first
+    assert _inside(current, "a.png") == (tmp_path / "v2" / "a.png").resolve()

@@ -180,9 +180,19 @@ def test_one_trace_for_many_batches_including_the_padded_last(trained_cnn, digit
     cam = GradCAM(trained_cnn, batch_size=32)
     maps = cam.explain(images[:100], size=(24, 24))  # 3 full batches and a padded one
     assert maps.shape == (100, 24, 24)
-    assert cam.compiled_step((24, 24)).traces == 1
+    assert cam.compiled_step().traces == 1
     cam.explain(images[100:150], size=(24, 24))
-    assert cam.compiled_step((24, 24)).traces == 1
+    assert cam.compiled_step().traces == 1
+    # Another output size, native maps and predictions share the same compiled step.
+    native = cam.explain(images[:40])
+    assert cam.explain(images[:40], size=(12, 12)).shape == (40, 12, 12)
+    probabilities = cam.probabilities(images[:40])
+    assert cam.compiled_step().traces == 1
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    expected = keras.ops.convert_to_numpy(trained_cnn(images[:40]))  # a softmax output
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-4, atol=1e-6)
+    upsampled = keras.ops.image.resize(native[..., None], (24, 24), interpolation="bilinear")
+    np.testing.assert_allclose(maps[:40], keras.ops.convert_to_numpy(upsampled)[..., 0], atol=1e-6)
 
 
 def test_an_engine_that_pads_to_its_batch_compiles_once_for_any_number_of_images(
@@ -200,8 +210,8 @@ def test_an_engine_that_pads_to_its_batch_compiles_once_for_any_number_of_images
             rtol=1e-5,
             atol=1e-6,
         )
-    assert padded.compiled_step(None).traces == 1
-    assert plain.compiled_step(None).traces == 3  # shapes 3, 5 and 8
+    assert padded.compiled_step().traces == 1
+    assert plain.compiled_step().traces == 3  # shapes 3, 5 and 8
 
 
 def test_predicted_targets_and_upsampling(trained_cnn, digits_images):
