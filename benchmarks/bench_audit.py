@@ -348,7 +348,6 @@ def piece_rates(config: AuditConfig, model: keras.Model, loader: Loader) -> list
     """Images/s of the audit's pieces on their own (same data, warm functions)."""
     count = len(loader.entries.table)
     size = config.batch_size
-    chunk_rows = size * pipeline.BATCHES_PER_CHUNK
     rows: list[tuple] = []
 
     def timed(name, function, note=""):
@@ -359,17 +358,10 @@ def piece_rates(config: AuditConfig, model: keras.Model, loader: Loader) -> list
         return result
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        batches = timed("decode: load_batches, one stream", lambda: list(loader.batches(pool)))
-
-        def chunked():
-            for start in range(0, count, chunk_rows):
-                positions = range(start, min(count, start + chunk_rows))
-                yield from loader.batches(pool, positions)
-
-        timed(
-            "decode: load_batches per chunk",
-            lambda: list(chunked()),
-            f"as run_audit: a new pool.map every {chunk_rows} rows",
+        batches = timed(
+            "decode: load_batches (images + masks)",
+            lambda: list(loader.batches(pool)),
+            "one stream across chunks, as run_audit",
         )
 
     forward = tf.function(lambda x: model(x, training=False))
