@@ -77,8 +77,9 @@ def analyse(
     images = run.images()
     manifest = run.manifest()
     policy = config.policy
-    # One engine for every stage after the pass: its traced forward and map functions
-    # are shared by the interventions, the trust checks and the guided examples.
+    # One engine for every stage after the pass: its compiled step (maps of any size,
+    # predictions) is shared by the interventions, the trust checks and the guided
+    # examples.
     cam = GradCAM.for_config(model, config, batch_size=min(config.batch_size, ANALYSIS_BATCH))
     class_names = manifest["class_names"]
     aggregator = aggregator_for(images, manifest)

@@ -328,6 +328,8 @@ class GradCAM:
             batch = min(batch, max(count, 1))
         self._ensure_cut(images.shape[1:])  # an unbuilt Sequential gets built here
         step = self.compiled_step()
+        if size is not None:
+            size = (int(size[0]), int(size[1]))
         outputs: dict[str, list[np.ndarray]] = {}
         for start in range(0, count, batch):
             chunk = images[start : start + batch]
@@ -340,7 +342,6 @@ class GradCAM:
                 key: np.asarray(value)[:real] for key, value in step(chunk, chunk_targets).items()
             }
             if size is not None:  # outside the compiled step: one program for every size
-                size = (int(size[0]), int(size[1]))
                 result["maps"] = keras.ops.convert_to_numpy(upsample(result["maps"], size))
             for key, value in result.items():
                 outputs.setdefault(key, []).append(value)
