@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 from audit.config import AuditConfig
-from audit.data import Batch, load_entry
+from audit.data import Batch, forget_resolved_paths, load_entry
 from audit.explain import GradCAM
 from audit.pipeline import AuditStep, PassWork, localisation_iou
 
@@ -33,6 +33,7 @@ class _Decode:
     """Ray CPU stage: manifest rows -> preprocessed images and regions, or skips."""
 
     def __init__(self, work: PassWork) -> None:
+        forget_resolved_paths()  # a worker process may outlive a run: resolve afresh
         self.entries = work.entries
         self.preprocessor = work.preprocessor
         self.regions = work.config.regions
@@ -43,12 +44,15 @@ class _Decode:
         self.blank_regions = np.zeros((len(self.regions), region_height, region_width), "float32")
 
     def __call__(self, batch: dict) -> dict:
-        rows = [self._one(int(position)) for position in batch["position"]]
+        positions = [int(position) for position in batch["position"]]
+        # One table read per batch: a per-row .iloc costs more than a decode.
+        records = self.entries.table.iloc[positions].to_dict("records")
+        rows = [self._one(p, record) for p, record in zip(positions, records, strict=True)]
         return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
-    def _one(self, position: int) -> dict:
+    def _one(self, position: int, record: dict) -> dict:
         reason, loaded = load_entry(
-            self.entries, position, self.class_index, self.preprocessor, self.regions
+            self.entries, position, self.class_index, self.preprocessor, self.regions, record
         )
         if loaded is None:
             blank = {"label": -1, "image": self.blank_image, "regions": self.blank_regions}
@@ -180,7 +184,10 @@ def _collect(block: dict, work: PassWork, pending: dict) -> None:
                 images=np.zeros((0,)),
                 regions=np.zeros((0,)),
                 labels=np.asarray(
-                    [work.class_index[work.entries.table.iloc[p]["label"]] for p in positions[ok]],
+                    [
+                        work.class_index[label]
+                        for label in work.entries.table["label"].iloc[positions[ok]]
+                    ],
                     dtype="int32",
                 ),
             )
