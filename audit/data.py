@@ -75,6 +75,11 @@ class Entries:
     def slice_columns(self) -> list[str]:
         return [c for c in self.table.columns if c not in SOURCE_COLUMNS]
 
+    def records(self, positions: Sequence[int]) -> list[dict]:
+        """The rows at ``positions`` as dicts, in one table read (a per-row ``.iloc``
+        costs more than decoding the image)."""
+        return self.table.iloc[list(positions)].to_dict("records")
+
 
 # ------------------------------------------------------------------ sources
 
@@ -445,7 +450,7 @@ def load_entry(
     ``row``: the entry's table row as a dict, when the caller already has it.
     """
     if row is None:
-        row = entries.table.iloc[position].to_dict()
+        (row,) = entries.records([position])
     label = class_index.get(row["label"])
     if label is None:
         return f"label {row['label']!r} is not one of the model's classes", None
@@ -508,8 +513,7 @@ def load_batches(
                 block = list(itertools.islice(remaining, batch_size))
                 if not block:
                     return
-                # One table read per batch: a per-row .iloc costs more than a decode.
-                ahead.extend(zip(block, entries.table.iloc[block].to_dict("records"), strict=True))
+                ahead.extend(zip(block, entries.records(block), strict=True))
             window.append(pool.submit(load, *ahead.popleft()))
 
     pending: list[tuple[int, int, LoadedRow]] = []

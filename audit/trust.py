@@ -90,7 +90,7 @@ def randomisation_check(
     rng = np.random.default_rng(seed)
     layers = _weighted_layers(model)[::-1]  # top first
     # The engine's copy of a softmax layer's weights (its linear twin) is saved too.
-    twins = [part for part in cam._ensure_cut(None).head_parts if part.name.endswith("_logits")]
+    twins = _logit_twins(cam)
     variables = [variable for item in layers + twins for variable in item.weights]
     saved = [np.array(variable.numpy()) for variable in variables]
     size = original.shape[1:3]  # the original maps' size (layer or input resolution)
@@ -128,13 +128,18 @@ def randomisation_check(
     return [{"layers_randomised": 0, "layer": None, "correlation": float(restored)}, *stages]
 
 
+def _logit_twins(cam: GradCAM) -> list:
+    """The engine's linear twins of softmax layers (models.py), named ``<layer>_logits``."""
+    return [part for part in cam._ensure_cut(None).head_parts if part.name.endswith("_logits")]
+
+
 def _sync_logit_twin(cam: GradCAM, layers: list) -> None:
-    """A softmax layer's linear twin (models.py) holds a copy of its weights: refresh it."""
+    """A softmax layer's linear twin holds a copy of its weights: refresh it."""
     by_name = {layer.name: layer for layer in layers}
-    for part in cam._ensure_cut(None).head_parts:
-        source = by_name.get(part.name.removesuffix("_logits"))
-        if part.name.endswith("_logits") and source is not None:
-            part.set_weights(source.get_weights())
+    for twin in _logit_twins(cam):
+        source = by_name.get(twin.name.removesuffix("_logits"))
+        if source is not None:
+            twin.set_weights(source.get_weights())
 
 
 def _baseline(images: np.ndarray, kind: str) -> np.ndarray:

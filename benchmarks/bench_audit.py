@@ -357,7 +357,7 @@ def piece_rates(config: AuditConfig, model: keras.Model, loader: Loader) -> list
         rows.append((name, count / seconds, seconds, note))
         return result
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=pipeline.DECODE_THREADS) as pool:
         batches = timed(
             "decode: load_batches (images + masks)",
             lambda: list(loader.batches(pool)),

@@ -45,8 +45,7 @@ class _Decode:
 
     def __call__(self, batch: dict) -> dict:
         positions = [int(position) for position in batch["position"]]
-        # One table read per batch: a per-row .iloc costs more than a decode.
-        records = self.entries.table.iloc[positions].to_dict("records")
+        records = self.entries.records(positions)
         rows = [self._one(p, record) for p, record in zip(positions, records, strict=True)]
         return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
