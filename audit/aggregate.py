@@ -41,8 +41,8 @@ def bootstrap_mean_ci(
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return float("nan"), float("nan")
-    if len(values) == 1:
-        return float(values[0]), float(values[0])
+    if len(values) == 1:  # one value says nothing about its spread
+        return float("nan"), float("nan")
     if len(values) > NORMAL_APPROXIMATION_ABOVE:
         # The bootstrap distribution of a mean over this many rows is normal to within
         # rounding; the closed form avoids resampling millions of values.
@@ -83,6 +83,7 @@ class GroupAccumulator:
     columns: Sequence[str]
     rows: list[np.ndarray] = field(default_factory=list)
     correct: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)  # true class: the slice tests' strata
     values: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def add(self, frame: pd.DataFrame) -> None:
@@ -90,25 +91,48 @@ class GroupAccumulator:
             return
         self.rows.append(frame["row"].to_numpy(dtype="int64"))
         self.correct.append(frame["correct"].to_numpy(dtype=bool))
+        self.labels.append(frame["label_index"].to_numpy(dtype="int64"))
         for column in self.columns:
             self.values.setdefault(column, []).append(frame[column].to_numpy(dtype="float64"))
 
     def merge(self, other: GroupAccumulator) -> GroupAccumulator:
+        """Adds ``other``'s rows (its lists are copied, never shared)."""
         self.rows.extend(other.rows)
         self.correct.extend(other.correct)
+        self.labels.extend(other.labels)
         for column in self.columns:
             self.values.setdefault(column, []).extend(other.values.get(column, []))
         return self
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Row ids, correctness and values, sorted by row id (order-independent)."""
+    def arrays(self) -> GroupArrays:
+        """Row ids, correctness, true labels and values, sorted by row id."""
         if not self.rows:
             empty = np.zeros(0)
-            return empty.astype("int64"), empty.astype(bool), {c: empty for c in self.columns}
+            return GroupArrays(
+                empty.astype("int64"),
+                empty.astype(bool),
+                empty.astype("int64"),
+                {c: empty for c in self.columns},
+            )
         rows = np.concatenate(self.rows)
         order = np.argsort(rows, kind="stable")
         values = {c: np.concatenate(self.values[c])[order] for c in self.columns}
-        return rows[order], np.concatenate(self.correct)[order], values
+        return GroupArrays(
+            rows[order],
+            np.concatenate(self.correct)[order],
+            np.concatenate(self.labels)[order],
+            values,
+        )
+
+
+@dataclass(frozen=True)
+class GroupArrays:
+    """One group's rows in row-id order (so results do not depend on arrival order)."""
+
+    rows: np.ndarray
+    correct: np.ndarray
+    labels: np.ndarray
+    values: dict[str, np.ndarray]
 
 
 @dataclass
@@ -182,8 +206,9 @@ class Aggregator:
         for predicted, frame in ok.groupby("pred"):
             self._group(GroupKey("pred", int(predicted))).add(frame)
         for attribute in self.slice_columns:
-            values = ok[attribute].astype(str)
-            for value, frame in ok.groupby(values):
+            # A missing value belongs to no slice (never a "nan" slice of its own).
+            present = ok[ok[attribute].notna()]
+            for value, frame in present.groupby(present[attribute].astype(str)):
                 self._group(GroupKey("slice", None, attribute, str(value))).add(frame)
                 for label, sub in frame.groupby("label_index"):
                     self._group(GroupKey("class_slice", int(label), attribute, str(value))).add(sub)
@@ -191,21 +216,29 @@ class Aggregator:
 
     def merge(self, other: Aggregator) -> Aggregator:
         for identity, accumulator in other.groups.items():
-            if identity in self.groups:
-                self.groups[identity].merge(accumulator)
-            else:
-                self.groups[identity] = accumulator
+            if identity not in self.groups:
+                self.groups[identity] = GroupAccumulator(self.columns)
                 self.keys[identity] = other.keys[identity]
+            self.groups[identity].merge(accumulator)
         return self
 
     def finalize(
-        self, class_names: Sequence[str], *, resamples: int = 1000, seed: int = 0
+        self,
+        class_names: Sequence[str],
+        *,
+        resamples: int = 1000,
+        seed: int = 0,
+        min_support: int = 1,
     ) -> pd.DataFrame:
-        """One row per group: support, accuracy/precision, mean metrics with 95% CIs."""
+        """One row per group: support, accuracy/precision, mean metrics with 95% CIs.
+
+        ``min_support``: slice values with fewer rows do not compete for an attribute's
+        worst-group accuracy (one misclassified image is not a worst group)."""
         records = []
         for identity in sorted(self.groups, key=_sort_key):
             key = self.keys[identity]
-            rows, correct, values = self.groups[identity].arrays()
+            group = self.groups[identity].arrays()
+            rows, correct, values = group.rows, group.correct, group.values
             # True-label groups measure evidence on correct predictions; predicted-label
             # groups on every prediction of the class (false positives included).
             use = correct if key.kind in ("true", "class_slice") else np.ones_like(correct)
@@ -238,7 +271,7 @@ class Aggregator:
             records.append(record)
         table = pd.DataFrame(records)
         if len(table):
-            table = _add_worst_group(table)
+            table = _add_worst_group(table, min_support)
         return table
 
 
@@ -273,12 +306,14 @@ def _sort_key(identity: tuple) -> tuple:
     )
 
 
-def _add_worst_group(table: pd.DataFrame) -> pd.DataFrame:
-    """For slice groups: the worst accuracy among the attribute's values (worst-group)."""
+def _add_worst_group(table: pd.DataFrame, min_support: int) -> pd.DataFrame:
+    """For slice groups: the worst accuracy among the attribute's values with at least
+    ``min_support`` rows (worst-group accuracy; NaN when no value has that many)."""
     slices = table["kind"] == "slice"
-    worst = table[slices].groupby("attribute")["accuracy"].transform("min")
+    supported = table[slices & (table["n"] >= min_support)]
+    worst = supported.groupby("attribute")["accuracy"].min()
     table["worst_group_accuracy"] = np.nan
-    table.loc[slices, "worst_group_accuracy"] = worst
+    table.loc[slices, "worst_group_accuracy"] = table.loc[slices, "attribute"].map(worst)
     return table
 
 

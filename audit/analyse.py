@@ -84,7 +84,10 @@ def analyse(
     class_names = manifest["class_names"]
     aggregator = aggregator_for(images, manifest)
     groups = aggregator.finalize(
-        class_names, resamples=policy.bootstrap_resamples, seed=policy.seed
+        class_names,
+        resamples=policy.bootstrap_resamples,
+        seed=policy.seed,
+        min_support=policy.min_support,
     )
     baseline_aggregator = None
     if baseline is not None:

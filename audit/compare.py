@@ -20,19 +20,46 @@ def _report(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _flag_set(report: dict) -> dict[str, str]:
-    """Flag identities -> severity: non-ok classes and flagged slices."""
+SEVERITY_RANK = {"none": 0, "warn": 1, "fail": 2}
+
+
+def _flag_set(report: dict) -> dict[str, tuple[str, str]]:
+    """Flag identity -> (label, severity): non-ok classes and flagged slices.
+
+    A class is one identity whatever its status, so a class that goes from
+    bias-driven to suspected has eased, not gained a new flag."""
     flags = {
-        f"class {entry['class_name']}: {entry['status']}": entry["severity"]
+        f"class {entry['class_name']}": (
+            f"class {entry['class_name']}: {entry['status']}",
+            entry["severity"],
+        )
         for entry in report["classes"]
         if entry["status"] != "ok"
     }
     for test in report["slices"]["tests"]:
         if test.get("flagged"):
-            flags[f"slice {test['attribute']}={test['value']} on {test['region']}"] = test[
-                "severity"
-            ]
+            name = f"slice {test['attribute']}={test['value']} on {test['region']}"
+            flags[name] = (name, test["severity"])
     return flags
+
+
+def _flag_changes(old: dict, new: dict) -> dict[str, dict[str, str]]:
+    """New (added or more severe), resolved (gone), eased (less severe) and kept flags,
+    each as label -> severity; a changed label says what it was."""
+    changes = {"new_flags": {}, "resolved_flags": {}, "eased_flags": {}, "kept_flags": {}}
+    for identity, (label, severity) in new.items():
+        if identity not in old:
+            changes["new_flags"][label] = severity
+            continue
+        old_label, old_severity = old[identity]
+        shown = label if label == old_label else f"{label} (was {old_label.split(': ')[-1]})"
+        rise = SEVERITY_RANK.get(severity, 0) - SEVERITY_RANK.get(old_severity, 0)
+        kind = "new_flags" if rise > 0 else "eased_flags" if rise < 0 else "kept_flags"
+        changes[kind][shown] = severity
+    for identity, (label, severity) in old.items():
+        if identity not in new:
+            changes["resolved_flags"][label] = severity
+    return changes
 
 
 def compare_runs(old_dir: Path, new_dir: Path) -> dict:
@@ -61,16 +88,13 @@ def compare_runs(old_dir: Path, new_dir: Path) -> dict:
     deltas = pd.DataFrame(rows)
     if len(deltas):
         deltas["q_value"] = benjamini_hochberg(deltas["p_value"].to_numpy())
-    old_flags, new_flags = _flag_set(old), _flag_set(new)
     return {
         "old_run": old["run_id"],
         "new_run": new["run_id"],
         "old_outcome": old["outcome"],
         "new_outcome": new["outcome"],
         "deltas": deltas,
-        "new_flags": {k: v for k, v in new_flags.items() if k not in old_flags},
-        "resolved_flags": {k: v for k, v in old_flags.items() if k not in new_flags},
-        "kept_flags": {k: v for k, v in new_flags.items() if k in old_flags},
+        **_flag_changes(_flag_set(old), _flag_set(new)),
     }
 
 
@@ -115,6 +139,10 @@ def format_comparison(result: dict, alpha: float = 0.05) -> str:
                 float_format=lambda v: f"{v:.3f}",
             )
         )
-    for title, key in (("new flags", "new_flags"), ("resolved flags", "resolved_flags")):
+    for title, key in (
+        ("new flags", "new_flags"),
+        ("resolved flags", "resolved_flags"),
+        ("eased flags", "eased_flags"),
+    ):
         lines.append(f"{title}: " + (", ".join(result[key]) if result[key] else "none"))
     return "\n".join(lines)

@@ -12,6 +12,14 @@ every spurious region R:
 4. the group is flagged when q < alpha **and** the CI's lower bound exceeds the
    effect-size floor (a point estimate alone never flags).
 
+Slices are compared **within classes**: a slice value that holds more of a class whose
+maps spill onto the background (a thin object) would otherwise be flagged on a model
+that ignores the slice entirely (Simpson's paradox). The slice's rows and the
+reference's are stratified by true class; the test is van Elteren's stratified
+Mann-Whitney, the effect the difference of class means weighted by the slice's own
+class mix (the reference re-weighted to that mix), its CI a stratified bootstrap.
+Classes the other values do not have cannot be compared and are left out.
+
 A flag is heatmap evidence only: it makes a class "suspected" (severity warn) until
 the interventions confirm it (``audit.analyse.class_verdicts``).
 """
@@ -22,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import false_discovery_control, mannwhitneyu
+from scipy.stats import false_discovery_control, mannwhitneyu, norm, rankdata
 
 from audit.aggregate import RESAMPLE_CHUNK, Aggregator, percentile_interval, resampled_means
 from audit.config import PolicySection
@@ -54,20 +62,113 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
     return q_values
 
 
+def van_elteren_greater(groups: list[np.ndarray], references: list[np.ndarray]) -> float:
+    """One-sided p-value of van Elteren's stratified rank-sum test (group > reference).
+
+    Per stratum the group's Wilcoxon rank sum (mid-ranks for ties) is centred on its
+    expectation; the strata are weighted by 1 / (N + 1) and the weighted sum is
+    compared with its tie-corrected variance (normal approximation). With one stratum
+    it is the Mann-Whitney U test without continuity correction.
+    """
+    centred, variance = 0.0, 0.0
+    for group, reference in zip(groups, references, strict=True):
+        n, m = len(group), len(reference)
+        total = n + m
+        if not n or not m:
+            continue
+        combined = np.concatenate([group, reference])
+        rank_sum = rankdata(combined)[:n].sum()
+        _, ties = np.unique(combined, return_counts=True)
+        tie_term = (ties**3 - ties).sum() / (total * (total - 1)) if total > 1 else 0.0
+        weight = 1.0 / (total + 1)
+        centred += weight * (rank_sum - n * (total + 1) / 2)
+        variance += weight**2 * n * m / 12 * ((total + 1) - tie_term)
+    if variance <= 0:
+        return 1.0  # every value tied: no evidence either way
+    return float(norm.sf(centred / np.sqrt(variance)))
+
+
+def stratified_difference_ci(
+    groups: list[np.ndarray],
+    references: list[np.ndarray],
+    weights: np.ndarray,
+    *,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of sum_s w_s (mean(group_s) - mean(reference_s)),
+    resampling each side within each stratum."""
+    rng = np.random.default_rng(seed)
+    differences = np.empty(resamples)
+    for start in range(0, resamples, RESAMPLE_CHUNK):
+        size = min(start + RESAMPLE_CHUNK, resamples) - start
+        differences[start : start + size] = sum(
+            weight * (resampled_means(group, size, rng) - resampled_means(reference, size, rng))
+            for group, reference, weight in zip(groups, references, weights, strict=True)
+        )
+    return percentile_interval(differences, level)
+
+
 @dataclass(frozen=True)
 class _Sample:
     rows: np.ndarray
     values: np.ndarray
+    labels: np.ndarray  # true class of each row (the strata of a slice test)
 
 
 def _measured(aggregator: Aggregator, identity: tuple, statistic: str, region: str) -> _Sample:
-    rows, correct, values = aggregator.groups[identity].arrays()
+    group = aggregator.groups[identity].arrays()
     kind = identity[0]
     column = aggregator.column(kind, statistic, region)
-    use = correct if kind in ("true", "class_slice") else np.ones_like(correct)
-    column_values = values[column][use]
+    use = group.correct if kind in ("true", "class_slice") else np.ones_like(group.correct)
+    column_values = group.values[column][use]
     finite = np.isfinite(column_values)
-    return _Sample(rows[use][finite], column_values[finite])
+    return _Sample(group.rows[use][finite], column_values[finite], group.labels[use][finite])
+
+
+def _pooled(samples: list[_Sample]) -> _Sample:
+    empty = _Sample(np.zeros(0, "int64"), np.zeros(0), np.zeros(0, "int64"))
+    parts = [empty, *samples]
+    return _Sample(
+        np.concatenate([part.rows for part in parts]),
+        np.concatenate([part.values for part in parts]),
+        np.concatenate([part.labels for part in parts]),
+    )
+
+
+def _within_classes(group: _Sample, reference: _Sample, policy: PolicySection) -> dict:
+    """A slice against the attribute's other values, class by class (see the module)."""
+    shared = np.intersect1d(group.labels, reference.labels)
+    groups = [group.values[group.labels == label] for label in shared]
+    references = [reference.values[reference.labels == label] for label in shared]
+    counts = np.array([len(values) for values in groups], dtype="float64")
+    record = {
+        "n": int(counts.sum()),
+        "n_reference": int(sum(len(values) for values in references)),
+        "group_mean": None,
+        "reference_mean": None,
+        "strata": len(shared),
+        "test": "one-sided van Elteren, stratified by true class (group > reference)",
+    }
+    if not len(shared):
+        return record
+    weights = counts / counts.sum()  # the slice's own class mix
+    record["group_mean"] = float(sum(w * g.mean() for w, g in zip(weights, groups, strict=True)))
+    record["reference_mean"] = float(
+        sum(w * r.mean() for w, r in zip(weights, references, strict=True))
+    )
+    if record["n"] >= policy.min_support and record["n_reference"] >= policy.min_support:
+        record["p_value"] = van_elteren_greater(groups, references)
+        record["effect"] = record["group_mean"] - record["reference_mean"]
+        record["effect_low"], record["effect_high"] = stratified_difference_ci(
+            groups,
+            references,
+            weights,
+            resamples=policy.bootstrap_resamples,
+            seed=policy.seed,
+        )
+    return record
 
 
 def _reference_identities(aggregator: Aggregator, identity: tuple) -> list[tuple]:
@@ -98,14 +199,15 @@ def evaluate_flags(
             if baseline is not None:
                 if identity not in baseline.groups:
                     continue
-                reference = _measured(baseline, identity, *measure).values
+                reference = _measured(baseline, identity, *measure)
                 reference_name = "baseline run, same group"
             else:
-                others = [
-                    _measured(aggregator, other, *measure).values
-                    for other in _reference_identities(aggregator, identity)
-                ]
-                reference = np.concatenate(others) if others else np.zeros(0)
+                reference = _pooled(
+                    [
+                        _measured(aggregator, other, *measure)
+                        for other in _reference_identities(aggregator, identity)
+                    ]
+                )
                 reference_name = "other groups of this run"
             record = {
                 "kind": kind,
@@ -116,29 +218,16 @@ def evaluate_flags(
                 "region": region,
                 "statistic": policy.statistic,
                 "reference": reference_name,
-                "n": len(group.values),
-                "n_reference": len(reference),
-                "group_mean": float(group.values.mean()) if len(group.values) else None,
-                "reference_mean": float(reference.mean()) if len(reference) else None,
                 "p_value": np.nan,
                 "effect": None,
                 "effect_low": None,
                 "effect_high": None,
-                "test": "one-sided Mann-Whitney U (group > reference)",
                 "examples": _worst_examples(group),
             }
-            if len(group.values) >= policy.min_support and len(reference) >= policy.min_support:
-                record["p_value"] = float(
-                    mannwhitneyu(group.values, reference, alternative="greater").pvalue
-                )
-                record["effect"] = record["group_mean"] - record["reference_mean"]
-                low, high = bootstrap_difference_ci(
-                    group.values,
-                    reference,
-                    resamples=policy.bootstrap_resamples,
-                    seed=policy.seed,
-                )
-                record["effect_low"], record["effect_high"] = low, high
+            if kind == "slice" and baseline is None:
+                record.update(_within_classes(group, reference, policy))
+            else:
+                record.update(_pooled_comparison(group.values, reference.values, policy))
             tests.append(record)
     table = pd.DataFrame(tests)
     if not len(table):
@@ -150,6 +239,24 @@ def evaluate_flags(
     table["flagged"] = (table["q_value"] < policy.alpha) & (low > policy.effect_floor)
     table["severity"] = np.where(table["flagged"], "warn", "none")
     return table
+
+
+def _pooled_comparison(group: np.ndarray, reference: np.ndarray, policy: PolicySection) -> dict:
+    """A group against its pooled reference: Mann-Whitney U and a bootstrap CI."""
+    record = {
+        "n": len(group),
+        "n_reference": len(reference),
+        "group_mean": float(group.mean()) if len(group) else None,
+        "reference_mean": float(reference.mean()) if len(reference) else None,
+        "test": "one-sided Mann-Whitney U (group > reference)",
+    }
+    if len(group) >= policy.min_support and len(reference) >= policy.min_support:
+        record["p_value"] = float(mannwhitneyu(group, reference, alternative="greater").pvalue)
+        record["effect"] = record["group_mean"] - record["reference_mean"]
+        record["effect_low"], record["effect_high"] = bootstrap_difference_ci(
+            group, reference, resamples=policy.bootstrap_resamples, seed=policy.seed
+        )
+    return record
 
 
 def _worst_examples(sample: _Sample) -> list[int]:

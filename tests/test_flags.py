@@ -185,3 +185,126 @@ def test_eigengap_and_a_minority_strategy_cluster():
     labels = cluster_maps(maps)
     corner = labels[:9]
     assert len(set(corner.tolist())) == 1 and corner[0] not in labels[9:]
+
+
+def confounded_sites(site_effect=0.0, n=2000, seed=0):
+    """Two classes whose background mass differs by class; 80% of class 0 at site a and
+    80% of class 1 at site b. ``site_effect`` adds background mass at site a only."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    at_a = rng.random(n) < np.where(labels == 0, 0.8, 0.2)
+    background = np.where(labels == 0, 0.55, 0.35) + rng.normal(0, 0.08, n)
+    background = np.clip(background + site_effect * at_a, 0, 1)
+    frame = pd.DataFrame(
+        {
+            "row": np.arange(n),
+            "label_index": labels,
+            "pred": labels,
+            "correct": True,
+            "status": "ok",
+            "site": np.where(at_a, "a", "b"),
+        }
+    )
+    for prefix in ("", "pred_"):
+        frame[f"{prefix}mass_background"] = background
+        frame[f"{prefix}mass_object"] = 1 - background
+        frame[f"{prefix}lift_background"] = background / 0.7
+        frame[f"{prefix}lift_object"] = (1 - background) / 0.3
+        frame[f"{prefix}pointing_background"] = 0.0
+        frame[f"{prefix}pointing_object"] = 1.0
+    return frame
+
+
+def slice_test(images, value="a"):
+    flags = evaluate_flags(
+        aggregator_of(images), ["c0", "c1"], ["background"], PolicySection(bootstrap_resamples=300)
+    )
+    return flags[(flags["kind"] == "slice") & (flags["value"] == value)].iloc[0]
+
+
+def test_a_slice_is_compared_within_classes_not_across_a_different_class_mix():
+    # The maps ignore the site; only the class mix differs between sites. Pooled, site
+    # a's background mass is 0.12 higher (Simpson's paradox); within classes it is not.
+    images = confounded_sites()
+    pooled = images.groupby("site")["pred_mass_background"].mean()
+    assert pooled["a"] - pooled["b"] > 0.1
+    clean = slice_test(images)
+    assert not clean["flagged"] and clean["p_value"] > 0.01 and clean["strata"] == 2
+    assert clean["effect_low"] < 0 < clean["effect_high"]
+    assert "van Elteren" in clean["test"]
+    # A real site effect within both classes is found, with the planted size in its CI.
+    planted = slice_test(confounded_sites(site_effect=0.12))
+    assert planted["flagged"] and planted["q_value"] < 1e-6
+    assert planted["effect_low"] < 0.12 < planted["effect_high"]
+
+
+def test_van_elteren_with_one_stratum_is_mann_whitney():
+    from scipy.stats import mannwhitneyu
+
+    from audit.flags import van_elteren_greater
+
+    rng = np.random.default_rng(5)
+    group, reference = rng.normal(0.1, 1, 40).round(1), rng.normal(0, 1, 70).round(1)  # ties
+    expected = mannwhitneyu(
+        group, reference, alternative="greater", method="asymptotic", use_continuity=False
+    ).pvalue
+    assert van_elteren_greater([group], [reference]) == pytest.approx(expected, rel=1e-9)
+    assert van_elteren_greater([np.ones(5)], [np.ones(7)]) == 1.0  # all tied
+
+
+def test_merging_never_changes_the_merged_accumulator():
+    images = synthetic_images()
+    part = aggregator_of(images.iloc[:50])
+    before = part.finalize(["a", "b", "c"], resamples=50)
+    total = aggregator_of(images.iloc[:0])
+    total.merge(part).merge(aggregator_of(images.iloc[50:]))
+    pd.testing.assert_frame_equal(part.finalize(["a", "b", "c"], resamples=50), before)
+
+
+def test_single_values_have_no_ci_and_small_slices_no_worst_group():
+    assert all(np.isnan(bootstrap_mean_ci(np.array([0.9]))))
+    images = synthetic_images()
+    images.loc[images.index[:3], "correct"] = False
+    images["site"] = np.where(np.arange(len(images)) < 3, "tiny", "big")
+    images.loc[images.index[5], "site"] = None  # a missing value is no slice
+    groups = aggregator_of(images).finalize(["a", "b", "c"], resamples=50, min_support=20)
+    slices = groups[groups["kind"] == "slice"].set_index("value")
+    assert sorted(slices.index) == ["big", "tiny"]
+    assert slices.loc["tiny", "accuracy"] == 0.0
+    # The three-image slice does not set the worst group; the big one does.
+    assert slices["worst_group_accuracy"].tolist() == [slices.loc["big", "accuracy"]] * 2
+
+
+def test_a_class_that_eases_is_not_a_new_flag():
+    from audit.compare import _flag_changes, _flag_set
+
+    def report(statuses, slice_flagged=False):
+        severity = {"ok": "none", "suspected": "warn", "bias-driven": "fail"}
+        return {
+            "classes": [
+                {"class_name": name, "status": status, "severity": severity[status]}
+                for name, status in statuses.items()
+            ],
+            "slices": {
+                "tests": [
+                    {
+                        "attribute": "site",
+                        "value": "a",
+                        "region": "background",
+                        "flagged": slice_flagged,
+                        "severity": "warn",
+                    }
+                ]
+            },
+        }
+
+    old = _flag_set(report({"cat": "bias-driven", "dog": "suspected", "cow": "suspected"}))
+    new = _flag_set(report({"cat": "suspected", "dog": "bias-driven", "cow": "ok"}, True))
+    changes = _flag_changes(old, new)
+    assert changes["new_flags"] == {
+        "class dog: bias-driven (was suspected)": "fail",
+        "slice site=a on background": "warn",
+    }
+    assert changes["eased_flags"] == {"class cat: suspected (was bias-driven)": "warn"}
+    assert changes["resolved_flags"] == {"class cow: suspected": "warn"}
+    assert _flag_changes(new, new)["new_flags"] == {}

@@ -20,15 +20,15 @@ new = right.selectbox("Later run", complete, index=0)
 result = compare_runs(Path(store) / old, Path(store) / new)
 left.metric("Outcome", result["old_outcome"])
 right.metric("Outcome", result["new_outcome"])
-st.subheader("New flags")
-st.dataframe(
-    [{"flag": flag, "severity": severity} for flag, severity in result["new_flags"].items()],
-    hide_index=True,
-)
-st.subheader("Resolved flags")
-st.dataframe(
-    [{"flag": flag, "severity": severity} for flag, severity in result["resolved_flags"].items()],
-    hide_index=True,
-)
+for title, key in (
+    ("New flags (added, or more severe)", "new_flags"),
+    ("Resolved flags", "resolved_flags"),
+    ("Eased flags (less severe)", "eased_flags"),
+):
+    st.subheader(title)
+    st.dataframe(
+        [{"flag": flag, "severity": severity} for flag, severity in result[key].items()],
+        hide_index=True,
+    )
 st.subheader("Per-class deltas of spurious mass")
 st.dataframe(result["deltas"], hide_index=True, width="stretch")
