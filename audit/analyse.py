@@ -77,6 +77,11 @@ def analyse(
     images = run.images()
     manifest = run.manifest()
     policy = config.policy
+    if not (images["status"] == "ok").any():  # every row skipped: nothing to analyse
+        empty = pd.DataFrame()
+        analysis = Analysis(empty, empty, empty, empty, None)
+        write_analysis(run, analysis)
+        return analysis
     # One engine for every stage after the pass: its compiled step (maps of any size,
     # predictions) is shared by the interventions, the trust checks and the guided
     # examples.

@@ -1,7 +1,7 @@
 """Per-image region metrics of a CAM, computed on device inside the compiled step.
 
 Written in ``keras.ops``, so the same functions run in the TensorFlow, JAX and
-PyTorch steps (only the stable descending sort is spelled per backend).
+PyTorch steps.
 
 For a map ``L >= 0`` (upsampled to the mask size) and a binary region ``R``:
 
@@ -13,13 +13,25 @@ mass        sum(L * R) / sum(L)  (Relevance Mass Accuracy, Arras et al.;       z
 area        |R| / |image|                                                     never
 lift        mass / area  (1 = what uniform attention gives; < 1 avoids R)     zero map,
                                                                               empty R
-pointing    1 if a maximal pixel of L lies in R (ties: any maximal pixel),    zero map
-            optionally within ``tolerance`` pixels (a square neighbourhood)
+pointing    1 if a maximal pixel of L lies in R (ties: any maximal pixel),    zero map,
+            optionally within ``tolerance`` pixels of R (R grown by a         thin R
+            square of that half-width)
 rank_acc    |top-|R| pixels of L  ∩  R| / |R|  (Relevance Rank Accuracy;      zero map,
-            ties broken by pixel order, as a stable argsort does)             empty R
+            pixels tied at the |R|-th value share the remaining places        empty R,
+            in proportion: the expected value over every tie order)           thin R
 iou         IoU(L >= t * max L, R), t = 0.5 by default                        zero map,
-                                                                              empty R
+                                                                              empty R,
+                                                                              thin R
 ==========  ================================================================  ===========
+
+On a measuring grid coarser than the mask, R is the cells at least half covered;
+"thin R" is a region with some coverage but no such cell (a stroke or outline):
+its pointing, rank accuracy and IoU are undefined there, while mass, area and lift
+still weigh every cell by its coverage (``dilate`` or ``box_from_mask`` widen it).
+
+Quantus' Relevance Rank Accuracy takes the top pixels of a plain ``argsort``, so
+ties (large zero areas of a ReLU map, flat bilinear patches) count in or out by
+their position in the image; here they do not depend on where R lies.
 
 Undefined values are returned as NaN *inside* these tensors together with the
 flags ``zero_map`` and ``empty``; the run store keeps them as nulls with the reason,
@@ -60,31 +72,12 @@ def hot_mask(maps, threshold: float):
     return ops.logical_and(maps >= threshold * peak, peak > 0)
 
 
-def descending_order(values):
-    """Indices that sort each row of ``(B, P)`` in descending order, ties in pixel order
-    (a stable sort; ``keras.ops.argsort`` promises neither direction nor stability)."""
-    from audit.backends import running_backend
-
-    backend = running_backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.argsort(values, axis=1, direction="DESCENDING", stable=True)
-    if backend == "jax":
-        import jax.numpy as jnp
-
-        return jnp.argsort(-values, axis=1, stable=True)
-    import torch
-
-    return torch.argsort(values, dim=1, descending=True, stable=True)
-
-
 def region_metrics(
     maps,
     regions,
     *,
     iou_threshold: float = 0.5,
-    pointing_tolerance: int = 0,
+    pointing_tolerance: int | tuple[int, int] = 0,
     ranked: bool = True,
 ) -> dict:
     """Every metric for every (image, region) pair.
@@ -96,6 +89,7 @@ def region_metrics(
             ``lift`` weigh pixels by their coverage; ``pointing``, ``rank_acc`` and
             ``iou`` use the pixels at least half covered.
 
+        pointing_tolerance: in cells of this grid, one number or (rows, columns).
         ranked: compute ``rank_acc``, which needs one sort of every map (the costliest
             metric on a CPU); without it the result has no ``rank_acc`` key.
 
@@ -123,11 +117,14 @@ def region_metrics(
 
     at_peak = ops.cast(flat_maps >= peak[:, None], "float32")  # every maximal pixel
     pointing_regions = flat_regions
-    if pointing_tolerance > 0:
-        size = 2 * pointing_tolerance + 1
+    rows, columns = (
+        pointing_tolerance if isinstance(pointing_tolerance, tuple) else (pointing_tolerance,) * 2
+    )
+    if rows > 0 or columns > 0:  # grow the binary region by the tolerance
+        binary = ops.transpose(ops.reshape(flat_regions, ops.shape(regions)), (0, 2, 3, 1))
         dilated = ops.max_pool(
-            ops.transpose(regions, (0, 2, 3, 1)),
-            size,
+            binary,
+            (2 * rows + 1, 2 * columns + 1),
             strides=1,
             padding="same",
             data_format="channels_last",
@@ -137,16 +134,23 @@ def region_metrics(
         )
     pointing = ops.cast(ops.einsum("bp,brp->br", at_peak, pointing_regions) > 0, "float32")
 
-    # Relevance Rank Accuracy: walk the pixels in descending order of L (one stable
-    # argsort per map) and count, per region, how many of its pixels are among the
-    # first |R|: a cumulative sum of the region read at position |R| - 1.
+    # Relevance Rank Accuracy: the |R|-th largest value v of L (one sort per map);
+    # pixels above v are all in the top |R|, and the places left go to the pixels
+    # tied at v in proportion to how many of them lie in R.
     rank_acc = None
     if ranked:
-        order = descending_order(flat_maps)  # (B, P)
-        order = ops.broadcast_to(order[:, None, :], ops.shape(flat_regions))
-        hits = ops.cumsum(ops.take_along_axis(flat_regions, order, axis=2), axis=2)  # (B, R, P)
-        last = ops.maximum(ops.cast(region_pixels, "int32") - 1, 0)
-        found = ops.take_along_axis(hits, last[..., None], axis=2)[..., 0]
+        count = ops.shape(flat_maps)[1]
+        ascending = ops.sort(flat_maps, axis=1)
+        wanted = ops.cast(region_pixels, "int32")  # (B, R)
+        position = ops.clip(count - wanted, 0, count - 1)
+        kth = ops.take_along_axis(ascending, position, axis=1)[..., None]  # (B, R, 1)
+        values = flat_maps[:, None, :]
+        above = ops.cast(values > kth, "float32")
+        tied = ops.cast(values == kth, "float32")
+        places = region_pixels - ops.sum(above, axis=2)
+        found = ops.sum(above * flat_regions, axis=2) + places * ops.divide_no_nan(
+            ops.sum(tied * flat_regions, axis=2), ops.sum(tied, axis=2)
+        )
         rank_acc = ops.divide_no_nan(found, region_pixels)
 
     hot = ops.cast(flat_maps >= iou_threshold * peak[:, None], "float32")  # (B, P)
@@ -160,7 +164,12 @@ def region_metrics(
         "mass": _undefined_where(undefined_map, mass),
         "area": area,
         "lift": _undefined_where(no_lift, lift),
-        "pointing": _undefined_where(undefined_map, pointing),
+        "pointing": _undefined_where(
+            ops.logical_or(
+                undefined_map, ops.logical_and(region_pixels < 0.5, ops.logical_not(empty))
+            ),
+            pointing,
+        ),
         "iou": _undefined_where(no_binary, iou),
         "zero_map": zero_map,
         "empty": empty,

@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import math
 import platform
+import re
 import time
+import warnings
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -28,6 +31,7 @@ import tensorflow as tf
 from audit.analyse import analyse
 from audit.config import AuditConfig, ConfigError
 from audit.data import (
+    BOX_COLUMNS,
     DECODE_THREADS,
     Batch,
     Entries,
@@ -85,7 +89,25 @@ class AuditStep:
         self.config = config
         self.size = size
         self.expected = [i for i, r in enumerate(config.regions) if r.role == "expected"]
+        self.pointing_cells = self._pointing_cells()
         self.program = cam.program(self._measure, with_counterfactual=True)
+
+    def _pointing_cells(self) -> tuple[int, int]:
+        """``metrics.pointing_tolerance`` (input pixels) in measuring-grid cells, per axis."""
+        tolerance = self.config.metrics.pointing_tolerance
+        cells = tuple(
+            round(tolerance * grid / side)
+            for grid, side in zip(self.metric_size, self.size, strict=True)
+        )
+        if tolerance > 0 and max(cells) == 0:
+            warnings.warn(
+                f"metrics.pointing_tolerance {tolerance} px is under half a cell of the "
+                f"{self.metric_size[0]}x{self.metric_size[1]} measuring grid for "
+                f"{self.size[0]}x{self.size[1]} images and has no effect; use at least "
+                f"{math.ceil(max(self.size) / max(self.metric_size) / 2)} px",
+                stacklevel=2,
+            )
+        return cells
 
     @property
     def metric_size(self) -> tuple[int, int]:
@@ -141,9 +163,7 @@ class AuditStep:
                 regions,
                 iou_threshold=self.config.metrics.iou_threshold,
                 # The tolerance is given in input pixels; the grid may be coarser.
-                pointing_tolerance=round(
-                    self.config.metrics.pointing_tolerance * regions.shape[3] / self.size[1]
-                ),
+                pointing_tolerance=self.pointing_cells,
                 ranked=key == "main",
             )
             result.update({f"{key}_{name}": value for name, value in metrics.items()})
@@ -428,6 +448,38 @@ def measure_local(work: PassWork, step: AuditStep) -> float:
     return compute_seconds
 
 
+def skip_kind(reason: str) -> str:
+    """A skip reason without its particulars (quoted values, paths, lists), so the run's
+    counts group rows by kind of problem: "image file not found: …" once, with a
+    count, not once per file. ``images.parquet`` keeps every row's full reason."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\S*[/\\]\S*", "…", str(reason))
+
+
+def _check_regions_have_data(entries: Entries, regions) -> None:
+    """Fail fast when a region's source is absent from the whole dataset (every row
+    would be skipped for it): a setup error, not a bad row."""
+    table = entries.table
+
+    def filled(columns) -> bool:  # some row has all of these columns
+        return all(c in table for c in columns) and table[list(columns)].notna().all(1).any()
+
+    has = {"mask": filled(["mask_path"]) or filled(["mask_rle"]), "box": filled(BOX_COLUMNS)}
+    fixes = {
+        "mask": "a mask_path or mask_rle column in the manifest, a masks folder for class "
+        "folders (dataset.masks, or --masks DIR with --data), COCO annotations or a tfds "
+        "mask_key",
+        "box": "the columns x_min, y_min, x_max, y_max in the manifest",
+    }
+    for region in regions:
+        if region.source in has and not has[region.source]:
+            raise ConfigError(
+                f"region {region.name!r} (source: {region.source}) needs "
+                f"{'object masks' if region.source == 'mask' else 'boxes'} and the dataset "
+                f"({entries.name}) has none: give {fixes[region.source]}, or configure "
+                "regions the data has (docs/config.md, regions)"
+            )
+
+
 def run_audit(
     config: AuditConfig,
     *,
@@ -460,6 +512,7 @@ def run_audit(
         cam.num_classes,
         config.model.class_names or entries.class_names,
     )
+    _check_regions_have_data(entries, config.regions)
     size = _input_size(model, config)
     model_hash = file_sha256(Path(config.model.path))
     data_hash = dataset_fingerprint(entries)
@@ -498,8 +551,10 @@ def run_audit(
                 },
                 "dataset": {
                     "source": entries.name,
-                    "root": str(entries.root),
-                    "mask_root": str(entries.mask_base),
+                    # Absolute, so the dashboard and `bias-audit report` find the
+                    # images from any working directory.
+                    "root": str(Path(entries.root).absolute()),
+                    "mask_root": str(Path(entries.mask_base).absolute()),
                     "fingerprint": data_hash,
                     "rows": len(entries.table),
                     "slice_columns": entries.slice_columns,
@@ -559,10 +614,10 @@ def run_audit(
         class_index=class_index,
         baseline=baseline,
     )
-    reasons = Counter(images.loc[images["status"] == "skipped", "skip_reason"])
+    reasons = Counter(
+        skip_kind(reason) for reason in images.loc[images["status"] == "skipped", "skip_reason"]
+    )
     manifest = run.update_manifest(
-        status="complete",
-        finished=datetime.now(timezone.utc).isoformat(),
         counts={
             "rows": int(len(images)),
             "ok": int((images["status"] == "ok").sum()),
@@ -583,12 +638,16 @@ def run_audit(
         baseline=None if baseline is None else str(baseline),
     )
     write_reports(run.root)
+    # Complete only once its reports exist: a run killed before this point is resumed,
+    # never shown as finished without a report.
+    manifest = run.update_manifest(
+        status="complete",
+        finished=datetime.now(timezone.utc).isoformat(),
+        timings=manifest["timings"] | {"total_seconds": round(time.perf_counter() - started, 3)},
+    )
     index_run(run.root.parent, run.root)
     if config.output.mlflow:
         from audit.mlflow_log import log_run
 
         log_run(run.root)
-    manifest = run.update_manifest(
-        timings=manifest["timings"] | {"total_seconds": round(time.perf_counter() - started, 3)}
-    )
     return AuditResult(run.root, images, manifest)

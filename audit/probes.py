@@ -6,7 +6,11 @@ the expected regions (masks or boxes) as the object:
 * ``object_only``     - the background filled with the image's mean background colour;
 * ``background_only`` - the object filled with that colour;
 * ``mixed_rand``      - the object pasted onto the background of a random image of
-  another class (whose own object is filled), as in Xiao et al.'s Mixed-Rand.
+  another class (whose own object is filled), as in Xiao et al.'s Mixed-Rand. The
+  backgrounds come from a bank of up to ``DONORS`` sampled images spread over the
+  classes, loaded first, so every image finds one of another class whatever the batch
+  holds; when the sample has a single class there is none, and ``mixed_rand`` is
+  left out (null) rather than faked with the image's own background.
 
 Each costs one forward pass per image, batched through the compiled model (the
 original prediction comes from the audit pass), so it runs for every class, not
@@ -31,6 +35,8 @@ from audit.config import PolicySection, RegionSection
 from audit.data import DECODE_THREADS, Entries, Preprocessor, load_batches
 
 INTERVENTIONS = ("original", "object_only", "background_only", "mixed_rand")
+# Backgrounds kept for Mixed-Rand (memory: this many preprocessed images).
+DONORS = 64
 
 
 def sample_rows(images: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
@@ -45,33 +51,48 @@ def sample_rows(images: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame
     return pd.concat(picks).sort_values("row", kind="stable")
 
 
-def intervene(
-    images: np.ndarray, objects: np.ndarray, partners: np.ndarray
-) -> dict[str, np.ndarray]:
-    """The intervened copies of a batch.
-
-    ``objects``: (n, H, W) bool object masks; ``partners``: for each image the index
-    (within the batch) of the image whose background it receives.
-    """
+def fill_objects(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """Each image with its object (``(n, H, W)`` bool) filled with its mean background
+    colour: the ``background_only`` intervention, and a Mixed-Rand background."""
     background = ~objects
     counts = np.maximum(background.sum(axis=(1, 2)), 1)[:, None]
     fill = (images * background[..., None]).sum(axis=(1, 2)) / counts  # (n, channels)
-    filled = fill[:, None, None, :]
+    return np.where(objects[..., None], fill[:, None, None, :], images)
+
+
+def intervene(
+    images: np.ndarray, objects: np.ndarray, backgrounds: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The intervened copies of a batch.
+
+    ``objects``: (n, H, W) bool object masks; ``backgrounds``: for each image the
+    object-filled background of another class's image it is pasted onto (Mixed-Rand).
+    """
+    background_only = fill_objects(images, objects)
     mask = objects[..., None]
-    background_only = np.where(mask, filled, images)
     return {
         "original": images,
-        "object_only": np.where(mask, images, filled),
+        # The background filled with the same mean colour as the object in
+        # background_only: the image where the object is not.
+        "object_only": np.where(mask, images, background_only),
         "background_only": background_only,
-        "mixed_rand": np.where(mask, images, background_only[partners]),
+        "mixed_rand": np.where(mask, images, backgrounds),
     }
 
 
-def _partners(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """For each image, a random image of another class in the batch (itself if none)."""
-    partners = np.arange(len(labels))
+def _donor_rows(sample: pd.DataFrame, rng: np.random.Generator, count: int) -> list[int]:
+    """Up to ``count`` sampled rows, spread over the classes (round robin), seeded."""
+    shuffled = sample.iloc[rng.permutation(len(sample))]
+    turns = shuffled.groupby("label_index").cumcount()
+    picked = shuffled.assign(turn=turns).sort_values(["turn", "label_index"], kind="stable")
+    return picked["row"].head(count).astype(int).tolist()
+
+
+def _partners(labels: np.ndarray, donor_labels: np.ndarray, rng) -> np.ndarray:
+    """For each image a random donor of another class; -1 when there is none."""
+    partners = np.full(len(labels), -1)
     for index, label in enumerate(labels):
-        others = np.flatnonzero(labels != label)
+        others = np.flatnonzero(donor_labels != label)
         if len(others):
             partners[index] = rng.choice(others)
     return partners
@@ -95,22 +116,36 @@ def run_interventions(
     expected = [i for i, region in enumerate(regions) if region.role == "expected"]
     rng = np.random.default_rng(seed)
     records = []
-    # Shuffle so a batch mixes classes and every image finds a partner of another class.
-    positions = rng.permutation(sample["row"].to_numpy(copy=True))
     with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
-        for batch in load_batches(
-            entries,
-            positions.tolist(),
-            class_index=class_index,
-            preprocessor=preprocessor,
-            regions=regions,
-            batch_size=batch_size,
-            pool=pool,
-        ):
-            if not batch.rows:
-                continue
-            objects = batch.regions[:, expected].any(axis=1)
-            variants = intervene(batch.images, objects, _partners(batch.labels, rng))
+
+        def batches(positions, size):
+            for batch in load_batches(
+                entries,
+                positions,
+                class_index=class_index,
+                preprocessor=preprocessor,
+                regions=regions,
+                batch_size=size,
+                pool=pool,
+            ):
+                if batch.rows:
+                    yield batch, batch.regions[:, expected].any(axis=1)
+
+        # The Mixed-Rand backgrounds: a bank drawn from every class, loaded first.
+        donors = list(batches(_donor_rows(sample, rng, DONORS), DONORS))
+        donor_labels = np.concatenate([b.labels for b, _ in donors] or [np.zeros(0, int)])
+        backgrounds = [fill_objects(b.images, objects) for b, objects in donors]
+        positions = rng.permutation(sample["row"].to_numpy(copy=True)).tolist()
+        for batch, objects in batches(positions, batch_size):
+            partners = _partners(batch.labels, donor_labels, rng)
+            # No partner (a single-class sample): the image itself, its result dropped.
+            pasted = (
+                np.concatenate(backgrounds)[np.maximum(partners, 0)]
+                if backgrounds
+                else batch.images
+            )
+            pasted = np.where((partners >= 0)[:, None, None, None], pasted, batch.images)
+            variants = intervene(batch.images, objects, pasted)
             # The sample holds correctly predicted rows: the audit pass already knows
             # the original prediction, so only the three interventions cost a forward.
             predictions = {"original": batch.labels}
@@ -121,6 +156,8 @@ def run_interventions(
             for position, row in enumerate(batch.rows):
                 record = {"row": row, "label_index": int(batch.labels[position])}
                 record.update({f"pred_{n}": int(predictions[n][position]) for n in INTERVENTIONS})
+                if partners[position] < 0:
+                    record["pred_mixed_rand"] = None
                 records.append(record)
     return pd.DataFrame(records)
 
@@ -134,13 +171,17 @@ def summarise_interventions(
         return pd.DataFrame(rows)
     gaps = {}
     for label, group in outcomes.groupby("label_index"):
+        # Rows without a Mixed-Rand partner have no swapped-background result.
+        paired = group[group["pred_mixed_rand"].notna()]
         kept = {n: (group[f"pred_{n}"] == label).to_numpy(float) for n in INTERVENTIONS}
-        gaps[int(label)] = kept["original"] - kept["mixed_rand"]
+        kept["mixed_rand"] = (paired["pred_mixed_rand"] == label).to_numpy(float)
+        gaps[int(label)] = 1.0 - kept["mixed_rand"]  # the original is right on every row
         record = {"class_index": int(label), "class_name": class_names[int(label)]}
         record["n_probe"] = len(group)
+        record["n_mixed_rand"] = len(paired)
         for name in INTERVENTIONS:
-            record[f"rate_{name}"] = float(kept[name].mean())
-        record["bg_gap"] = float(gaps[int(label)].mean())
+            record[f"rate_{name}"] = float(kept[name].mean()) if len(kept[name]) else np.nan
+        record["bg_gap"] = float(gaps[int(label)].mean()) if len(paired) else np.nan
         low, high = bootstrap_mean_ci(
             gaps[int(label)], resamples=policy.bootstrap_resamples, seed=policy.seed
         )
@@ -149,13 +190,17 @@ def summarise_interventions(
     table = pd.DataFrame(rows)
     excess, excess_low = [], []
     for record in rows:
-        others = [r["bg_gap"] for r in rows if r["class_index"] != record["class_index"]]
+        others = [
+            r["bg_gap"]
+            for r in rows
+            if r["class_index"] != record["class_index"] and np.isfinite(r["bg_gap"])
+        ]
         median = float(np.median(others)) if others else 0.0
         excess.append(record["bg_gap"] - median)
         excess_low.append(record["bg_gap_low"] - median)
     table["bg_gap_excess"] = excess
     table["bg_gap_excess_low"] = excess_low
     table["intervention_evidence"] = (table["bg_gap_excess_low"] > policy.gap_floor) & (
-        table["n_probe"] >= min(policy.min_support, policy.intervention_samples)
+        table["n_mixed_rand"] >= min(policy.min_support, policy.intervention_samples)
     )
     return table

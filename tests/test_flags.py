@@ -8,7 +8,7 @@ from scipy.stats import bootstrap
 from audit.aggregate import Aggregator, bootstrap_mean_ci
 from audit.config import PolicySection
 from audit.flags import benjamini_hochberg, bootstrap_difference_ci, evaluate_flags
-from audit.probes import intervene
+from audit.probes import fill_objects, intervene
 from audit.strategies import cluster_maps, eigengap_clusters
 
 
@@ -163,7 +163,7 @@ def test_interventions_on_hand_made_arrays():
     objects = np.zeros((2, 4, 4), bool)
     objects[0, 1:3, 1:3] = True
     objects[1, 0, 0] = True
-    out = intervene(images, objects, partners=np.array([1, 0]))
+    out = intervene(images, objects, fill_objects(images, objects)[[1, 0]])  # swapped
     np.testing.assert_allclose(out["object_only"][0, 0, 0], 0.2, rtol=1e-6)  # bg -> its mean
     np.testing.assert_allclose(out["background_only"][0, 1, 1], 0.2, rtol=1e-6)  # object -> bg
     np.testing.assert_allclose(out["mixed_rand"][0, 1, 1], 1.0)  # own object kept
@@ -308,3 +308,84 @@ def test_a_class_that_eases_is_not_a_new_flag():
     assert changes["eased_flags"] == {"class cat: suspected (was bias-driven)": "warn"}
     assert changes["resolved_flags"] == {"class cow: suspected": "warn"}
     assert _flag_changes(new, new)["new_flags"] == {}
+
+
+def probe_set(tmp_path, counts):
+    """Demo PNGs + masks with the given number of images per class (rows in label order)."""
+    from audit.config import build_config
+    from audit.data import Preprocessor, read_entries
+    from pipelines.demo import write_dataset
+    from pipelines.demo_data import DemoSet, make_demo_set
+
+    demo = make_demo_set(1000, seed=3)
+    keep = np.concatenate([np.flatnonzero(demo.labels == c)[:n] for c, n in counts.items()])
+    subset = DemoSet(demo.images[keep], demo.labels[keep], demo.masks[keep], demo.backgrounds)
+    manifest = write_dataset(subset, tmp_path / "probe")
+    config = build_config({"model": {"path": "m.keras"}, "dataset": {"manifest": str(manifest)}})
+    entries = read_entries(config.dataset)
+    sample = pd.DataFrame({"row": np.arange(len(keep)), "label_index": demo.labels[keep]})
+    names = {str(c): c for c in range(10)}
+    preprocessor = Preprocessor((48, 48), config.preprocess)
+    return entries, sample, names, preprocessor, config.regions
+
+
+def test_every_mixed_rand_image_gets_another_class_background(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from audit.data import load_batches
+    from audit.probes import run_interventions, summarise_interventions
+
+    # 60 images of class 0, 3 of class 1: most batches hold class 0 alone.
+    entries, sample, names, preprocessor, regions = probe_set(tmp_path, {0: 60, 1: 3})
+    seen = []
+
+    def probabilities(batch):  # records the interventions; predicts class 0 always
+        seen.append(batch)
+        return np.tile(np.eye(10)[0], (len(batch), 1))
+
+    outcomes = run_interventions(
+        probabilities,
+        entries,
+        sample,
+        class_index=names,
+        preprocessor=preprocessor,
+        regions=regions,
+        batch_size=8,
+        seed=0,
+    )
+    assert len(outcomes) == 63 and outcomes["pred_mixed_rand"].notna().all()
+    mixed = np.concatenate([np.split(batch, 3)[2] for batch in seen])  # the third variant
+    with ThreadPoolExecutor(1) as pool:
+        originals = np.concatenate(
+            [
+                batch.images
+                for batch in load_batches(
+                    entries,
+                    outcomes["row"].tolist(),  # in the order they were probed
+                    class_index=names,
+                    preprocessor=preprocessor,
+                    regions=[],
+                    batch_size=len(outcomes),
+                    pool=pool,
+                )
+            ]
+        )
+    # Never the image's own background (an unchanged image would hide any shortcut).
+    assert all(not np.array_equal(m, o) for m, o in zip(mixed, originals, strict=True))
+    table = summarise_interventions(outcomes, [str(c) for c in range(10)], PolicySection())
+    assert table.set_index("class_index")["n_mixed_rand"].to_dict() == {0: 60, 1: 3}
+    # A single-class sample has no partner: Mixed-Rand is left out, not faked.
+    entries, sample, names, preprocessor, regions = probe_set(tmp_path / "one", {2: 10})
+    alone = run_interventions(
+        probabilities,
+        entries,
+        sample,
+        class_index=names,
+        preprocessor=preprocessor,
+        regions=regions,
+        batch_size=8,
+        seed=0,
+    )
+    assert alone["pred_mixed_rand"].isna().all()
+    table = summarise_interventions(alone, [str(c) for c in range(10)], PolicySection())
+    assert np.isnan(table["bg_gap"].iloc[0]) and not table["intervention_evidence"].any()

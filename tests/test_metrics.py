@@ -22,9 +22,9 @@ def test_mass_area_lift_on_a_hand_made_map():
     np.testing.assert_allclose(out["lift"][0], [2.0, 2 / 3], rtol=1e-6)
     # The single peak (4.0 at [3, 3]) lies in the background.
     np.testing.assert_allclose(out["pointing"][0], [0.0, 1.0])
-    # Relevance Rank Accuracy: top-4 pixels are (3,3),(0,0),(0,1) and the first zero
-    # pixel in order, (0,2); of the object's 4 pixels, (0,0),(0,1) are among them.
-    np.testing.assert_allclose(out["rank_acc"][0][0], 0.5)
+    # Relevance Rank Accuracy: the top 4 are (3,3), (0,0), (0,1) and one of the 13 zero
+    # pixels; 2 of those zeros are the object's, so it gets (2 + 1 * 2/13) / 4.
+    np.testing.assert_allclose(out["rank_acc"][0][0], (2 + 2 / 13) / 4, rtol=1e-6)
     # Binarised at 0.5 * max = 2: pixels (0,0) and (3,3). IoU with the object: 1 / 5.
     np.testing.assert_allclose(out["iou"][0][0], 1 / 5)
 
@@ -39,12 +39,52 @@ def test_rank_accuracy_and_iou_against_brute_force():
         top = np.argsort(-flat, kind="stable")
         for r in range(2):
             region = regions[b, r].ravel().astype(bool)
-            k = region.sum()
+            k = region.sum()  # continuous values: no ties, Quantus' argsort definition
             assert out["rank_acc"][b, r] == pytest.approx(region[top[:k]].sum() / k, abs=1e-6)
             hot = flat >= 0.4 * flat.max()
             iou = (hot & region).sum() / (hot | region).sum()
             assert out["iou"][b, r] == pytest.approx(iou, abs=1e-6)
             assert out["mass"][b, r] == pytest.approx(flat[region].sum() / flat.sum(), rel=1e-5)
+
+
+def test_rank_accuracy_with_ties_is_the_mean_over_every_tie_order():
+    rng = np.random.default_rng(1)
+    maps = rng.integers(0, 3, size=(4, 5, 4)).astype(float)  # many ties
+    regions = (rng.uniform(size=(4, 2, 5, 4)) < 0.4).astype(float)
+    out = run(maps, regions)
+    for b in range(4):
+        flat = maps[b].ravel()
+        for r in range(2):
+            region = regions[b, r].ravel().astype(bool)
+            k = region.sum()
+            # Brute force: average over 4000 random tie orders.
+            hits = [
+                region[np.lexsort((rng.random(flat.size), -flat))[:k]].sum() / k
+                for _ in range(4000)
+            ]
+            assert out["rank_acc"][b, r] == pytest.approx(np.mean(hits), abs=0.01)
+    # Where the region lies does not matter: the same scene flipped upside down.
+    flipped = run(maps[:, ::-1], regions[:, :, ::-1])
+    np.testing.assert_allclose(flipped["rank_acc"], out["rank_acc"], rtol=1e-6)
+
+
+def test_pointing_tolerance_grows_the_binary_region_and_thin_regions_are_undefined():
+    cam = np.zeros((1, 5, 5))
+    cam[0, 2, 2] = 1.0  # the peak
+    coverage = np.zeros((1, 1, 5, 5))
+    coverage[0, 0, 2, 2] = 0.3  # the peak cell is under half covered: not in R ...
+    coverage[0, 0, 0, :] = 1.0  # ... R is the top row
+    assert run(cam, coverage)["pointing"][0, 0] == 0.0
+    # A tolerance of one cell grows R (the top row) to row 1, not to the 0.3 cell.
+    assert run(cam, coverage, pointing_tolerance=1)["pointing"][0, 0] == 0.0
+    assert run(cam, coverage, pointing_tolerance=(2, 0))["pointing"][0, 0] == 1.0
+    assert run(cam, coverage, pointing_tolerance=(0, 2))["pointing"][0, 0] == 0.0
+    # A thin region (some coverage, no cell half covered) has no pointing, rank or IoU.
+    thin = np.full((1, 1, 5, 5), 0.0)
+    thin[0, 0, 2, :] = 0.2
+    out = run(cam, thin)
+    assert not out["empty"][0, 0] and out["mass"][0, 0] == pytest.approx(0.2)
+    assert all(np.isnan(out[name][0, 0]) for name in ("pointing", "rank_acc", "iou"))
 
 
 def test_pointing_ties_and_tolerance():

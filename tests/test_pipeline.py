@@ -151,6 +151,25 @@ def test_bad_inputs_are_recorded_and_the_audit_goes_on(small_dataset, tmp_path):
     assert (
         counts["ok"] == 10 and counts["skipped"] == 7 and sum(counts["skip_reasons"].values()) == 7
     )
+    # Counted by kind of problem, without the particular file or value.
+    assert counts["skip_reasons"]["label … is not one of the model's classes"] == 1
+    assert not any("00001.png" in kind or "cat" in kind for kind in counts["skip_reasons"])
+    # Every row skipped (no image exists) still ends in a complete run with its reports.
+    missing = pd.DataFrame(bad[1:2] * 3)
+    missing.to_csv(root / "missing.csv", index=False)
+    config = config_for(root / "missing.csv", model_path, tmp_path / "none", model=names)
+    empty = run_audit(config, progress=False)
+    assert empty.manifest["status"] == "complete" and empty.manifest["counts"]["skipped"] == 3
+    assert (empty.run_dir / "report.html").exists()
+
+
+def test_a_region_the_dataset_has_no_data_for_fails_fast(small_dataset, tmp_path):
+    manifest, model_path = small_dataset
+    no_masks = manifest.parent / "no_masks.csv"
+    pd.read_csv(manifest)[["path", "label"]].to_csv(no_masks, index=False)
+    with pytest.raises(ConfigError, match="region 'object' .*needs object masks.*--masks DIR"):
+        run_audit(config_for(no_masks, model_path, tmp_path), progress=False)
+    assert not any(tmp_path.iterdir())  # failed before a run folder was made
 
 
 def test_a_killed_run_resumes_to_identical_results(small_dataset, tmp_path, monkeypatch):
