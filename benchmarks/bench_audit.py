@@ -422,7 +422,7 @@ def piece_rates(config: AuditConfig, model: keras.Model, loader: Loader) -> list
     trace = time.perf_counter() - start
     outs = timed("compute: AuditStep only (decoded)", lambda: [step(b) for b in batches])
     rows[-1] = (*rows[-1][:3], f"first call (trace) {trace:.2f} s, paid once per run_audit")
-    rows.extend(step_parts(config, cam, step.metric_size, batches))
+    rows.extend(step_parts(config, cam, step, batches))
 
     entries = loader.entries
     names = list(loader.class_index)
@@ -470,8 +470,9 @@ def workdir(path: str | None):
             yield Path(temporary)
 
 
-def step_parts(config: AuditConfig, cam: GradCAM, size, batches) -> list[tuple]:
-    """The compiled step taken apart: CAMs, region metrics, and rank_acc's two argsorts."""
+def step_parts(config: AuditConfig, cam: GradCAM, step, batches) -> list[tuple]:
+    """The compiled step taken apart: CAMs, region metrics, and rank_acc's sort."""
+    size = step.metric_size
     count = sum(len(batch.rows) for batch in batches)
     batch_size = config.batch_size
     inputs = [
@@ -487,22 +488,23 @@ def step_parts(config: AuditConfig, cam: GradCAM, size, batches) -> list[tuple]:
         maps = cam.cam_batch_many(images, targets)["maps"]
         return [tf.image.resize(m[..., None], size, method="bilinear")[..., 0] for m in maps]
 
-    def metrics(main, other, regions):
+    cells = step.pointing_cells
+
+    def metrics(main, other, regions):  # as the step: rank_acc for the main map only
         settings = config.metrics
         return [
             region_metrics(
                 maps,
                 regions,
                 iou_threshold=settings.iou_threshold,
-                pointing_tolerance=settings.pointing_tolerance,
+                pointing_tolerance=cells,
+                ranked=maps is main,
             )
             for maps in (main, other)
         ]
 
-    def rank_sorts(main, other):
-        flat = [tf.reshape(maps, (tf.shape(maps)[0], -1)) for maps in (main, other)]
-        order = [tf.argsort(m, axis=1, direction="DESCENDING", stable=True) for m in flat]
-        return [tf.argsort(o, axis=1, stable=True) for o in order]
+    def rank_sorts(main, other):  # rank_acc's one sort of each main map
+        return tf.sort(tf.reshape(main, (tf.shape(main)[0], -1)), axis=1)
 
     functions = [tf.function(f) for f in (upsampled_cams, metrics, rank_sorts)]
     cams_function, metrics_function, sorts_function = functions
@@ -517,7 +519,7 @@ def step_parts(config: AuditConfig, cam: GradCAM, size, batches) -> list[tuple]:
             metrics_function(*pair, regions)
             for pair, (_, _, regions) in zip(maps, inputs, strict=True)
         ],
-        "  step: (in it) rank_acc's argsorts": lambda: [sorts_function(*pair) for pair in maps],
+        "  step: (in it) rank_acc's sort": lambda: [sorts_function(*pair) for pair in maps],
     }
     rows = []
     for name, function in parts.items():
