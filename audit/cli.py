@@ -27,10 +27,21 @@ def _report(argv: list[str]) -> int:
     from pathlib import Path
 
     from audit.report import write_reports
+    from audit.store import IMAGES, RunStore
 
     run_dir = Path(args.run)
-    if not (run_dir / "manifest.json").exists():
+    run = RunStore(run_dir)
+    if not run.exists():
         print(f"bias-audit report: {run_dir} is not a run folder", file=sys.stderr)
+        return EXIT_USAGE
+    status = run.manifest().get("status")
+    if status != "complete" or not (run_dir / IMAGES).exists():
+        # A killed run, or one whose analysis failed: it has no results to report yet.
+        print(
+            f"bias-audit report: run {run_dir} is incomplete (status {status}); resume it with "
+            "`bias-audit run CONFIG --resume` (the config it was started with)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     written = write_reports(run_dir, formats=("json", args.format))
     print(written[args.format])
@@ -86,9 +97,23 @@ def _dashboard(argv: list[str]) -> int:
     os.execv(sys.executable, command)
 
 
+SCHEDULE_HELP = """usage: bias-audit schedule run CONFIG [--fail-on warn|fail|never] [--progress]
+
+Audit every model version that a config's schedule: section names and that has no
+complete run yet, each with the previous version's run as the baseline.
+
+subcommands:
+  run CONFIG   audit the new versions; exit 1 when one reaches schedule.fail_on
+               ('bias-audit schedule run --help' for its options)
+"""
+
+
 def _schedule(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(SCHEDULE_HELP, end="")
+        return EXIT_OK
     if not argv or argv[0] != "run":
-        print("usage: bias-audit schedule run CONFIG [--fail-on warn|fail|never]", file=sys.stderr)
+        print(SCHEDULE_HELP, end="", file=sys.stderr)
         return EXIT_USAGE
     from pipelines.scheduled import main as schedule_main
 
@@ -110,10 +135,19 @@ def _history(argv: list[str]) -> int:
     if not store.is_dir():
         print(f"bias-audit history: store folder not found: {store}", file=sys.stderr)
         return EXIT_USAGE
-    runs = history(store, args.model_line)
+    runs = history(store)
     if not len(runs):
         print(f"no finished runs in {store}")
         return EXIT_OK
+    if args.model_line is not None:
+        lines = sorted(set(runs["model_line"]))
+        runs = runs[runs["model_line"] == args.model_line]
+        if not len(runs):
+            print(
+                f"no runs match model line {args.model_line} in {store}; its model lines: "
+                + ", ".join(lines)
+            )
+            return EXIT_OK
     columns = ["run_id", "model_line", "outcome", "bias_driven", "suspected", "flags"]
     print(runs[columns].to_string(index=False, max_colwidth=80))
     return EXIT_OK

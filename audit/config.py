@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -58,19 +66,62 @@ class ModelSection(_Section):
         description="Class names in the model's output order; default: sorted labels.",
     )
 
+    @field_validator("class_names")
+    @classmethod
+    def _distinct_names(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None:
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ValueError(
+                    f"{', '.join(map(repr, repeated))} listed more than once; every output of "
+                    "the model needs its own name, in output order"
+                )
+        return names
+
 
 class PreprocessSection(_Section):
     size: tuple[int, int] | None = Field(
         None, description="Resize images to (height, width); default: the model's input size."
     )
-    scale: float = Field(1 / 255, description="Multiply pixel values (0..255) by this.")
-    mean: tuple[float, float, float] | None = Field(None, description="Subtract per channel.")
-    std: tuple[float, float, float] | None = Field(None, description="Divide per channel.")
+    scale: FiniteFloat = Field(1 / 255, description="Multiply pixel values (0..255) by this.")
+    mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = Field(
+        None, description="Subtract per channel."
+    )
+    std: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = Field(
+        None, description="Divide per channel (no zeros)."
+    )
     keras_preprocess: str | None = Field(
         None,
         description="A keras.applications module whose preprocess_input to apply to 0..255 "
         "pixels (e.g. mobilenet_v2, resnet50); replaces scale/mean/std.",
     )
+
+    @field_validator("size")
+    @classmethod
+    def _positive_size(cls, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        if size is not None and min(size) < 1:
+            raise ValueError(
+                f"height and width must be at least 1 pixel, got {list(size)}; give the "
+                "model's input size as [height, width], or leave size out to use it"
+            )
+        return size
+
+    @field_validator("scale")
+    @classmethod
+    def _nonzero_scale(cls, scale: float) -> float:
+        if scale == 0:
+            raise ValueError("0 would turn every image black; the default is 1/255 (0.00392...)")
+        return scale
+
+    @field_validator("std")
+    @classmethod
+    def _nonzero_std(cls, std: tuple[float, float, float] | None):
+        if std is not None and 0 in std:
+            raise ValueError(
+                f"pixels are divided by std, so no channel may be 0, got {list(std)}; give "
+                "each channel's standard deviation (e.g. [0.229, 0.224, 0.225])"
+            )
+        return std
 
     @field_validator("keras_preprocess")
     @classmethod
@@ -253,6 +304,20 @@ class OutputSection(_Section):
         False, description="Log verdicts and reports to MLflow (needs the mlflow package)."
     )
 
+    @field_validator("run_id")
+    @classmethod
+    def _folder_name(cls, run_id: str | None) -> str | None:
+        # The run folder is STORE/<run_id>: a path here would put it (and the history
+        # index beside it) outside the store.
+        if run_id is not None and (
+            run_id.strip() in ("", ".", "..") or any(c in run_id for c in "/\\\0")
+        ):
+            raise ValueError(
+                f"{run_id!r} is not a plain folder name; a run id names a folder inside "
+                "output.store: no '/' or '\\', not '.' or '..' (e.g. products-v2)"
+            )
+        return run_id
+
 
 class AuditConfig(_Section):
     """A whole audit: what to explain, on which data, measured how, stored where."""
@@ -268,15 +333,22 @@ class AuditConfig(_Section):
     schedule: ScheduleSection | None = None
     batch_size: int = Field(32, ge=1, le=4096)
 
-    @model_validator(mode="after")
-    def _regions_make_sense(self) -> AuditConfig:
-        if self.model.path is None and self.schedule is None:
-            raise ValueError("model.path is required (or schedule.models for scheduled audits)")
-        names = [region.name for region in self.regions]
+    @field_validator("regions")
+    @classmethod
+    def _regions_make_sense(cls, regions: tuple[RegionSection, ...]):
+        names = [region.name for region in regions]
         if len(set(names)) != len(names):
             raise ValueError(f"region names must be unique, got {names}")
-        if not any(region.role == "expected" for region in self.regions):
-            raise ValueError("at least one region needs role: expected")
+        if not any(region.role == "expected" for region in regions):
+            raise ValueError(
+                "at least one region needs role: expected (where the evidence should be)"
+            )
+        return regions
+
+    @model_validator(mode="after")
+    def _model_or_schedule(self) -> AuditConfig:
+        if self.model.path is None and self.schedule is None:
+            raise ValueError("model.path is required (or schedule.models for scheduled audits)")
         return self
 
     def fingerprint(self) -> str:
@@ -290,7 +362,9 @@ def _format_errors(error: ValidationError, source: str) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "value_error":  # our validators' messages, without pydantic's prefix
+            message = message.removeprefix("Value error, ")
+        elif item["type"] == "extra_forbidden":
             message = "unknown key; check the spelling against docs/config.md"
         elif item["type"] == "missing":
             message = "required key is missing"

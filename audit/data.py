@@ -113,11 +113,19 @@ def read_manifest(path: Path) -> Entries:
             f"manifest {path} has column(s) {', '.join(reserved)}, which are names of result "
             "columns in images.parquet; rename them (e.g. to slice_<name>)"
         )
+    table = table.reset_index(drop=True)
+    # Labels decide the model's class names (every label is read for them), so an
+    # empty label is the manifest's error; an empty path only concerns its row
+    # (load_row skips it).
     if table["label"].isna().any():
         row = int(table.index[table["label"].isna()][0])
-        raise ConfigError(f"manifest {path}: row {row} has no label; every row needs one")
-    table = table.reset_index(drop=True)
-    table["path"] = table["path"].astype(str)
+        where = "" if path.suffix == ".parquet" else f", line {row + 2} of the CSV"
+        raise ConfigError(
+            f"manifest {path}: row {row} (counted from 0 as images.parquet's row column"
+            f"{where}) has no label; every row needs one: fill it in or remove the row"
+        )
+    # Text, with empty cells kept empty (astype(str) would turn them into 'nan').
+    table["path"] = table["path"].map(lambda value: str(value) if _present(value) else "")
     table["label"] = table["label"].astype(str)
     return Entries(table, path.parent, f"manifest:{path.name}")
 
@@ -314,8 +322,11 @@ def build_regions(
 # ------------------------------------------------------------------ loading
 
 
-def _inside(root: Path, relative: str) -> Path:
-    """``root / relative`` with symlinks resolved; refused when it leaves ``root``."""
+def _inside(root: Path, relative: str, column: str = "path") -> Path:
+    """``root / relative`` with symlinks resolved; refused when it leaves ``root``.
+
+    ``column``: the entries column the value came from, named in the refusal.
+    """
     joined = os.path.join(root, relative)
     folder, name = os.path.split(joined)
     if name in ("", ".", "..") or os.path.islink(joined):
@@ -323,7 +334,10 @@ def _inside(root: Path, relative: str) -> Path:
     else:  # one lstat per file: its folder's resolution is shared by its siblings
         path = Path(_real_folder(folder), name)
     if not path.is_relative_to(_real_folder(str(root))):
-        raise SkipRow(f"path {relative!r} escapes the dataset root {root}; refused")
+        raise SkipRow(
+            f"{column} {relative!r} escapes the dataset root {root}; refused: keep the "
+            "files under the root"
+        )
     return path
 
 
@@ -338,22 +352,65 @@ def forget_resolved_paths() -> None:
     _real_folder.cache_clear()
 
 
+# Pillow's modes for one channel of more than 8 bits: 16-bit PNG/TIFF/PGM, 32-bit
+# integers, 32-bit floats. Its convert() clips them to 0..255 (a 16-bit photo turns
+# white), so they are scaled here instead.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _grey_to_8bit(image: Image.Image, path: Path) -> np.ndarray:
+    """A wide greyscale image as uint8 (h, w): 16-bit values / 257 (65535 -> 255),
+    32-bit integers as 16-bit values (0..65535), floats as 0..1; other ranges are
+    refused rather than guessed."""
+    values = np.asarray(image, dtype="float64")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        values = values / 257
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        values = values * 255
+    else:
+        kind = "floating-point" if image.mode == "F" else "32-bit integer"
+        accepted = "0..1" if image.mode == "F" else "0..65535"
+        raise SkipRow(
+            f"image {path} has {kind} pixels in [{low:g}, {high:g}], outside {accepted}; "
+            "save it as an 8-bit or 16-bit image"
+        )
+    return np.rint(values).astype("uint8")
+
+
+def _too_large(what: str, path: Path) -> SkipRow:
+    return SkipRow(
+        f"{what} too large: {path} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, which "
+        "Pillow refuses as a possible decompression bomb; downscale it or remove the row"
+    )
+
+
 def _read_image(path: Path) -> np.ndarray:
+    """uint8 (h, w, 3); grey is repeated over the channels, alpha dropped."""
     try:
         with Image.open(path) as image:
+            if image.mode in WIDE_MODES:
+                return np.repeat(_grey_to_8bit(image, path)[..., None], 3, axis=-1)
             return np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         raise SkipRow(f"image file not found: {path}") from None
+    except Image.DecompressionBombError:
+        raise _too_large("image", path) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise SkipRow(f"corrupt or unreadable image {path}: {error}") from None
 
 
 def _read_mask(path: Path) -> np.ndarray:
+    """bool (h, w): every pixel > 0 is object."""
     try:
         with Image.open(path) as image:
+            if image.mode in WIDE_MODES:  # convert("L") would round 0.4 to 0
+                return np.asarray(image) > 0
             return np.asarray(image.convert("L")) > 0
     except FileNotFoundError:
         raise SkipRow(f"mask file not found: {path}") from None
+    except Image.DecompressionBombError:
+        raise _too_large("mask", path) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise SkipRow(f"corrupt or unreadable mask {path}: {error}") from None
 
@@ -376,11 +433,16 @@ def load_row(
     row: dict, entries: Entries, preprocessor: Preprocessor, regions: Sequence[RegionSection]
 ) -> LoadedRow:
     """Decode, check and preprocess one entry; raises ``SkipRow`` with the reason."""
+    if not _present(row.get("path")):
+        raise SkipRow(
+            "the manifest row has no path; fill in the image file (relative to the "
+            "manifest's folder) or remove the row"
+        )
     pixels = _read_image(_inside(entries.root, row["path"]))
     height, width = pixels.shape[:2]
     mask = None
     if _present(row.get("mask_path")):
-        mask = _read_mask(_inside(entries.mask_base, row["mask_path"]))
+        mask = _read_mask(_inside(entries.mask_base, row["mask_path"], "mask_path"))
     elif _present(row.get("mask_rle")):
         try:
             mask = _decode_rle(row["mask_rle"])
@@ -421,7 +483,10 @@ def load_row(
 
 
 def _present(value) -> bool:
-    return value is not None and not (isinstance(value, float) and np.isnan(value)) and value != ""
+    """A filled-in cell: not None, NaN, pandas' NA or blank text."""
+    if isinstance(value, str):
+        return value.strip() != ""
+    return value is not None and not (pd.api.types.is_scalar(value) and pd.isna(value))
 
 
 @dataclass

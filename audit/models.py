@@ -17,6 +17,7 @@ disconnected".
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,16 +57,28 @@ def load_model(path: str | os.PathLike, *, safe_mode: bool = True) -> keras.Mode
             f"{path}: unsupported model format {path.suffix!r}; use .keras, .h5 or a "
             "SavedModel folder"
         )
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        # Keras reports "File not found" for a file that exists but is not a zip.
+        raise ModelStructureError(
+            f"cannot read model {path}: not a valid .keras file (not a zip archive); "
+            "save the model again with model.save('model.keras')"
+        )
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: an unknown custom layer class
         if "safe_mode" in str(error) or "Lambda" in str(error):
             raise ModelStructureError(
                 f"{path} contains code (a Lambda layer) and was refused in safe mode. "
                 "Only if you trust this file, load it with safe_mode=False "
                 "(CLI: --unsafe-model)."
             ) from error
-        raise
+        raise ModelStructureError(f"cannot read model {path}: {error}") from error
+    except (OSError, KeyError, zipfile.BadZipFile) as error:
+        # A damaged archive (no config.json), or an .h5 file that is not HDF5.
+        raise ModelStructureError(
+            f"cannot read model {path}: not a valid {path.suffix} file ({error}); "
+            "save the model again with model.save()"
+        ) from error
 
 
 @dataclass(frozen=True)

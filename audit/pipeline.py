@@ -448,6 +448,34 @@ def measure_local(work: PassWork, step: AuditStep) -> float:
     return compute_seconds
 
 
+def latest_baseline(config: AuditConfig, fingerprint: str, class_names: list[str]) -> Path:
+    """The newest complete run in the store that audited this dataset with the same
+    regions and class names: the runs a baseline comparison means something against."""
+    from collections import Counter
+
+    from audit.store import MANIFEST, baseline_mismatch, latest_run, read_json
+
+    store = Path(config.output.store)
+    regions = [region.model_dump() for region in config.regions]
+    wanted = {"fingerprint": fingerprint, "regions": regions, "class_names": class_names}
+    found = latest_run(store, complete=True, **wanted)
+    if found is not None:
+        return found
+    finished = [read_json(path) for path in store.glob(f"*/{MANIFEST}")]
+    differ = Counter(
+        baseline_mismatch(run, **wanted) for run in finished if run.get("status") == "complete"
+    )
+    why = ", ".join(f"{count} in {what}" for what, count in differ.most_common())
+    raise ConfigError(
+        f"--baseline latest: no complete run in {store} audited this dataset "
+        f"(fingerprint {fingerprint[:12]}) with the same regions "
+        f"({', '.join(region['name'] for region in regions)}) and class names "
+        f"({f'the complete runs there differ: {why}' if why else 'none is complete'}); "
+        "name a run with --baseline RUN, or run this audit once without --baseline "
+        "to make the first one"
+    )
+
+
 def skip_kind(reason: str) -> str:
     """A skip reason without its particulars (quoted values, paths, lists), so the run's
     counts group rows by kind of problem: "image file not found: …" once, with a
@@ -485,7 +513,7 @@ def run_audit(
     *,
     resume: bool = False,
     progress: bool = True,
-    baseline: Path | None = None,
+    baseline: Path | str | None = None,
     engine: str = "local",
     ray_address: str | None = None,
 ) -> AuditResult:
@@ -493,7 +521,8 @@ def run_audit(
 
     ``resume``: continue the newest incomplete run with the same model, data and
     config (or the named ``output.run_id``) instead of starting a new one.
-    ``baseline``: a previous run folder; flags then compare each group with itself
+    ``baseline``: a previous run folder, or ``"latest"`` (the newest complete run in the
+    store of the same dataset, regions and class names); flags then compare each group with itself
     in that run instead of with the other groups.
     ``engine``: ``local`` (embedded, the default) or ``ray`` (Ray Data; same records).
     """
@@ -521,6 +550,8 @@ def run_audit(
 
         cache = Path(config.output.store) / ".cache"
         entries = with_detected_faces(entries, cache, data_hash, progress=progress)
+    if baseline == "latest":
+        baseline = latest_baseline(config, data_hash, class_names)
     run_key = hashlib.sha256(f"{config.fingerprint()}{model_hash}{data_hash}".encode()).hexdigest()
     run, reopened = _open_run(config, run_key, resume)
     chunk_rows = config.batch_size * BATCHES_PER_CHUNK

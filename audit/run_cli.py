@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from audit.config import ConfigError, build_config, load_config
+from audit.cam_methods import CAM_METHODS
+from audit.config import AuditConfig, ConfigError, build_config, load_config
 
 EXIT_OK, EXIT_POLICY, EXIT_USAGE = 0, 1, 2
 SEVERITY = {"none": 0, "warn": 1, "fail": 2}
+# Config keys the flags set, so that an error about one names its flag too.
+FLAG_KEYS = (
+    ("model.path", "--model"),
+    ("model.layer", "--layer"),
+    ("model.method", "--method"),
+    ("model.target", "--target"),
+    ("dataset", "--data"),
+    ("dataset", "--masks"),
+    ("dataset.manifest", "--data"),
+    ("dataset.folders", "--data"),
+    ("dataset.masks", "--masks"),
+    ("dataset.limit", "--limit"),
+    ("preprocess.size", "--size"),
+    ("batch_size", "--batch-size"),
+    ("output.store", "--out"),
+    ("output.run_id", "--run-id"),
+)
 
 
 def _data_section(path: Path) -> dict:
@@ -22,6 +41,11 @@ def _data_section(path: Path) -> dict:
     return {"manifest": str(path)}
 
 
+def _absolute(path: str) -> str:
+    """A path flag made absolute against the working folder (``~`` expanded)."""
+    return str(Path(path).expanduser().resolve())
+
+
 def overrides_from(args: argparse.Namespace) -> dict:
     """Flags as a nested config dict; paths made absolute (they are relative to the cwd)."""
     overrides: dict = {}
@@ -30,18 +54,23 @@ def overrides_from(args: argparse.Namespace) -> dict:
         if value is not None:
             overrides.setdefault(section, {})[key] = value
 
-    put("model", "path", args.model and str(Path(args.model).resolve()))
+    put("model", "path", args.model and _absolute(args.model))
     put("model", "layer", args.layer)
     put("model", "method", args.method)
     put("model", "target", args.target)
     if args.unsafe_model:
         put("model", "safe_mode", False)
     if args.data is not None:
-        # --data replaces the config's source (and its source-specific keys).
-        cleared = dict.fromkeys(("manifest", "folders", "masks", "coco", "coco_images", "tfds"))
-        overrides["dataset"] = cleared | _data_section(Path(args.data).resolve())
+        # --data replaces the config's source, whatever its kind, and its source-specific
+        # keys; a masks tree stays with a new class-folder root (docs/config.md).
+        source = _data_section(Path(_absolute(args.data)))
+        cleared = dict.fromkeys(("manifest", "folders", "coco", "coco_images", "tfds"))
+        if "folders" not in source:
+            cleared["masks"] = None
+        overrides["dataset"] = cleared | source
+    put("dataset", "masks", args.masks and _absolute(args.masks))
     put("dataset", "limit", args.limit)
-    put("output", "store", args.out and str(Path(args.out).resolve()))
+    put("output", "store", args.out and _absolute(args.out))
     put("output", "run_id", args.run_id)
     if args.mlflow:
         put("output", "mlflow", True)
@@ -61,11 +90,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model file (.keras/.h5)")
     p.add_argument("--data", help="manifest CSV/Parquet, or a class-folder root")
     p.add_argument(
+        "--masks",
+        metavar="DIR",
+        help="with a class-folder root: the parallel masks tree MASKS/<class>/<stem>.png",
+    )
+    p.add_argument(
         "--out", help="run store folder (default: runs/ beside the config, or in the cwd)"
     )
     p.add_argument("--run-id", help="name of the run folder")
     p.add_argument("--layer", help="target layer name or path")
-    p.add_argument("--method", help="gradcam, hirescam, gradcam++, xgradcam or layercam")
+    p.add_argument("--method", help=f"CAM method: {', '.join(CAM_METHODS)} (default: gradcam)")
     p.add_argument("--target", choices=["true", "predicted"], help="class the maps explain")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"))
@@ -77,8 +111,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="a Ray cluster to join (default: start a local one)")
     p.add_argument(
         "--baseline",
-        help="compare each group with itself in this run folder, or 'latest' (the newest "
-        "complete run in the store)",
+        help="compare each group with itself in this run folder or run id, or 'latest' (the "
+        "newest complete run in the store of the same dataset, regions and class names)",
     )
     p.add_argument(
         "--fail-on",
@@ -97,18 +131,21 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
         overrides = overrides_from(args)
-        if args.config:
-            config = load_config(args.config, overrides)
-        else:
-            if args.model is None or args.data is None:
-                raise ConfigError("give a config file, or at least --model and --data")
-            config = build_config(overrides, "(command line)")
+        try:
+            if args.config:
+                config = load_config(args.config, overrides)
+            else:
+                if args.model is None or args.data is None:
+                    raise ConfigError("give a config file, or at least --model and --data")
+                config = build_config(overrides, "(command line)")
+        except ConfigError as error:
+            raise ConfigError(_name_flags(str(error), args)) from None
         from audit.models import ModelStructureError
         from audit.pipeline import run_audit
         from audit.summary import format_summary
 
-        baseline = _baseline(args.baseline, Path(config.output.store))
         try:
+            baseline = _baseline(args.baseline, config)
             result = run_audit(
                 config,
                 resume=args.resume,
@@ -125,6 +162,11 @@ def main(argv: list[str]) -> int:
     import json
 
     report = json.loads((result.run_dir / "report.json").read_text())
+    if baseline == "latest":
+        print(
+            f"baseline: {result.manifest['baseline']} (the newest complete run of this "
+            "dataset, regions and classes)"
+        )
     print(format_summary(report, result.manifest))
     print(format_gate(report))
     print(f"stored in {result.run_dir} (report.html, report.md, report.json)")
@@ -133,16 +175,31 @@ def main(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def _baseline(value: str | None, store: Path) -> Path | None:
-    if value is None:
-        return None
-    if value == "latest":
-        from audit.store import latest_run
+def _name_flags(message: str, args: argparse.Namespace) -> str:
+    """Config error lines about a key that a given flag set name the flag too:
+    ``batch_size (--batch-size): ...``."""
 
-        found = latest_run(store, complete=True)
-        if found is None:
-            raise ConfigError(f"--baseline latest: no complete run in {store}")
-        return found
+    def name(match: re.Match) -> str:
+        key = match.group(2)
+        flags = {
+            flag: None
+            for prefix, flag in FLAG_KEYS
+            if getattr(args, flag[2:].replace("-", "_")) is not None
+            and (
+                key == prefix or (key.startswith(f"{prefix}.") and key[len(prefix) + 1 :].isdigit())
+            )
+        }
+        return f"{match.group(1)}{key} ({', '.join(flags)}):" if flags else match.group(0)
+
+    return re.sub(r"^(\s+)([\w.]+):", name, message, flags=re.MULTILINE)
+
+
+def _baseline(value: str | None, config: AuditConfig) -> Path | str | None:
+    """A baseline run folder, or ``"latest"`` (``run_audit`` finds the newest complete
+    run of the same dataset, regions and class names once it knows them)."""
+    if value is None or value == "latest":
+        return value
+    store = Path(config.output.store)
     path = Path(value)
     if not (path / "report.json").exists():
         path = store / value  # a run id in the store

@@ -139,13 +139,50 @@ class RunStore:
         return rows_all[order], maps_all[order]
 
 
-def latest_run(store: Path, key: str | None = None, complete: bool = False) -> Path | None:
-    """The newest run folder in ``store`` (optionally with this run key, or complete)."""
+def baseline_mismatch(
+    manifest: dict,
+    *,
+    fingerprint: str | None = None,
+    regions: list[dict] | None = None,
+    class_names: list[str] | None = None,
+) -> str | None:
+    """What keeps a run (its ``manifest.json``) from being a baseline for an audit with
+    this dataset fingerprint, these regions and these class names: ``"dataset"``,
+    ``"regions"`` or ``"class names"``; None when it fits (values not given are not
+    compared)."""
+    if fingerprint is not None and manifest.get("dataset", {}).get("fingerprint") != fingerprint:
+        return "dataset"
+    # Through JSON, as the manifest holds them (tuples are lists there).
+    if regions is not None and manifest.get("regions") != json.loads(json.dumps(regions)):
+        return "regions"
+    if class_names is not None and manifest.get("class_names") != list(class_names):
+        return "class names"
+    return None
+
+
+def latest_run(
+    store: Path,
+    key: str | None = None,
+    complete: bool = False,
+    *,
+    fingerprint: str | None = None,
+    regions: list[dict] | None = None,
+    class_names: list[str] | None = None,
+) -> Path | None:
+    """The newest run folder in ``store`` (optionally with this run key, or complete).
+
+    ``fingerprint``, ``regions`` and ``class_names``, when given, keep only runs that
+    audited the same dataset with the same regions and classes (``baseline_mismatch``):
+    the runs a baseline comparison is meaningful against.
+    """
     runs = []
     for manifest in Path(store).glob(f"*/{MANIFEST}"):
         payload = read_json(manifest)
         if complete and payload.get("status") != "complete":
             continue
-        if key is None or payload.get("run_key") == key:
+        if key is not None and payload.get("run_key") != key:
+            continue
+        wanted = {"fingerprint": fingerprint, "regions": regions, "class_names": class_names}
+        if baseline_mismatch(payload, **wanted) is None:
             runs.append((payload.get("started", ""), manifest.parent))
     return max(runs)[1] if runs else None

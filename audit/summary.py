@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+SKIP_REASONS_SHOWN = 8  # the most frequent skip reasons listed; the rest are counted
+
 
 def class_table(report: dict) -> pd.DataFrame:
     """Per true class: rows, accuracy, and mean mass/lift per region on correct rows."""
@@ -28,8 +30,16 @@ def format_summary(report: dict, manifest: dict) -> str:
         f"{manifest['model']['method']}, {manifest['timings']['total_seconds']:.1f} s "
         f"(audit pass {manifest['timings']['pass_seconds']:.1f} s)",
     ]
-    for reason, count in list(counts["skip_reasons"].items())[:8]:
+    reasons = sorted(counts["skip_reasons"].items(), key=lambda item: -item[1])
+    for reason, count in reasons[:SKIP_REASONS_SHOWN]:
         lines.append(f"  skipped {count:>5d} x {reason}")
+    if len(reasons) > SKIP_REASONS_SHOWN:
+        rest = reasons[SKIP_REASONS_SHOWN:]
+        lines.append(
+            f"  … and {len(rest)} more reason(s) for {sum(count for _, count in rest)} row(s); "
+            "every row's reason is in images.parquet (skip_reason), the counts in "
+            "manifest.json (counts.skip_reasons)"
+        )
     if counts["ok"]:
         lines.append(f"accuracy {report['accuracy']:.3f}; per class (correct rows):")
         table = class_table(report)

@@ -222,3 +222,76 @@ def test_absolute_paths_stay_as_they_are(tmp_path):
     assert config.model.path == Path("/abs/m.keras")
     assert config.dataset.manifest == Path("/abs/d.csv")
     assert config.output.store == Path("/abs/runs")
+
+
+# ---------------------------------------------------------------- values that would break a run
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "fragment"),
+    [
+        ({"preprocess": {"size": [0, 0]}}, "preprocess.size", "at least 1 pixel, got [0, 0]"),
+        ({"preprocess": {"size": [-1, 48]}}, "preprocess.size", "at least 1 pixel"),
+        ({"preprocess": {"std": [0, 0, 0]}}, "preprocess.std", "no channel may be 0"),
+        ({"preprocess": {"std": [0.2, 0, 0.2]}}, "preprocess.std", "no channel may be 0"),
+        ({"preprocess": {"scale": 0}}, "preprocess.scale", "black"),
+        ({"preprocess": {"mean": [0.5, float("nan"), 0.5]}}, "preprocess.mean.1", "finite"),
+        (
+            {"model": {"path": "m.keras", "class_names": ["cat", "dog", "cat"]}},
+            "model.class_names",
+            "'cat' listed more than once",
+        ),
+        ({"output": {"run_id": "../escape"}}, "output.run_id", "not a plain folder name"),
+        ({"output": {"run_id": "a/b"}}, "output.run_id", "not a plain folder name"),
+        ({"output": {"run_id": "a\\b"}}, "output.run_id", "not a plain folder name"),
+        ({"output": {"run_id": ".."}}, "output.run_id", "not a plain folder name"),
+        ({"output": {"run_id": "."}}, "output.run_id", "not a plain folder name"),
+        (
+            {"regions": [{"name": "a", "source": "mask"}, {"name": "a", "source": "box"}]},
+            "regions",
+            "region names must be unique",
+        ),
+        (
+            {"regions": [{"name": "bg", "source": "background", "role": "spurious"}]},
+            "regions",
+            "at least one region needs role: expected",
+        ),
+    ],
+)
+def test_values_that_would_break_a_run_fail_validation(change, key, fragment):
+    data = merge({"model": {"path": "m.keras"}, "dataset": {"manifest": "d.csv"}}, change)
+    with pytest.raises(ConfigError) as error:
+        build_config(data)
+    lines = str(error.value).splitlines()
+    assert any(line.strip().startswith(f"{key}: ") and fragment in line for line in lines), lines
+    assert "Value error" not in str(error.value)  # pydantic's prefix is not the user's business
+
+
+def test_good_values_near_the_limits_pass():
+    config = build_config(
+        {
+            "model": {"path": "m.keras", "class_names": ["cat", "dog"], "target": True},
+            "dataset": {"manifest": "d.csv"},
+            "preprocess": {"size": [1, 1], "std": [-0.5, 0.25, 1e-3]},
+            "output": {"run_id": "products-v2.1"},
+        }
+    )
+    assert config.preprocess.size == (1, 1) and config.output.run_id == "products-v2.1"
+    assert config.model.target == "true"  # YAML's unquoted `true` means the true label
+
+
+def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path):
+    path = _write(tmp_path, "model: {path: ~/m.keras}\ndataset: {manifest: ~/data/d.csv}\n")
+    config = load_config(path)
+    assert config.model.path == Path.home() / "m.keras"
+    assert config.dataset.manifest == Path.home() / "data" / "d.csv"
+
+
+def test_run_exits_2_on_a_zero_size_and_leaves_no_run_folder(tmp_path, capsys):
+    path = _write(
+        tmp_path,
+        "model: {path: m.keras}\ndataset: {manifest: d.csv}\npreprocess: {size: [0, 0]}\n",
+    )
+    assert main(["run", str(path)]) == 2
+    assert "preprocess.size: height and width must be at least 1 pixel" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

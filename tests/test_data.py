@@ -149,3 +149,157 @@ def test_a_swapped_root_symlink_is_resolved_afresh_by_the_next_pass(tmp_path):
     current.symlink_to(tmp_path / "v2", target_is_directory=True)
     forget_resolved_paths()  # what run_audit and load_batches do first
     assert _inside(current, "a.png") == (tmp_path / "v2" / "a.png").resolve()
+
+
+# ------------------------------------------------------------ bad input files
+
+
+def _bomb_png(path, side=20000):
+    """A PNG whose header claims side x side pixels (Pillow refuses it on open)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _load(table, root, regions=None):
+    """load_entry for every row of a manifest table: (skip reason or None, loaded) each."""
+    from audit.data import Entries, load_entry
+
+    entries = Entries(table, root, "test")
+    regions = regions or [
+        RegionSection(name="object", source="mask"),
+        RegionSection(name="background", source="background", role="spurious"),
+    ]
+    preprocessor = Preprocessor((8, 8), PreprocessSection(scale=1.0))
+    return [
+        load_entry(entries, position, {"a": 0, "b": 1}, preprocessor, regions)
+        for position in range(len(table))
+    ]
+
+
+def test_an_image_or_mask_too_large_to_open_is_a_skipped_row(tmp_path):
+    import pandas as pd
+
+    _bomb_png(tmp_path / "bomb.png")
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "ok.png")
+    Image.new("L", (8, 8), 255).save(tmp_path / "mask.png")
+    table = pd.DataFrame(
+        {
+            "path": ["bomb.png", "ok.png", "ok.png"],
+            "label": ["a", "a", "b"],
+            "mask_path": ["mask.png", "bomb.png", "mask.png"],
+        }
+    )
+    (image_reason, _), (mask_reason, _), (fine, loaded) = _load(table, tmp_path)
+    assert image_reason.startswith("image too large: ") and "bomb.png" in image_reason
+    assert "decompression bomb" in image_reason and "downscale" in image_reason
+    assert mask_reason.startswith("mask too large: ") and "bomb.png" in mask_reason
+    assert fine is None and loaded[0] == 1  # the rows around it still load
+
+
+def test_sixteen_bit_and_float_greyscale_images_keep_their_values(tmp_path):
+    import pandas as pd
+
+    from audit.data import _read_image, _read_mask
+
+    levels = np.array([[0, 10, 128, 255]], "uint16")
+    Image.fromarray(levels * 257).save(tmp_path / "grey16.png")  # 0 .. 65535
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    pixels = _read_image(tmp_path / "grey16.png")
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, 4, 3)
+    np.testing.assert_array_equal(pixels[..., 0], levels)  # not clipped to white
+    np.testing.assert_array_equal(pixels[..., 0], pixels[..., 2])
+    # 32-bit integers are 16-bit values; floats are 0..1.
+    Image.fromarray((levels * 257).astype("int32")).save(tmp_path / "int32.tif")
+    np.testing.assert_array_equal(_read_image(tmp_path / "int32.tif")[..., 1], levels)
+    Image.fromarray((levels / 255).astype("float32")).save(tmp_path / "float.tif")
+    np.testing.assert_array_equal(_read_image(tmp_path / "float.tif")[..., 1], levels)
+    # A range that cannot be mapped to 8 bits is a skipped row, with the range.
+    Image.fromarray(levels.astype("float32")).save(tmp_path / "float255.tif")
+    with pytest.raises(SkipRow, match=r"floating-point pixels in \[0, 255\], outside 0\.\.1"):
+        _read_image(tmp_path / "float255.tif")
+    Image.fromarray(np.array([[0, 70000]], "int32")).save(tmp_path / "wide.tif")
+    with pytest.raises(SkipRow, match=r"32-bit integer pixels in \[0, 70000\]"):
+        _read_image(tmp_path / "wide.tif")
+    # Masks: every value > 0 is object, 16-bit and float ones too (0.4 is not rounded away).
+    Image.fromarray(np.array([[0, 1, 300]], "uint16")).save(tmp_path / "mask16.png")
+    np.testing.assert_array_equal(_read_mask(tmp_path / "mask16.png"), [[False, True, True]])
+    Image.fromarray(np.array([[0, 0.4]], "float32")).save(tmp_path / "maskf.tif")
+    np.testing.assert_array_equal(_read_mask(tmp_path / "maskf.tif"), [[False, True]])
+    # Through the loader: the model sees the 16-bit image's levels.
+    Image.fromarray(np.full((8, 8), 100 * 257, "uint16")).save(tmp_path / "flat16.png")
+    Image.new("L", (8, 8), 255).save(tmp_path / "mask.png")
+    table = pd.DataFrame({"path": ["flat16.png"], "label": ["a"], "mask_path": ["mask.png"]})
+    ((reason, (_, loaded)),) = _load(table, tmp_path)
+    assert reason is None
+    np.testing.assert_allclose(loaded.image, 100.0)
+
+
+def test_empty_path_and_mask_path_cells_in_a_manifest(tmp_path):
+    Image.new("RGB", (8, 8), (50, 50, 50)).save(tmp_path / "a.png")
+    Image.new("L", (8, 8), 255).save(tmp_path / "m.png")
+    (tmp_path / "manifest.csv").write_text(
+        "path,label,mask_path,x_min,y_min,x_max,y_max\n"
+        "a.png,a,m.png,0,0,4,4\n"
+        ",a,m.png,0,0,4,4\n"  # no path: a skipped row, not a crash
+        "a.png,b,,0,0,4,4\n"  # no mask: the row has no mask
+    )
+    entries = read_manifest(tmp_path / "manifest.csv")
+    assert entries.table["path"].tolist() == ["a.png", "", "a.png"]
+    results = _load(entries.table, entries.root)
+    assert results[0][0] is None
+    assert results[1][0].startswith("the manifest row has no path")
+    assert results[2][0] == "region 'object' needs an object mask and the row has none"
+    # With a box region, the row without a mask is audited.
+    boxes = [
+        RegionSection(name="object", source="box"),
+        RegionSection(name="background", source="background", role="spurious"),
+    ]
+    reason, (label, loaded) = _load(entries.table, entries.root, boxes)[2]
+    assert reason is None and label == 1 and loaded.regions[0].sum() == 16
+    # The dataset fingerprint (read before any row) copes with the empty cells too.
+    from audit.pipeline import dataset_fingerprint
+
+    assert len(dataset_fingerprint(entries)) == 64
+
+
+def test_an_empty_label_stops_the_run_naming_the_row_and_the_csv_line(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label\na.png,1\nb.png,\n")
+    with pytest.raises(ConfigError) as error:
+        read_manifest(tmp_path / "m.csv")
+    message = str(error.value)
+    assert "m.csv: row 1 (counted from 0" in message and "line 3 of the CSV" in message
+    assert "fill it in or remove the row" in message
+
+
+def test_malformed_rle_boxes_and_escaping_masks_are_skipped_rows_naming_the_column(tmp_path):
+    import pandas as pd
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    table = pd.DataFrame(
+        {
+            "path": ["a.png", "a.png", "a.png", "../a.png"],
+            "label": ["a"] * 4,
+            "mask_path": ["../outside.png", None, None, None],
+            "mask_rle": [None, "not json", '{"size": [8, 8], "counts": [64]}', None],
+        }
+    )
+    reasons = [reason for reason, _ in _load(table, tmp_path)]
+    assert reasons[0].startswith("mask_path '../outside.png' escapes the dataset root")
+    assert reasons[1].startswith("mask_rle is not a COCO RLE JSON object")
+    assert reasons[2].startswith("mask_rle is not a COCO RLE JSON object")  # uncompressed
+    assert reasons[3].startswith("path '../a.png' escapes the dataset root")
+    boxes = table.iloc[[0]].assign(mask_path=None, x_min="left", y_min=0, x_max=4, y_max=4)
+    ((reason, _),) = _load(boxes.reset_index(drop=True), tmp_path)
+    assert reason == "box ['left', 0, 4, 4] is not four numbers"

@@ -59,3 +59,24 @@ def test_bad_paths_name_the_file(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ModelStructureError, match="not a TensorFlow SavedModel"):
         load_model(tmp_path / "folder")
+
+
+def test_a_damaged_model_file_is_named_with_the_fix(tmp_path):
+    import zipfile
+
+    garbage = tmp_path / "garbage.keras"
+    garbage.write_text("garbage\n")
+    # Keras itself says "File not found" for a file that exists.
+    with pytest.raises(
+        ModelStructureError, match=r"cannot read model .*garbage\.keras: not a valid \.keras file"
+    ):
+        load_model(garbage)
+    no_config = tmp_path / "no_config.keras"
+    with zipfile.ZipFile(no_config, "w") as archive:
+        archive.writestr("notes.txt", "not a model")
+    with pytest.raises(ModelStructureError, match=r"no_config\.keras: not a valid \.keras file"):
+        load_model(no_config)
+    not_hdf5 = tmp_path / "model.h5"
+    not_hdf5.write_text("garbage\n")
+    with pytest.raises(ModelStructureError, match=r"model\.h5: not a valid \.h5 file"):
+        load_model(not_hdf5)
