@@ -324,9 +324,14 @@ def probe_set(tmp_path, counts):
     config = build_config({"model": {"path": "m.keras"}, "dataset": {"manifest": str(manifest)}})
     entries = read_entries(config.dataset)
     sample = pd.DataFrame({"row": np.arange(len(keep)), "label_index": demo.labels[keep]})
-    names = {str(c): c for c in range(10)}
-    preprocessor = Preprocessor((48, 48), config.preprocess)
-    return entries, sample, names, preprocessor, config.regions
+    options = {
+        "class_index": {str(c): c for c in range(10)},
+        "preprocessor": Preprocessor((48, 48), config.preprocess),
+        "regions": config.regions,
+        "batch_size": 8,
+        "seed": 0,
+    }
+    return entries, sample, options
 
 
 def test_every_mixed_rand_image_gets_another_class_background(tmp_path):
@@ -336,23 +341,14 @@ def test_every_mixed_rand_image_gets_another_class_background(tmp_path):
     from audit.probes import run_interventions, summarise_interventions
 
     # 60 images of class 0, 3 of class 1: most batches hold class 0 alone.
-    entries, sample, names, preprocessor, regions = probe_set(tmp_path, {0: 60, 1: 3})
+    entries, sample, options = probe_set(tmp_path, {0: 60, 1: 3})
     seen = []
 
     def probabilities(batch):  # records the interventions; predicts class 0 always
         seen.append(batch)
         return np.tile(np.eye(10)[0], (len(batch), 1))
 
-    outcomes = run_interventions(
-        probabilities,
-        entries,
-        sample,
-        class_index=names,
-        preprocessor=preprocessor,
-        regions=regions,
-        batch_size=8,
-        seed=0,
-    )
+    outcomes = run_interventions(probabilities, entries, sample, **options)
     assert len(outcomes) == 63 and outcomes["pred_mixed_rand"].notna().all()
     mixed = np.concatenate([np.split(batch, 3)[2] for batch in seen])  # the third variant
     with ThreadPoolExecutor(1) as pool:
@@ -362,8 +358,8 @@ def test_every_mixed_rand_image_gets_another_class_background(tmp_path):
                 for batch in load_batches(
                     entries,
                     outcomes["row"].tolist(),  # in the order they were probed
-                    class_index=names,
-                    preprocessor=preprocessor,
+                    class_index=options["class_index"],
+                    preprocessor=options["preprocessor"],
                     regions=[],
                     batch_size=len(outcomes),
                     pool=pool,
@@ -375,17 +371,8 @@ def test_every_mixed_rand_image_gets_another_class_background(tmp_path):
     table = summarise_interventions(outcomes, [str(c) for c in range(10)], PolicySection())
     assert table.set_index("class_index")["n_mixed_rand"].to_dict() == {0: 60, 1: 3}
     # A single-class sample has no partner: Mixed-Rand is left out, not faked.
-    entries, sample, names, preprocessor, regions = probe_set(tmp_path / "one", {2: 10})
-    alone = run_interventions(
-        probabilities,
-        entries,
-        sample,
-        class_index=names,
-        preprocessor=preprocessor,
-        regions=regions,
-        batch_size=8,
-        seed=0,
-    )
+    entries, sample, options = probe_set(tmp_path / "one", {2: 10})
+    alone = run_interventions(probabilities, entries, sample, **options)
     assert alone["pred_mixed_rand"].isna().all()
     table = summarise_interventions(alone, [str(c) for c in range(10)], PolicySection())
     assert np.isnan(table["bg_gap"].iloc[0]) and not table["intervention_evidence"].any()
