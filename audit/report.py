@@ -11,6 +11,7 @@ import html
 import io
 import json
 import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def build_report(run_dir: Path) -> dict:
     groups = analysis.groups
     regions = [region["name"] for region in manifest["regions"]]
     decisions = latest_decisions(run_dir.parent, model_line(manifest["model"]["path"]))
+    ok = images[images["status"] == "ok"]
     classes = []
     for verdict in verdicts:
         index = verdict["class_index"]
@@ -75,7 +77,11 @@ def build_report(run_dir: Path) -> dict:
         decision = decisions.get(verdict["class_name"])
         entry["decision"] = None if decision is None else asdict(decision)
         for kind, key in (("true", "true_label"), ("pred", "predicted_label")):
-            match = groups[(groups["kind"] == kind) & (groups["class_index"] == index)]
+            match = (
+                groups[(groups["kind"] == kind) & (groups["class_index"] == index)]
+                if len(groups)  # none when every row was skipped
+                else groups
+            )
             row = _clean(match.iloc[0].to_dict()) if len(match) else {}
             view = {
                 "n": row.get("n", 0),
@@ -109,14 +115,13 @@ def build_report(run_dir: Path) -> dict:
             {k: v for k, v in record.items() if k not in ("mean_map", "members")}
             for record in _records(strategies)
         ]
-        entry["examples"] = _worst_examples(images, index, regions, manifest)
+        entry["examples"] = _worst_examples(images, index, regions, manifest) if len(ok) else []
         classes.append(entry)
     classes.sort(key=lambda c: (-SEVERITY_ORDER[c["severity"]], c["class_index"]))
     flags = analysis.flags
     slice_tests = flags[flags["kind"] == "slice"] if len(flags) else flags
     slice_groups = groups[groups["kind"].isin(["slice", "class_slice"])] if len(groups) else groups
     severity = overall_severity(verdicts, flags)
-    ok = images[images["status"] == "ok"]
     return _clean(
         {
             "schema_version": SCHEMA_VERSION,
@@ -158,15 +163,64 @@ def _worst_examples(
 
 
 def _md(text) -> str:
-    """Escape text for a Markdown table cell (and for HTML inside Markdown)."""
+    """Escape text for a Markdown table cell (and for HTML inside Markdown).
+
+    GitHub turns ``:smile:`` into an emoji after parsing, where an escaped colon is a
+    plain colon again: an invisible word joiner (U+2060) after each colon stops it.
+    """
     escaped = html.escape(str(text), quote=False)
-    for char in "|`*_[]<>#":
+    for char in "\\|`*_[]<>#~$":
         escaped = escaped.replace(char, "\\" + char)
-    return escaped
+    return escaped.replace(":", ":\u2060")
+
+
+def _code(text) -> str:
+    """A Markdown code span of raw text (nothing inside a code span needs escaping).
+
+    Its fence is one backtick longer than the longest run of backticks in the text;
+    the spaces inside the fence let the text start or end with a backtick.
+    """
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
 
 
 def _fmt(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _with_ci(mean, low=None, high=None, digits: int = 2) -> str:
+    """A mean and its 95% CI, ``0.75 [0.71, 0.79]``; the mean alone where there is no CI."""
+    if mean is None or low is None or high is None:
+        return _fmt(mean, digits)
+    return f"{_fmt(mean, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
+def _bg_gap(probe: dict | None) -> str:
+    return _with_ci(**_ci(probe, "bg_gap")) if probe else "n/a"
+
+
+def unreadable_examples(report: dict) -> int:
+    """How many of the report's example images cannot be opened under the dataset root."""
+    root = Path(report["dataset"]["root"])
+    count = 0
+    for entry in report["classes"]:
+        for example in entry["examples"]:
+            try:
+                with Image.open(root / example["path"]):
+                    pass
+            except OSError:
+                count += 1
+    return count
+
+
+def unreadable_note(count: int, root) -> str:
+    """The plain-text note for example images that cannot be read (escape it to show it)."""
+    images = "example image" if count == 1 else "example images"
+    where = str(root)
+    if not Path(root).is_absolute():
+        where += f" (a relative path, looked up from {Path.cwd()})"
+    return f"{count} {images} could not be read from {where}"
 
 
 def _decision_text(entry: dict) -> str:
@@ -183,14 +237,20 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"## Bias audit {report['outcome']}: {_md(report['run_id'])}",
         "",
-        f"Model `{_md(Path(report['model']['path']).name)}` (layer "
+        f"Model {_code(Path(report['model']['path']).name)} (layer "
         f"{_md(report['model']['layer'])}, {_md(report['model']['method'])}), "
         f"{report['counts'].get('ok', 0)} images audited, "
         f"{report['counts'].get('skipped', 0)} skipped; accuracy {_fmt(report['accuracy'], 3)}.",
         "",
+    ]
+    unreadable = unreadable_examples(report)
+    if unreadable:
+        note = unreadable_note(unreadable, report["dataset"]["root"])
+        lines += [f"**Note:** {_md(note)}: report.html shows no overlay of them.", ""]
+    lines += [
         "| class | status | n | accuracy | "
         + " | ".join(f"{_md(r)} mass [95% CI]" for r in spurious)
-        + " | BG-gap |",
+        + " | BG-gap [95% CI] |",
         "|---|---|---:|---:|" + "---:|" * len(spurious) + "---:|",
     ]
     for entry in report["classes"]:
@@ -200,11 +260,8 @@ def render_markdown(report: dict) -> str:
             str(entry["n"]),
             _fmt(entry["accuracy"]),
         ]
-        for region in spurious:
-            mass = entry["mass"][region]
-            cells.append(f"{_fmt(mass['mean'])} [{_fmt(mass['low'])}, {_fmt(mass['high'])}]")
-        probe = entry["interventions"]
-        cells.append(_fmt(probe["bg_gap"]) if probe else "n/a")
+        cells += [_with_ci(**entry["mass"][region]) for region in spurious]
+        cells.append(_bg_gap(entry["interventions"]))
         lines.append("| " + " | ".join(cells) + " |")
     flagged = [e for e in report["classes"] if e["status"] != "ok"]
     if flagged:
@@ -308,8 +365,10 @@ def _ci_bar(mean, low, high, label: str) -> str:
     def x(value):
         return max(0.0, min(1.0, value if value is not None else 0.0)) * width
 
+    label = html.escape(f"{label}: {_with_ci(mean, low, high)}")
     return (
-        f'<svg width="{width + 50}" height="16" role="img" aria-label="{html.escape(label)}">'
+        f'<svg width="{width + 50}" height="16" role="img" aria-label="{label}">'
+        f"<title>{label}</title>"
         f'<rect x="0" y="3" width="{width}" height="10" fill="#eee"/>'
         f'<rect x="0" y="3" width="{x(mean):.1f}" height="10" fill="#d9822b"/>'
         f'<line x1="{x(low):.1f}" x2="{x(high):.1f}" y1="8" y2="8" stroke="#222" '
@@ -328,15 +387,17 @@ def _example_thumbnails(
         picture = stored_overlay(
             manifest["dataset"], example["path"], example.get("mask_path"), cam_of[row], THUMBNAIL
         )
-        if picture is None:
-            continue
-        caption = f"row {row}: predicted {example.get('pred_label')}, " + ", ".join(
-            f"{k} {v:.2f}" for k, v in example.items() if k.startswith("mass_") and v is not None
-        )
-        thumbnails.append(
-            f'<figure><img src="{_png_data_uri(picture)}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+        if picture is not None:  # an unreadable image is counted in the report's note
+            caption = f"row {row}: predicted {example.get('pred_label')}, " + ", ".join(
+                f"{k} {v:.2f}"
+                for k, v in example.items()
+                if k.startswith("mass_") and v is not None
+            )
+            thumbnails.append(
+                f'<figure><img src="{_png_data_uri(picture)}" alt="{html.escape(caption)}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+        # Stored in the run folder: shown even when the dataset image cannot be read.
         guided = run_dir / "guided" / f"{row}.png"
         if guided.exists():
             with Image.open(guided) as stored:
@@ -373,6 +434,7 @@ td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 .card{border:1px solid #ccc;border-radius:6px;padding:1rem;margin:1rem 0}
 .bias-driven{border-left:6px solid #c0392b}.suspected{border-left:6px solid #e67e22}
 .ok{border-left:6px solid #27ae60}.muted{color:#888}
+.note{background:#fff4e5;border:1px solid #e67e22;padding:.5rem 1rem}
 figure{display:inline-block;margin:4px;font-size:11px;max-width:140px}
 pre{background:#f6f6f6;padding:1rem;overflow:auto}
 """
@@ -395,17 +457,26 @@ def render_html(report: dict, run_dir: Path) -> str:
         f"layer {escape(str(report['model']['layer']))}, {escape(report['model']['method'])}; "
         f"{report['counts'].get('ok', 0)} images audited, "
         f"{report['counts'].get('skipped', 0)} skipped.</p>",
-        "<h2>Summary</h2><table><tr><th>class</th><th>status</th><th>n</th><th>accuracy</th>"
-        + "".join(f"<th>{escape(r)} mass</th>" for r in spurious)
-        + "<th>BG-gap</th></tr>",
     ]
+    unreadable = unreadable_examples(report)
+    if unreadable:
+        note = unreadable_note(unreadable, report["dataset"]["root"])
+        parts.append(
+            f"<p class='note'>{escape(note)}: their overlays are missing below (stored Guided "
+            "Grad-CAM pictures are still shown).</p>"
+        )
+    parts.append(
+        "<h2>Summary</h2><table><tr><th>class</th><th>status</th><th>n</th><th>accuracy</th>"
+        + "".join(f"<th>{escape(r)} mass [95% CI]</th>" for r in spurious)
+        + "<th>BG-gap [95% CI]</th></tr>"
+    )
     for entry in report["classes"]:
         probe = entry["interventions"]
         parts.append(
             f"<tr><td>{escape(entry['class_name'])}</td><td>{escape(entry['status'])}</td>"
             f"<td>{entry['n']}</td><td>{_fmt(entry['accuracy'])}</td>"
-            + "".join(f"<td>{_fmt(entry['mass'][r]['mean'])}</td>" for r in spurious)
-            + f"<td>{_fmt(probe['bg_gap']) if probe else 'n/a'}</td></tr>"
+            + "".join(f"<td>{_with_ci(**entry['mass'][r])}</td>" for r in spurious)
+            + f"<td>{_bg_gap(probe)}</td></tr>"
         )
     parts.append("</table>")
     for entry in report["classes"]:
@@ -415,7 +486,7 @@ def render_html(report: dict, run_dir: Path) -> str:
             + "".join(f"<li>{escape(reason)}</li>" for reason in entry["reasons"])
             + (f"<li><b>{escape(_decision_text(entry))}</b></li>" if entry.get("decision") else "")
             + "</ul><table><tr><th>region</th><th>mass (true label, correct)</th>"
-            "<th>mass (predicted label)</th><th>lift</th></tr>"
+            "<th>mass (predicted label)</th><th>lift [95% CI]</th></tr>"
         )
         for region in expected + spurious:
             bars = "".join(
@@ -425,18 +496,17 @@ def render_html(report: dict, run_dir: Path) -> str:
                     entry["predicted_label"]["mass"][region],
                 )
             )
-            lift = entry["true_label"]["lift"][region]["mean"]
-            parts.append(f"<tr><td>{escape(region)}</td>{bars}<td>{_fmt(lift)}</td></tr>")
+            lift = _with_ci(**entry["true_label"]["lift"][region])
+            parts.append(f"<tr><td>{escape(region)}</td>{bars}<td>{lift}</td></tr>")
         parts.append("</table>")
         probe = entry["interventions"]
         if probe:
             parts.append(
                 "<p>Interventions on "
                 f"{probe['n_probe']} correct images: still predicted with the object only "
-                f"{probe['rate_object_only']:.2f}, background only "
-                f"{probe['rate_background_only']:.2f}, background swapped "
-                f"{probe['rate_mixed_rand']:.2f}; BG-gap {probe['bg_gap']:.2f} "
-                f"[{probe['bg_gap_low']:.2f}, {probe['bg_gap_high']:.2f}].</p>"
+                f"{_fmt(probe['rate_object_only'])}, background only "
+                f"{_fmt(probe['rate_background_only'])}, background swapped "
+                f"{_fmt(probe['rate_mixed_rand'])}; BG-gap {_bg_gap(probe)}.</p>"
             )
         main_map = _main_map_text(entry["true_label"], expected + spurious)
         if main_map:
@@ -464,7 +534,7 @@ def render_html(report: dict, run_dir: Path) -> str:
         parts.append(
             "<h2>Slices</h2><table><tr><th>attribute</th><th>value</th><th>n</th>"
             "<th>accuracy</th><th>worst-group accuracy</th>"
-            + "".join(f"<th>{escape(r)} mass</th>" for r in spurious)
+            + "".join(f"<th>{escape(r)} mass [95% CI]</th>" for r in spurious)
             + "</tr>"
         )
         for group in slice_groups:
@@ -473,7 +543,7 @@ def render_html(report: dict, run_dir: Path) -> str:
                 f"<td>{escape(str(group['value']))}</td><td>{group['n']}</td>"
                 f"<td>{_fmt(group['accuracy'])}</td>"
                 f"<td>{_fmt(group.get('worst_group_accuracy'))}</td>"
-                + "".join(f"<td>{_fmt(group.get(f'mass_{r}'))}</td>" for r in spurious)
+                + "".join(f"<td>{_with_ci(**_ci(group, f'mass_{r}'))}</td>" for r in spurious)
                 + "</tr>"
             )
         parts.append("</table>")

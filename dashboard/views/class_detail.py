@@ -7,7 +7,8 @@ import streamlit as st
 from PIL import Image
 
 from audit.overlay import colorize
-from dashboard.store import current_run, table, thumbnail
+from audit.report import unreadable_note
+from dashboard.store import current_run, escape_markdown, table, thumbnail
 
 PAGE_SIZE = 12
 
@@ -57,16 +58,24 @@ if spurious:
 
 pages = max(1, math.ceil(len(rows) / PAGE_SIZE))
 page = st.number_input("Page", min_value=1, max_value=pages, value=1, step=1)
-st.caption(f"{len(rows)} images, worst first (most mass on {', '.join(spurious) or 'n/a'})")
+most_mass = escape_markdown(", ".join(spurious)) or "n/a"
+st.caption(f"{len(rows)} images, worst first (most mass on {most_mass})")
 shown = rows.iloc[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
-pictures, captions = [], []
+pictures, captions, unreadable = [], [], 0
 for row in shown.itertuples():
-    picture = thumbnail(str(store), run, int(row.row))
+    mask_path = getattr(row, "mask_path", None)
+    picture = thumbnail(str(store), run, result["dataset"], int(row.row), row.path, mask_path)
     if picture is None:
+        unreadable += 1
         continue
     pictures.append(picture)
-    mass = getattr(row, f"mass_{spurious[0]}") if spurious else float("nan")
-    captions.append(f"row {row.row}: predicted {row.pred_label}, {spurious[0]} mass {mass:.2f}")
+    caption = f"row {row.row}: predicted {escape_markdown(row.pred_label)}"
+    if spurious:
+        mass = getattr(row, f"mass_{spurious[0]}")
+        caption += f", {escape_markdown(spurious[0])} mass {mass:.2f}"
+    captions.append(caption)
+if unreadable:
+    st.warning(escape_markdown(unreadable_note(unreadable, result["dataset"]["root"])))
 if pictures:
     st.image(pictures, caption=captions, width=160)
 

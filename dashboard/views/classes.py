@@ -4,10 +4,22 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from audit.decisions import latest_decisions, model_line
 from audit.report import trust_lines
 from dashboard.store import current_run, escape_markdown
 
 SEVERITY = {"fail": 2, "warn": 1, "none": 0}
+TWO_DIGITS = st.column_config.NumberColumn(format="%.2f")
+
+
+def two_digits(table: pd.DataFrame) -> dict:
+    """Means and their 95% CI bounds (``*_low``, ``*_high``) with two decimals."""
+    return {
+        column: TWO_DIGITS
+        for column in table.columns
+        if column.startswith(("mass_", "bg_gap")) or column.endswith(("accuracy", "precision"))
+    }
+
 
 store, run, result = current_run()
 st.title("Classes")
@@ -19,6 +31,8 @@ with st.expander(f"Trust in the maps: {trust['verdict'] if trust else 'not check
         st.text(line)
     if trust and trust["verdict"] == "untrusted":
         st.warning("Every heatmap flag of this run has low confidence.")
+# The decision in force now (decisions.jsonl), not the one in the report's snapshot.
+decisions = latest_decisions(store, model_line(result["model"]["path"]))
 view = st.radio("View", ["true label", "predicted label"], horizontal=True)
 key = "true_label" if view == "true label" else "predicted_label"
 
@@ -38,10 +52,13 @@ for entry in result["classes"]:
         ),
         "q_value": min(q_values) if q_values else None,
         "effect_ci_low": max(effects) if effects else None,
-        "bg_gap": (entry["interventions"] or {}).get("bg_gap"),
+        **{
+            name: (entry["interventions"] or {}).get(name)
+            for name in ("bg_gap", "bg_gap_low", "bg_gap_high")
+        },
         "confidence": entry.get("confidence", "normal"),
         "loc_error": side.get("loc_error"),
-        "decision": (entry.get("decision") or {}).get("decision"),
+        "decision": getattr(decisions.get(entry["class_name"]), "decision", None),
     }
     for region in spurious:
         mass = side["mass"][region]
@@ -63,15 +80,12 @@ elif order == "effect size":
     classes = classes.sort_values("effect_ci_low", ascending=False, na_position="last")
 else:
     classes = classes.sort_values("class")
+st.caption("Each mean is followed by its 95% CI, in its `_low` and `_high` columns.")
 st.dataframe(
     classes,
     hide_index=True,
     width="stretch",
-    column_config={
-        "q_value": st.column_config.NumberColumn(format="%.1e"),
-        "accuracy": st.column_config.NumberColumn(format="%.2f"),
-        "precision": st.column_config.NumberColumn(format="%.2f"),
-    },
+    column_config={"q_value": st.column_config.NumberColumn(format="%.1e")} | two_digits(classes),
 )
 
 for region in spurious:
@@ -104,11 +118,16 @@ if len(groups):
     slices = groups[groups["kind"] == "slice"]
     tests = pd.DataFrame(result["slices"]["tests"])
     columns = ["attribute", "value", "n", "accuracy", "worst_group_accuracy"]
-    columns += [c for c in (f"mass_{r}" for r in spurious) if c in slices.columns]
+    columns += [
+        column
+        for region in spurious
+        for column in (f"mass_{region}", f"mass_{region}_low", f"mass_{region}_high")
+        if column in slices.columns
+    ]
     shown = slices[columns]
     if len(tests):
         flagged = tests.groupby(["attribute", "value"])["flagged"].any().rename("flagged")
         shown = shown.merge(flagged, on=["attribute", "value"], how="left")
-    st.dataframe(shown, hide_index=True, width="stretch")
+    st.dataframe(shown, hide_index=True, width="stretch", column_config=two_digits(shown))
 else:
     st.caption("This dataset has no slice attributes.")

@@ -5,35 +5,63 @@ from dataclasses import asdict
 import pandas as pd
 import streamlit as st
 
-from audit.decisions import CHOICES, Decision, model_line, read_decisions, record_decision
-from dashboard.store import current_run
+from audit.decisions import (
+    CHOICES,
+    DECISIONS,
+    Decision,
+    model_line,
+    read_decisions,
+    record_decision,
+)
+from dashboard.store import current_run, escape_markdown
 
 store, run, result = current_run()
 line = model_line(result["model"]["path"])
 st.title("Decisions")
+
+
+def record() -> None:
+    """The form's submit callback: it may clear the inputs, which the page body cannot.
+
+    The reviewer and the note stay on a refusal; the note is cleared once recorded.
+    """
+    state = st.session_state
+    try:
+        record_decision(
+            store,
+            Decision(
+                model_line=line,
+                class_name=state["decision_class"],
+                decision=state["decision_choice"],
+                reviewer=state["decision_reviewer"],
+                note=state["decision_note"],
+                run_id=run,
+            ),
+        )
+    except ValueError as error:
+        state["decision_outcome"] = ("warning", escape_markdown(error))
+    except OSError as error:
+        state["decision_outcome"] = (
+            "error",
+            f"Could not record the decision in {escape_markdown(store / DECISIONS)}: "
+            f"{escape_markdown(error.strerror or error)}. Is the store writable?",
+        )
+    else:
+        state["decision_outcome"] = ("success", "Decision recorded.")
+        state["decision_note"] = ""
+
+
 flagged = [e["class_name"] for e in result["classes"] if e["status"] != "ok"]
 if flagged:
-    with st.form("decision", clear_on_submit=True):
-        class_name = st.selectbox("Flagged class", flagged)
-        choice = st.selectbox("Decision", list(CHOICES), format_func=CHOICES.get)
-        reviewer = st.text_input("Reviewer")
-        note = st.text_area("Note (required to accept)")
-        if st.form_submit_button("Record decision"):
-            try:
-                record_decision(
-                    store,
-                    Decision(
-                        model_line=line,
-                        class_name=class_name,
-                        decision=choice,
-                        reviewer=reviewer,
-                        note=note,
-                        run_id=run,
-                    ),
-                )
-                st.success("Decision recorded.")
-            except ValueError as error:
-                st.warning(str(error))
+    with st.form("decision"):
+        st.selectbox("Flagged class", flagged, key="decision_class")
+        st.selectbox("Decision", list(CHOICES), format_func=CHOICES.get, key="decision_choice")
+        st.text_input("Reviewer", key="decision_reviewer")
+        st.text_area("Note (required to accept)", key="decision_note")
+        st.form_submit_button("Record decision", on_click=record)
+    if "decision_outcome" in st.session_state:
+        kind, message = st.session_state.pop("decision_outcome")
+        getattr(st, kind)(message)  # escaped where it holds user or system text
 else:
     st.success("No flagged class in this run.")
 

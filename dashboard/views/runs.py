@@ -1,15 +1,19 @@
 """Runs: the audits in the store and the trend of each class's spurious mass."""
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard.store import list_runs, report, selected_run, store_path
+from dashboard.store import escape_markdown, list_runs, report, selected_run, store_path
 
 store = store_path()
 st.title("Runs")
 runs = list_runs(str(store))
 if not len(runs):
-    st.info(f"No audit runs in {store} yet: run `bias-audit run` or `bias-audit demo` first.")
+    st.info(
+        f"No audit runs in {escape_markdown(store)} yet: run `bias-audit run` or "
+        "`bias-audit demo` first."
+    )
     st.stop()
 selected_run(store)
 st.dataframe(runs, hide_index=True, width="stretch")
@@ -27,11 +31,27 @@ for run in runs[(runs["model_line"] == line) & (runs["outcome"] != "n/a")].itert
             {
                 "run": f"{run.started} {run.run_id[-8:]}",
                 "class": entry["class_name"],
-                f"mass_{spurious[0]}": entry["mass"][spurious[0]]["mean"],
+                "region": spurious[0],
+                "mass": entry["mass"][spurious[0]]["mean"],
             }
         )
 if points:
     trend = pd.DataFrame(points)
-    value = trend.columns[-1]
-    st.caption(f"{value}: mean on correctly predicted images, per class and run (oldest left)")
-    st.line_chart(trend.pivot_table(index="run", columns="class", values=value).sort_index())
+    regions = escape_markdown(", ".join(trend["region"].unique()))
+    st.caption(
+        f"Mean mass on {regions} of correctly predicted images, per class and run "
+        "(oldest left); a single run shows as points."
+    )
+    chart = (
+        alt.Chart(trend)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("run:N", sort="ascending", title="run"),
+            y=alt.Y("mass:Q", title="spurious mass"),
+            color=alt.Color("class:N"),
+            tooltip=["run", "class", "region", alt.Tooltip("mass:Q", format=".2f")],
+        )
+    )
+    st.altair_chart(chart, width="stretch")
+else:
+    st.caption("No finished run of this model line has a spurious region to trend.")

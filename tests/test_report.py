@@ -1,0 +1,149 @@
+"""report.md and report.html: escaping, numbers with their CIs, unreadable dataset images."""
+
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ink_model
+
+from audit.config import build_config
+from audit.pipeline import run_audit
+from audit.report import render_html, render_markdown
+from pipelines.demo import write_dataset
+from pipelines.demo_data import make_demo_set
+
+HOSTILE = "[x](https://evil.example) **b** ~~gone~~ $x$ :smile: :material/home: a\\*b"
+REGION = "bg__bold__"  # a valid region name that Markdown would make bold
+
+
+def hostile_run(root: Path) -> Path:
+    """A small audit (about 3 s) whose predicted class and spurious region have hostile names.
+
+    The ink model predicts the last class for every image, so the odd digits (labelled
+    with the hostile name) are its correct images and get gallery rows and examples.
+    """
+    data = make_demo_set(40, seed=5)
+    data = type(data)(data.images, data.labels % 2, data.masks, data.backgrounds)
+    manifest = write_dataset(data, root / "data")
+    class_names = [*(str(digit) for digit in range(9)), HOSTILE]
+    table = pd.read_csv(manifest)
+    table["label"] = [class_names[9 * (int(label) % 2)] for label in table["label"]]
+    table.to_csv(manifest, index=False)
+    ink_model().save(root / "ink.keras")
+    config = build_config(
+        {
+            "model": {"path": str(root / "ink.keras"), "class_names": class_names},
+            "dataset": {"manifest": str(manifest)},
+            "output": {"store": str(root / "runs")},
+            "regions": [
+                {"name": "object", "source": "mask", "role": "expected"},
+                {"name": REGION, "source": "background", "role": "spurious"},
+            ],
+            "policy": {"intervention_samples": 10, "min_support": 5},
+        }
+    )
+    return run_audit(config, progress=False).run_dir
+
+
+def unescaped(markdown: str) -> str:
+    """What a Markdown renderer shows as text: escapes and word joiners removed."""
+    return re.sub(r"\\(.)", r"\1", markdown).replace("\u2060", "")
+
+
+def assert_inert(markdown: str) -> None:
+    """No live link, emphasis, strikethrough, math or shortcode in Markdown text."""
+    bare = re.sub(r"\\.", "", markdown)  # what is left once the escaped characters go
+    assert not re.search(r"[][*_~$`<>|]|:\w", bare), markdown
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return hostile_run(tmp_path_factory.mktemp("hostile"))
+
+
+@pytest.fixture
+def report(run_dir):
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def hostile_row(markdown: str) -> str:
+    return next(line for line in markdown.splitlines() if "evil" in line and line.startswith("|"))
+
+
+def test_markdown_keeps_hostile_names_as_text(report):
+    markdown = render_markdown(report)
+    row = hostile_row(markdown)
+    name = row.split(" | ")[0].removeprefix("| ")
+    assert_inert(name)
+    assert unescaped(name) == HOSTILE  # escaped, not mangled
+    header = next(line for line in markdown.splitlines() if line.startswith("| class"))
+    assert "__bold__" not in header and unescaped(header).count(REGION) == 1
+
+
+def test_markdown_model_name_is_a_code_span_without_backslashes(report):
+    report = copy.deepcopy(report)
+    report["model"]["path"] = "/models/demo_model_v2.keras"
+    assert "Model ` demo_model_v2.keras ` (layer" in render_markdown(report)
+    report["model"]["path"] = "/models/odd`name.keras"
+    assert "Model `` odd`name.keras `` (layer" in render_markdown(report)
+
+
+def test_markdown_and_html_show_each_mean_with_its_ci(report, run_dir):
+    report = copy.deepcopy(report)
+    entry = next(e for e in report["classes"] if e["class_name"] == HOSTILE)
+    entry["mass"][REGION] = {"mean": 0.75, "low": 0.71, "high": 0.79}
+    entry["true_label"]["lift"][REGION] = {"mean": 1.5, "low": 1.25, "high": 1.75}
+    entry["interventions"] |= {"bg_gap": 0.4, "bg_gap_low": 0.3, "bg_gap_high": 0.5}
+    row = hostile_row(render_markdown(report))
+    assert row.endswith("| 0.75 [0.71, 0.79] | 0.40 [0.30, 0.50] |")
+    page = render_html(report, run_dir)
+    summary = page[page.index("<h2>Summary</h2>") : page.index("</table>")]
+    assert "<td>0.75 [0.71, 0.79]</td><td>0.40 [0.30, 0.50]</td>" in summary
+    assert "<td>1.50 [1.25, 1.75]</td>" in page  # lift in the class card
+    assert "BG-gap 0.40 [0.30, 0.50]" in page  # the interventions sentence
+    group = next(g for g in report["slices"]["groups"] if g["kind"] == "slice")
+    slices = page[page.index("<h2>Slices</h2>") :]
+    low, high = group[f"mass_{REGION}_low"], group[f"mass_{REGION}_high"]
+    assert f"{group[f'mass_{REGION}']:.2f} [{low:.2f}, {high:.2f}]</td>" in slices
+
+
+def test_a_class_without_numbers_shows_na_not_a_crash(report, run_dir):
+    # One class with correct images: no other background to swap in, so no BG-gap.
+    entry = next(e for e in report["classes"] if e["class_name"] == HOSTILE)
+    assert entry["interventions"]["bg_gap"] is None
+    page = render_html(report, run_dir)
+    assert "background swapped n/a; BG-gap n/a." in page
+    assert "| 1 | ok | 0 | n/a | n/a | n/a |" in render_markdown(report)
+
+
+def test_unreadable_dataset_images_are_noted_and_guided_pictures_kept(report, run_dir):
+    page = render_html(report, run_dir)
+    guided = page.count("Guided Grad-CAM, row")
+    overlays = page.count("<figcaption>row ") - page.count(": Guided Grad-CAM</figcaption>")
+    assert guided and overlays and "could not be read" not in page
+    assert "could not be read" not in render_markdown(report)
+    root = Path(report["dataset"]["root"])
+    shutil.move(root, root.with_name("moved"))
+    try:
+        page = render_html(report, run_dir)
+        markdown = render_markdown(report)
+    finally:
+        shutil.move(root.with_name("moved"), root)
+    examples = sum(len(e["examples"]) for e in report["classes"])
+    note = f"{examples} example images could not be read from {root}"
+    assert f"<p class='note'>{note}: " in page
+    assert page.count("Guided Grad-CAM, row") == guided  # stored in the run folder
+    assert page.count("<figcaption>row ") == guided  # only the guided pictures are left
+    assert f"**Note:** {note}: report.html shows no overlay" in unescaped(markdown)
+
+
+def test_a_relative_dataset_root_is_named_as_such(report, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = copy.deepcopy(report)
+    report["dataset"]["root"] = "data"
+    markdown = unescaped(render_markdown(report))
+    assert f"could not be read from data (a relative path, looked up from {tmp_path})" in markdown
