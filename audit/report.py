@@ -126,7 +126,8 @@ def build_report(run_dir: Path) -> dict:
         {
             "schema_version": SCHEMA_VERSION,
             "run_id": manifest["run_id"],
-            "outcome": OUTCOMES[severity],
+            # No image measured: no verdict (PASS would claim what was not checked).
+            "outcome": OUTCOMES[severity] if len(ok) else "NO IMAGES AUDITED",
             "severity": severity,
             "model": manifest["model"],
             "dataset": manifest["dataset"],

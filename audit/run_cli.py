@@ -168,6 +168,14 @@ def main(argv: list[str]) -> int:
             "dataset, regions and classes)"
         )
     print(format_summary(report, result.manifest))
+    if not result.manifest["counts"]["ok"]:  # a verdict on no images would be a lie
+        print(
+            f"bias-audit run: no image could be audited (every row was skipped; the reasons "
+            f"are above and in {result.run_dir / 'images.parquet'}); fix the data or the "
+            "regions and run again",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     print(format_gate(report))
     print(f"stored in {result.run_dir} (report.html, report.md, report.json)")
     if args.fail_on and SEVERITY[report["severity"]] >= SEVERITY[args.fail_on]:

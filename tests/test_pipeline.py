@@ -161,6 +161,23 @@ def test_bad_inputs_are_recorded_and_the_audit_goes_on(small_dataset, tmp_path):
     empty = run_audit(config, progress=False)
     assert empty.manifest["status"] == "complete" and empty.manifest["counts"]["skipped"] == 3
     assert (empty.run_dir / "report.html").exists()
+    report = json.loads((empty.run_dir / "report.json").read_text())
+    assert report["outcome"] == "NO IMAGES AUDITED"  # never a PASS on nothing
+    assert (
+        cli_main(
+            [
+                "run",
+                "--model",
+                str(model_path),
+                "--data",
+                str(root / "missing.csv"),
+                "--out",
+                str(tmp_path / "cli"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
 
 
 def test_a_region_the_dataset_has_no_data_for_fails_fast(small_dataset, tmp_path):
