@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -104,17 +105,22 @@ def analyse(
     interventions = pd.DataFrame()
     if policy.intervention_samples > 0 and any(r.role == "expected" for r in config.regions):
         sample = sample_rows(images, policy.intervention_samples, policy.seed)
-        outcomes = run_interventions(
-            cam.probabilities,
-            entries,
+        interventions = _interventions(
+            partial(
+                run_interventions,
+                cam.probabilities,
+                entries,
+                class_index=class_index,
+                preprocessor=preprocessor,
+                regions=config.regions,
+                batch_size=config.batch_size,
+                seed=policy.seed,
+            ),
             sample,
-            class_index=class_index,
-            preprocessor=preprocessor,
-            regions=config.regions,
-            batch_size=config.batch_size,
-            seed=policy.seed,
+            flags,
+            class_names,
+            policy,
         )
-        interventions = summarise_interventions(outcomes, class_names, policy)
     strategies = find_strategies(run, images, manifest, seed=policy.seed)
 
     def load(rows):
@@ -136,6 +142,28 @@ def analyse(
     analysis = Analysis(groups, flags, interventions, strategies, trust)
     write_analysis(run, analysis)
     return analysis
+
+
+def _interventions(probe, sample, flags, class_names, policy) -> pd.DataFrame:
+    """Mixed-Rand (the evidence) on every class's sample; the object-only and
+    background-only diagnostics on every class too (``intervention_details: all``) or
+    only on the classes with a finding: a heatmap flag or intervention evidence."""
+    if policy.intervention_details == "all":
+        return summarise_interventions(probe(sample), class_names, policy)
+    outcomes = probe(sample, kinds=("mixed_rand",))
+    table = summarise_interventions(outcomes, class_names, policy)
+    found = set(table.loc[table["intervention_evidence"], "class_index"]) if len(table) else set()
+    if len(flags):
+        heatmap = flags["flagged"] & flags["kind"].isin(["true", "pred"])
+        found |= set(flags.loc[heatmap, "class_index"].astype(int))
+    chosen = sample[sample["label_index"].isin(found)]
+    if not len(chosen):
+        return table
+    details = probe(chosen, kinds=("object_only", "background_only"))
+    outcomes = outcomes.merge(
+        details.drop(columns=["label_index", "pred_original"]), on="row", how="left"
+    )
+    return summarise_interventions(outcomes, class_names, policy)
 
 
 def _arrays(loaded) -> tuple[np.ndarray, np.ndarray]:

@@ -247,6 +247,12 @@ class PolicySection(_Section):
     intervention_samples: int = Field(
         200, ge=0, description="Images per class for the interventions (0 turns them off)."
     )
+    intervention_details: Literal["flagged", "all"] = Field(
+        "flagged",
+        description="Which classes also get the object-only and background-only "
+        "interventions (two more forward passes per probed image; Mixed-Rand, the evidence, "
+        "runs for every class): those with a heatmap flag or intervention evidence, or all.",
+    )
     gap_floor: float = Field(
         0.10,
         ge=0,

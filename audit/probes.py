@@ -108,14 +108,17 @@ def run_interventions(
     regions: Sequence[RegionSection],
     batch_size: int,
     seed: int,
+    kinds: Sequence[str] = INTERVENTIONS[1:],
 ) -> pd.DataFrame:
-    """Per sampled row: the predicted class under each intervention.
+    """Per sampled row: the predicted class under each intervention of ``kinds``
+    (``pred_<kind>``; ``pred_original`` is the label: the rows are correct ones).
 
     ``probabilities``: the model's batched forward pass (``GradCAM.probabilities``).
     """
     expected = [i for i, region in enumerate(regions) if region.role == "expected"]
     rng = np.random.default_rng(seed)
     records = []
+    names = [name for name in INTERVENTIONS[1:] if name in kinds]
     with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
 
         def batches(positions, size):
@@ -132,7 +135,8 @@ def run_interventions(
                     yield batch, batch.regions[:, expected].any(axis=1)
 
         # The Mixed-Rand backgrounds: a bank drawn from every class, loaded first.
-        donors = list(batches(_donor_rows(sample, rng, DONORS), DONORS))
+        wanted = DONORS if "mixed_rand" in names else 0
+        donors = list(batches(_donor_rows(sample, rng, wanted), DONORS)) if wanted else []
         donor_labels = np.concatenate([b.labels for b, _ in donors] or [np.zeros(0, int)])
         backgrounds = [fill_objects(b.images, objects) for b, objects in donors]
         positions = rng.permutation(sample["row"].to_numpy(copy=True)).tolist()
@@ -147,16 +151,15 @@ def run_interventions(
             pasted = np.where((partners >= 0)[:, None, None, None], pasted, batch.images)
             variants = intervene(batch.images, objects, pasted)
             # The sample holds correctly predicted rows: the audit pass already knows
-            # the original prediction, so only the three interventions cost a forward.
+            # the original prediction, so only the interventions cost a forward.
             predictions = {"original": batch.labels}
-            names = [name for name in variants if name != "original"]
             outputs = probabilities(np.concatenate([variants[name] for name in names]))
             for name, part in zip(names, np.split(outputs, len(names)), strict=True):
                 predictions[name] = part.argmax(-1)
             for position, row in enumerate(batch.rows):
                 record = {"row": row, "label_index": int(batch.labels[position])}
-                record.update({f"pred_{n}": int(predictions[n][position]) for n in INTERVENTIONS})
-                if partners[position] < 0:
+                record.update({f"pred_{n}": int(predictions[n][position]) for n in predictions})
+                if "mixed_rand" in predictions and partners[position] < 0:
                     record["pred_mixed_rand"] = None
                 records.append(record)
     return pd.DataFrame(records)
@@ -170,11 +173,20 @@ def summarise_interventions(
     if not len(outcomes):
         return pd.DataFrame(rows)
     gaps = {}
+    outcomes = outcomes.reindex(
+        columns=[
+            *outcomes.columns,
+            *(f"pred_{n}" for n in INTERVENTIONS if f"pred_{n}" not in outcomes),
+        ]
+    )
     for label, group in outcomes.groupby("label_index"):
-        # Rows without a Mixed-Rand partner have no swapped-background result.
+        # Only the interventions a row went through count (none: NaN); rows without a
+        # Mixed-Rand partner have no swapped-background result.
+        kept = {
+            name: (group[f"pred_{name}"].dropna() == label).to_numpy(float)
+            for name in INTERVENTIONS
+        }
         paired = group[group["pred_mixed_rand"].notna()]
-        kept = {n: (group[f"pred_{n}"] == label).to_numpy(float) for n in INTERVENTIONS}
-        kept["mixed_rand"] = (paired["pred_mixed_rand"] == label).to_numpy(float)
         gaps[int(label)] = 1.0 - kept["mixed_rand"]  # the original is right on every row
         record = {"class_index": int(label), "class_name": class_names[int(label)]}
         record["n_probe"] = len(group)

@@ -376,3 +376,36 @@ def test_every_mixed_rand_image_gets_another_class_background(tmp_path):
     assert alone["pred_mixed_rand"].isna().all()
     table = summarise_interventions(alone, [str(c) for c in range(10)], PolicySection())
     assert np.isnan(table["bg_gap"].iloc[0]) and not table["intervention_evidence"].any()
+
+
+def test_the_two_diagnostic_interventions_run_where_there_is_a_finding(tmp_path):
+    from functools import partial
+
+    from audit.analyse import _interventions
+    from audit.probes import run_interventions
+
+    entries, sample, options = probe_set(tmp_path, {0: 30, 1: 30})
+    calls = []
+
+    def probabilities(batch):  # predicts class 0 for everything: class 0 keeps its label
+        calls.append(len(batch))
+        return np.tile(np.eye(10)[0], (len(batch), 1))
+
+    probe = partial(run_interventions, probabilities, entries, **options)
+    names = [str(c) for c in range(10)]
+    none = pd.DataFrame(columns=["kind", "class_index", "flagged"])
+    table = _interventions(probe, sample, none, names, PolicySection()).set_index("class_index")
+    # Mixed-Rand everywhere: class 1 loses every image (intervention evidence).
+    assert table["rate_mixed_rand"].tolist() == [1.0, 0.0]
+    assert table["intervention_evidence"].tolist() == [False, True]
+    # Only class 1 has a finding, so only it gets the object/background-only details.
+    assert table["rate_object_only"].isna().tolist() == [True, False]
+    assert sum(calls) == 60 + 2 * 30  # one forward per image, two more for class 1's
+    # A heatmap flag on class 0 (not a slice flag) gets it the details too.
+    flags = pd.DataFrame({"kind": ["true", "slice"], "class_index": [0, None], "flagged": True})
+    flagged = _interventions(probe, sample, flags, names, PolicySection())
+    assert flagged["rate_object_only"].notna().all()
+    everything = _interventions(
+        probe, sample, none, names, PolicySection(intervention_details="all")
+    )
+    assert everything["rate_object_only"].notna().all()
