@@ -536,12 +536,16 @@ def _print_workload(result) -> None:
     images = result.images
     ok = images[images["status"] == "ok"]
     probes = result.run_dir / "interventions.parquet"
-    probed = int(pd.read_parquet(probes)["n_probe"].sum()) if probes.exists() else 0
+    table = pd.read_parquet(probes) if probes.exists() else pd.DataFrame()
+    probed = int(table["n_probe"].sum()) if len(table) else 0
+    # One forward per probed image, two more in the classes that got the diagnostics.
+    detailed = table["rate_object_only"].notna() if len(table) else []
+    forwards = probed + 2 * int(table.loc[detailed, "n_probe"].sum()) if len(table) else 0
     timings = result.manifest["timings"]
     print(
         f"audited model: accuracy {ok['correct'].mean():.0%} on {len(ok)} images, "
         f"{ok['pred'].nunique()} classes predicted; interventions probed {probed} images "
-        f"(3 forwards each); analysis {timings['analysis_seconds']:.1f} s of "
+        f"({forwards} forward passes); analysis {timings['analysis_seconds']:.1f} s of "
         f"{timings['total_seconds']:.1f} s"
     )
 
