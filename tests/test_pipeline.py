@@ -352,3 +352,21 @@ def test_a_run_is_never_resumed_on_another_keras_backend(small_dataset, tmp_path
     with pytest.raises(ConfigError, match="KERAS_BACKEND=jax"):
         run_audit(config, resume=True, progress=False)
     assert store.done_chunks() == {0}  # nothing was added to the run
+
+
+def test_the_pointing_tolerance_is_counted_in_grid_cells_per_axis(tmp_path):
+    from audit.explain import GradCAM
+
+    inputs = keras.Input((224, 112, 3))
+    x = keras.layers.Conv2D(4, 3, strides=16, activation="relu", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+
+    def step(tolerance):
+        config = config_for("m.csv", "m.keras", tmp_path, metrics={"pointing_tolerance": tolerance})
+        return AuditStep(GradCAM(model), config, (224, 112))
+
+    # A 64x32 measuring grid for 224x112 images: 3.5 pixels a cell on both axes.
+    assert step(7).metric_size == (64, 32) and step(7).pointing_cells == (2, 2)
+    with pytest.warns(UserWarning, match="under half a cell .* has no effect; use at least 2 px"):
+        assert step(1).pointing_cells == (0, 0)
