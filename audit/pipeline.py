@@ -95,8 +95,8 @@ class AuditStep:
     def _pointing_cells(self) -> tuple[int, int]:
         """``metrics.pointing_tolerance`` (input pixels) in measuring-grid cells, per axis."""
         tolerance = self.config.metrics.pointing_tolerance
-        cells = tuple(
-            round(tolerance * grid / side)
+        cells = tuple(  # rounded half up (Python's round(0.5) is 0)
+            math.floor(tolerance * grid / side + 0.5)
             for grid, side in zip(self.metric_size, self.size, strict=True)
         )
         if tolerance > 0 and max(cells) == 0:
@@ -451,8 +451,6 @@ def measure_local(work: PassWork, step: AuditStep) -> float:
 def latest_baseline(config: AuditConfig, fingerprint: str, class_names: list[str]) -> Path:
     """The newest complete run in the store that audited this dataset with the same
     regions and class names: the runs a baseline comparison means something against."""
-    from collections import Counter
-
     from audit.store import MANIFEST, baseline_mismatch, latest_run, read_json
 
     store = Path(config.output.store)

@@ -51,13 +51,17 @@ def sample_rows(images: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame
     return pd.concat(picks).sort_values("row", kind="stable")
 
 
-def fill_objects(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
-    """Each image with its object (``(n, H, W)`` bool) filled with its mean background
-    colour: the ``background_only`` intervention, and a Mixed-Rand background."""
+def _background_colours(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """Each image's mean colour outside its object (``(n, H, W)`` bool): ``(n, 1, 1, C)``."""
     background = ~objects
     counts = np.maximum(background.sum(axis=(1, 2)), 1)[:, None]
-    fill = (images * background[..., None]).sum(axis=(1, 2)) / counts  # (n, channels)
-    return np.where(objects[..., None], fill[:, None, None, :], images)
+    return ((images * background[..., None]).sum(axis=(1, 2)) / counts)[:, None, None, :]
+
+
+def fill_objects(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """Each image with its object filled with its mean background colour: the
+    ``background_only`` intervention, and a Mixed-Rand background."""
+    return np.where(objects[..., None], _background_colours(images, objects), images)
 
 
 def intervene(
@@ -68,14 +72,14 @@ def intervene(
     ``objects``: (n, H, W) bool object masks; ``backgrounds``: for each image the
     object-filled background of another class's image it is pasted onto (Mixed-Rand).
     """
-    background_only = fill_objects(images, objects)
+    colours = _background_colours(images, objects)
     mask = objects[..., None]
     return {
         "original": images,
-        # The background filled with the same mean colour as the object in
-        # background_only: the image where the object is not.
-        "object_only": np.where(mask, images, background_only),
-        "background_only": background_only,
+        # Everything but the object is one flat colour, the mean background colour
+        # that fills the object in background_only.
+        "object_only": np.where(mask, images, colours),
+        "background_only": np.where(mask, colours, images),
         "mixed_rand": np.where(mask, images, backgrounds),
     }
 
@@ -138,16 +142,16 @@ def run_interventions(
         wanted = DONORS if "mixed_rand" in names else 0
         donors = list(batches(_donor_rows(sample, rng, wanted), DONORS)) if wanted else []
         donor_labels = np.concatenate([b.labels for b, _ in donors] or [np.zeros(0, int)])
-        backgrounds = [fill_objects(b.images, objects) for b, objects in donors]
+        backgrounds = (
+            np.concatenate([fill_objects(b.images, objects) for b, objects in donors])
+            if donors
+            else None
+        )
         positions = rng.permutation(sample["row"].to_numpy(copy=True)).tolist()
         for batch, objects in batches(positions, batch_size):
             partners = _partners(batch.labels, donor_labels, rng)
             # No partner (a single-class sample): the image itself, its result dropped.
-            pasted = (
-                np.concatenate(backgrounds)[np.maximum(partners, 0)]
-                if backgrounds
-                else batch.images
-            )
+            pasted = batch.images if backgrounds is None else backgrounds[np.maximum(partners, 0)]
             pasted = np.where((partners >= 0)[:, None, None, None], pasted, batch.images)
             variants = intervene(batch.images, objects, pasted)
             # The sample holds correctly predicted rows: the audit pass already knows

@@ -166,13 +166,15 @@ def _worst_examples(
 def _md(text) -> str:
     """Escape text for a Markdown table cell (and for HTML inside Markdown).
 
-    GitHub turns ``:smile:`` into an emoji after parsing, where an escaped colon is a
-    plain colon again: an invisible word joiner (U+2060) after each colon stops it.
+    GitHub turns ``:smile:`` into an emoji and ``me@host.org`` / ``www.host.org`` into
+    links after parsing, where escapes are gone: an invisible word joiner (U+2060)
+    after each colon and at-sign, and an escaped dot, stop them.
     """
     escaped = html.escape(str(text), quote=False)
-    for char in "\\|`*_[]<>#~$":
+    for char in "\\|`*_[]<>#~$.":  # "." breaks www. autolinks
         escaped = escaped.replace(char, "\\" + char)
-    return escaped.replace(":", ":\u2060")
+    # A word joiner after ":" and "@" stops emoji shortcodes and e-mail autolinks.
+    return escaped.replace(":", ":\u2060").replace("@", "@\u2060")
 
 
 def _code(text) -> str:

@@ -169,7 +169,8 @@ def latest_run(
     regions: list[dict] | None = None,
     class_names: list[str] | None = None,
 ) -> Path | None:
-    """The newest run folder in ``store`` (optionally with this run key, or complete).
+    """The newest run folder in ``store`` (optionally with this run key, or complete
+    with at least one audited image).
 
     ``fingerprint``, ``regions`` and ``class_names``, when given, keep only runs that
     audited the same dataset with the same regions and classes (``baseline_mismatch``):
@@ -178,8 +179,10 @@ def latest_run(
     runs = []
     for manifest in Path(store).glob(f"*/{MANIFEST}"):
         payload = read_json(manifest)
-        if complete and payload.get("status") != "complete":
-            continue
+        if complete and (
+            payload.get("status") != "complete" or payload.get("counts", {}).get("ok") == 0
+        ):
+            continue  # a run with no audited image is no baseline
         if key is not None and payload.get("run_key") != key:
             continue
         wanted = {"fingerprint": fingerprint, "regions": regions, "class_names": class_names}

@@ -44,7 +44,7 @@ def escape_markdown(text) -> str:
     escaped = str(text)
     for char in "\\`*_{}[]()<>#+-.!|~$":
         escaped = escaped.replace(char, "\\" + char)
-    return escaped.replace(":", ":\u2060")
+    return escaped.replace(":", ":\u2060").replace("@", "@\u2060")  # no e-mail autolinks
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

@@ -7,7 +7,8 @@ baseline, unless a complete run with the same run key (model hash, dataset
 fingerprint, config hash) is already in the store: then it is reused, never
 recomputed. Each version is compared with the one before, the reports are written,
 every run is in the store's history index, and the command exits with 1 when a
-newly audited version reaches ``schedule.fail_on``.
+newly audited version reaches ``schedule.fail_on`` (with 2 when none of a newly
+audited version's images could be audited: a data problem, not a verdict).
 
 Cron, nightly at 02:00:
 
@@ -31,6 +32,7 @@ from audit.config import AuditConfig, ConfigError, load_config
 from audit.pipeline import run_audit
 
 SEVERITY = {"PASS": 0, "WARN": 1, "FAIL": 2}
+EMPTY = "NO IMAGES AUDITED"  # the outcome of a run whose every row was skipped
 
 
 def _natural_key(path: Path) -> list:
@@ -73,7 +75,8 @@ def run_schedule(config: AuditConfig, *, progress: bool = False) -> list[Version
         versioned = config.model_copy(
             update={"model": config.model.model_copy(update={"path": version})}
         )
-        baseline = results[-1].run_dir if results else None
+        # The previous version with audited images (an empty run has nothing to compare).
+        baseline = next((r.run_dir for r in reversed(results) if r.outcome != EMPTY), None)
         # resume=True returns a complete run with the same run key as it is.
         # run_audit indexes the runs it makes; history() catches up on older ones.
         result = run_audit(versioned, resume=True, progress=progress, baseline=baseline)
@@ -99,15 +102,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fail_on = args.fail_on or (config.schedule.fail_on or "never")
     threshold = {"warn": 1, "fail": 2, "never": 3}[fail_on]
-    failed = False
+    failed = empty = False
     for index, result in enumerate(results):
         state = "reused" if result.reused else "audited"
         print(f"{result.model.name}: {result.outcome} ({state}, {result.run_dir})")
-        if index:
+        if result.outcome == EMPTY:
+            print(
+                f"bias-audit schedule: {result.model.name}: no image could be audited (every "
+                f"row was skipped; see {result.run_dir / 'images.parquet'})",
+                file=sys.stderr,
+            )
+            empty = empty or not result.reused
+            continue
+        if index and results[index - 1].outcome != EMPTY:
             print(format_comparison(compare_runs(results[index - 1].run_dir, result.run_dir)))
         if not result.reused and SEVERITY[result.outcome] >= threshold:
             failed = True
-    return 1 if failed else 0
+    return 2 if empty else 1 if failed else 0
 
 
 if __name__ == "__main__":

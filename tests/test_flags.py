@@ -157,6 +157,7 @@ def test_small_groups_are_not_tested():
 def test_interventions_on_hand_made_arrays():
     images = np.zeros((2, 4, 4, 3), "float32")
     images[0] = 0.2
+    images[0, 0, :] = 0.5  # a background that is not flat: its mean is 0.2 + 0.3 * 4/12
     images[0, 1:3, 1:3] = 1.0  # object of image 0
     images[1] = 0.6
     images[1, 0, 0] = 0.9  # object of image 1
@@ -164,8 +165,12 @@ def test_interventions_on_hand_made_arrays():
     objects[0, 1:3, 1:3] = True
     objects[1, 0, 0] = True
     out = intervene(images, objects, fill_objects(images, objects)[[1, 0]])  # swapped
-    np.testing.assert_allclose(out["object_only"][0, 0, 0], 0.2, rtol=1e-6)  # bg -> its mean
-    np.testing.assert_allclose(out["background_only"][0, 1, 1], 0.2, rtol=1e-6)  # object -> bg
+    mean = 0.2 + 0.3 * 4 / 12
+    np.testing.assert_allclose(out["object_only"][0, 0, 0], mean, rtol=1e-6)  # bg -> its mean
+    np.testing.assert_allclose(out["object_only"][0, 3, 3], mean, rtol=1e-6)
+    np.testing.assert_allclose(out["object_only"][0, 1, 1], 1.0)  # the object stays
+    np.testing.assert_allclose(out["background_only"][0, 1, 1], mean, rtol=1e-6)  # object -> bg
+    np.testing.assert_allclose(out["background_only"][0, 0, 0], 0.5)  # the background stays
     np.testing.assert_allclose(out["mixed_rand"][0, 1, 1], 1.0)  # own object kept
     np.testing.assert_allclose(out["mixed_rand"][0, 3, 3], 0.6)  # partner's background
     np.testing.assert_allclose(out["mixed_rand"][0, 0, 0], 0.6)  # partner's object filled

@@ -370,3 +370,8 @@ def test_the_pointing_tolerance_is_counted_in_grid_cells_per_axis(tmp_path):
     assert step(7).metric_size == (64, 32) and step(7).pointing_cells == (2, 2)
     with pytest.warns(UserWarning, match="under half a cell .* has no effect; use at least 2 px"):
         assert step(1).pointing_cells == (0, 0)
+    assert step(2).pointing_cells == (1, 1)  # the suggestion works
+    # Exactly half a cell (2 px a cell at 128x64) rounds up, so the suggestion holds.
+    config = config_for("m.csv", "m.keras", tmp_path, metrics={"pointing_tolerance": 1})
+    half = AuditStep(GradCAM(model), config, (128, 64))
+    assert half.metric_size == (64, 32) and half.pointing_cells == (1, 1)

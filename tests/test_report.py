@@ -16,7 +16,10 @@ from audit.report import render_html, render_markdown
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set
 
-HOSTILE = "[x](https://evil.example) **b** ~~gone~~ $x$ :smile: :material/home: a\\*b"
+HOSTILE = (
+    "[x](https://evil.example) **b** ~~gone~~ $x$ :smile: :material/home: a\\*b "
+    "www.evil.example me@evil.example"
+)
 REGION = "bg__bold__"  # a valid region name that Markdown would make bold
 
 
@@ -57,7 +60,8 @@ def unescaped(markdown: str) -> str:
 def assert_inert(markdown: str) -> None:
     """No live link, emphasis, strikethrough, math or shortcode in Markdown text."""
     bare = re.sub(r"\\.", "", markdown)  # what is left once the escaped characters go
-    assert not re.search(r"[][*_~$`<>|]|:\w", bare), markdown
+    assert not re.search(r"[][*_~$`<>|]|:\w|www\.", bare), markdown
+    assert not re.search("@(?!\u2060)", markdown), markdown  # an e-mail autolink
 
 
 @pytest.fixture(scope="module")

@@ -88,3 +88,20 @@ def test_the_schedule_gates_on_new_failures_and_history_shows_decisions(
     assert "class 7 (bias-driven) -> relabel by Ada" in out
     assert cli_main(["history", "--store", str(tmp_path / "absent")]) == 2
     assert cli_main(["schedule", "frobnicate"]) == 2
+
+
+def test_a_version_with_no_audited_image_exits_2_and_is_no_baseline(tmp_path, capsys):
+    manifest = write_dataset(make_demo_set(6, seed=4), tmp_path / "data")
+    for image in (tmp_path / "data" / "images").iterdir():
+        image.unlink()  # every row is skipped: image file not found
+    models = tmp_path / "models"
+    for name, scale in (("ink_v1.keras", 1.0), ("ink_v2.keras", 2.0)):
+        save_version(models, name, scale)
+    config = write_config(tmp_path, manifest, models)
+    assert cli_main(["schedule", "run", str(config)]) == 2
+    out, err = capsys.readouterr()
+    assert out.count("NO IMAGES AUDITED") == 2 and "no image could be audited" in err
+    results = run_schedule(load_config(config))  # reused; the second had no baseline
+    assert results[0].run_dir != results[1].run_dir
+    second = json.loads((results[1].run_dir / "manifest.json").read_text())
+    assert second["baseline"] is None
