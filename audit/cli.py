@@ -103,7 +103,8 @@ Audit every model version that a config's schedule: section names and that has n
 complete run yet, each with the previous version's run as the baseline.
 
 subcommands:
-  run CONFIG   audit the new versions; exit 1 when one reaches schedule.fail_on
+  run CONFIG   audit the new versions; exit 1 when one reaches schedule.fail_on,
+               2 when one had no image that could be audited
                ('bias-audit schedule run --help' for its options)
 """
 

@@ -88,7 +88,8 @@ def run_schedule(config: AuditConfig, *, progress: bool = False) -> list[Version
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bias-audit schedule run",
-        description="Audit every model version not yet audited; exit 1 when the policy fails.",
+        description="Audit every model version not yet audited; exit 1 when the policy fails, "
+        "2 when a version had no image that could be audited.",
     )
     parser.add_argument("config", help="YAML audit config with a schedule: section")
     parser.add_argument("--fail-on", choices=["warn", "fail", "never"], help="override")
