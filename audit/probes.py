@@ -84,12 +84,17 @@ def intervene(
     }
 
 
-def _donor_rows(sample: pd.DataFrame, rng: np.random.Generator, count: int) -> list[int]:
-    """Up to ``count`` sampled rows, spread over the classes (round robin), seeded."""
-    shuffled = sample.iloc[rng.permutation(len(sample))]
+def round_robin(shuffled: pd.DataFrame, count: int) -> list[int]:
+    """Up to ``count`` row ids of an already shuffled table, spread over the classes:
+    each class's first row, then each class's second, and so on."""
     turns = shuffled.groupby("label_index").cumcount()
     picked = shuffled.assign(turn=turns).sort_values(["turn", "label_index"], kind="stable")
     return picked["row"].head(count).astype(int).tolist()
+
+
+def _donor_rows(sample: pd.DataFrame, rng: np.random.Generator, count: int) -> list[int]:
+    """Up to ``count`` sampled rows, spread over the classes (round robin), seeded."""
+    return round_robin(sample.iloc[rng.permutation(len(sample))], count)
 
 
 def _partners(labels: np.ndarray, donor_labels: np.ndarray, rng) -> np.ndarray:

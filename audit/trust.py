@@ -33,6 +33,7 @@ from scipy import integrate, ndimage, stats
 from audit.aggregate import bootstrap_mean_ci
 from audit.cam_methods import class_agnostic, get_cam_method
 from audit.explain import GradCAM
+from audit.probes import round_robin
 
 
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -311,7 +312,4 @@ def trust_verdict(result: dict) -> dict:
 def trust_sample(images: pd.DataFrame, count: int, seed: int) -> list[int]:
     """Rows for the checks: ok rows, seeded, spread over classes (round robin)."""
     ok = images[images["status"] == "ok"]
-    shuffled = ok.sample(frac=1.0, random_state=seed)
-    ranked = shuffled.assign(turn=shuffled.groupby("label_index").cumcount())
-    picked = ranked.sort_values(["turn", "label_index"], kind="stable").head(count)
-    return sorted(int(row) for row in picked["row"])
+    return sorted(round_robin(ok.sample(frac=1.0, random_state=seed), count))
