@@ -55,7 +55,8 @@ def _background_colours(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
     """Each image's mean colour outside its object (``(n, H, W)`` bool): ``(n, 1, 1, C)``."""
     background = ~objects
     counts = np.maximum(background.sum(axis=(1, 2)), 1)[:, None]
-    return ((images * background[..., None]).sum(axis=(1, 2)) / counts)[:, None, None, :]
+    sums = np.einsum("nhwc,nhw->nc", images, background.astype(images.dtype))
+    return (sums / counts).astype(images.dtype)[:, None, None, :]
 
 
 def fill_objects(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
@@ -65,23 +66,33 @@ def fill_objects(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
 
 
 def intervene(
-    images: np.ndarray, objects: np.ndarray, backgrounds: np.ndarray
+    images: np.ndarray,
+    objects: np.ndarray,
+    backgrounds: np.ndarray | None = None,
+    kinds: Sequence[str] = INTERVENTIONS,
 ) -> dict[str, np.ndarray]:
-    """The intervened copies of a batch.
+    """The intervened copies of a batch, only those of ``kinds`` (each is a full copy).
 
     ``objects``: (n, H, W) bool object masks; ``backgrounds``: for each image the
     object-filled background of another class's image it is pasted onto (Mixed-Rand).
     """
-    colours = _background_colours(images, objects)
     mask = objects[..., None]
-    return {
-        "original": images,
-        # Everything but the object is one flat colour, the mean background colour
-        # that fills the object in background_only.
-        "object_only": np.where(mask, images, colours),
-        "background_only": np.where(mask, colours, images),
-        "mixed_rand": np.where(mask, images, backgrounds),
-    }
+    out: dict[str, np.ndarray] = {}
+    if "original" in kinds:
+        out["original"] = images
+    if "object_only" in kinds or "background_only" in kinds:
+        colours = _background_colours(images, objects)
+        if "object_only" in kinds:
+            # Everything but the object is one flat colour, the mean background colour
+            # that fills the object in background_only.
+            out["object_only"] = np.where(mask, images, colours)
+        if "background_only" in kinds:
+            out["background_only"] = np.where(mask, colours, images)
+    if "mixed_rand" in kinds:
+        if backgrounds is None:
+            raise ValueError("mixed_rand needs the backgrounds to paste the objects onto")
+        out["mixed_rand"] = np.where(mask, images, backgrounds)
+    return out
 
 
 def round_robin(shuffled: pd.DataFrame, count: int) -> list[int]:
@@ -155,10 +166,9 @@ def run_interventions(
         positions = rng.permutation(sample["row"].to_numpy(copy=True)).tolist()
         for batch, objects in batches(positions, batch_size):
             partners = _partners(batch.labels, donor_labels, rng)
-            # No partner (a single-class sample): the image itself, its result dropped.
+            # No partner (a single-class sample): any background, its result dropped.
             pasted = batch.images if backgrounds is None else backgrounds[np.maximum(partners, 0)]
-            pasted = np.where((partners >= 0)[:, None, None, None], pasted, batch.images)
-            variants = intervene(batch.images, objects, pasted)
+            variants = intervene(batch.images, objects, pasted, kinds=names)
             # The sample holds correctly predicted rows: the audit pass already knows
             # the original prediction, so only the interventions cost a forward.
             predictions = {"original": batch.labels}

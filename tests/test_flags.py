@@ -174,6 +174,10 @@ def test_interventions_on_hand_made_arrays():
     np.testing.assert_allclose(out["mixed_rand"][0, 1, 1], 1.0)  # own object kept
     np.testing.assert_allclose(out["mixed_rand"][0, 3, 3], 0.6)  # partner's background
     np.testing.assert_allclose(out["mixed_rand"][0, 0, 0], 0.6)  # partner's object filled
+    # Only the asked-for copies are made, and they are the same.
+    only = intervene(images, objects, fill_objects(images, objects)[[1, 0]], kinds=["mixed_rand"])
+    assert list(only) == ["mixed_rand"]
+    np.testing.assert_array_equal(only["mixed_rand"], out["mixed_rand"])
 
 
 def test_eigengap_and_a_minority_strategy_cluster():
