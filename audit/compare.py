@@ -143,6 +143,7 @@ def format_comparison(result: dict, alpha: float = 0.05) -> str:
         ("new flags", "new_flags"),
         ("resolved flags", "resolved_flags"),
         ("eased flags", "eased_flags"),
+        ("kept flags", "kept_flags"),  # a bias both runs have
     ):
         lines.append(f"{title}: " + (", ".join(result[key]) if result[key] else "none"))
     return "\n".join(lines)

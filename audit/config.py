@@ -269,8 +269,10 @@ class ScheduleSection(_Section):
         "order: v2 before v10), or a list of model files in version order."
     )
     pattern: str = Field("*.keras", description="With a folder: which files are versions.")
-    fail_on: Literal["warn", "fail"] | None = Field(
-        "fail", description="Exit 1 when a newly audited version reaches this severity."
+    fail_on: Literal["warn", "fail", "never"] | None = Field(
+        "fail",
+        description="Exit 1 when the newest version's outcome reaches this severity "
+        "(`never` or null: no gate).",
     )
 
 
@@ -360,7 +362,22 @@ class AuditConfig(_Section):
     def fingerprint(self) -> str:
         """A hash of everything that changes the numbers (not where they are stored)."""
         payload = self.model_dump(mode="json", exclude={"output", "schedule"})
+        # The same files give the same hash however their paths are spelled (relative
+        # to another folder, with "..", through a symlink): a scheduled audit run from
+        # another folder reuses its runs.
+        if self.model.path is not None:
+            payload["model"]["path"] = _canonical(self.model.path)
+        for key in DATASET_PATHS:
+            if getattr(self.dataset, key) is not None:
+                payload["dataset"][key] = _canonical(getattr(self.dataset, key))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+DATASET_PATHS = ("manifest", "folders", "masks", "coco", "coco_images")
+
+
+def _canonical(path: Path) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 def _format_errors(error: ValidationError, source: str) -> str:
@@ -409,7 +426,7 @@ def _resolve_paths(config: AuditConfig, base_dir: Path) -> AuditConfig:
             "dataset": dataset.model_copy(
                 update={
                     key: resolve(getattr(dataset, key))
-                    for key in ("manifest", "folders", "masks", "coco", "coco_images")
+                    for key in DATASET_PATHS
                     if getattr(dataset, key) is not None
                 }
             ),

@@ -525,6 +525,13 @@ def run_audit(
     ``engine``: ``local`` (embedded, the default) or ``ray`` (Ray Data; same records).
     """
     started = time.perf_counter()
+    if config.output.mlflow:
+        from audit.mlflow_log import require_mlflow
+
+        try:
+            require_mlflow()
+        except ImportError as error:
+            raise ConfigError(f"{error}, or turn output.mlflow off") from None
     forget_resolved_paths()
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
     cam = GradCAM.for_config(model, config)
@@ -554,6 +561,10 @@ def run_audit(
     run, reopened = _open_run(config, run_key, resume)
     chunk_rows = config.batch_size * BATCHES_PER_CHUNK
     if reopened and run.manifest().get("status") == "complete":
+        if config.output.mlflow:  # a run first made without MLflow logging gets logged
+            from audit.mlflow_log import log_run
+
+            log_run(run.root, once=True)
         return AuditResult(run.root, run.images(), run.manifest(), reused=True)
     if reopened:  # one run never mixes backends
         started_on = run.manifest().get("versions", {}).get("keras_backend", "tensorflow")

@@ -2,13 +2,19 @@
 
 ``bias-audit schedule run CONFIG`` (or ``python -m pipelines.scheduled CONFIG``) takes
 the versions named by the config's ``schedule:`` section, in version order. Each is
-audited against the configured dataset with the previous version's run as the
-baseline, unless a complete run with the same run key (model hash, dataset
-fingerprint, config hash) is already in the store: then it is reused, never
-recomputed. Each version is compared with the one before, the reports are written,
-every run is in the store's history index, and the command exits with 1 when a
-newly audited version reaches ``schedule.fail_on`` (with 2 when none of a newly
-audited version's images could be audited: a data problem, not a verdict).
+audited against the configured dataset on its own terms (its classes against each
+other, as ``bias-audit run`` does, so a bias that a version keeps is still flagged),
+unless a complete run with the same run key (model hash, dataset fingerprint, config
+hash) is already in the store: then it is reused, never recomputed. Each version is
+compared with the one before (``bias-audit compare``: per-class deltas with
+significance, new, kept and resolved flags), the reports are written and every run is
+in the store's history index.
+
+The exit code is the gate, and it is a function of the store, not of what this
+invocation happened to compute, so a retried task gives the same answer: 1 when the
+newest version's outcome reaches ``schedule.fail_on``, 2 when none of the newest
+version's images could be audited (a data problem, not a verdict) or a version's
+model file cannot be read, else 0.
 
 Cron, nightly at 02:00:
 
@@ -69,17 +75,25 @@ class VersionResult:
 
 
 def run_schedule(config: AuditConfig, *, progress: bool = False) -> list[VersionResult]:
-    """Audit each version (reusing finished runs); returns them oldest first."""
+    """Audit each version (reusing finished runs); returns them oldest first.
+
+    No version is a baseline for the next: flags measured against a baseline ask
+    whether a class got worse, so a bias that two versions share would pass as
+    resolved. The comparison with the previous version is ``compare_runs``'s.
+    """
+    from audit.models import ModelStructureError
+
     results: list[VersionResult] = []
     for version in model_versions(config):
         versioned = config.model_copy(
             update={"model": config.model.model_copy(update={"path": version})}
         )
-        # The previous version with audited images (an empty run has nothing to compare).
-        baseline = next((r.run_dir for r in reversed(results) if r.outcome != EMPTY), None)
-        # resume=True returns a complete run with the same run key as it is.
-        # run_audit indexes the runs it makes; history() catches up on older ones.
-        result = run_audit(versioned, resume=True, progress=progress, baseline=baseline)
+        try:
+            # resume=True returns a complete run with the same run key as it is.
+            # run_audit indexes the runs it makes; history() catches up on older ones.
+            result = run_audit(versioned, resume=True, progress=progress)
+        except (ConfigError, ModelStructureError, FileNotFoundError) as error:
+            raise ConfigError(f"version {version.name}: {error}") from None
         outcome = json.loads((result.run_dir / "report.json").read_text())["outcome"]
         results.append(VersionResult(version, result.run_dir, outcome, result.reused))
     return results
@@ -88,8 +102,9 @@ def run_schedule(config: AuditConfig, *, progress: bool = False) -> list[Version
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bias-audit schedule run",
-        description="Audit every model version not yet audited; exit 1 when the policy fails, "
-        "2 when a version had no image that could be audited.",
+        description="Audit every model version not yet audited and compare each with the one "
+        "before; exit 1 when the newest version's outcome reaches fail_on, 2 when none of its "
+        "images could be audited or a version cannot be read.",
     )
     parser.add_argument("config", help="YAML audit config with a schedule: section")
     parser.add_argument("--fail-on", choices=["warn", "fail", "never"], help="override")
@@ -103,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fail_on = args.fail_on or (config.schedule.fail_on or "never")
     threshold = {"warn": 1, "fail": 2, "never": 3}[fail_on]
-    failed = empty = False
     for index, result in enumerate(results):
         state = "reused" if result.reused else "audited"
         print(f"{result.model.name}: {result.outcome} ({state}, {result.run_dir})")
@@ -113,13 +127,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"row was skipped; see {result.run_dir / 'images.parquet'})",
                 file=sys.stderr,
             )
-            empty = empty or not result.reused
             continue
-        if index and results[index - 1].outcome != EMPTY:
-            print(format_comparison(compare_runs(results[index - 1].run_dir, result.run_dir)))
-        if not result.reused and SEVERITY[result.outcome] >= threshold:
-            failed = True
-    return 2 if empty else 1 if failed else 0
+        # The previous version with audited images (an empty run has nothing to compare).
+        previous = next((r for r in reversed(results[:index]) if r.outcome != EMPTY), None)
+        if previous is not None:
+            print(format_comparison(compare_runs(previous.run_dir, result.run_dir)))
+    newest = results[-1]
+    if newest.outcome == EMPTY:
+        return 2
+    if SEVERITY[newest.outcome] >= threshold:
+        print(
+            f"bias-audit schedule: the newest version, {newest.model.name}, is "
+            f"{newest.outcome} (fail_on: {fail_on})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

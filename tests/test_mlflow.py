@@ -52,6 +52,12 @@ def test_a_run_is_logged_to_mlflow_when_asked(tmp_path, monkeypatch):
     assert any(path.endswith("report.html") for path in artifacts)
     tags = next(args[0] for name, args, _ in fake.calls if name == "set_tags")
     assert tags["bias_audit.run_id"] == result.run_dir.name
+    # Reused: a run logged once is not logged again; one made without MLflow is.
+    fake.calls.clear()
+    assert run_audit(config, resume=True, progress=False).reused and not fake.calls
+    (result.run_dir / "mlflow.json").unlink()
+    assert run_audit(config, resume=True, progress=False).reused
+    assert [name for name, _, _ in fake.calls].count("log_metrics") == 1
 
 
 def test_asking_for_mlflow_without_it_is_a_clear_error(tmp_path, monkeypatch):
@@ -60,3 +66,15 @@ def test_asking_for_mlflow_without_it_is_a_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(ImportError, match="pip install mlflow"):
         log_run(tmp_path)
+
+
+def test_mlflow_missing_fails_before_the_audit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    from audit.cli import main as cli_main
+
+    manifest = write_dataset(make_demo_set(8, seed=9), tmp_path / "data")
+    ink_model().save(tmp_path / "ink.keras")
+    arguments = ["run", "--model", str(tmp_path / "ink.keras"), "--data", str(manifest)]
+    code = cli_main([*arguments, "--out", str(tmp_path / "runs"), "--mlflow"])
+    assert code == 2 and "pip install mlflow" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing audited, no run folder

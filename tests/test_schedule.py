@@ -39,7 +39,7 @@ def write_config(tmp_path, manifest, models, **schedule):
     return path
 
 
-def test_versions_are_audited_once_in_version_order(tmp_path):
+def test_versions_are_audited_once_in_version_order(tmp_path, monkeypatch):
     manifest = write_dataset(make_demo_set(40, seed=4), tmp_path / "data")
     models = tmp_path / "models"
     for name, scale in (("ink_v10.keras", 3.0), ("ink_v2.keras", 2.0), ("ink_v1.keras", 1.0)):
@@ -60,9 +60,15 @@ def test_versions_are_audited_once_in_version_order(tmp_path):
     save_version(models, "ink_v11.keras", 4.0)
     third = run_schedule(config)
     assert [r.reused for r in third] == [True, True, True, False]
-    # Each version after the first is compared with its predecessor's run.
+    # Each version is judged on its own terms (compared with its predecessor's run by
+    # compare_runs, not flagged against it).
     manifest_v2 = json.loads((first[1].run_dir / "manifest.json").read_text())
-    assert manifest_v2["baseline"] == str(first[0].run_dir)
+    assert manifest_v2["baseline"] is None
+    # The config's path spelled another way (relative, from another folder): reused.
+    monkeypatch.chdir(tmp_path / "models")
+    relative = run_schedule(load_config("../nightly.yaml"))
+    assert [r.run_dir for r in relative] == [r.run_dir for r in third]
+    assert all(r.reused for r in relative)
     runs = history(tmp_path / "runs")
     assert len(runs) == 4 and set(runs["model_line"]) == {"ink"}
     assert np.isfinite(runs["accuracy"]).all()
@@ -75,22 +81,34 @@ def test_the_schedule_gates_on_new_failures_and_history_shows_decisions(
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(files.model, models / "demo_v1.keras")
+    shutil.copy(files.model, models / "demo_v2.keras")  # the same bias, kept
     config = write_config(tmp_path, files.manifest, models, fail_on="fail")
-    assert cli_main(["schedule", "run", str(config)]) == 1  # a new FAIL
-    assert "demo_v1.keras: FAIL (audited" in capsys.readouterr().out
-    assert cli_main(["schedule", "run", str(config)]) == 0  # reused: nothing new fails
-    assert "demo_v1.keras: FAIL (reused" in capsys.readouterr().out
+    assert cli_main(["schedule", "run", str(config)]) == 1  # the newest version FAILs
+    out = capsys.readouterr().out
+    assert "demo_v1.keras: FAIL (audited" in out and "demo_v2.keras: FAIL (audited" in out
+    # A bias both versions have is kept, not resolved (it would be, were v2 flagged
+    # against v1 as its baseline).
+    kept = next(line for line in out.splitlines() if line.startswith("kept flags:"))
+    assert "resolved flags: none" in out and "class 7: bias-driven" in kept
+    # A retried task gives the same answer: the gate reads the store.
+    assert cli_main(["schedule", "run", str(config)]) == 1
+    assert "demo_v2.keras: FAIL (reused" in capsys.readouterr().out
+    assert cli_main(["schedule", "run", str(config), "--fail-on", "never"]) == 0
+    capsys.readouterr()
     store = tmp_path / "runs"
-    (run_dir,) = [p for p in store.iterdir() if p.is_dir()]
+    run_dir = sorted(p for p in store.iterdir() if p.is_dir())[0]
     record_decision(store, Decision("demo", "7", "relabel", "Ada", "", run_dir.name))
     assert cli_main(["history", "--store", str(store)]) == 0
     out = capsys.readouterr().out
     assert "class 7 (bias-driven) -> relabel by Ada" in out
     assert cli_main(["history", "--store", str(tmp_path / "absent")]) == 2
     assert cli_main(["schedule", "frobnicate"]) == 2
+    (models / "demo_v3.keras").write_text("not a model")  # a corrupt version
+    assert cli_main(["schedule", "run", str(config)]) == 2
+    assert "version demo_v3.keras: " in capsys.readouterr().err
 
 
-def test_a_version_with_no_audited_image_exits_2_and_is_no_baseline(tmp_path, capsys):
+def test_a_version_with_no_audited_image_exits_2(tmp_path, capsys):
     manifest = write_dataset(make_demo_set(6, seed=4), tmp_path / "data")
     for image in (tmp_path / "data" / "images").iterdir():
         image.unlink()  # every row is skipped: image file not found
@@ -101,7 +119,6 @@ def test_a_version_with_no_audited_image_exits_2_and_is_no_baseline(tmp_path, ca
     assert cli_main(["schedule", "run", str(config)]) == 2
     out, err = capsys.readouterr()
     assert out.count("NO IMAGES AUDITED") == 2 and "no image could be audited" in err
-    results = run_schedule(load_config(config))  # reused; the second had no baseline
-    assert results[0].run_dir != results[1].run_dir
-    second = json.loads((results[1].run_dir / "manifest.json").read_text())
-    assert second["baseline"] is None
+    assert cli_main(["schedule", "run", str(config)]) == 2  # reused, the same answer
+    results = run_schedule(load_config(config))
+    assert results[0].run_dir != results[1].run_dir and all(r.reused for r in results)
