@@ -127,7 +127,27 @@ def read_manifest(path: Path) -> Entries:
     # Text, with empty cells kept empty (astype(str) would turn them into 'nan').
     table["path"] = table["path"].map(lambda value: str(value) if _present(value) else "")
     table["label"] = table["label"].astype(str)
-    return Entries(table, path.parent, f"manifest:{path.name}")
+    return Entries(
+        table, path.parent, f"manifest:{path.name}", class_names=_exported_class_names(path)
+    )
+
+
+# What ``audit.sources.export_tf_dataset`` writes: the manifest and, last, a marker
+# with the label feature's names in index order (the model's output order).
+EXPORT_MANIFEST, EXPORT_MARKER = "manifest.csv", "complete"
+
+
+def _exported_class_names(manifest: Path) -> list[str] | None:
+    """The class order an exported ``tf.data`` folder records next to its manifest, so
+    that its label names keep the model's output order, not the alphabet's."""
+    marker = manifest.parent / EXPORT_MARKER
+    if manifest.name != EXPORT_MANIFEST or not marker.is_file():
+        return None
+    try:
+        names = json.loads(marker.read_text()).get("label_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(name) for name in names] if isinstance(names, list) else None
 
 
 def read_folders(root: Path, masks: Path | None = None) -> Entries:

@@ -136,10 +136,13 @@ class GradCAM:
             raise ModelStructureError("the model is not built yet; call explain() first")
         return self._cut.layer_path
 
-    @property
-    def feature_shape(self) -> tuple[int, int]:
-        """(height, width) of the target layer's maps; known once the model is built."""
-        shape = self._ensure_cut(None).feature_parts[-1].outputs[0].shape
+    def feature_shape(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) of the target layer's maps for ``size`` input images (a model
+        with a flexible input size has no fixed map size: one image is run to see)."""
+        cut = self._ensure_cut(None)
+        shape = cut.feature_parts[-1].outputs[0].shape
+        if shape[1] is None or shape[2] is None:
+            shape = cut.activations(np.zeros((1, *size, 3), "float32"), training=False).shape
         return int(shape[1]), int(shape[2])
 
     @property

@@ -68,7 +68,9 @@ OTHER_METRICS = tuple(metric for metric in METRICS if metric != "rank_acc")
 
 
 def dataset_fingerprint(entries: Entries) -> str:
-    """Hash of the entries table and the size of every file it names."""
+    """Hash of the entries table and the size and modification time of every file it
+    names (what make and rsync go by): a file rewritten in place, even at the same
+    size, is new data, never a reused run's."""
     digest = hashlib.sha256()
     buffer = io.StringIO()
     entries.table.to_csv(buffer, index=False)
@@ -77,7 +79,11 @@ def dataset_fingerprint(entries: Entries) -> str:
         if column in entries.table.columns:
             for value in entries.table[column].dropna():
                 path = base / str(value)
-                digest.update(str(path.stat().st_size if path.exists() else -1).encode())
+                try:
+                    stat = path.stat()
+                    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+                except (OSError, ValueError):  # missing or unreadable: a skipped row
+                    digest.update(b"-1")
     return digest.hexdigest()
 
 
@@ -113,7 +119,7 @@ class AuditStep:
     def metric_size(self) -> tuple[int, int]:
         """The measuring grid: the input size, capped at ``metrics.max_side`` per side but
         never coarser than twice the map's own resolution."""
-        map_height, map_width = self.cam.feature_shape
+        map_height, map_width = self.cam.feature_shape(self.size)
         side = max(self.config.metrics.max_side, 2 * max(map_height, map_width))
         scale = min(1.0, side / max(self.size))
         return max(1, round(self.size[0] * scale)), max(1, round(self.size[1] * scale))
@@ -315,9 +321,17 @@ def _versions() -> dict:
 
 
 def _input_size(model: keras.Model, config: AuditConfig) -> tuple[int, int]:
-    if config.preprocess.size is not None:
-        return tuple(config.preprocess.size)
     shape = model.input_shape
+    if config.preprocess.size is not None:
+        size = tuple(config.preprocess.size)
+        fixed = not isinstance(shape, list) and len(shape) == 4 and None not in shape[1:3]
+        if fixed and size != tuple(shape[1:3]):
+            raise ConfigError(
+                f"preprocess.size {list(size)} differs from the model's input size "
+                f"{list(shape[1:3])}; images are resized to preprocess.size, so set it to "
+                f"{list(shape[1:3])} or leave it out"
+            )
+        return size
     if isinstance(shape, list) or len(shape) != 4 or None in shape[1:3]:
         raise ConfigError(
             f"cannot tell the model's image size from its input shape {shape}; set "

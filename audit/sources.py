@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from audit.config import ConfigError, DatasetSection
-from audit.data import Entries, read_manifest
+from audit.data import EXPORT_MANIFEST, EXPORT_MARKER, Entries, read_manifest
 from audit.store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,7 @@ def _rle_box(rle: dict) -> dict:
 
 # ------------------------------------------------------------------- TFDS
 
-MANIFEST_NAME = "manifest.csv"
-COMPLETE_NAME = "complete"
+MANIFEST_NAME, COMPLETE_NAME = EXPORT_MANIFEST, EXPORT_MARKER
 EXPORT_FORMAT = 1
 TRIMAP_VALUES = {1, 2, 3}  # Oxford-IIIT Pet: 1 pet, 2 background, 3 border
 
@@ -235,16 +234,15 @@ def read_tfds(dataset: DatasetSection) -> Entries:
     if manifest is None:
         ds, label_names = _load_tfds(dataset)
         manifest = export_tf_dataset(ds, folder, label_names=label_names, **keys)
-    entries = read_manifest(manifest)
+    entries = read_manifest(manifest)  # with the marker's class order
     table = entries.table
     if dataset.limit is not None:
         table = table.iloc[: dataset.limit].copy()
-    marker = json.loads((folder / COMPLETE_NAME).read_text())
     return Entries(
         table,
         entries.root,
         f"tfds:{dataset.tfds}/{dataset.tfds_split}",
-        class_names=marker.get("label_names"),
+        class_names=entries.class_names,
     )
 
 

@@ -150,3 +150,29 @@ def test_bad_cells_and_files_are_skipped_rows_and_the_audit_goes_on(data, tmp_pa
     assert images.loc[11, "status"] == "ok"
     assert images.loc[11, "pred"] == images.loc[0, "pred"]
     assert images.loc[11, "mass_object"] == pytest.approx(images.loc[0, "mass_object"], abs=0.02)
+
+
+def test_preprocess_size_with_a_flexible_model_and_against_a_fixed_one(data, tmp_path, capsys):
+    import keras
+
+    root, config = data
+    flexible = keras.Sequential(
+        [
+            keras.Input((None, None, 3)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    )
+    flexible.save(tmp_path / "flexible.keras")
+    store = tmp_path / "runs"
+    model = ["--model", str(tmp_path / "flexible.keras")]
+    assert _run(config, store, *model, "--size", "40", "24", "--run-id", "flex") == 0
+    images = pd.read_parquet(store / "flex" / "images.parquet")
+    assert (images["status"] == "ok").all()
+    # A fixed-size model (the ink model is 48x48) and another size: exit 2, no run.
+    assert _run(config, store, "--size", "32", "32", "--run-id", "bad") == 2
+    assert "preprocess.size [32, 32] differs from the model's input size [48, 48]" in (
+        capsys.readouterr().err
+    )
+    assert not (store / "bad").exists()

@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from audit.config import ConfigError, DatasetSection, build_config
-from audit.data import _decode_rle, read_entries
+from audit.data import _decode_rle, class_names_for, read_entries, read_manifest
 from audit.pipeline import run_audit
 from audit.sources import export_tf_dataset, read_coco, read_tfds, tfds_cache_folder
 
@@ -279,6 +279,13 @@ def test_export_tf_dataset_from_tensor_slices(tmp_path):
         assert (np.asarray(mask) > 0).sum() == 6 and np.asarray(mask)[1:3, 1:4].all()
     assert not list((tmp_path / "out").glob("*.tmp"))  # the manifest was written atomically
     assert json.loads((tmp_path / "out" / "complete").read_text())["rows"] == 3
+    # Read back as a plain manifest, it keeps the label names' order (the model's
+    # output order), not the alphabet's.
+    names = ["zero", "one", "two"]
+    exported = read_manifest(
+        export_tf_dataset(ds, tmp_path / "named", image_key="img", label_key="y", label_names=names)
+    )
+    assert class_names_for(exported.table["label"], 3, exported.class_names) == names
 
     export_tf_dataset(ds, tmp_path / "bin", image_key="img", label_key="y", mask_key="binary")
     table = pd.read_csv(tmp_path / "bin" / "manifest.csv")
