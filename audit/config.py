@@ -178,8 +178,8 @@ class RegionSection(_Section):
     name: str = Field(description="Column suffix in images.parquet: mass_<name>, ...")
     source: Literal["mask", "box", "face", "background", "border"] = Field(
         description="mask: the object mask; box: the bounding box; face: the face box (manifest "
-        "face_* columns or dataset.face_detector); background: the complement of the "
-        "expected regions; border: a frame of `width` pixels."
+        "face_* columns or dataset.face_detector); background: the rest of the "
+        "image (outside every mask, box and face region); border: a frame of `width` pixels."
     )
     role: Literal["expected", "spurious"] = "expected"
     dilate: int = Field(0, ge=0, description="Grow the region by this many pixels.")

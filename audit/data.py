@@ -325,15 +325,18 @@ def build_regions(
         else:
             continue  # background: the complement, filled in below
         built[region.name] = _dilate(area, region.dilate)
-    expected = np.zeros(shape, dtype=bool)
+    # The background is the rest: what no object, box or face region covers, whatever
+    # its role (a spurious face is not background); a border band may overlap it.
+    taken = np.zeros(shape, dtype=bool)
     for region in regions:
-        if region.role == "expected" and region.name in built:
-            if not built[region.name].any():
-                raise SkipRow(f"the {region.name!r} region is empty (an empty mask or box)")
-            expected |= built[region.name]
+        if region.name not in built or region.source == "border":
+            continue
+        if region.role == "expected" and not built[region.name].any():
+            raise SkipRow(f"the {region.name!r} region is empty (an empty mask or box)")
+        taken |= built[region.name]
     for region in regions:
         if region.source == "background":
-            built[region.name] = _dilate(~expected, region.dilate)
+            built[region.name] = _dilate(~taken, region.dilate)
     if not built:  # no regions: what a plain forward pass reads (benchmarks)
         return np.zeros((0, *shape), dtype=bool)
     return np.stack([built[region.name] for region in regions])
@@ -475,18 +478,14 @@ def load_row(
             f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height} "
             "(width x height); masks must match their image"
         )
-    box = None
-    if all(_present(row.get(c)) for c in BOX_COLUMNS):
-        try:
-            values = [float(row[c]) for c in BOX_COLUMNS]
-        except (TypeError, ValueError):
-            raise SkipRow(f"box {[row[c] for c in BOX_COLUMNS]} is not four numbers") from None
-        if not (values[0] < values[2] and values[1] < values[3]):
-            raise SkipRow(f"box {values} is empty or inverted (need x_min < x_max, y_min < y_max)")
+    sources = {region.source for region in regions}
+    box = None  # checked only when a region uses it: an unused bad box skips nothing
+    if "box" in sources and all(_present(row.get(c)) for c in BOX_COLUMNS):
+        values = _box_values(row, BOX_COLUMNS, "box")
         box = preprocessor.mask(_box_mask(values, (height, width)))
     faces = {}
-    if all(_present(row.get(c)) for c in FACE_COLUMNS):
-        face_box = [float(row[c]) for c in FACE_COLUMNS]
+    if "face" in sources and all(_present(row.get(c)) for c in FACE_COLUMNS):
+        face_box = _box_values(row, FACE_COLUMNS, "face box")
         for region in regions:
             if region.source == "face":
                 drawn = face_mask(
@@ -495,11 +494,27 @@ def load_row(
                     ellipse=region.shape == "ellipse",
                     hair_band=region.hair_band,
                 )
+                if not drawn.any():
+                    raise SkipRow(
+                        f"face box {face_box} lies outside the {width}x{height} image "
+                        "(x is the column, y the row, in pixels)"
+                    )
                 faces[region.name] = preprocessor.mask(drawn)
     stack = build_regions(
         regions, None if mask is None else preprocessor.mask(mask), box, preprocessor.size, faces
     )
     return LoadedRow(image=preprocessor.image(pixels), regions=preprocessor.coverage(stack))
+
+
+def _box_values(row: dict, columns: Sequence[str], what: str) -> list[float]:
+    """A row's box as four numbers, x_min < x_max and y_min < y_max, or ``SkipRow``."""
+    try:
+        values = [float(row[c]) for c in columns]
+    except (TypeError, ValueError):
+        raise SkipRow(f"{what} {[row[c] for c in columns]} is not four numbers") from None
+    if not (values[0] < values[2] and values[1] < values[3]):
+        raise SkipRow(f"{what} {values} is empty or inverted (need x_min < x_max, y_min < y_max)")
+    return values
 
 
 def _present(value) -> bool:

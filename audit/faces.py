@@ -86,7 +86,7 @@ def with_detected_faces(entries, cache_dir: Path, fingerprint: str, progress: bo
             try:
                 with Image.open(path) as image:
                     pixels = np.asarray(image.convert("RGB"))
-            except OSError:
+            except (OSError, ValueError, Image.DecompressionBombError):
                 rows.append(dict.fromkeys(FACE_COLUMNS))  # the audit records the bad image
                 continue
             (box,) = detect_faces([pixels])

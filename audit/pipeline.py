@@ -42,6 +42,7 @@ from audit.data import (
     read_entries,
 )
 from audit.explain import PREDICTED, GradCAM, area_downscale, pad_batch, upsample
+from audit.faces import FACE_COLUMNS
 from audit.history import index_run
 from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
 from audit.models import load_model
@@ -495,28 +496,36 @@ def skip_kind(reason: str) -> str:
     return re.sub(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\S*[/\\]\S*", "…", str(reason))
 
 
-def _check_regions_have_data(entries: Entries, regions) -> None:
+def _check_regions_have_data(entries: Entries, regions, face_detector: bool = False) -> None:
     """Fail fast when a region's source is absent from the whole dataset (every row
-    would be skipped for it): a setup error, not a bad row."""
+    would be skipped for it, or a spurious face region empty on every row): a setup
+    error, not a bad row."""
     table = entries.table
 
     def filled(columns) -> bool:  # some row has all of these columns
         return all(c in table for c in columns) and table[list(columns)].notna().all(1).any()
 
-    has = {"mask": filled(["mask_path"]) or filled(["mask_rle"]), "box": filled(BOX_COLUMNS)}
+    has = {
+        "mask": filled(["mask_path"]) or filled(["mask_rle"]),
+        "box": filled(BOX_COLUMNS),
+        "face": face_detector or filled(FACE_COLUMNS),
+    }
+    needs = {"mask": "object masks", "box": "boxes", "face": "face boxes"}
     fixes = {
         "mask": "a mask_path or mask_rle column in the manifest, a masks folder for class "
         "folders (dataset.masks, or --masks DIR with --data), COCO annotations or a tfds "
         "mask_key",
         "box": "the columns x_min, y_min, x_max, y_max in the manifest",
+        "face": f"the columns {', '.join(FACE_COLUMNS)} in the manifest, or "
+        "dataset.face_detector: mtcnn",
     }
     for region in regions:
         if region.source in has and not has[region.source]:
             raise ConfigError(
                 f"region {region.name!r} (source: {region.source}) needs "
-                f"{'object masks' if region.source == 'mask' else 'boxes'} and the dataset "
-                f"({entries.name}) has none: give {fixes[region.source]}, or configure "
-                "regions the data has (docs/config.md, regions)"
+                f"{needs[region.source]} and the dataset ({entries.name}) has none: give "
+                f"{fixes[region.source]}, or configure regions the data has "
+                "(docs/config.md, regions)"
             )
 
 
@@ -546,6 +555,10 @@ def run_audit(
             require_mlflow()
         except ImportError as error:
             raise ConfigError(f"{error}, or turn output.mlflow off") from None
+    if engine == "ray":  # before any run folder: a wrong address is a usage error
+        from pipelines.ray_engine import check_ray_address
+
+        check_ray_address(ray_address)
     forget_resolved_paths()
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
     cam = GradCAM.for_config(model, config)
@@ -560,7 +573,9 @@ def run_audit(
         cam.num_classes,
         config.model.class_names or entries.class_names,
     )
-    _check_regions_have_data(entries, config.regions)
+    _check_regions_have_data(
+        entries, config.regions, face_detector=config.dataset.face_detector is not None
+    )
     size = _input_size(model, config)
     model_hash = file_sha256(Path(config.model.path))
     data_hash = dataset_fingerprint(entries)

@@ -125,15 +125,17 @@ def _coco_row(coco, image_id: int, annotations: list[dict], source: Path) -> dic
             f"image {image_id} in {source} lacks height, width or file_name; COCO images "
             "need all three"
         ) from None
+    for annotation in annotations:  # every one, not only the label's (the largest)
+        if annotation.get("category_id") not in coco.cats:
+            raise ConfigError(
+                f"annotation {annotation.get('id')} in {source} has category_id "
+                f"{annotation.get('category_id')!r}, which is not listed under categories; "
+                "add the category or fix the id"
+            )
     rles = [_annotation_rle(a, height, width, source) for a in annotations]
     areas = [float(coco_mask.area(rle)) for rle in rles]
     largest = annotations[int(np.argmax(areas))]  # ties: the first annotation
     category = largest.get("category_id")
-    if category not in coco.cats:
-        raise ConfigError(
-            f"annotation {largest.get('id')} in {source} has category_id {category!r}, which "
-            "is not listed under categories; add the category or fix the id"
-        )
     same = [rle for a, rle in zip(annotations, rles, strict=True) if a["category_id"] == category]
     union = coco_mask.merge(same, intersect=False)  # equals encode(decoded union), byte for byte
     row = {

@@ -17,13 +17,14 @@ per-shard partial aggregates would combine to the same numbers.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import defaultdict
 
 import keras
 import numpy as np
 
-from audit.config import AuditConfig
+from audit.config import AuditConfig, ConfigError
 from audit.data import Batch, forget_resolved_paths, load_entry
 from audit.explain import GradCAM
 from audit.pipeline import AuditStep, PassWork, localisation_iou
@@ -104,6 +105,22 @@ class _Measure:
             full[ok] = values
             result[f"out_{key}"] = full
         return result | {"measured": ok}
+
+
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast (``ConfigError``) when a given cluster address does not answer: Ray
+    itself retries a wrong address for minutes before it gives up."""
+    if address in (None, "", "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"--ray-address {address}: no Ray cluster answers there ({error}); start one "
+            "with `ray start --head` and give the address it prints (host:port), or leave "
+            "--ray-address out to start a local Ray"
+        ) from None
 
 
 def measure_ray(work: PassWork, *, ray_address: str | None = None) -> float:

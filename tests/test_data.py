@@ -309,5 +309,9 @@ def test_malformed_rle_boxes_and_escaping_masks_are_skipped_rows_naming_the_colu
     assert reasons[2].startswith("mask_rle is not a COCO RLE JSON object")  # uncompressed
     assert reasons[3].startswith("path '../a.png' escapes the dataset root")
     boxes = table.iloc[[0]].assign(mask_path=None, x_min="left", y_min=0, x_max=4, y_max=4)
-    ((reason, _),) = _load(boxes.reset_index(drop=True), tmp_path)
+    box_regions = [
+        RegionSection(name="object", source="box"),
+        RegionSection(name="background", source="background", role="spurious"),
+    ]
+    ((reason, _),) = _load(boxes.reset_index(drop=True), tmp_path, box_regions)
     assert reason == "box ['left', 0, 4, 4] is not four numbers"

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from conftest import ink_model
 
-from audit.config import RegionSection, build_config
+from audit.config import ConfigError, RegionSection, build_config
 from audit.data import SkipRow, build_regions
 from audit.faces import FACE_COLUMNS, detect_faces, face_mask, with_detected_faces
 from audit.pipeline import run_audit
@@ -41,6 +41,13 @@ def test_manifest_face_columns_become_a_spurious_region(tmp_path):
     table = pd.read_csv(manifest)
     table[list(FACE_COLUMNS)] = [0.0, 0.0, 16.0, 16.0]  # a "face" in the top-left corner
     table.loc[3, list(FACE_COLUMNS)] = np.nan  # no face in this image
+    table[list(FACE_COLUMNS)] = table[list(FACE_COLUMNS)].astype(object)
+    table.loc[5, "face_x_min"] = "abc"  # bad face boxes: skipped rows with their reason
+    table.loc[6, list(FACE_COLUMNS)] = [16.0, 0.0, 0.0, 16.0]  # inverted
+    table.loc[7, list(FACE_COLUMNS)] = [100.0, 100.0, 120.0, 120.0]  # off the 48x48 image
+    # A bad object box that no region uses skips nothing.
+    table[["x_min", "y_min", "x_max", "y_max"]] = [0.0, 0.0, 8.0, 8.0]
+    table.loc[8, ["x_min", "x_max"]] = [9.0, 1.0]
     table.to_csv(manifest, index=False)
     ink_model().save(tmp_path / "ink.keras")
     config = build_config(
@@ -57,9 +64,22 @@ def test_manifest_face_columns_become_a_spurious_region(tmp_path):
         }
     )
     images = run_audit(config, progress=False).images
-    assert (images["status"] == "ok").all()  # the image without a face is kept
-    np.testing.assert_allclose(images["area_face"].drop(index=3), np.pi * 8 * 8 / 48**2, rtol=0.1)
+    reasons = images.set_index("row")["skip_reason"]
+    assert reasons[5] == "face box ['abc', 0.0, 16.0, 16.0] is not four numbers"
+    assert reasons[6].startswith("face box [16.0, 0.0, 0.0, 16.0] is empty or inverted")
+    assert reasons[7].startswith("face box [100.0, 100.0, 120.0, 120.0] lies outside the 48x48")
+    ok = images.drop(index=[5, 6, 7])
+    assert (ok["status"] == "ok").all()  # the image without a face is kept (row 3), row 8 too
+    np.testing.assert_allclose(ok["area_face"].drop(index=3), np.pi * 8 * 8 / 48**2, rtol=0.1)
     assert images.loc[3, "area_face"] == 0 and np.isnan(images.loc[3, "lift_face"])
+    # The background is the rest: the face is not background too.
+    for region in ("object", "face"):  # (the two may overlap each other)
+        assert (ok[f"area_{region}"] + ok["area_background"] <= 1.0 + 1e-6).all()
+    assert (ok["area_background"] < 1 - ok["area_face"] - ok["area_object"] + 0.05).all()
+    # Face regions and no face data at all (no columns, no detector): exit-2 error.
+    table.drop(columns=list(FACE_COLUMNS)).to_csv(manifest, index=False)
+    with pytest.raises(ConfigError, match="needs face boxes and the dataset"):
+        run_audit(config, progress=False)
 
 
 @pytest.mark.slow
@@ -94,3 +114,14 @@ def test_mtcnn_finds_the_astronauts_face_and_detections_are_cached(tmp_path, mon
     monkeypatch.setattr("audit.faces.detect_faces", no_detector)
     again = with_detected_faces(entries, tmp_path / "cache", "abc123")
     pd.testing.assert_frame_equal(again.table, found.table)
+
+
+def test_the_detector_pass_records_an_oversized_image_as_faceless(tmp_path):
+    from PIL import Image
+
+    from audit.data import Entries
+
+    Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # a decompression bomb
+    entries = Entries(pd.DataFrame({"path": ["bomb.png"], "label": ["a"]}), tmp_path, "test")
+    found = with_detected_faces(entries, tmp_path / "cache", "f" * 16)
+    assert found.table[list(FACE_COLUMNS)].isna().all(axis=None)  # the audit skips the row

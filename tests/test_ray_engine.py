@@ -50,3 +50,20 @@ def test_ray_engine_matches_the_local_engine(tmp_path):
     flags_left = pd.read_parquet(local.run_dir / "flags.parquet")
     flags_right = pd.read_parquet(distributed.run_dir / "flags.parquet")
     assert flags_left["flagged"].tolist() == flags_right["flagged"].tolist()
+
+
+def test_a_ray_address_nobody_answers_is_a_usage_error_at_once():
+    import socket
+
+    from audit.config import ConfigError
+    from pipelines.ray_engine import check_ray_address
+
+    with socket.socket() as probe:  # a free port, closed again: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"--ray-address 127.0.0.1:{port}: no Ray cluster"):
+        check_ray_address(f"127.0.0.1:{port}", timeout=2)
+    with pytest.raises(ConfigError, match="no Ray cluster"):
+        check_ray_address("not-an-address")
+    check_ray_address(None)  # a local Ray: nothing to check
+    check_ray_address("auto")

@@ -160,6 +160,13 @@ def test_read_coco_rejects_annotations_without_masks(tmp_path, coco_dataset):
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="annotation 10 .* no segmentation"):
         read_coco(path, images)
+    # An unknown category on an annotation that is not the image's largest counts too.
+    data = json.loads(path.read_text())
+    data["annotations"] = data["annotations"][1:]
+    next(a for a in data["annotations"] if a["id"] == 31)["category_id"] = 9  # a small dog
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="annotation 31 .* category_id 9, which is not listed"):
+        read_coco(path, images)
 
 
 def _tiny_model(path):
