@@ -154,6 +154,11 @@ def read_folders(root: Path, masks: Path | None = None) -> Entries:
     """Keras' class-folder layout ``root/<class>/<image>``; masks ``masks/<class>/<stem>.png``."""
     if not root.is_dir():
         raise ConfigError(f"dataset folder not found: {root}")
+    if masks is not None and not masks.is_dir():
+        raise ConfigError(
+            f"masks folder not found: {masks} (dataset.masks, --masks); it mirrors the "
+            "class folders: MASKS/<class>/<image stem>.png"
+        )
     rows = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for image in sorted(class_dir.iterdir()):
@@ -429,7 +434,11 @@ def _read_mask(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             if image.mode in WIDE_MODES:  # convert("L") would round 0.4 to 0
                 return np.asarray(image) > 0
-            return np.asarray(image.convert("L")) > 0
+            if image.mode in ("1", "L", "LA"):
+                return np.asarray(image.convert("L")) > 0
+            # Colour (class-id or palette) masks: any channel, so that a dark colour such
+            # as (0, 0, 1) is object too (its grey level rounds to 0).
+            return np.asarray(image.convert("RGB")).any(axis=-1)
     except FileNotFoundError:
         raise SkipRow(f"mask file not found: {path}") from None
     except Image.DecompressionBombError:

@@ -356,12 +356,22 @@ def _open_run(config: AuditConfig, run_key: str, resume: bool) -> tuple[RunStore
                 raise ConfigError(f"run {run.root} is incomplete; pass --resume to continue it")
             return run, True
         return run, False
-    if resume:
-        previous = latest_run(store_root, run_key)
-        if previous is not None:
-            return RunStore(previous), True
+    previous = latest_run(store_root, run_key)
+    if resume and previous is not None:
+        return RunStore(previous), True
+    if previous is not None and RunStore(previous).manifest().get("status") != "complete":
+        warnings.warn(
+            f"an unfinished run of the same model, data and config is in {previous}; this "
+            "starts a new one (--resume would have continued it)",
+            stacklevel=3,
+        )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    return RunStore(store_root / f"{stamp}-{run_key[:8]}"), False
+    name = f"{stamp}-{run_key[:8]}"
+    root, count = store_root / name, 1
+    while root.exists():  # the same inputs started again within the same second
+        count += 1
+        root = store_root / f"{name}-{count}"
+    return RunStore(root), False
 
 
 @dataclass
@@ -540,8 +550,9 @@ def run_audit(
 ) -> AuditResult:
     """Audit a dataset as configured and return the stored run.
 
-    ``resume``: continue the newest incomplete run with the same model, data and
-    config (or the named ``output.run_id``) instead of starting a new one.
+    ``resume``: continue the newest run with the same model, data and config (or the
+    named ``output.run_id``) instead of starting a new one; when that run is complete
+    it is returned as it is (``reused``).
     ``baseline``: a previous run folder, or ``"latest"`` (the newest complete run in the
     store of the same dataset, regions and class names); flags then compare each group with itself
     in that run instead of with the other groups.

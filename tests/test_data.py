@@ -98,8 +98,27 @@ def test_class_folders_with_parallel_masks(tmp_path):
         [RegionSection(name="object", source="mask")],
     )
     assert loaded.image.shape == (10, 12, 3) and loaded.regions[0].all()
+    with pytest.raises(ConfigError, match="masks folder not found: .*maskz"):
+        read_folders(tmp_path / "images", tmp_path / "maskz")  # a typo fails at once
     with pytest.raises(ConfigError, match="no images found"):
         read_folders(tmp_path / "masks" / "cat")
+
+
+def test_colour_masks_count_every_non_black_pixel(tmp_path):
+    from audit.data import _read_mask
+
+    pixels = np.zeros((2, 3, 3), "uint8")
+    pixels[0, 0] = (0, 0, 1)  # a dark class-id colour: grey level 0
+    pixels[1, 2] = (200, 0, 0)
+    Image.fromarray(pixels).save(tmp_path / "rgb.png")
+    expected = np.array([[True, False, False], [False, False, True]])
+    np.testing.assert_array_equal(_read_mask(tmp_path / "rgb.png"), expected)
+    palette = Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    palette.save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(_read_mask(tmp_path / "palette.png"), expected)
+    grey = Image.fromarray((expected * 7).astype("uint8"))
+    grey.save(tmp_path / "grey.png")
+    np.testing.assert_array_equal(_read_mask(tmp_path / "grey.png"), expected)
 
 
 def test_manifest_errors_name_the_file_and_the_fix(tmp_path):

@@ -210,6 +210,12 @@ def test_a_killed_run_resumes_to_identical_results(small_dataset, tmp_path, monk
     (run_dir,) = (tmp_path / "b").iterdir()
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"
     assert RunStore(run_dir).done_chunks() == {0}
+    # Starting over without --resume says that --resume would continue it.
+    from audit.pipeline import _open_run
+
+    key = json.loads((run_dir / "manifest.json").read_text())["run_key"]
+    with pytest.warns(UserWarning, match="unfinished run .*--resume would have continued it"):
+        assert _open_run(config, key, resume=False)[0].root != run_dir
 
     resumed = run_audit(config, resume=True, progress=False)
     assert resumed.run_dir == run_dir
