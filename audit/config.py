@@ -199,6 +199,27 @@ class RegionSection(_Section):
             raise ValueError(f"region name {name!r} must be a simple identifier like 'object'")
         return name
 
+    @model_validator(mode="after")
+    def _keys_of_its_source(self) -> RegionSection:
+        """A key meant for another source would be silently ignored: refuse it, as an
+        unknown key is refused."""
+        for key, source in REGION_SOURCE_KEYS.items():
+            if key in self.model_fields_set and self.source != source:
+                raise ValueError(
+                    f"{key} applies to regions with source: {source}, and region "
+                    f"{self.name!r} has source: {self.source}; remove {key}"
+                )
+        return self
+
+
+# The region keys that only one source reads.
+REGION_SOURCE_KEYS = {
+    "box_from_mask": "mask",
+    "width": "border",
+    "shape": "face",
+    "hair_band": "face",
+}
+
 
 DEFAULT_REGIONS = (
     RegionSection(name="object", source="mask", role="expected"),
@@ -389,6 +410,10 @@ def _format_errors(error: ValidationError, source: str) -> str:
             message = message.removeprefix("Value error, ")
         elif item["type"] == "extra_forbidden":
             message = "unknown key; check the spelling against docs/config.md"
+        elif item["type"] == "missing" and isinstance(item["loc"][-1], int):
+            # A fixed-length list (size: [h, w], mean: [r, g, b]) given too few values.
+            key = ".".join(str(part) for part in item["loc"][:-1])
+            message = f"too few values (item {item['loc'][-1]} is missing); see docs/config.md"
         elif item["type"] == "missing":
             message = "required key is missing"
         lines.append(f"  {key}: {message}")

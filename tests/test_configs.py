@@ -143,6 +143,16 @@ def test_unknown_key_inside_a_region_names_its_index():
     }
     with pytest.raises(ConfigError, match=r"regions\.0\.widht: unknown key"):
         build_config(data)
+    # A key of another source would be ignored: refused too.
+    data["regions"] = [{"name": "object", "source": "mask", "width": 3}]
+    with pytest.raises(ConfigError, match=r"regions\.0: width applies to regions with source: "):
+        build_config(data)
+    frame = {"name": "frame", "source": "border", "width": 3, "role": "spurious"}
+    data["regions"] = [{"name": "object", "source": "mask"}, frame]
+    assert build_config(data).regions[1].width == 3
+    # A fixed-length list given too few values names the list, not its missing item.
+    with pytest.raises(ConfigError, match=r"preprocess\.size: too few values \(item 1 is"):
+        build_config({**data, "preprocess": {"size": [32]}})
 
 
 @pytest.mark.parametrize(
