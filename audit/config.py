@@ -202,9 +202,11 @@ class RegionSection(_Section):
     @model_validator(mode="after")
     def _keys_of_its_source(self) -> RegionSection:
         """A key meant for another source would be silently ignored: refuse it, as an
-        unknown key is refused."""
+        unknown key is refused. (A default value passes: a dumped config, which the
+        manifest and the Ray workers read back, lists every key.)"""
         for key, source in REGION_SOURCE_KEYS.items():
-            if key in self.model_fields_set and self.source != source:
+            default = type(self).model_fields[key].default
+            if self.source != source and getattr(self, key) != default:
                 raise ValueError(
                     f"{key} applies to regions with source: {source}, and region "
                     f"{self.name!r} has source: {self.source}; remove {key}"

@@ -150,6 +150,9 @@ def test_unknown_key_inside_a_region_names_its_index():
     frame = {"name": "frame", "source": "border", "width": 3, "role": "spurious"}
     data["regions"] = [{"name": "object", "source": "mask"}, frame]
     assert build_config(data).regions[1].width == 3
+    # A dumped config (every key, defaults included) loads back.
+    dumped = build_config(data).model_dump(mode="json")
+    assert build_config(dumped).regions == build_config(data).regions
     # A fixed-length list given too few values names the list, not its missing item.
     with pytest.raises(ConfigError, match=r"preprocess\.size: too few values \(item 1 is"):
         build_config({**data, "preprocess": {"size": [32]}})
