@@ -252,7 +252,7 @@ def test_the_ray_engine_on_other_backends_matches_the_local_engine(backend):
             "-q",
             "-p",
             "no:cacheprovider",
-            "tests/test_ray_engine.py",
+            "tests/test_ray_engine.py::test_ray_engine_matches_the_local_engine",
         ],
         cwd=ROOT,
         env=env,
