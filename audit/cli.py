@@ -100,11 +100,12 @@ def _dashboard(argv: list[str]) -> int:
 SCHEDULE_HELP = """usage: bias-audit schedule run CONFIG [--fail-on warn|fail|never] [--progress]
 
 Audit every model version that a config's schedule: section names and that has no
-complete run yet, each with the previous version's run as the baseline.
+complete run yet, and compare each with the previous version.
 
 subcommands:
-  run CONFIG   audit the new versions; exit 1 when one reaches schedule.fail_on,
-               2 when one had no image that could be audited
+  run CONFIG   audit the new versions; exit 1 when the newest version's outcome
+               reaches schedule.fail_on, 2 when none of its images could be audited
+               or a version cannot be read
                ('bias-audit schedule run --help' for its options)
 """
 

@@ -505,8 +505,8 @@ def load_row(
                 )
                 if not drawn.any():
                     raise SkipRow(
-                        f"face box {face_box} lies outside the {width}x{height} image "
-                        "(x is the column, y the row, in pixels)"
+                        f"face box {face_box} covers no pixel of the {width}x{height} image "
+                        "(outside it, or under a pixel; x is the column, y the row)"
                     )
                 faces[region.name] = preprocessor.mask(drawn)
     stack = build_regions(

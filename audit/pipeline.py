@@ -21,6 +21,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import keras
@@ -68,10 +69,15 @@ class AuditResult:
 OTHER_METRICS = tuple(metric for metric in METRICS if metric != "rank_acc")
 
 
-def dataset_fingerprint(entries: Entries) -> str:
-    """Hash of the entries table and the size and modification time of every file it
-    names (what make and rsync go by): a file rewritten in place, even at the same
-    size, is new data, never a reused run's."""
+def dataset_fingerprint(entries: Entries, *, times: bool = False) -> str:
+    """Hash of the entries table and the size of every file it names: the dataset's
+    identity, which a baseline must share (a copy restored without its file times is
+    the same dataset).
+
+    ``times``: the modification times too (what make and rsync go by): the version
+    of the data a run key and the face cache are keyed on, so a file rewritten in
+    place, even at the same size, is new data, never a reused run's.
+    """
     digest = hashlib.sha256()
     buffer = io.StringIO()
     entries.table.to_csv(buffer, index=False)
@@ -82,9 +88,12 @@ def dataset_fingerprint(entries: Entries) -> str:
                 path = base / str(value)
                 try:
                     stat = path.stat()
-                    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
                 except (OSError, ValueError):  # missing or unreadable: a skipped row
                     digest.update(b"-1")
+                    continue
+                digest.update(str(stat.st_size).encode())
+                if times:
+                    digest.update(f":{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
@@ -116,7 +125,7 @@ class AuditStep:
             )
         return cells
 
-    @property
+    @cached_property  # a flexible-input model runs one image to know its map size
     def metric_size(self) -> tuple[int, int]:
         """The measuring grid: the input size, capped at ``metrics.max_side`` per side but
         never coarser than twice the map's own resolution."""
@@ -590,14 +599,20 @@ def run_audit(
     size = _input_size(model, config)
     model_hash = file_sha256(Path(config.model.path))
     data_hash = dataset_fingerprint(entries)
+    data_version = dataset_fingerprint(entries, times=True)
     if config.dataset.face_detector is not None:
         from audit.faces import with_detected_faces
 
         cache = Path(config.output.store) / ".cache"
-        entries = with_detected_faces(entries, cache, data_hash, progress=progress)
+        entries = with_detected_faces(entries, cache, data_version, progress=progress)
     if baseline == "latest":
         baseline = latest_baseline(config, data_hash, class_names)
-    run_key = hashlib.sha256(f"{config.fingerprint()}{model_hash}{data_hash}".encode()).hexdigest()
+    # Flags against a baseline answer another question (did a class get worse?), so a
+    # run with one is never reused for a run without one, nor for another baseline.
+    against = "" if baseline is None else f"baseline:{Path(baseline).resolve()}"
+    run_key = hashlib.sha256(
+        f"{config.fingerprint()}{model_hash}{data_version}{against}".encode()
+    ).hexdigest()
     run, reopened = _open_run(config, run_key, resume)
     chunk_rows = config.batch_size * BATCHES_PER_CHUNK
     if reopened and run.manifest().get("status") == "complete":

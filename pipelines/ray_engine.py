@@ -114,7 +114,8 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+        host = host.strip("[]") or "127.0.0.1"  # [::1]:6379, an IPv6 address
+        socket.create_connection((host, int(port)), timeout=timeout).close()
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"--ray-address {address}: no Ray cluster answers there ({error}); start one "

@@ -308,3 +308,16 @@ def test_run_exits_2_on_a_zero_size_and_leaves_no_run_folder(tmp_path, capsys):
     assert main(["run", str(path)]) == 2
     assert "preprocess.size: height and width must be at least 1 pixel" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_fingerprint_does_not_depend_on_how_paths_are_spelled(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+
+    def fingerprint(model, manifest):
+        data = {"model": {"path": model}, "dataset": {"manifest": manifest}}
+        return build_config(data).fingerprint()
+
+    same = fingerprint(str(tmp_path / "m.keras"), str(tmp_path / "d.csv"))
+    assert fingerprint("../m.keras", "../sub/../d.csv") == same
+    assert fingerprint("../other.keras", "../d.csv") != same

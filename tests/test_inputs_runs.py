@@ -103,6 +103,14 @@ def test_class_folders_with_masks_and_a_matching_latest_baseline(data, tmp_path,
     assert json.loads((store / "again" / "manifest.json").read_text())["baseline"] == str(
         store / "first"
     )
+    # A run flagged against a baseline is never reused for one without: resuming the
+    # same config returns the plain run, not the newer baseline-relative one.
+    from audit.config import load_config
+    from audit.pipeline import run_audit
+
+    plain = load_config(config, {"output": {"store": str(store)}})
+    resumed = run_audit(plain, resume=True, progress=False)
+    assert resumed.reused and resumed.run_dir == store / "first"
     # Other data (the first 10 rows only) and no matching run: a clear refusal, no run.
     assert _run(config, store, "--limit", "10", "--baseline", "latest", "--run-id", "x") == 2
     err = capsys.readouterr().err

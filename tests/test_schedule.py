@@ -1,6 +1,7 @@
 """Scheduled audits of model versions and the run history index."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -26,14 +27,15 @@ def save_version(folder, name, scale):
 
 
 def write_config(tmp_path, manifest, models, **schedule):
+    """The config file, with paths relative to its folder (as a user writes them)."""
     path = tmp_path / "nightly.yaml"
     config = {
         "model": {"class_names": [str(d) for d in range(10)]},
-        "dataset": {"manifest": str(manifest)},
-        "output": {"store": str(tmp_path / "runs")},
+        "dataset": {"manifest": os.path.relpath(manifest, tmp_path)},
+        "output": {"store": "runs"},
         "batch_size": 16,
         "policy": {"intervention_samples": 20},
-        "schedule": {"models": str(models), **schedule},
+        "schedule": {"models": os.path.relpath(models, tmp_path), **schedule},
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -67,7 +69,7 @@ def test_versions_are_audited_once_in_version_order(tmp_path, monkeypatch):
     # The config's path spelled another way (relative, from another folder): reused.
     monkeypatch.chdir(tmp_path / "models")
     relative = run_schedule(load_config("../nightly.yaml"))
-    assert [r.run_dir for r in relative] == [r.run_dir for r in third]
+    assert [r.run_dir.resolve() for r in relative] == [r.run_dir.resolve() for r in third]
     assert all(r.reused for r in relative)
     runs = history(tmp_path / "runs")
     assert len(runs) == 4 and set(runs["model_line"]) == {"ink"}
