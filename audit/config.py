@@ -30,6 +30,16 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value, info):
+        """pydantic's lax mode reads `true` as 1 and "32" as 32: a number key takes a
+        number (a bool or quoted text is a mistake to point out, not to guess at)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if annotation in (int, float) and isinstance(value, (bool, str)):
+            raise ValueError(f"{value!r} is not a number; write a number without quotes")
+        return value
+
 
 class ModelSection(_Section):
     path: Path | None = Field(

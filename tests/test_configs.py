@@ -321,3 +321,12 @@ def test_the_fingerprint_does_not_depend_on_how_paths_are_spelled(tmp_path, monk
     same = fingerprint(str(tmp_path / "m.keras"), str(tmp_path / "d.csv"))
     assert fingerprint("../m.keras", "../sub/../d.csv") == same
     assert fingerprint("../other.keras", "../d.csv") != same
+
+
+def test_a_number_key_takes_a_number_not_a_bool_or_text():
+    base = {"model": {"path": "m.keras"}, "dataset": {"manifest": "d.csv"}}
+    with pytest.raises(ConfigError, match="batch_size: True is not a number"):
+        build_config({**base, "batch_size": True})
+    with pytest.raises(ConfigError, match="policy.alpha: '0.1' is not a number"):
+        build_config({**base, "policy": {"alpha": "0.1"}})
+    assert build_config({**base, "batch_size": 16, "policy": {"gap_floor": 0}}).batch_size == 16
