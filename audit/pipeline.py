@@ -616,6 +616,14 @@ def run_audit(
     run, reopened = _open_run(config, run_key, resume)
     chunk_rows = config.batch_size * BATCHES_PER_CHUNK
     if reopened and run.manifest().get("status") == "complete":
+        made_on = run.manifest().get("versions", {}).get("keras_backend", "tensorflow")
+        if made_on != keras.backend.backend():  # the same audit, computed elsewhere
+            warnings.warn(
+                f"returning the finished run {run.root}, computed on Keras' {made_on!r} "
+                f"backend (this process uses {keras.backend.backend()!r}); for a run of "
+                "this backend, give another output.run_id and leave out --resume",
+                stacklevel=2,
+            )
         if config.output.mlflow:  # a run first made without MLflow logging gets logged
             from audit.mlflow_log import log_run
 

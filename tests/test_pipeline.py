@@ -358,6 +358,12 @@ def test_a_run_is_never_resumed_on_another_keras_backend(small_dataset, tmp_path
     with pytest.raises(ConfigError, match="KERAS_BACKEND=jax"):
         run_audit(config, resume=True, progress=False)
     assert store.done_chunks() == {0}  # nothing was added to the run
+    # A finished run of another backend is returned, and says so.
+    store.update_manifest(versions=versions)
+    run_audit(config, resume=True, progress=False)  # finished on this backend
+    store.update_manifest(versions=versions | {"keras_backend": "jax"})
+    with pytest.warns(UserWarning, match="computed on Keras' 'jax' backend"):
+        assert run_audit(config, resume=True, progress=False).reused
 
 
 def test_the_pointing_tolerance_is_counted_in_grid_cells_per_axis(tmp_path):
