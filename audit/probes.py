@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
+from scipy.stats import binomtest
 
 from audit.aggregate import bootstrap_mean_ci
 from audit.config import PolicySection, RegionSection
@@ -184,6 +185,16 @@ def run_interventions(
     return pd.DataFrame(records)
 
 
+def wilson_interval(outcomes: np.ndarray) -> tuple[float, float]:
+    """95% Wilson score interval of a rate of 0/1 outcomes (NaN for none): exact
+    enough at the rates' extremes (a class still predicted 100% of the time), where
+    a bootstrap of identical outcomes collapses to a point."""
+    if not len(outcomes):
+        return np.nan, np.nan
+    ci = binomtest(int(outcomes.sum()), len(outcomes)).proportion_ci(method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def summarise_interventions(
     outcomes: pd.DataFrame, class_names: Sequence[str], policy: PolicySection
 ) -> pd.DataFrame:
@@ -211,7 +222,9 @@ def summarise_interventions(
         record["n_probe"] = len(group)
         record["n_mixed_rand"] = len(paired)
         for name in INTERVENTIONS:
-            record[f"rate_{name}"] = float(kept[name].mean()) if len(kept[name]) else np.nan
+            rate = f"rate_{name}"
+            record[rate] = float(kept[name].mean()) if len(kept[name]) else np.nan
+            record[f"{rate}_low"], record[f"{rate}_high"] = wilson_interval(kept[name])
         record["bg_gap"] = float(gaps[int(label)].mean()) if len(paired) else np.nan
         low, high = bootstrap_mean_ci(
             gaps[int(label)], resamples=policy.bootstrap_resamples, seed=policy.seed

@@ -203,6 +203,12 @@ def _bg_gap(probe: dict | None) -> str:
     return _with_ci(**_ci(probe, "bg_gap")) if probe else "n/a"
 
 
+def _rate(probe: dict, name: str) -> str:
+    """A class's prediction rate under one intervention with its 95% CI (n/a where it
+    did not run: the diagnostics run only for classes with a finding by default)."""
+    return _with_ci(**_ci(probe, f"rate_{name}"))
+
+
 def unreadable_examples(report: dict) -> int:
     """How many of the report's example images cannot be opened under the dataset root."""
     root = Path(report["dataset"]["root"])
@@ -507,9 +513,9 @@ def render_html(report: dict, run_dir: Path) -> str:
             parts.append(
                 "<p>Interventions on "
                 f"{probe['n_probe']} correct images: still predicted with the object only "
-                f"{_fmt(probe['rate_object_only'])}, background only "
-                f"{_fmt(probe['rate_background_only'])}, background swapped "
-                f"{_fmt(probe['rate_mixed_rand'])}; BG-gap {_bg_gap(probe)}.</p>"
+                f"{_rate(probe, 'object_only')}, background only "
+                f"{_rate(probe, 'background_only')}, background swapped "
+                f"{_rate(probe, 'mixed_rand')}; BG-gap {_bg_gap(probe)}.</p>"
             )
         main_map = _main_map_text(entry["true_label"], expected + spurious)
         if main_map:

@@ -406,6 +406,9 @@ def test_the_two_diagnostic_interventions_run_where_there_is_a_finding(tmp_path)
     table = _interventions(probe, sample, none, names, PolicySection()).set_index("class_index")
     # Mixed-Rand everywhere: class 1 loses every image (intervention evidence).
     assert table["rate_mixed_rand"].tolist() == [1.0, 0.0]
+    # Each rate has its 95% Wilson interval: 30 of 30 kept is not a certain 1.0.
+    assert table["rate_mixed_rand_low"].round(3).tolist() == [0.886, 0.0]
+    assert table["rate_mixed_rand_high"].round(3).tolist() == [1.0, 0.114]
     assert table["intervention_evidence"].tolist() == [False, True]
     # Only class 1 has a finding, so only it gets the object/background-only details.
     assert table["rate_object_only"].isna().tolist() == [True, False]

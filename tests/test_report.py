@@ -102,6 +102,11 @@ def test_markdown_and_html_show_each_mean_with_its_ci(report, run_dir):
     entry["mass"][REGION] = {"mean": 0.75, "low": 0.71, "high": 0.79}
     entry["true_label"]["lift"][REGION] = {"mean": 1.5, "low": 1.25, "high": 1.75}
     entry["interventions"] |= {"bg_gap": 0.4, "bg_gap_low": 0.3, "bg_gap_high": 0.5}
+    entry["interventions"] |= {
+        "rate_mixed_rand": 0.6,
+        "rate_mixed_rand_low": 0.45,
+        "rate_mixed_rand_high": 0.73,
+    }
     row = hostile_row(render_markdown(report))
     assert row.endswith("| 0.75 [0.71, 0.79] | 0.40 [0.30, 0.50] |")
     page = render_html(report, run_dir)
@@ -109,6 +114,7 @@ def test_markdown_and_html_show_each_mean_with_its_ci(report, run_dir):
     assert "<td>0.75 [0.71, 0.79]</td><td>0.40 [0.30, 0.50]</td>" in summary
     assert "<td>1.50 [1.25, 1.75]</td>" in page  # lift in the class card
     assert "BG-gap 0.40 [0.30, 0.50]" in page  # the interventions sentence
+    assert "background swapped 0.60 [0.45, 0.73]" in page
     group = next(g for g in report["slices"]["groups"] if g["kind"] == "slice")
     slices = page[page.index("<h2>Slices</h2>") :]
     low, high = group[f"mass_{REGION}_low"], group[f"mass_{REGION}_high"]
