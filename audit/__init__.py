@@ -8,17 +8,37 @@ import os as _os
 # Quiet TensorFlow's C++ start-up banner unless the user asked for logs.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from audit.cam_methods import CAM_METHODS, get_cam_method  # noqa: E402
-from audit.compare import compare_runs  # noqa: E402
-from audit.config import AuditConfig, ConfigError, build_config, load_config  # noqa: E402
-from audit.decisions import Decision, read_decisions, record_decision  # noqa: E402
-from audit.explain import PREDICTED, Explanation, GradCAM, zero_maps  # noqa: E402
-from audit.guided import GuidedGradCAM, guided_model  # noqa: E402
-from audit.metrics import region_metrics  # noqa: E402
-from audit.models import ModelCut, ModelStructureError, cut_model, load_model  # noqa: E402
-from audit.pipeline import AuditResult, run_audit  # noqa: E402
-from audit.report import write_reports  # noqa: E402
-from audit.sources import export_tf_dataset  # noqa: E402
+import importlib as _importlib
+
+# The public API, imported on first use (PEP 562): ``bias-audit --help``, ``history``
+# and ``report`` need no TensorFlow, which takes seconds to import.
+_EXPORTS = {
+    "audit.cam_methods": ("CAM_METHODS", "get_cam_method"),
+    "audit.compare": ("compare_runs",),
+    "audit.config": ("AuditConfig", "ConfigError", "build_config", "load_config"),
+    "audit.decisions": ("Decision", "read_decisions", "record_decision"),
+    "audit.explain": ("PREDICTED", "Explanation", "GradCAM", "zero_maps"),
+    "audit.guided": ("GuidedGradCAM", "guided_model"),
+    "audit.metrics": ("region_metrics",),
+    "audit.models": ("ModelCut", "ModelStructureError", "cut_model", "load_model"),
+    "audit.pipeline": ("AuditResult", "run_audit"),
+    "audit.report": ("write_reports",),
+    "audit.sources": ("export_tf_dataset",),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'audit' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(_HOME[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])
+
 
 __version__ = "0.1.0"
 
