@@ -69,19 +69,20 @@ class AuditResult:
 OTHER_METRICS = tuple(metric for metric in METRICS if metric != "rank_acc")
 
 
-def dataset_fingerprint(entries: Entries, *, times: bool = False) -> str:
-    """Hash of the entries table and the size of every file it names: the dataset's
-    identity, which a baseline must share (a copy restored without its file times is
-    the same dataset).
+def dataset_fingerprint(entries: Entries) -> tuple[str, str]:
+    """Two hashes of the entries table and the files it names, in one pass.
 
-    ``times``: the modification times too (what make and rsync go by): the version
-    of the data a run key and the face cache are keyed on, so a file rewritten in
-    place, even at the same size, is new data, never a reused run's.
+    The identity (the table and every file's size) is what a baseline must share: a
+    copy restored without its file times is the same dataset. The version adds the
+    modification times (what make and rsync go by): a run key and the face cache are
+    keyed on it, so a file rewritten in place, even at the same size, is new data,
+    never a reused run's.
     """
-    digest = hashlib.sha256()
     buffer = io.StringIO()
     entries.table.to_csv(buffer, index=False)
-    digest.update(buffer.getvalue().encode())
+    identity, version = hashlib.sha256(), hashlib.sha256()
+    for digest in (identity, version):
+        digest.update(buffer.getvalue().encode())
     for column, base in (("path", entries.root), ("mask_path", entries.mask_base)):
         if column in entries.table.columns:
             for value in entries.table[column].dropna():
@@ -89,12 +90,12 @@ def dataset_fingerprint(entries: Entries, *, times: bool = False) -> str:
                 try:
                     stat = path.stat()
                 except (OSError, ValueError):  # missing or unreadable: a skipped row
-                    digest.update(b"-1")
+                    identity.update(b"-1")
+                    version.update(b"-1")
                     continue
-                digest.update(str(stat.st_size).encode())
-                if times:
-                    digest.update(f":{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
+                identity.update(str(stat.st_size).encode())
+                version.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return identity.hexdigest(), version.hexdigest()
 
 
 class AuditStep:
@@ -598,8 +599,7 @@ def run_audit(
     )
     size = _input_size(model, config)
     model_hash = file_sha256(Path(config.model.path))
-    data_hash = dataset_fingerprint(entries)
-    data_version = dataset_fingerprint(entries, times=True)
+    data_hash, data_version = dataset_fingerprint(entries)
     if config.dataset.face_detector is not None:
         from audit.faces import with_detected_faces
 
@@ -615,8 +615,9 @@ def run_audit(
     ).hexdigest()
     run, reopened = _open_run(config, run_key, resume)
     chunk_rows = config.batch_size * BATCHES_PER_CHUNK
-    if reopened and run.manifest().get("status") == "complete":
-        made_on = run.manifest().get("versions", {}).get("keras_backend", "tensorflow")
+    existing = run.manifest() if reopened else {}
+    made_on = existing.get("versions", {}).get("keras_backend", "tensorflow")
+    if reopened and existing.get("status") == "complete":
         if made_on != keras.backend.backend():  # the same audit, computed elsewhere
             warnings.warn(
                 f"returning the finished run {run.root}, computed on Keras' {made_on!r} "
@@ -628,15 +629,13 @@ def run_audit(
             from audit.mlflow_log import log_run
 
             log_run(run.root, once=True)
-        return AuditResult(run.root, run.images(), run.manifest(), reused=True)
-    if reopened:  # one run never mixes backends
-        started_on = run.manifest().get("versions", {}).get("keras_backend", "tensorflow")
-        if started_on != keras.backend.backend():
-            raise ConfigError(
-                f"run {run.root} was started on Keras' {started_on!r} backend and this "
-                f"process uses {keras.backend.backend()!r}: resume it with "
-                f"KERAS_BACKEND={started_on}, or start a new run (another output.run_id)"
-            )
+        return AuditResult(run.root, run.images(), existing, reused=True)
+    if reopened and made_on != keras.backend.backend():  # one run never mixes backends
+        raise ConfigError(
+            f"run {run.root} was started on Keras' {made_on!r} backend and this "
+            f"process uses {keras.backend.backend()!r}: resume it with "
+            f"KERAS_BACKEND={made_on}, or start a new run (another output.run_id)"
+        )
     if not reopened:
         run.write_manifest(
             {

@@ -192,7 +192,6 @@ def _rle_box(rle: dict) -> dict:
 
 # ------------------------------------------------------------------- TFDS
 
-MANIFEST_NAME, COMPLETE_NAME = EXPORT_MANIFEST, EXPORT_MARKER
 EXPORT_FORMAT = 1
 TRIMAP_VALUES = {1, 2, 3}  # Oxford-IIIT Pet: 1 pet, 2 background, 3 border
 
@@ -282,13 +281,13 @@ def _load_tfds(dataset: DatasetSection):
 def _complete_export(folder: Path, keys: dict) -> Path | None:
     """The manifest of a finished export with these keys, or None if it must be (re)done."""
     try:
-        marker = json.loads((folder / COMPLETE_NAME).read_text())
+        marker = json.loads((folder / EXPORT_MARKER).read_text())
     except (OSError, ValueError):
         return None
     expected = {"format": EXPORT_FORMAT, **keys}
     if any(marker.get(key) != value for key, value in expected.items()):
         return None
-    manifest = folder / MANIFEST_NAME
+    manifest = folder / EXPORT_MANIFEST
     return manifest if manifest.exists() else None
 
 
@@ -321,7 +320,7 @@ def export_tf_dataset(
     """
     folder = Path(folder)
     _check_keys(ds, [image_key, label_key, mask_key])
-    (folder / COMPLETE_NAME).unlink(missing_ok=True)
+    (folder / EXPORT_MARKER).unlink(missing_ok=True)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     if mask_key is not None:
         (folder / "masks").mkdir(parents=True, exist_ok=True)
@@ -338,7 +337,7 @@ def export_tf_dataset(
     if not rows:
         raise ConfigError(f"the dataset exported to {folder} is empty; nothing to audit")
     columns = ["path", "label"] + (["mask_path"] if mask_key is not None else [])
-    manifest = folder / MANIFEST_NAME
+    manifest = folder / EXPORT_MANIFEST
     _write_atomic(manifest, pd.DataFrame(rows, columns=columns).to_csv(index=False))
     marker = {
         "format": EXPORT_FORMAT,
@@ -349,7 +348,7 @@ def export_tf_dataset(
         # The label feature's names in index order: the model's output order.
         "label_names": None if label_names is None else list(label_names),
     }
-    _write_atomic(folder / COMPLETE_NAME, json.dumps(marker))
+    _write_atomic(folder / EXPORT_MARKER, json.dumps(marker))
     return manifest
 
 
