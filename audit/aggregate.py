@@ -222,6 +222,14 @@ class Aggregator:
             self.groups[identity].merge(accumulator)
         return self
 
+    def _zero_maps(self, kind: str, values: dict, use: np.ndarray) -> int:
+        """Measured rows whose map is zero everywhere. Their mass is null on every
+        region (an empty region's is 0), so the group's means leave them out."""
+        if not self.region_names:
+            return 0
+        mass = values[self.column(kind, "mass", self.region_names[0])][use]
+        return int(np.isnan(mass).sum())
+
     def finalize(
         self,
         class_names: Sequence[str],
@@ -250,6 +258,7 @@ class Aggregator:
                 "value": key.value,
                 "n": int(len(rows)),
                 "n_measured": int(use.sum()),
+                "n_zero_map": self._zero_maps(key.kind, values, use),
                 "accuracy": float(correct.mean()) if len(rows) else float("nan"),
             }
             for region in self.region_names:

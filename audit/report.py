@@ -86,6 +86,7 @@ def build_report(run_dir: Path) -> dict:
             view = {
                 "n": row.get("n", 0),
                 "n_measured": row.get("n_measured", 0),
+                "n_zero_map": row.get("n_zero_map", 0),
                 "mass": {r: _ci(row, f"mass_{r}") for r in regions},
                 "lift": {r: _ci(row, f"lift_{r}") for r in regions},
                 "pointing": {r: row.get(f"pointing_{r}") for r in regions},
@@ -181,11 +182,13 @@ def _code(text) -> str:
     """A Markdown code span of raw text (nothing inside a code span needs escaping).
 
     Its fence is one backtick longer than the longest run of backticks in the text;
-    the spaces inside the fence let the text start or end with a backtick.
+    a text that starts or ends with a backtick or a space is padded with one space on
+    each side inside the fence (CommonMark strips one from each side).
     """
     text = " ".join(str(text).splitlines())
     fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
-    return f"{fence} {text} {fence}"
+    pad = " " if text[:1] in ("`", " ") or text[-1:] in ("`", " ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -201,6 +204,14 @@ def _with_ci(mean, low=None, high=None, digits: int = 2) -> str:
 
 def _bg_gap(probe: dict | None) -> str:
     return _with_ci(**_ci(probe, "bg_gap")) if probe else "n/a"
+
+
+def _support(entry: dict) -> str:
+    """A class's row count, with its zero maps (correct rows whose true-label map is
+    zero everywhere: left out of the means, so they are shown)."""
+    zero = entry["true_label"].get("n_zero_map") or 0
+    maps = "zero map" if zero == 1 else "zero maps"
+    return f"{entry['n']} ({zero} {maps})" if zero else str(entry["n"])
 
 
 def _rate(probe: dict, name: str) -> str:
@@ -241,7 +252,8 @@ def _decision_text(entry: dict) -> str:
     )
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: dict, unreadable: int | None = None) -> str:
+    """``unreadable``: ``unreadable_examples(report)`` when the caller has it already."""
     spurious = [r["name"] for r in report["regions"] if r["role"] == "spurious"]
     lines = [
         f"## Bias audit {report['outcome']}: {_md(report['run_id'])}",
@@ -252,7 +264,8 @@ def render_markdown(report: dict) -> str:
         f"{report['counts'].get('skipped', 0)} skipped; accuracy {_fmt(report['accuracy'], 3)}.",
         "",
     ]
-    unreadable = unreadable_examples(report)
+    if unreadable is None:
+        unreadable = unreadable_examples(report)
     if unreadable:
         note = unreadable_note(unreadable, report["dataset"]["root"])
         lines += [f"**Note:** {_md(note)}: report.html shows no overlay of them.", ""]
@@ -266,7 +279,7 @@ def render_markdown(report: dict) -> str:
         cells = [
             _md(entry["class_name"]),
             f"**{entry['status']}**" if entry["status"] != "ok" else "ok",
-            str(entry["n"]),
+            _support(entry),
             _fmt(entry["accuracy"]),
         ]
         cells += [_with_ci(**entry["mass"][region]) for region in spurious]
@@ -449,7 +462,8 @@ pre{background:#f6f6f6;padding:1rem;overflow:auto}
 """
 
 
-def render_html(report: dict, run_dir: Path) -> str:
+def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> str:
+    """``unreadable``: ``unreadable_examples(report)`` when the caller has it already."""
     run = RunStore(run_dir)
     manifest = run.manifest()
     rows, cams = run.cams()  # read once for every class's thumbnails
@@ -467,7 +481,8 @@ def render_html(report: dict, run_dir: Path) -> str:
         f"{report['counts'].get('ok', 0)} images audited, "
         f"{report['counts'].get('skipped', 0)} skipped.</p>",
     ]
-    unreadable = unreadable_examples(report)
+    if unreadable is None:
+        unreadable = unreadable_examples(report)
     if unreadable:
         note = unreadable_note(unreadable, report["dataset"]["root"])
         parts.append(
@@ -483,7 +498,7 @@ def render_html(report: dict, run_dir: Path) -> str:
         probe = entry["interventions"]
         parts.append(
             f"<tr><td>{escape(entry['class_name'])}</td><td>{escape(entry['status'])}</td>"
-            f"<td>{entry['n']}</td><td>{_fmt(entry['accuracy'])}</td>"
+            f"<td>{_support(entry)}</td><td>{_fmt(entry['accuracy'])}</td>"
             + "".join(f"<td>{_with_ci(**entry['mass'][r])}</td>" for r in spurious)
             + f"<td>{_bg_gap(probe)}</td></tr>"
         )
@@ -570,12 +585,13 @@ def write_reports(run_dir: Path, formats=("json", "md", "html")) -> dict[str, Pa
     report = build_report(run_dir)
     written = {"json": run_dir / "report.json"}
     write_json(written["json"], report)
+    unreadable = unreadable_examples(report)  # opens the example images: once for both
     if "md" in formats:
         written["md"] = run_dir / "report.md"
-        text = render_markdown(report)
+        text = render_markdown(report, unreadable)
         atomic_write(written["md"], lambda tmp: tmp.write_text(text))
     if "html" in formats:
         written["html"] = run_dir / "report.html"
-        page = render_html(report, run_dir)
+        page = render_html(report, run_dir, unreadable)
         atomic_write(written["html"], lambda tmp: tmp.write_text(page))
     return written

@@ -100,6 +100,27 @@ def aggregator_of(images, chunks=1):
     return aggregator
 
 
+def test_zero_maps_are_counted_per_group_and_left_out_of_the_means():
+    images = synthetic_images()
+    zero = images.index[images["label_index"] == 1][:5]
+    metrics = ("mass_", "lift_", "pointing_")
+    for column in [c for c in images.columns if c.startswith(metrics)]:
+        images.loc[zero, column] = np.nan  # what the step stores for a zero map
+        images.loc[zero[2:], f"pred_{column}"] = np.nan  # the predicted map of three
+    groups = (
+        aggregator_of(images)
+        .finalize(["a", "b", "c"], resamples=50)
+        .set_index(["kind", "class_index"])
+    )
+    assert groups.loc[("true", 1), "n_zero_map"] == 5
+    assert groups.loc[("true", 0), "n_zero_map"] == 0
+    assert groups.loc[("pred", 1), "n_zero_map"] == 3  # measured on the predicted maps
+    kept = images[(images["label_index"] == 1)].drop(index=zero)
+    assert groups.loc[("true", 1), "mass_background"] == pytest.approx(
+        kept["mass_background"].mean()
+    )
+
+
 def test_accumulators_merge_to_the_same_result_in_any_order():
     images = synthetic_images()
     whole = aggregator_of(images).finalize(["a", "b", "c"], resamples=200)

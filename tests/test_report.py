@@ -91,9 +91,11 @@ def test_markdown_keeps_hostile_names_as_text(report):
 def test_markdown_model_name_is_a_code_span_without_backslashes(report):
     report = copy.deepcopy(report)
     report["model"]["path"] = "/models/demo_model_v2.keras"
-    assert "Model ` demo_model_v2.keras ` (layer" in render_markdown(report)
+    assert "Model `demo_model_v2.keras` (layer" in render_markdown(report)
     report["model"]["path"] = "/models/odd`name.keras"
-    assert "Model `` odd`name.keras `` (layer" in render_markdown(report)
+    assert "Model ``odd`name.keras`` (layer" in render_markdown(report)
+    report["model"]["path"] = "/models/`edge.keras"  # a leading backtick needs the spaces
+    assert "Model `` `edge.keras `` (layer" in render_markdown(report)
 
 
 def test_markdown_and_html_show_each_mean_with_its_ci(report, run_dir):
@@ -128,6 +130,15 @@ def test_a_class_without_numbers_shows_na_not_a_crash(report, run_dir):
     page = render_html(report, run_dir)
     assert "background swapped n/a; BG-gap n/a." in page
     assert "| 1 | ok | 0 | n/a | n/a | n/a |" in render_markdown(report)
+
+
+def test_zero_maps_are_shown_next_to_the_class_count(report, run_dir):
+    report = copy.deepcopy(report)
+    entry = report["classes"][0]
+    entry["true_label"]["n_zero_map"] = 3
+    row = f"| {entry['n']} (3 zero maps) |"
+    assert row in render_markdown(report)
+    assert f"<td>{entry['n']} (3 zero maps)</td>" in render_html(report, run_dir)
 
 
 def test_unreadable_dataset_images_are_noted_and_guided_pictures_kept(report, run_dir):
