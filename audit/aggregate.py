@@ -58,6 +58,47 @@ def bootstrap_mean_ci(
     return percentile_interval(means, level)
 
 
+def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a rate (no continuity correction; NaN for no trials).
+
+    Used for every rate (accuracy, pointing, localisation error, the interventions'
+    prediction rates): it stays honest at 0 and 1, where a bootstrap of identical
+    outcomes collapses to a point.
+    """
+    if trials <= 0:
+        return float("nan"), float("nan")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    rate = successes / trials
+    scale = 1 + z * z / trials
+    centre = (rate + z * z / (2 * trials)) / scale
+    half = z * np.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials)) / scale
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def rate_with_ci(outcomes: np.ndarray, name: str) -> dict:
+    """``{name: mean, name_low, name_high}`` of 0/1 outcomes (NaN ones left out), the
+    interval Wilson's; NaN for no outcomes."""
+    outcomes = np.asarray(outcomes, dtype="float64")
+    outcomes = outcomes[np.isfinite(outcomes)]
+    if not len(outcomes):
+        return {name: np.nan, f"{name}_low": np.nan, f"{name}_high": np.nan}
+    low, high = wilson_interval(int(outcomes.sum()), len(outcomes))
+    return {name: float(outcomes.mean()), f"{name}_low": low, f"{name}_high": high}
+
+
+def mean_with_ci(values: np.ndarray, name: str, *, resamples: int, seed: int) -> dict:
+    """``{name: mean, name_low, name_high}`` of the finite values, the interval
+    ``bootstrap_mean_ci``'s; NaN for no values."""
+    values = np.asarray(values, dtype="float64")
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return {name: np.nan, f"{name}_low": np.nan, f"{name}_high": np.nan}
+    low, high = bootstrap_mean_ci(finite, resamples=resamples, seed=seed)
+    return {name: float(finite.mean()), f"{name}_low": low, f"{name}_high": high}
+
+
 def resampled_means(values: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """The means of ``count`` bootstrap resamples of ``values``.
 
@@ -259,24 +300,22 @@ class Aggregator:
                 "n": int(len(rows)),
                 "n_measured": int(use.sum()),
                 "n_zero_map": self._zero_maps(key.kind, values, use),
-                "accuracy": float(correct.mean()) if len(rows) else float("nan"),
+                **rate_with_ci(correct, "accuracy"),
             }
+            bootstrap = {"resamples": resamples, "seed": seed}
             for region in self.region_names:
                 for metric in ("mass", "lift"):
                     column = values[self.column(key.kind, metric, region)][use]
-                    finite = column[np.isfinite(column)]
-                    low, high = bootstrap_mean_ci(finite, resamples=resamples, seed=seed)
-                    record[f"{metric}_{region}"] = float(finite.mean()) if len(finite) else None
-                    record[f"{metric}_{region}_low"] = low if len(finite) else None
-                    record[f"{metric}_{region}_high"] = high if len(finite) else None
+                    record.update(mean_with_ci(column, f"{metric}_{region}", **bootstrap))
                 pointing = values[self.column(key.kind, "pointing", region)][use]
-                pointing = pointing[np.isfinite(pointing)]
-                record[f"pointing_{region}"] = float(pointing.mean()) if len(pointing) else None
+                record.update(rate_with_ci(pointing, f"pointing_{region}"))
             # The extras are measured on the main map: summarised only for the groups
             # whose statistics come from that map (true-label groups by default).
             maps = "true" if key.kind in ("true", "class_slice") else "pred"
             if self.prefixes[maps] == "":
-                record.update(_main_map_summary(values, use, correct, self.main_map_columns))
+                record.update(
+                    _main_map_summary(values, use, correct, self.main_map_columns, bootstrap)
+                )
             records.append(record)
         table = pd.DataFrame(records)
         if len(table):
@@ -284,24 +323,19 @@ class Aggregator:
         return table
 
 
-def _main_map_summary(values, use, correct, columns) -> dict:
-    """Counterfactual mass means and weak-localisation errors of one group."""
+def _main_map_summary(values, use, correct, columns, bootstrap: dict) -> dict:
+    """Counterfactual mass means and weak localisation of one group, with 95% CIs."""
     summary = {}
     for column in columns:
-        measured = values[column][use]
-        finite = measured[np.isfinite(measured)]
-        summary[column] = float(finite.mean()) if len(finite) else None
+        summary.update(mean_with_ci(values[column][use], column, **bootstrap))
     if "loc_iou" in columns:
         iou = values["loc_iou"]
         located = np.isfinite(iou)
-        hit = located & (np.nan_to_num(iou) >= LOCALISATION_IOU)
-        summary["loc_error"] = (
-            float(1 - hit[use & located].mean()) if (use & located).any() else None
-        )
+        missed = (~located | (np.nan_to_num(iou) < LOCALISATION_IOU)).astype(float)
+        summary.update(rate_with_ci(missed[use & located], "loc_error"))
         # The ILSVRC top-1 localisation error: wrong class or box IoU below 0.5.
-        summary["top1_loc_error"] = (
-            float(1 - (hit & correct)[located].mean()) if located.any() else None
-        )
+        wrong = np.maximum(missed, ~correct).astype(float)
+        summary.update(rate_with_ci(wrong[located], "top1_loc_error"))
     return summary
 
 
@@ -317,12 +351,17 @@ def _sort_key(identity: tuple) -> tuple:
 
 def _add_worst_group(table: pd.DataFrame, min_support: int) -> pd.DataFrame:
     """For slice groups: the worst accuracy among the attribute's values with at least
-    ``min_support`` rows (worst-group accuracy; NaN when no value has that many)."""
+    ``min_support`` rows (worst-group accuracy; NaN when no value has that many), with
+    that value's 95% CI."""
     slices = table["kind"] == "slice"
     supported = table[slices & (table["n"] >= min_support)]
-    worst = supported.groupby("attribute")["accuracy"].min()
-    table["worst_group_accuracy"] = np.nan
-    table.loc[slices, "worst_group_accuracy"] = table.loc[slices, "attribute"].map(worst)
+    columns = ["accuracy", "accuracy_low", "accuracy_high"]
+    worst = supported.loc[supported.groupby("attribute")["accuracy"].idxmin()]
+    worst = worst.set_index("attribute")[columns]
+    for column in columns:
+        name = column.replace("accuracy", "worst_group_accuracy")
+        table[name] = np.nan
+        table.loc[slices, name] = table.loc[slices, "attribute"].map(worst[column])
     return table
 
 

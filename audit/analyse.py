@@ -121,7 +121,9 @@ def analyse(
             class_names,
             policy,
         )
-    strategies = find_strategies(run, images, manifest, seed=policy.seed)
+    strategies = find_strategies(
+        run, images, manifest, seed=policy.seed, resamples=policy.bootstrap_resamples
+    )
 
     def load(rows):
         loaded = [

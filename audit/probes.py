@@ -29,9 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
 
-from audit.aggregate import bootstrap_mean_ci
+from audit.aggregate import bootstrap_mean_ci, rate_with_ci
 from audit.config import PolicySection, RegionSection
 from audit.data import DECODE_THREADS, Entries, Preprocessor, load_batches
 
@@ -185,16 +184,6 @@ def run_interventions(
     return pd.DataFrame(records)
 
 
-def wilson_interval(outcomes: np.ndarray) -> tuple[float, float]:
-    """95% Wilson score interval of a rate of 0/1 outcomes (NaN for none): exact
-    enough at the rates' extremes (a class still predicted 100% of the time), where
-    a bootstrap of identical outcomes collapses to a point."""
-    if not len(outcomes):
-        return np.nan, np.nan
-    ci = binomtest(int(outcomes.sum()), len(outcomes)).proportion_ci(method="wilson")
-    return float(ci.low), float(ci.high)
-
-
 def summarise_interventions(
     outcomes: pd.DataFrame, class_names: Sequence[str], policy: PolicySection
 ) -> pd.DataFrame:
@@ -222,9 +211,7 @@ def summarise_interventions(
         record["n_probe"] = len(group)
         record["n_mixed_rand"] = len(paired)
         for name in INTERVENTIONS:
-            rate = f"rate_{name}"
-            record[rate] = float(kept[name].mean()) if len(kept[name]) else np.nan
-            record[f"{rate}_low"], record[f"{rate}_high"] = wilson_interval(kept[name])
+            record.update(rate_with_ci(kept[name], f"rate_{name}"))
         record["bg_gap"] = float(gaps[int(label)].mean()) if len(paired) else np.nan
         low, high = bootstrap_mean_ci(
             gaps[int(label)], resamples=policy.bootstrap_resamples, seed=policy.seed

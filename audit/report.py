@@ -58,6 +58,10 @@ def _ci(row: dict, name: str) -> dict:
     return {"mean": row.get(name), "low": row.get(f"{name}_low"), "high": row.get(f"{name}_high")}
 
 
+def _bounds(row: dict, name: str) -> tuple:
+    return row.get(f"{name}_low"), row.get(f"{name}_high")
+
+
 def build_report(run_dir: Path) -> dict:
     """The report dict of a run with its analysis tables."""
     run = RunStore(run_dir)
@@ -91,13 +95,22 @@ def build_report(run_dir: Path) -> dict:
                 "lift": {r: _ci(row, f"lift_{r}") for r in regions},
                 "pointing": {r: row.get(f"pointing_{r}") for r in regions},
             }
-            view["accuracy" if kind == "true" else "precision"] = row.get("accuracy")
+            # Every number with its 95% CI: a scalar's in ``<name>_low``/``_high``, a
+            # per-region one's in a ``<name>_ci`` sibling (``_ci`` dicts).
+            rate = "accuracy" if kind == "true" else "precision"
+            view[rate] = row.get("accuracy")
+            view[f"{rate}_low"], view[f"{rate}_high"] = _bounds(row, "accuracy")
+            view["pointing_ci"] = {r: _ci(row, f"pointing_{r}") for r in regions}
             view["counterfactual_mass"] = {r: row.get(f"cf_mass_{r}") for r in regions}
+            view["counterfactual_mass_ci"] = {r: _ci(row, f"cf_mass_{r}") for r in regions}
             for name in ("loc_iou", "loc_error", "top1_loc_error"):
                 view[name] = row.get(name)
+                view[f"{name}_low"], view[f"{name}_high"] = _bounds(row, name)
             entry[key] = view
         entry["n"] = entry["true_label"]["n"]
         entry["accuracy"] = entry["true_label"]["accuracy"]
+        entry["accuracy_low"] = entry["true_label"]["accuracy_low"]
+        entry["accuracy_high"] = entry["true_label"]["accuracy_high"]
         entry["mass"] = entry["true_label"]["mass"]
         flags = analysis.flags
         entry["tests"] = _records(
@@ -270,7 +283,7 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
         note = unreadable_note(unreadable, report["dataset"]["root"])
         lines += [f"**Note:** {_md(note)}: report.html shows no overlay of them.", ""]
     lines += [
-        "| class | status | n | accuracy | "
+        "| class | status | n | accuracy [95% CI] | "
         + " | ".join(f"{_md(r)} mass [95% CI]" for r in spurious)
         + " | BG-gap [95% CI] |",
         "|---|---|---:|---:|" + "---:|" * len(spurious) + "---:|",
@@ -280,7 +293,7 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
             _md(entry["class_name"]),
             f"**{entry['status']}**" if entry["status"] != "ok" else "ok",
             _support(entry),
-            _fmt(entry["accuracy"]),
+            _with_ci(**_ci(entry, "accuracy")),
         ]
         cells += [_with_ci(**entry["mass"][region]) for region in spurious]
         cells.append(_bg_gap(entry["interventions"]))
@@ -296,12 +309,7 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
     slices = [t for t in report["slices"]["tests"] if t.get("flagged")]
     if slices:
         lines += ["", "### Flagged slices"]
-        for test in slices:
-            lines.append(
-                f"- {_md(test['attribute'])} = {_md(test['value'])}: {test['statistic']} on "
-                f"{_md(test['region'])} {_fmt(test['group_mean'])} vs "
-                f"{_fmt(test['reference_mean'])}, q={test['q_value']:.2g} (warn)"
-            )
+        lines += [f"- {_slice_flag_text(test, _md)}" for test in slices]
     lines += _trust_markdown(report.get("trust"))
     policy = report["policy"]
     lines += [
@@ -345,18 +353,32 @@ def trust_lines(trust: dict | None) -> list[str]:
     ]
 
 
+def _slice_flag_text(test: dict, escaped) -> str:
+    """One flagged slice test; ``escaped`` makes the user's names safe (_md or escape)."""
+    return (
+        f"{escaped(str(test['attribute']))} = {escaped(str(test['value']))}: "
+        f"{test['statistic']} on {escaped(str(test['region']))} {_fmt(test['group_mean'])} vs "
+        f"{_fmt(test['reference_mean'])} (difference CI [{_fmt(test['effect_low'])}, "
+        f"{_fmt(test['effect_high'])}]), q={test['q_value']:.2g} (warn)"
+    )
+
+
 def _main_map_text(view: dict, regions: list[str]) -> str:
     """Counterfactual mass and weak localisation of a class's correct images (if measured)."""
     parts = []
     counter = view.get("counterfactual_mass") or {}
+    intervals = view.get("counterfactual_mass_ci") or {}
     if any(counter.get(region) is not None for region in regions):
-        shares = ", ".join(f"{region} {_fmt(counter.get(region))}" for region in regions)
+        shares = ", ".join(
+            f"{region} {_with_ci(**intervals.get(region, {'mean': counter.get(region)}))}"
+            for region in regions
+        )
         parts.append(f"Counterfactual map (what argues against the class): mass {shares}.")
     if view.get("loc_error") is not None:
         parts.append(
-            f"Weak localisation: mean box IoU {_fmt(view.get('loc_iou'))}, localisation "
-            f"error {_fmt(view.get('loc_error'))}, top-1 localisation error "
-            f"{_fmt(view.get('top1_loc_error'))}."
+            f"Weak localisation: mean box IoU {_with_ci(**_ci(view, 'loc_iou'))}, "
+            f"localisation error {_with_ci(**_ci(view, 'loc_error'))}, top-1 localisation "
+            f"error {_with_ci(**_ci(view, 'top1_loc_error'))}."
         )
     return " ".join(parts)
 
@@ -490,7 +512,8 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
             "Grad-CAM pictures are still shown).</p>"
         )
     parts.append(
-        "<h2>Summary</h2><table><tr><th>class</th><th>status</th><th>n</th><th>accuracy</th>"
+        "<h2>Summary</h2><table><tr><th>class</th><th>status</th><th>n</th>"
+        "<th>accuracy [95% CI]</th>"
         + "".join(f"<th>{escape(r)} mass [95% CI]</th>" for r in spurious)
         + "<th>BG-gap [95% CI]</th></tr>"
     )
@@ -498,7 +521,7 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
         probe = entry["interventions"]
         parts.append(
             f"<tr><td>{escape(entry['class_name'])}</td><td>{escape(entry['status'])}</td>"
-            f"<td>{_support(entry)}</td><td>{_fmt(entry['accuracy'])}</td>"
+            f"<td>{_support(entry)}</td><td>{_with_ci(**_ci(entry, 'accuracy'))}</td>"
             + "".join(f"<td>{_with_ci(**entry['mass'][r])}</td>" for r in spurious)
             + f"<td>{_bg_gap(probe)}</td></tr>"
         )
@@ -555,9 +578,18 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
     )
     slice_groups = [g for g in report["slices"]["groups"] if g["kind"] == "slice"]
     if slice_groups:
+        flagged = [t for t in report["slices"]["tests"] if t.get("flagged")]
         parts.append(
-            "<h2>Slices</h2><table><tr><th>attribute</th><th>value</th><th>n</th>"
-            "<th>accuracy</th><th>worst-group accuracy</th>"
+            "<h2>Slices</h2>"
+            + (
+                "<p>Flagged slices:</p><ul>"
+                + "".join(f"<li>{_slice_flag_text(test, escape)}</li>" for test in flagged)
+                + "</ul>"
+                if flagged
+                else "<p>No slice is flagged.</p>"
+            )
+            + "<table><tr><th>attribute</th><th>value</th><th>n</th>"
+            "<th>accuracy [95% CI]</th><th>worst-group accuracy [95% CI]</th>"
             + "".join(f"<th>{escape(r)} mass [95% CI]</th>" for r in spurious)
             + "</tr>"
         )
@@ -565,8 +597,8 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
             parts.append(
                 f"<tr><td>{escape(str(group['attribute']))}</td>"
                 f"<td>{escape(str(group['value']))}</td><td>{group['n']}</td>"
-                f"<td>{_fmt(group['accuracy'])}</td>"
-                f"<td>{_fmt(group.get('worst_group_accuracy'))}</td>"
+                f"<td>{_with_ci(**_ci(group, 'accuracy'))}</td>"
+                f"<td>{_with_ci(**_ci(group, 'worst_group_accuracy'))}</td>"
                 + "".join(f"<td>{_with_ci(**_ci(group, f'mass_{r}'))}</td>" for r in spurious)
                 + "</tr>"
             )

@@ -232,6 +232,7 @@ def format_gate(report: dict) -> str:
             lines.append(
                 f"  WARN  slice {test['attribute']}={test['value']}: "
                 f"{test['statistic']} on {test['region']} {test['group_mean']:.3f} vs "
-                f"{test['reference_mean']:.3f} (q={test['q_value']:.2g})"
+                f"{test['reference_mean']:.3f} (difference CI [{test['effect_low']:.3f}, "
+                f"{test['effect_high']:.3f}], q={test['q_value']:.2g})"
             )
     return "\n".join(lines)

@@ -17,13 +17,15 @@ from scipy.sparse.csgraph import laplacian
 from sklearn.cluster import SpectralClustering
 from sklearn.neighbors import kneighbors_graph
 
+from audit.aggregate import mean_with_ci, rate_with_ci
 from audit.store import RunStore
 
 MIN_CLASS_SIZE = 12
 # Spectral clustering is O(n^3) in the maps of a class: cluster a seeded sample.
 MAX_MAPS_PER_CLASS = 1000
 MAX_CLUSTERS = 6
-# A cluster this small whose spurious mass exceeds the class's by this much is a finding.
+# A cluster this small whose spurious mass exceeds the class's by this much (judged on
+# its 95% CI's lower bound, so one odd map is never a strategy) is a finding.
 MINORITY_FRACTION = 0.35
 MINORITY_EXCESS = 0.10
 EXAMPLES = 5
@@ -56,18 +58,16 @@ def cluster_maps(maps: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def find_strategies(
-    run: RunStore, images: pd.DataFrame, manifest: dict, *, seed: int = 0
+    run: RunStore, images: pd.DataFrame, manifest: dict, *, seed: int = 0, resamples: int = 1000
 ) -> pd.DataFrame:
-    """One row per (class, cluster) with size, mean map, mass per region and examples."""
+    """One row per (class, cluster): ``cluster_records`` of every class with enough maps."""
     rows, cams = run.cams()
     if not len(rows):
         return pd.DataFrame()
     position = {int(row): index for index, row in enumerate(rows)}
-    regions = [region["name"] for region in manifest["regions"]]
-    spurious = [r["name"] for r in manifest["regions"] if r["role"] == "spurious"]
     ok = images[(images["status"] == "ok") & ~images["zero_map"].astype(bool)]
     records = []
-    for label, group in ok.groupby("label_index"):
+    for _, group in ok.groupby("label_index"):
         group = group[group["row"].isin(position)]
         if len(group) < MIN_CLASS_SIZE:
             continue
@@ -75,29 +75,55 @@ def find_strategies(
             group = group.sample(n=MAX_MAPS_PER_CLASS, random_state=seed).sort_values("row")
         maps = cams[[position[int(r)] for r in group["row"]]].astype("float32")
         labels = cluster_maps(maps, seed)
-        class_spurious = {name: group[f"mass_{name}"].mean() for name in spurious}
-        for cluster in sorted(set(labels.tolist())):
-            members = group[labels == cluster]
-            mean_map = maps[labels == cluster].mean(axis=0)
-            record = {
-                "class_index": int(label),
-                "class_name": manifest["class_names"][int(label)],
-                "cluster": int(cluster),
-                "size": len(members),
-                "fraction": len(members) / len(group),
-                "accuracy": float(members["correct"].astype(bool).mean()),
-                "map_shape": list(mean_map.shape),
-                "mean_map": mean_map.ravel().round(5).tolist(),
-                "examples": members["row"].head(EXAMPLES).astype(int).tolist(),
-                "members": members["row"].astype(int).tolist(),
-            }
-            excess = 0.0
-            for name in regions:
-                record[f"mass_{name}"] = float(members[f"mass_{name}"].mean())
-            for name in spurious:
-                excess = max(excess, record[f"mass_{name}"] - class_spurious[name])
-            record["minority_strategy"] = bool(
-                record["fraction"] < MINORITY_FRACTION and excess > MINORITY_EXCESS
-            )
-            records.append(record)
+        records += cluster_records(group, maps, labels, manifest, seed=seed, resamples=resamples)
     return pd.DataFrame(records)
+
+
+def cluster_records(
+    group: pd.DataFrame,
+    maps: np.ndarray,
+    labels: np.ndarray,
+    manifest: dict,
+    *,
+    seed: int = 0,
+    resamples: int = 1000,
+) -> list[dict]:
+    """One record per cluster of a class's rows (``group``, with their ``maps``): size,
+    share, accuracy and mass per region with 95% CIs, mean map, examples, and whether
+    it is a minority strategy."""
+    regions = [region["name"] for region in manifest["regions"]]
+    spurious = [r["name"] for r in manifest["regions"] if r["role"] == "spurious"]
+    class_spurious = {name: group[f"mass_{name}"].mean() for name in spurious}
+    records = []
+    for cluster in sorted(set(labels.tolist())):
+        members = group[labels == cluster]
+        mean_map = maps[labels == cluster].mean(axis=0)
+        label = int(members["label_index"].iloc[0])
+        record = {
+            "class_index": label,
+            "class_name": manifest["class_names"][label],
+            "cluster": int(cluster),
+            "size": len(members),
+            "fraction": len(members) / len(group),
+            **rate_with_ci(members["correct"].astype(float), "accuracy"),
+            "map_shape": list(mean_map.shape),
+            "mean_map": mean_map.ravel().round(5).tolist(),
+            "examples": members["row"].head(EXAMPLES).astype(int).tolist(),
+            "members": members["row"].astype(int).tolist(),
+        }
+        for name in regions:
+            mass = members[f"mass_{name}"]
+            record.update(mean_with_ci(mass, f"mass_{name}", resamples=resamples, seed=seed))
+        # How far the cluster's spurious mass exceeds its class's, and the least it
+        # does within the cluster's CI (NaN for a single map: no CI).
+        excess = [record[f"mass_{name}"] - class_spurious[name] for name in spurious]
+        excess_low = [record[f"mass_{name}_low"] - class_spurious[name] for name in spurious]
+        record["spurious_excess"] = max(excess, default=0.0)
+        bounded = [value for value in excess_low if np.isfinite(value)]
+        record["spurious_excess_low"] = max(bounded) if bounded else np.nan
+        record["minority_strategy"] = bool(
+            record["fraction"] < MINORITY_FRACTION
+            and record["spurious_excess_low"] > MINORITY_EXCESS
+        )
+        records.append(record)
+    return records

@@ -100,6 +100,40 @@ def aggregator_of(images, chunks=1):
     return aggregator
 
 
+def test_wilson_interval_agrees_with_scipy():
+    from scipy.stats import binomtest
+
+    from audit.aggregate import wilson_interval
+
+    for successes, trials in ((0, 1), (0, 30), (3, 30), (15, 30), (30, 30), (612, 1000)):
+        expected = binomtest(successes, trials).proportion_ci(method="wilson")
+        low, high = wilson_interval(successes, trials)
+        assert low == pytest.approx(expected.low, abs=1e-12)
+        assert high == pytest.approx(expected.high, abs=1e-12)
+    assert np.isnan(wilson_interval(0, 0)).all()
+
+
+def test_every_group_rate_has_its_interval():
+    images = synthetic_images()
+    images.loc[images.index[::4], "correct"] = False
+    images.loc[images.index[::3], "pointing_background"] = 1.0
+    groups = aggregator_of(images).finalize(["a", "b", "c"], resamples=50)
+    for rate in ("accuracy", "pointing_background"):
+        assert (groups[f"{rate}_low"] <= groups[rate]).all()
+        assert (groups[rate] <= groups[f"{rate}_high"]).all()
+        assert (groups[f"{rate}_low"] < groups[f"{rate}_high"]).all()
+    # A rate of n out of n still has a lower bound below 1 (a bootstrap gives 1).
+    assert (groups["pointing_object"] == 1.0).all()
+    assert groups["pointing_object_high"].to_numpy() == pytest.approx(1.0)
+    assert (groups["pointing_object_low"] < 0.99).all()
+    # The worst-group accuracy carries the worst value's own interval.
+    slices = groups[groups["kind"] == "slice"]
+    worst = slices.loc[slices["accuracy"].idxmin()]
+    assert (slices["worst_group_accuracy"] == worst["accuracy"]).all()
+    assert (slices["worst_group_accuracy_low"] == worst["accuracy_low"]).all()
+    assert (slices["worst_group_accuracy_high"] == worst["accuracy_high"]).all()
+
+
 def test_zero_maps_are_counted_per_group_and_left_out_of_the_means():
     images = synthetic_images()
     zero = images.index[images["label_index"] == 1][:5]
@@ -215,6 +249,42 @@ def test_eigengap_and_a_minority_strategy_cluster():
     labels = cluster_maps(maps)
     corner = labels[:9]
     assert len(set(corner.tolist())) == 1 and corner[0] not in labels[9:]
+
+
+def test_a_minority_strategy_needs_its_ci_above_the_class_not_one_odd_map():
+    from audit.strategies import cluster_records
+
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 50 + [1] * 9 + [2])  # most, a corner 15%, one odd map
+    background = np.concatenate([rng.normal(0.2, 0.05, 50), rng.normal(0.6, 0.05, 9), [0.95]]).clip(
+        0, 1
+    )
+    group = pd.DataFrame(
+        {
+            "row": np.arange(60),
+            "label_index": 4,
+            "correct": True,
+            "mass_object": 1 - background,
+            "mass_background": background,
+        }
+    )
+    manifest = {
+        "class_names": [str(c) for c in range(5)],
+        "regions": [
+            {"name": "object", "role": "expected"},
+            {"name": "background", "role": "spurious"},
+        ],
+    }
+    maps = rng.random((60, 4, 4))
+    records = {r["cluster"]: r for r in cluster_records(group, maps, labels, manifest)}
+    assert [records[c]["minority_strategy"] for c in (0, 1, 2)] == [False, True, False]
+    corner = records[1]
+    assert (
+        corner["mass_background_low"] < corner["mass_background"] < corner["mass_background_high"]
+    )
+    assert corner["spurious_excess_low"] > 0.1 and corner["accuracy_low"] < 1.0
+    # The odd map exceeds its class by far more, but a single map has no CI.
+    assert records[2]["spurious_excess"] > 0.6 and np.isnan(records[2]["spurious_excess_low"])
 
 
 def confounded_sites(site_effect=0.0, n=2000, seed=0):

@@ -132,6 +132,35 @@ def test_a_class_without_numbers_shows_na_not_a_crash(report, run_dir):
     assert "| 1 | ok | 0 | n/a | n/a | n/a |" in render_markdown(report)
 
 
+def test_accuracy_and_flagged_slices_come_with_their_intervals(report, run_dir):
+    report = copy.deepcopy(report)
+    entry = report["classes"][0]
+    entry.update(accuracy=0.5, accuracy_low=0.4, accuracy_high=0.6)
+    assert f"| {entry['n']} | 0.50 [0.40, 0.60] |" in render_markdown(report)
+    page = render_html(report, run_dir)
+    assert f"<td>{entry['n']}</td><td>0.50 [0.40, 0.60]</td>" in page
+    # A flagged slice is listed in both reports with its difference CI, names escaped.
+    test = {
+        "attribute": "<b>site</b>",
+        "value": "a",
+        "statistic": "mass",
+        "region": REGION,
+        "group_mean": 0.6,
+        "reference_mean": 0.4,
+        "effect_low": 0.1,
+        "effect_high": 0.3,
+        "q_value": 0.001,
+        "flagged": True,
+    }
+    report["slices"]["tests"] = [test]
+    page = render_html(report, run_dir)
+    assert "Flagged slices" in page and "<b>site</b>" not in page
+    assert "&lt;b&gt;site&lt;/b&gt; = a: mass on" in page
+    assert "0.60 vs 0.40 (difference CI [0.10, 0.30]), q=0.001 (warn)" in page
+    markdown = render_markdown(report)
+    assert "(difference CI [0.10, 0.30]), q=0.001 (warn)" in markdown
+
+
 def test_zero_maps_are_shown_next_to_the_class_count(report, run_dir):
     report = copy.deepcopy(report)
     entry = report["classes"][0]

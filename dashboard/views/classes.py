@@ -13,11 +13,12 @@ TWO_DIGITS = st.column_config.NumberColumn(format="%.2f")
 
 
 def two_digits(table: pd.DataFrame) -> dict:
-    """Means and their 95% CI bounds (``*_low``, ``*_high``) with two decimals."""
+    """Means and rates and their 95% CI bounds (``*_low``, ``*_high``) with two decimals."""
     return {
         column: TWO_DIGITS
         for column in table.columns
-        if column.startswith(("mass_", "bg_gap")) or column.endswith(("accuracy", "precision"))
+        if column.startswith(("mass_", "bg_gap"))
+        or column.removesuffix("_low").removesuffix("_high").endswith(("accuracy", "precision"))
     }
 
 
@@ -42,14 +43,14 @@ for entry in result["classes"]:
     tests = [t for t in entry["tests"] if t["kind"] == ("true" if key == "true_label" else "pred")]
     q_values = [t["q_value"] for t in tests if t.get("q_value") is not None]
     effects = [t["effect_low"] for t in tests if t.get("effect_low") is not None]
+    rate = "accuracy" if key == "true_label" else "precision"
     row = {
         "class": entry["class_name"],
         "status": entry["status"],
         "severity": entry["severity"],
         "n": side["n"],
-        "accuracy" if key == "true_label" else "precision": side.get(
-            "accuracy" if key == "true_label" else "precision"
-        ),
+        "zero_maps": side.get("n_zero_map"),
+        **{name: side.get(name) for name in (rate, f"{rate}_low", f"{rate}_high")},
         "q_value": min(q_values) if q_values else None,
         "effect_ci_low": max(effects) if effects else None,
         **{
@@ -117,7 +118,13 @@ groups = pd.DataFrame(result["slices"]["groups"])
 if len(groups):
     slices = groups[groups["kind"] == "slice"]
     tests = pd.DataFrame(result["slices"]["tests"])
-    columns = ["attribute", "value", "n", "accuracy", "worst_group_accuracy"]
+    columns = ["attribute", "value", "n"]
+    columns += [
+        f"{name}{bound}"
+        for name in ("accuracy", "worst_group_accuracy")
+        for bound in ("", "_low", "_high")
+        if f"{name}{bound}" in slices.columns  # runs made before the CIs have none
+    ]
     columns += [
         column
         for region in spurious
