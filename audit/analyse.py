@@ -95,12 +95,15 @@ def analyse(
         seed=policy.seed,
         min_support=policy.min_support,
     )
-    baseline_aggregator = None
+    baseline_aggregator, paired = None, False
     if baseline is not None:
         baseline_run = RunStore(baseline)
-        baseline_aggregator = aggregator_for(baseline_run.images(), baseline_run.manifest())
+        baseline_manifest = baseline_run.manifest()
+        baseline_aggregator = aggregator_for(baseline_run.images(), baseline_manifest)
+        # The same dataset (rows and files): its groups are compared image by image.
+        paired = baseline_manifest["dataset"]["fingerprint"] == manifest["dataset"]["fingerprint"]
     flags = evaluate_flags(
-        aggregator, class_names, spurious_regions(manifest), policy, baseline_aggregator
+        aggregator, class_names, spurious_regions(manifest), policy, baseline_aggregator, paired
     )
     interventions = pd.DataFrame()
     if policy.intervention_samples > 0 and any(r.role == "expected" for r in config.regions):

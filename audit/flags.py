@@ -5,7 +5,9 @@ every spurious region R:
 
 1. the statistic (``mass_R`` or ``lift_R``) of the group's measured rows is compared
    with a reference: the other groups of the same kind in this run (for slices, the
-   other values of the same attribute), or the same group in a baseline run;
+   other values of the same attribute), or the same group in a baseline run (image
+   by image when it audited the same dataset: Wilcoxon signed-rank, see
+   ``_paired_comparison``);
 2. a one-sided Mann-Whitney U test (group > reference) gives a p-value, and
    Benjamini-Hochberg across all the run's tests gives q-values;
 3. a bootstrap 95% CI of the difference of means (group - reference) is computed;
@@ -30,9 +32,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import false_discovery_control, mannwhitneyu, norm, rankdata
+from scipy.stats import false_discovery_control, mannwhitneyu, norm, rankdata, wilcoxon
 
-from audit.aggregate import RESAMPLE_CHUNK, Aggregator, percentile_interval, resampled_means
+from audit.aggregate import (
+    RESAMPLE_CHUNK,
+    Aggregator,
+    bootstrap_mean_ci,
+    percentile_interval,
+    resampled_means,
+)
 from audit.config import PolicySection
 
 EXAMPLES_PER_FLAG = 5
@@ -186,8 +194,13 @@ def evaluate_flags(
     spurious_regions: list[str],
     policy: PolicySection,
     baseline: Aggregator | None = None,
+    paired: bool = False,
 ) -> pd.DataFrame:
-    """One row per (group, spurious region) test with its numbers and verdict."""
+    """One row per (group, spurious region) test with its numbers and verdict.
+
+    ``paired``: the baseline run audited the same dataset, so each group is compared
+    with itself image by image (the rows both runs measured).
+    """
     tests = []
     for identity in sorted(aggregator.groups, key=lambda key: (str(key[0]), str(key[1:]))):
         kind, class_index, attribute, value = identity
@@ -200,7 +213,7 @@ def evaluate_flags(
                 if identity not in baseline.groups:
                     continue
                 reference = _measured(baseline, identity, *measure)
-                reference_name = "baseline run, same group"
+                reference_name = "baseline run, same group" + (", same images" if paired else "")
             else:
                 reference = _pooled(
                     [
@@ -224,7 +237,9 @@ def evaluate_flags(
                 "effect_high": None,
                 "examples": _worst_examples(group),
             }
-            if kind == "slice" and baseline is None:
+            if baseline is not None and paired:
+                record.update(_paired_comparison(group, reference, policy))
+            elif kind == "slice" and baseline is None:
                 record.update(_within_classes(group, reference, policy))
             else:
                 record.update(_pooled_comparison(group.values, reference.values, policy))
@@ -257,6 +272,38 @@ def _pooled_comparison(group: np.ndarray, reference: np.ndarray, policy: PolicyS
             group, reference, resamples=policy.bootstrap_resamples, seed=policy.seed
         )
     return record
+
+
+def _paired_comparison(group: _Sample, reference: _Sample, policy: PolicySection) -> dict:
+    """A group against itself in a baseline run of the same dataset, image by image:
+    the rows both runs measured, a one-sided Wilcoxon signed-rank test of the
+    differences and a bootstrap CI of their mean. The spread between images (object
+    sizes, scenes) cancels, so a small change of the model shows."""
+    _, mine, theirs = np.intersect1d(group.rows, reference.rows, return_indices=True)
+    values, before = group.values[mine], reference.values[theirs]
+    differences = values - before
+    record = {
+        "n": len(differences),
+        "n_reference": len(differences),
+        "group_mean": float(values.mean()) if len(values) else None,
+        "reference_mean": float(before.mean()) if len(before) else None,
+        "test": "one-sided Wilcoxon signed-rank, paired by image (group > baseline)",
+    }
+    if len(differences) >= policy.min_support:
+        record["p_value"] = signed_rank_greater(differences)
+        record["effect"] = float(differences.mean())
+        record["effect_low"], record["effect_high"] = bootstrap_mean_ci(
+            differences, resamples=policy.bootstrap_resamples, seed=policy.seed
+        )
+    return record
+
+
+def signed_rank_greater(differences: np.ndarray) -> float:
+    """One-sided p-value of the Wilcoxon signed-rank test (median difference > 0);
+    1.0 when every difference is zero (no evidence either way)."""
+    if not np.any(differences != 0):
+        return 1.0
+    return float(wilcoxon(differences, alternative="greater").pvalue)
 
 
 def _worst_examples(sample: _Sample) -> list[int]:

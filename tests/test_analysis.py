@@ -103,7 +103,9 @@ def test_gates_baselines_and_report_command(biased_demo, tmp_path, capsys):
     report = report_of(newest)
     assert report["baseline"] == str(store / result.run_dir.name)
     tests = [t for e in report["classes"] for t in e["tests"]]
-    assert tests and all(t["reference"] == "baseline run, same group" for t in tests)
+    # The same dataset: each group is compared with itself image by image.
+    assert tests and all(t["reference"] == "baseline run, same group, same images" for t in tests)
+    assert all("signed-rank" in t["test"] for t in tests)
     # Same model and data as the baseline: no heatmap flag, the interventions still fail it.
     assert not any(t["flagged"] for t in tests)
     assert cli_main(["report", str(newest), "--format", "md"]) == 0

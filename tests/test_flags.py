@@ -287,6 +287,41 @@ def test_a_minority_strategy_needs_its_ci_above_the_class_not_one_odd_map():
     assert records[2]["spurious_excess"] > 0.6 and np.isnan(records[2]["spurious_excess_low"])
 
 
+def test_a_baseline_of_the_same_images_is_compared_image_by_image():
+    before = synthetic_images(shift=0.0)
+    after = before.copy()
+    # The new model puts 0.065 more mass on class 2's backgrounds, image by image; the
+    # images' own spread (0.08) hides that from a comparison of two samples.
+    moved = after["label_index"] == 2
+    noise = np.random.default_rng(5).normal(0, 0.003, moved.sum())
+    for column in ("mass_background", "pred_mass_background"):
+        after.loc[moved, column] += 0.065 + noise
+    policy = PolicySection(bootstrap_resamples=500)
+
+    def true_tests(paired):
+        flags = evaluate_flags(
+            aggregator_of(after),
+            ["a", "b", "c"],
+            ["background"],
+            policy,
+            aggregator_of(before),
+            paired,
+        )
+        return flags[flags["kind"] == "true"].set_index("class_index")
+
+    independent, paired = true_tests(False), true_tests(True)
+    assert not independent["flagged"].any()
+    assert independent.loc[2, "effect_low"] < policy.effect_floor
+    assert paired["flagged"].tolist() == [False, False, True]
+    assert paired.loc[2, "effect_low"] < 0.065 < paired.loc[2, "effect_high"]
+    assert paired.loc[2, "n"] == 60 and "signed-rank" in paired.loc[2, "test"]
+    assert paired.loc[0, "p_value"] == 1.0  # identical maps: no evidence either way
+    assert (paired["reference"] == "baseline run, same group, same images").all()
+    # Rows one run did not measure (here: wrong in the new run) are left out.
+    after.loc[after.index[moved][:10], "correct"] = False
+    assert true_tests(True).loc[2, "n"] == 50
+
+
 def confounded_sites(site_effect=0.0, n=2000, seed=0):
     """Two classes whose background mass differs by class; 80% of class 0 at site a and
     80% of class 1 at site b. ``site_effect`` adds background mass at site a only."""
