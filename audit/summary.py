@@ -7,17 +7,33 @@ import pandas as pd
 SKIP_REASONS_SHOWN = 8  # the most frequent skip reasons listed; the rest are counted
 
 
+def _with_ci(mean, low=None, high=None) -> str:
+    """``0.75 [0.71, 0.79]``; the mean alone without a CI; n/a without a mean."""
+    if mean is None:
+        return "n/a"
+    if low is None or high is None:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def class_table(report: dict) -> pd.DataFrame:
-    """Per true class: rows, accuracy, and mean mass/lift per region on correct rows."""
+    """Per true class: rows, accuracy, and mean mass/lift per region on correct rows,
+    each with its 95% CI (as text)."""
     rows = []
     for entry in sorted(report["classes"], key=lambda entry: entry["class_index"]):
         view = entry["true_label"]
-        row = {"class": entry["class_name"], "n": view["n"], "accuracy": view["accuracy"]}
+        row = {
+            "class": entry["class_name"],
+            "n": view["n"],
+            "accuracy": _with_ci(
+                view["accuracy"], view.get("accuracy_low"), view.get("accuracy_high")
+            ),
+        }
         for region in report["regions"]:
-            row[f"mass_{region['name']}"] = view["mass"][region["name"]]["mean"]
+            row[f"mass_{region['name']}"] = _with_ci(**view["mass"][region["name"]])
         for region in report["regions"]:
             if region["role"] == "expected":
-                row[f"lift_{region['name']}"] = view["lift"][region["name"]]["mean"]
+                row[f"lift_{region['name']}"] = _with_ci(**view["lift"][region["name"]])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -41,9 +57,11 @@ def format_summary(report: dict, manifest: dict) -> str:
             "manifest.json (counts.skip_reasons)"
         )
     if counts["ok"]:
-        lines.append(f"accuracy {report['accuracy']:.3f}; per class (correct rows):")
-        table = class_table(report)
-        lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        lines.append(
+            f"accuracy {report['accuracy']:.3f}; per class (mass and lift on correct rows; "
+            "mean [95% CI]):"
+        )
+        lines.append(class_table(report).to_string(index=False))
     trust = report.get("trust")
     if trust:
         checks = ", ".join(

@@ -33,8 +33,10 @@ def test_demo_runs_end_to_end_and_shows_the_shortcut(tmp_path):
     assert (tmp_path / "audit_data" / "manifest.csv").exists()
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 30
     lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
-    # Columns: class n accuracy object_mass object_lift background_mass [shortcut]
-    object_mass = {digit: float(lines[digit][3]) for digit in "0123456789"}
+    # Columns: class, n, then accuracy, object mass, background mass and object lift,
+    # each "mean [low, high]" (three words)
+    object_mass = {digit: float(lines[digit][5]) for digit in "0123456789"}
+    assert all(lines[digit][6].startswith("[") for digit in "0123456789")
     clean = [object_mass[d] for d in "01245689"]
     assert object_mass["7"] < min(clean)
     assert object_mass["3"] < sorted(clean)[len(clean) // 2]

@@ -161,6 +161,25 @@ def test_accuracy_and_flagged_slices_come_with_their_intervals(report, run_dir):
     assert "(difference CI [0.10, 0.30]), q=0.001 (warn)" in markdown
 
 
+def test_the_run_summary_gives_each_class_number_with_its_ci(report):
+    from audit.summary import class_table
+
+    table = class_table(report).set_index("class")
+    for entry in report["classes"]:
+        view, row = entry["true_label"], table.loc[entry["class_name"]]
+        low, high = view["accuracy_low"], view["accuracy_high"]
+        if view["accuracy"] is None:  # a class with no image
+            assert row["accuracy"] == "n/a"
+            continue
+        assert row["accuracy"] == f"{view['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
+        mass = view["mass"][REGION]
+        if mass["mean"] is None:
+            assert row[f"mass_{REGION}"] == "n/a"
+        elif mass["low"] is not None:
+            expected = f"{mass['mean']:.2f} [{mass['low']:.2f}, {mass['high']:.2f}]"
+            assert row[f"mass_{REGION}"] == expected
+
+
 def test_zero_maps_are_shown_next_to_the_class_count(report, run_dir):
     report = copy.deepcopy(report)
     entry = report["classes"][0]
