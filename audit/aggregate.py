@@ -352,16 +352,19 @@ def _sort_key(identity: tuple) -> tuple:
 def _add_worst_group(table: pd.DataFrame, min_support: int) -> pd.DataFrame:
     """For slice groups: the worst accuracy among the attribute's values with at least
     ``min_support`` rows (worst-group accuracy; NaN when no value has that many), with
-    that value's 95% CI."""
+    that value's 95% CI and the value itself (``worst_group_value``)."""
     slices = table["kind"] == "slice"
     supported = table[slices & (table["n"] >= min_support)]
     columns = ["accuracy", "accuracy_low", "accuracy_high"]
-    worst = supported.loc[supported.groupby("attribute")["accuracy"].idxmin()]
-    worst = worst.set_index("attribute")[columns]
+    # Ties (every value at 1.0, say) go to the least certain value: the lowest bound.
+    ordered = supported.sort_values(["accuracy", "accuracy_low"], kind="stable")
+    worst = ordered.drop_duplicates("attribute").set_index("attribute")
     for column in columns:
         name = column.replace("accuracy", "worst_group_accuracy")
         table[name] = np.nan
         table.loc[slices, name] = table.loc[slices, "attribute"].map(worst[column])
+    table["worst_group_value"] = None  # which value of the attribute is the worst group
+    table.loc[slices, "worst_group_value"] = table.loc[slices, "attribute"].map(worst["value"])
     return table
 
 

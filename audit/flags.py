@@ -5,8 +5,8 @@ every spurious region R:
 
 1. the statistic (``mass_R`` or ``lift_R``) of the group's measured rows is compared
    with a reference: the other groups of the same kind in this run (for slices, the
-   other values of the same attribute), or the same group in a baseline run (image
-   by image when it audited the same dataset: Wilcoxon signed-rank, see
+   other values of the same attribute), or the same group in a baseline run (a
+   slice image by image when it audited the same dataset: Wilcoxon signed-rank, see
    ``_paired_comparison``);
 2. a one-sided Mann-Whitney U test (group > reference) gives a p-value, and
    Benjamini-Hochberg across all the run's tests gives q-values;
@@ -198,8 +198,11 @@ def evaluate_flags(
 ) -> pd.DataFrame:
     """One row per (group, spurious region) test with its numbers and verdict.
 
-    ``paired``: the baseline run audited the same dataset, so each group is compared
-    with itself image by image (the rows both runs measured).
+    ``paired``: the baseline run audited the same dataset, so each slice is compared
+    with itself image by image. A slice's rows are the data's, whatever the model; a
+    true-label group's (correct rows) and a predicted-label group's depend on the
+    model, and pairing them would leave out the very images a regression adds (new
+    background-driven false positives), so they stay two-sample comparisons.
     """
     tests = []
     for identity in sorted(aggregator.groups, key=lambda key: (str(key[0]), str(key[1:]))):
@@ -213,7 +216,10 @@ def evaluate_flags(
                 if identity not in baseline.groups:
                     continue
                 reference = _measured(baseline, identity, *measure)
-                reference_name = "baseline run, same group" + (", same images" if paired else "")
+                same_images = paired and kind == "slice"
+                reference_name = "baseline run, same group" + (
+                    ", same images" if same_images else ""
+                )
             else:
                 reference = _pooled(
                     [
@@ -237,7 +243,7 @@ def evaluate_flags(
                 "effect_high": None,
                 "examples": _worst_examples(group),
             }
-            if baseline is not None and paired:
+            if baseline is not None and paired and kind == "slice":
                 record.update(_paired_comparison(group, reference, policy))
             elif kind == "slice" and baseline is None:
                 record.update(_within_classes(group, reference, policy))
@@ -275,7 +281,7 @@ def _pooled_comparison(group: np.ndarray, reference: np.ndarray, policy: PolicyS
 
 
 def _paired_comparison(group: _Sample, reference: _Sample, policy: PolicySection) -> dict:
-    """A group against itself in a baseline run of the same dataset, image by image:
+    """A slice against itself in a baseline run of the same dataset, image by image:
     the rows both runs measured, a one-sided Wilcoxon signed-rank test of the
     differences and a bootstrap CI of their mean. The spread between images (object
     sizes, scenes) cancels, so a small change of the model shows."""

@@ -90,7 +90,7 @@ def build_report(run_dir: Path) -> dict:
             view = {
                 "n": row.get("n", 0),
                 "n_measured": row.get("n_measured", 0),
-                "n_zero_map": row.get("n_zero_map", 0),
+                "n_zero_map": row.get("n_zero_map"),  # None: a run made before the count
                 "mass": {r: _ci(row, f"mass_{r}") for r in regions},
                 "lift": {r: _ci(row, f"lift_{r}") for r in regions},
                 "pointing": {r: row.get(f"pointing_{r}") for r in regions},
@@ -208,7 +208,7 @@ def _fmt(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _with_ci(mean, low=None, high=None, digits: int = 2) -> str:
+def with_ci(mean, low=None, high=None, digits: int = 2) -> str:
     """A mean and its 95% CI, ``0.75 [0.71, 0.79]``; the mean alone where there is no CI."""
     if mean is None or low is None or high is None:
         return _fmt(mean, digits)
@@ -216,7 +216,7 @@ def _with_ci(mean, low=None, high=None, digits: int = 2) -> str:
 
 
 def _bg_gap(probe: dict | None) -> str:
-    return _with_ci(**_ci(probe, "bg_gap")) if probe else "n/a"
+    return with_ci(**_ci(probe, "bg_gap")) if probe else "n/a"
 
 
 def _support(entry: dict) -> str:
@@ -224,13 +224,28 @@ def _support(entry: dict) -> str:
     zero everywhere: left out of the means, so they are shown)."""
     zero = entry["true_label"].get("n_zero_map") or 0
     maps = "zero map" if zero == 1 else "zero maps"
-    return f"{entry['n']} ({zero} {maps})" if zero else str(entry["n"])
+    return f"{entry['n']} ({zero} {maps} among the correct)" if zero else str(entry["n"])
+
+
+def interventions_text(probe: dict) -> str:
+    """The class card's sentence on its interventions, each rate with its 95% CI."""
+    swapped = f"background swapped {_rate(probe, 'mixed_rand')}; BG-gap {_bg_gap(probe)}."
+    head = f"Interventions on {probe['n_probe']} correct images: still predicted with the "
+    if probe.get("rate_object_only") is None and probe.get("rate_background_only") is None:
+        return (
+            head + swapped + " The object-only and background-only "
+            "diagnostics run only for classes with a finding (policy.intervention_details)."
+        )
+    return (
+        head + f"object only {_rate(probe, 'object_only')}, background only "
+        f"{_rate(probe, 'background_only')}, {swapped}"
+    )
 
 
 def _rate(probe: dict, name: str) -> str:
     """A class's prediction rate under one intervention with its 95% CI (n/a where it
     did not run: the diagnostics run only for classes with a finding by default)."""
-    return _with_ci(**_ci(probe, f"rate_{name}"))
+    return with_ci(**_ci(probe, f"rate_{name}"))
 
 
 def unreadable_examples(report: dict) -> int:
@@ -293,9 +308,9 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
             _md(entry["class_name"]),
             f"**{entry['status']}**" if entry["status"] != "ok" else "ok",
             _support(entry),
-            _with_ci(**_ci(entry, "accuracy")),
+            with_ci(**_ci(entry, "accuracy")),
         ]
-        cells += [_with_ci(**entry["mass"][region]) for region in spurious]
+        cells += [with_ci(**entry["mass"][region]) for region in spurious]
         cells.append(_bg_gap(entry["interventions"]))
         lines.append("| " + " | ".join(cells) + " |")
     flagged = [e for e in report["classes"] if e["status"] != "ok"]
@@ -357,28 +372,29 @@ def _slice_flag_text(test: dict, escaped) -> str:
     """One flagged slice test; ``escaped`` makes the user's names safe (_md or escape)."""
     return (
         f"{escaped(str(test['attribute']))} = {escaped(str(test['value']))}: "
-        f"{test['statistic']} on {escaped(str(test['region']))} {_fmt(test['group_mean'])} vs "
-        f"{_fmt(test['reference_mean'])} (difference CI [{_fmt(test['effect_low'])}, "
-        f"{_fmt(test['effect_high'])}]), q={test['q_value']:.2g} (warn)"
+        f"{test['statistic']} on {escaped(str(test['region']))} "
+        f"{_fmt(test['group_mean'], 3)} vs {_fmt(test['reference_mean'], 3)} (difference CI "
+        f"[{_fmt(test['effect_low'], 3)}, {_fmt(test['effect_high'], 3)}]), "
+        f"q={test['q_value']:.2g} (warn)"
     )
 
 
-def _main_map_text(view: dict, regions: list[str]) -> str:
+def main_map_text(view: dict, regions: list[str]) -> str:
     """Counterfactual mass and weak localisation of a class's correct images (if measured)."""
     parts = []
     counter = view.get("counterfactual_mass") or {}
     intervals = view.get("counterfactual_mass_ci") or {}
     if any(counter.get(region) is not None for region in regions):
         shares = ", ".join(
-            f"{region} {_with_ci(**intervals.get(region, {'mean': counter.get(region)}))}"
+            f"{region} {with_ci(**intervals.get(region, {'mean': counter.get(region)}))}"
             for region in regions
         )
         parts.append(f"Counterfactual map (what argues against the class): mass {shares}.")
     if view.get("loc_error") is not None:
         parts.append(
-            f"Weak localisation: mean box IoU {_with_ci(**_ci(view, 'loc_iou'))}, "
-            f"localisation error {_with_ci(**_ci(view, 'loc_error'))}, top-1 localisation "
-            f"error {_with_ci(**_ci(view, 'top1_loc_error'))}."
+            f"Weak localisation: mean box IoU {with_ci(**_ci(view, 'loc_iou'))}, "
+            f"localisation error {with_ci(**_ci(view, 'loc_error'))}, top-1 localisation "
+            f"error {with_ci(**_ci(view, 'top1_loc_error'))}."
         )
     return " ".join(parts)
 
@@ -409,7 +425,7 @@ def _ci_bar(mean, low, high, label: str) -> str:
     def x(value):
         return max(0.0, min(1.0, value if value is not None else 0.0)) * width
 
-    label = html.escape(f"{label}: {_with_ci(mean, low, high)}")
+    label = html.escape(f"{label}: {with_ci(mean, low, high)}")
     return (
         f'<svg width="{width + 50}" height="16" role="img" aria-label="{label}">'
         f"<title>{label}</title>"
@@ -438,7 +454,10 @@ def _example_thumbnails(
                 if k.startswith("mass_") and v is not None
             )
             thumbnails.append(
-                f'<figure><img src="{_png_data_uri(picture)}" alt="{html.escape(caption)}">'
+                # Shown at the thumbnail width, like the Guided Grad-CAM beside it,
+                # whatever the image's own (smaller) size.
+                f'<figure><img src="{_png_data_uri(picture)}" width="{THUMBNAIL}" '
+                f'alt="{html.escape(caption)}">'
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
         # Stored in the run folder: shown even when the dataset image cannot be read.
@@ -462,8 +481,16 @@ def _strategy_maps(strategies: pd.DataFrame, class_index: int) -> list[str]:
         picture = Image.fromarray((colorize(mean_map) * 255).astype("uint8")).resize(
             (64, 64), Image.BILINEAR
         )
-        note = " minority strategy" if record.minority_strategy else ""
-        caption = f"cluster {record.cluster}: {record.size} images ({record.fraction:.0%}){note}"
+        note = ", minority strategy" if record.minority_strategy else ""
+        accuracy = with_ci(  # runs made before the CIs have no bounds
+            record.accuracy,
+            getattr(record, "accuracy_low", None),
+            getattr(record, "accuracy_high", None),
+        )
+        caption = (
+            f"cluster {record.cluster}: {record.size} images ({record.fraction:.0%}), "
+            f"accuracy {accuracy}{note}"
+        )
         figures.append(
             f'<figure><img src="{_png_data_uri(picture)}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -521,8 +548,8 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
         probe = entry["interventions"]
         parts.append(
             f"<tr><td>{escape(entry['class_name'])}</td><td>{escape(entry['status'])}</td>"
-            f"<td>{_support(entry)}</td><td>{_with_ci(**_ci(entry, 'accuracy'))}</td>"
-            + "".join(f"<td>{_with_ci(**entry['mass'][r])}</td>" for r in spurious)
+            f"<td>{_support(entry)}</td><td>{with_ci(**_ci(entry, 'accuracy'))}</td>"
+            + "".join(f"<td>{with_ci(**entry['mass'][r])}</td>" for r in spurious)
             + f"<td>{_bg_gap(probe)}</td></tr>"
         )
     parts.append("</table>")
@@ -543,19 +570,13 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
                     entry["predicted_label"]["mass"][region],
                 )
             )
-            lift = _with_ci(**entry["true_label"]["lift"][region])
+            lift = with_ci(**entry["true_label"]["lift"][region])
             parts.append(f"<tr><td>{escape(region)}</td>{bars}<td>{lift}</td></tr>")
         parts.append("</table>")
         probe = entry["interventions"]
         if probe:
-            parts.append(
-                "<p>Interventions on "
-                f"{probe['n_probe']} correct images: still predicted with the object only "
-                f"{_rate(probe, 'object_only')}, background only "
-                f"{_rate(probe, 'background_only')}, background swapped "
-                f"{_rate(probe, 'mixed_rand')}; BG-gap {_bg_gap(probe)}.</p>"
-            )
-        main_map = _main_map_text(entry["true_label"], expected + spurious)
+            parts.append(f"<p>{escape(interventions_text(probe))}</p>")
+        main_map = main_map_text(entry["true_label"], expected + spurious)
         if main_map:
             parts.append(f"<p>{escape(main_map)}</p>")
         thumbnails = _example_thumbnails(cam_of, manifest, entry["examples"], run_dir)
@@ -578,37 +599,54 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
     )
     slice_groups = [g for g in report["slices"]["groups"] if g["kind"] == "slice"]
     if slice_groups:
-        flagged = [t for t in report["slices"]["tests"] if t.get("flagged")]
-        parts.append(
-            "<h2>Slices</h2>"
-            + (
-                "<p>Flagged slices:</p><ul>"
-                + "".join(f"<li>{_slice_flag_text(test, escape)}</li>" for test in flagged)
-                + "</ul>"
-                if flagged
-                else "<p>No slice is flagged.</p>"
-            )
-            + "<table><tr><th>attribute</th><th>value</th><th>n</th>"
-            "<th>accuracy [95% CI]</th><th>worst-group accuracy [95% CI]</th>"
-            + "".join(f"<th>{escape(r)} mass [95% CI]</th>" for r in spurious)
-            + "</tr>"
-        )
-        for group in slice_groups:
-            parts.append(
-                f"<tr><td>{escape(str(group['attribute']))}</td>"
-                f"<td>{escape(str(group['value']))}</td><td>{group['n']}</td>"
-                f"<td>{_with_ci(**_ci(group, 'accuracy'))}</td>"
-                f"<td>{_with_ci(**_ci(group, 'worst_group_accuracy'))}</td>"
-                + "".join(f"<td>{_with_ci(**_ci(group, f'mass_{r}'))}</td>" for r in spurious)
-                + "</tr>"
-            )
-        parts.append("</table>")
+        parts.append(_slices_html(slice_groups, report["slices"]["tests"], spurious))
     parts.append(
         "<h2>Configuration and thresholds</h2><pre>"
         + escape(json.dumps(report["config"], indent=2))
         + "</pre></body></html>"
     )
     return "\n".join(parts)
+
+
+def _slices_html(groups: list[dict], tests: list[dict], spurious: list[str]) -> str:
+    """The flagged slices, each attribute's worst group, and the table of slice values."""
+    escape = html.escape
+    flagged = [test for test in tests if test.get("flagged")]
+    parts = ["<h2>Slices</h2>"]
+    if flagged:
+        items = "".join(f"<li>{_slice_flag_text(test, escape)}</li>" for test in flagged)
+        parts.append(f"<p>Flagged slices:</p><ul>{items}</ul>")
+    else:
+        parts.append("<p>No slice is flagged.</p>")
+    worst: dict = {}  # every value of an attribute carries the attribute's worst group
+    for group in groups:
+        if group.get("worst_group_value") is not None:
+            worst.setdefault(group["attribute"], group)
+    if worst:
+        parts.append(
+            "<p>Worst group (lowest accuracy among values with enough rows): "
+            + "; ".join(
+                f"{escape(str(attribute))} = {escape(str(group['worst_group_value']))}, "
+                f"{with_ci(**_ci(group, 'worst_group_accuracy'))}"
+                for attribute, group in worst.items()
+            )
+            + ".</p>"
+        )
+    parts.append(
+        "<table><tr><th>attribute</th><th>value</th><th>n</th><th>accuracy [95% CI]</th>"
+        + "".join(f"<th>{escape(r)} mass [95% CI]</th>" for r in spurious)
+        + "</tr>"
+    )
+    for group in groups:
+        parts.append(
+            f"<tr><td>{escape(str(group['attribute']))}</td>"
+            f"<td>{escape(str(group['value']))}</td><td>{group['n']}</td>"
+            f"<td>{with_ci(**_ci(group, 'accuracy'))}</td>"
+            + "".join(f"<td>{with_ci(**_ci(group, f'mass_{r}'))}</td>" for r in spurious)
+            + "</tr>"
+        )
+    parts.append("</table>")
+    return "".join(parts)
 
 
 def write_reports(run_dir: Path, formats=("json", "md", "html")) -> dict[str, Path]:

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from audit.report import with_ci
+
 SKIP_REASONS_SHOWN = 8  # the most frequent skip reasons listed; the rest are counted
-
-
-def _with_ci(mean, low=None, high=None) -> str:
-    """``0.75 [0.71, 0.79]``; the mean alone without a CI; n/a without a mean."""
-    if mean is None:
-        return "n/a"
-    if low is None or high is None:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def class_table(report: dict) -> pd.DataFrame:
@@ -25,15 +18,15 @@ def class_table(report: dict) -> pd.DataFrame:
         row = {
             "class": entry["class_name"],
             "n": view["n"],
-            "accuracy": _with_ci(
+            "accuracy": with_ci(
                 view["accuracy"], view.get("accuracy_low"), view.get("accuracy_high")
             ),
         }
         for region in report["regions"]:
-            row[f"mass_{region['name']}"] = _with_ci(**view["mass"][region["name"]])
+            row[f"mass_{region['name']}"] = with_ci(**view["mass"][region["name"]])
         for region in report["regions"]:
             if region["role"] == "expected":
-                row[f"lift_{region['name']}"] = _with_ci(**view["lift"][region["name"]])
+                row[f"lift_{region['name']}"] = with_ci(**view["lift"][region["name"]])
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -1,6 +1,7 @@
 """Bias verdicts end to end: planted shortcuts found, clean models cleared, reports, gates."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -39,8 +40,22 @@ def test_planted_shortcuts_are_bias_driven_by_class_and_slice(biased_demo):
     assert not any(e["status"] == "bias-driven" for e in others)
     flagged_slices = {t["value"] for t in report["slices"]["tests"] if t["flagged"]}
     assert "stripes" in flagged_slices
-    # Every class carries its numbers; the strategies and the CAMs are in the store.
+    # Every class carries its numbers, each with its 95% CI, from the real run; the
+    # strategies and the CAMs are in the store.
     assert all(e["true_label"]["n"] > 0 and e["examples"] for e in report["classes"])
+
+    def within(view, name):
+        return view[f"{name}_low"] <= view[name] <= view[f"{name}_high"]
+
+    for entry in report["classes"]:
+        view = entry["true_label"]
+        assert within(entry, "accuracy") and within(entry["predicted_label"], "precision")
+        assert isinstance(view["n_zero_map"], int)
+        assert within(view, "loc_error") and within(view, "loc_iou")
+        for ci in (view["counterfactual_mass_ci"]["background"], view["pointing_ci"]["object"]):
+            assert ci["low"] <= ci["mean"] <= ci["high"]
+    text = (result.run_dir / "report.html").read_text()
+    assert re.search(r"localisation error \d\.\d\d \[\d\.\d\d, \d\.\d\d\]", text)
     assert (result.run_dir / "strategies.parquet").exists()
     html = (result.run_dir / "report.html").read_text()
     assert "data:image/png;base64," in html and "bias-driven" in html
@@ -103,9 +118,11 @@ def test_gates_baselines_and_report_command(biased_demo, tmp_path, capsys):
     report = report_of(newest)
     assert report["baseline"] == str(store / result.run_dir.name)
     tests = [t for e in report["classes"] for t in e["tests"]]
-    # The same dataset: each group is compared with itself image by image.
-    assert tests and all(t["reference"] == "baseline run, same group, same images" for t in tests)
-    assert all("signed-rank" in t["test"] for t in tests)
+    assert tests and all(t["reference"] == "baseline run, same group" for t in tests)
+    # The same dataset: each slice is compared with itself image by image.
+    slices = report["slices"]["tests"]
+    assert slices and all(t["reference"].endswith("same images") for t in slices)
+    assert all("signed-rank" in t["test"] for t in slices)
     # Same model and data as the baseline: no heatmap flag, the interventions still fail it.
     assert not any(t["flagged"] for t in tests)
     assert cli_main(["report", str(newest), "--format", "md"]) == 0

@@ -75,8 +75,20 @@ def test_classes_page_shows_the_report_numbers_and_sorts(store, monkeypatch):
     assert "precision" in page.dataframe[0].value.columns
     page.selectbox[0].set_value("class").run()
     assert page.dataframe[0].value["class"].tolist() == sorted(table["class"])
-    slices = page.dataframe[1].value
-    assert "stripes" in slices["value"].tolist() and "worst_group_accuracy" in slices
+    slices = page.dataframe[1].value.set_index("value")
+    assert bool(slices.at["stripes", "flagged"]) and not slices["flagged"].drop("stripes").any()
+    test = next(t for t in report["slices"]["tests"] if t["value"] == "stripes")
+    for name in ("effect_low", "effect_high", "q_value"):  # the flag's difference CI and q
+        assert slices.at["stripes", name] == pytest.approx(test[name])
+    # The attribute's worst group is named once, with its CI, not repeated per row.
+    worst = [c.value for c in page.caption if c.value.startswith("Worst group of")]
+    group = next(g for g in report["slices"]["groups"] if g["kind"] == "slice")
+    low, high = group["worst_group_accuracy_low"], group["worst_group_accuracy_high"]
+    assert worst == [
+        f"Worst group of background\\_type: {group['worst_group_value']}, accuracy "
+        f"{group['worst_group_accuracy']:.2f} [{low:.2f}, {high:.2f}] (the lowest among "
+        "values with enough rows)"
+    ]
 
 
 def test_classes_page_shows_each_mean_with_its_ci(store, monkeypatch):
@@ -106,6 +118,22 @@ def test_class_detail_filters_change_the_gallery(store, monkeypatch):
     page.selectbox[2].set_value("background_type = stripes").run()
     assert int(page.caption[1].value.split()[0]) < correct
     assert not page.exception
+
+
+def test_class_detail_gives_the_class_numbers_and_interventions_with_cis(store, monkeypatch):
+    page = app(store, monkeypatch, "class_detail")
+    report = json.loads((Path(store) / page.sidebar.selectbox[0].value / "report.json").read_text())
+    entry = next(e for e in report["classes"] if e["class_name"] == page.selectbox[0].value)
+    view, probe = entry["true_label"], entry["interventions"]
+    texts = [t.value for t in page.text]
+    accuracy = f"{view['accuracy']:.2f} [{view['accuracy_low']:.2f}, {view['accuracy_high']:.2f}]"
+    assert any(t.startswith(f"{view['n']} images, accuracy {accuracy}") for t in texts)
+    assert any(t.startswith(f"Interventions on {probe['n_probe']} correct images") for t in texts)
+    rates = page.dataframe[-1].value.set_index("intervention")
+    swapped = rates.loc["background swapped (Mixed-Rand)"]
+    assert swapped["still predicted"] == pytest.approx(probe["rate_mixed_rand"])
+    assert swapped["low"] == pytest.approx(probe["rate_mixed_rand_low"])
+    assert swapped["high"] == pytest.approx(probe["rate_mixed_rand_high"])
 
 
 def test_compare_page_shows_deltas(store, monkeypatch):

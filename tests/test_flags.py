@@ -134,6 +134,18 @@ def test_every_group_rate_has_its_interval():
     assert (slices["worst_group_accuracy_high"] == worst["accuracy_high"]).all()
 
 
+def test_a_tied_worst_group_is_the_least_certain_value():
+    images = synthetic_images()  # every row correct: each site's accuracy is 1.0
+    images.loc[images["site"] == "a", "site"] = np.where(
+        np.arange((images["site"] == "a").sum()) < 25, "a", "b"
+    )
+    slices = aggregator_of(images).finalize(["a", "b", "c"], resamples=50)
+    slices = slices[slices["kind"] == "slice"].set_index("value")
+    assert (slices["accuracy"] == 1.0).all() and slices.loc["a", "n"] == 25
+    assert (slices["worst_group_value"] == "a").all()  # 25 rows: the lower bound
+    assert (slices["worst_group_accuracy_low"] == slices.loc["a", "accuracy_low"]).all()
+
+
 def test_zero_maps_are_counted_per_group_and_left_out_of_the_means():
     images = synthetic_images()
     zero = images.index[images["label_index"] == 1][:5]
@@ -287,39 +299,56 @@ def test_a_minority_strategy_needs_its_ci_above_the_class_not_one_odd_map():
     assert records[2]["spurious_excess"] > 0.6 and np.isnan(records[2]["spurious_excess_low"])
 
 
-def test_a_baseline_of_the_same_images_is_compared_image_by_image():
+def baseline_tests(after, before, paired, kind, policy=None):
+    flags = evaluate_flags(
+        aggregator_of(after),
+        ["a", "b", "c"],
+        ["background"],
+        policy or PolicySection(bootstrap_resamples=500),
+        aggregator_of(before),
+        paired,
+    )
+    return flags[flags["kind"] == kind]
+
+
+def test_a_slice_against_a_baseline_of_the_same_images_is_compared_image_by_image():
     before = synthetic_images(shift=0.0)
     after = before.copy()
-    # The new model puts 0.065 more mass on class 2's backgrounds, image by image; the
-    # images' own spread (0.08) hides that from a comparison of two samples.
-    moved = after["label_index"] == 2
+    # The new model puts 0.065 more mass on site a's backgrounds, image by image; the
+    # images' own spread hides that from a comparison of two samples.
+    moved = after["site"] == "a"
     noise = np.random.default_rng(5).normal(0, 0.003, moved.sum())
-    for column in ("mass_background", "pred_mass_background"):
-        after.loc[moved, column] += 0.065 + noise
-    policy = PolicySection(bootstrap_resamples=500)
-
-    def true_tests(paired):
-        flags = evaluate_flags(
-            aggregator_of(after),
-            ["a", "b", "c"],
-            ["background"],
-            policy,
-            aggregator_of(before),
-            paired,
-        )
-        return flags[flags["kind"] == "true"].set_index("class_index")
-
-    independent, paired = true_tests(False), true_tests(True)
+    after.loc[moved, "pred_mass_background"] += 0.065 + noise
+    independent = baseline_tests(after, before, False, "slice").set_index("value")
+    paired = baseline_tests(after, before, True, "slice").set_index("value")
     assert not independent["flagged"].any()
-    assert independent.loc[2, "effect_low"] < policy.effect_floor
-    assert paired["flagged"].tolist() == [False, False, True]
-    assert paired.loc[2, "effect_low"] < 0.065 < paired.loc[2, "effect_high"]
-    assert paired.loc[2, "n"] == 60 and "signed-rank" in paired.loc[2, "test"]
-    assert paired.loc[0, "p_value"] == 1.0  # identical maps: no evidence either way
+    assert independent.loc["a", "effect_low"] < PolicySection().effect_floor
+    assert paired["flagged"].tolist() == [True, False]
+    assert paired.loc["a", "effect"] == pytest.approx(0.065, abs=0.002)
+    assert paired.loc["a", "effect_high"] - paired.loc["a", "effect_low"] < 0.005
+    assert paired.loc["a", "n"] == moved.sum() and "signed-rank" in paired.loc["a", "test"]
+    assert paired.loc["b", "p_value"] == 1.0  # identical maps: no evidence either way
     assert (paired["reference"] == "baseline run, same group, same images").all()
-    # Rows one run did not measure (here: wrong in the new run) are left out.
-    after.loc[after.index[moved][:10], "correct"] = False
-    assert true_tests(True).loc[2, "n"] == 50
+    # Rows one run did not measure are left out.
+    after.loc[after.index[moved][:10], "pred_mass_background"] = np.nan
+    assert baseline_tests(after, before, True, "slice").set_index("value").loc["a", "n"] == (
+        moved.sum() - 10
+    )
+
+
+def test_groups_whose_rows_depend_on_the_model_stay_two_sample_against_a_baseline():
+    # The new model predicts 40 images of classes 0 and 1 as class 2, from their
+    # backgrounds: new false positives that pairing class 2's rows would leave out.
+    before = synthetic_images(shift=0.0)
+    after = before.copy()
+    switched = after.index[after["label_index"] < 2][::3][:40]
+    after.loc[switched, ["pred", "correct"]] = [2, False]
+    after.loc[switched, "pred_mass_background"] = 0.85
+    for paired in (False, True):
+        tests = baseline_tests(after, before, paired, "pred").set_index("class_index")
+        assert tests.loc[2, "flagged"] and tests.loc[2, "n"] == 100
+        assert "Mann-Whitney" in tests.loc[2, "test"]
+        assert (tests["reference"] == "baseline run, same group").all()
 
 
 def confounded_sites(site_effect=0.0, n=2000, seed=0):

@@ -129,6 +129,9 @@ def test_a_class_without_numbers_shows_na_not_a_crash(report, run_dir):
     assert entry["interventions"]["bg_gap"] is None
     page = render_html(report, run_dir)
     assert "background swapped n/a; BG-gap n/a." in page
+    # Diagnostics that did not run are said to be not run, not shown as n/a.
+    assert "object only n/a" not in page
+    assert "diagnostics run only for classes with a finding" in page
     assert "| 1 | ok | 0 | n/a | n/a | n/a |" in render_markdown(report)
 
 
@@ -156,9 +159,20 @@ def test_accuracy_and_flagged_slices_come_with_their_intervals(report, run_dir):
     page = render_html(report, run_dir)
     assert "Flagged slices" in page and "<b>site</b>" not in page
     assert "&lt;b&gt;site&lt;/b&gt; = a: mass on" in page
-    assert "0.60 vs 0.40 (difference CI [0.10, 0.30]), q=0.001 (warn)" in page
+    assert "0.600 vs 0.400 (difference CI [0.100, 0.300]), q=0.001 (warn)" in page
     markdown = render_markdown(report)
-    assert "(difference CI [0.10, 0.30]), q=0.001 (warn)" in markdown
+    assert "(difference CI [0.100, 0.300]), q=0.001 (warn)" in markdown
+    # Each attribute's worst group is named once, with its accuracy's CI.
+    group = next(g for g in report["slices"]["groups"] if g["kind"] == "slice")
+    group.update(
+        worst_group_value="<i>w</i>",
+        worst_group_accuracy=0.5,
+        worst_group_accuracy_low=0.25,
+        worst_group_accuracy_high=0.75,
+    )
+    page = render_html(report, run_dir)
+    worst = f"{group['attribute']} = &lt;i&gt;w&lt;/i&gt;, 0.50 [0.25, 0.75]"
+    assert page.count(worst) == 1
 
 
 def test_the_run_summary_gives_each_class_number_with_its_ci(report):
@@ -184,9 +198,9 @@ def test_zero_maps_are_shown_next_to_the_class_count(report, run_dir):
     report = copy.deepcopy(report)
     entry = report["classes"][0]
     entry["true_label"]["n_zero_map"] = 3
-    row = f"| {entry['n']} (3 zero maps) |"
+    row = f"| {entry['n']} (3 zero maps among the correct) |"
     assert row in render_markdown(report)
-    assert f"<td>{entry['n']} (3 zero maps)</td>" in render_html(report, run_dir)
+    assert f"<td>{entry['n']} (3 zero maps among the correct)</td>" in render_html(report, run_dir)
 
 
 def test_unreadable_dataset_images_are_noted_and_guided_pictures_kept(report, run_dir):

@@ -7,7 +7,7 @@ import streamlit as st
 from PIL import Image
 
 from audit.overlay import colorize
-from audit.report import unreadable_note
+from audit.report import interventions_text, main_map_text, unreadable_note, with_ci
 from dashboard.store import current_run, escape_markdown, table, thumbnail
 
 PAGE_SIZE = 12
@@ -21,6 +21,21 @@ index = entry["class_index"]
 st.caption(f"Status: {entry['status']}, confidence {entry.get('confidence', 'normal')}")
 for reason in entry["reasons"]:
     st.text(reason)
+
+
+view = entry["true_label"]
+accuracy = with_ci(view["accuracy"], view.get("accuracy_low"), view.get("accuracy_high"))
+numbers = [f"{view['n']} images, accuracy {accuracy}"]
+numbers += [
+    f"mass on {region} (correct images) {with_ci(**view['mass'][region])}"
+    for region in [r["name"] for r in result["regions"]]
+]
+if view.get("n_zero_map"):
+    numbers.append(f"{view['n_zero_map']} zero maps (left out of the means)")
+st.text("; ".join(numbers) + " (95% CIs)")
+extra = main_map_text(view, [r["name"] for r in result["regions"]])
+if extra:
+    st.text(extra)
 
 images = table(str(store), run, "images")
 spurious = [r["name"] for r in result["regions"] if r["role"] == "spurious"]
@@ -96,16 +111,42 @@ if len(strategies):
         mean_map = np.asarray(strategy.mean_map, "float32").reshape(strategy.map_shape)
         picture = Image.fromarray((colorize(mean_map) * 255).astype("uint8")).resize((96, 96))
         column.image(picture, width=96)
+        accuracy = with_ci(
+            strategy.accuracy,
+            getattr(strategy, "accuracy_low", None),  # runs before the CIs have none
+            getattr(strategy, "accuracy_high", None),
+        )
         column.caption(
             f"cluster {strategy.cluster}: {strategy.size} images ({strategy.fraction:.0%}), "
-            f"accuracy {strategy.accuracy:.2f}"
-            + (", minority strategy" if strategy.minority_strategy else "")
+            f"accuracy {accuracy}" + (", minority strategy" if strategy.minority_strategy else "")
         )
 else:
     st.caption("Too few images to cluster.")
 
 st.subheader("Interventions")
-if entry["interventions"]:
-    st.dataframe([entry["interventions"]], hide_index=True)
+probe = entry["interventions"]
+if probe:
+    st.text(interventions_text(probe))
+    rates = [
+        {
+            "intervention": label,
+            "still predicted": probe.get(f"rate_{name}"),
+            "low": probe.get(f"rate_{name}_low"),
+            "high": probe.get(f"rate_{name}_high"),
+        }
+        for name, label in (
+            ("object_only", "object only"),
+            ("background_only", "background only"),
+            ("mixed_rand", "background swapped (Mixed-Rand)"),
+        )
+    ]
+    st.dataframe(
+        rates,
+        hide_index=True,
+        column_config={
+            name: st.column_config.NumberColumn(format="%.2f")
+            for name in ("still predicted", "low", "high")
+        },
+    )
 else:
     st.caption("No interventions for this class (no expected region, or too few images).")

@@ -5,11 +5,13 @@ import pandas as pd
 import streamlit as st
 
 from audit.decisions import latest_decisions, model_line
-from audit.report import trust_lines
+from audit.report import trust_lines, with_ci
 from dashboard.store import current_run, escape_markdown
 
 SEVERITY = {"fail": 2, "warn": 1, "none": 0}
 TWO_DIGITS = st.column_config.NumberColumn(format="%.2f")
+THREE_DIGITS = st.column_config.NumberColumn(format="%.3f")
+RATES = ("accuracy", "precision", "loc_error", "effect")
 
 
 def two_digits(table: pd.DataFrame) -> dict:
@@ -18,7 +20,7 @@ def two_digits(table: pd.DataFrame) -> dict:
         column: TWO_DIGITS
         for column in table.columns
         if column.startswith(("mass_", "bg_gap"))
-        or column.removesuffix("_low").removesuffix("_high").endswith(("accuracy", "precision"))
+        or column.removesuffix("_low").removesuffix("_high").endswith(RATES)
     }
 
 
@@ -58,7 +60,7 @@ for entry in result["classes"]:
             for name in ("bg_gap", "bg_gap_low", "bg_gap_high")
         },
         "confidence": entry.get("confidence", "normal"),
-        "loc_error": side.get("loc_error"),
+        **{name: side.get(name) for name in ("loc_error", "loc_error_low", "loc_error_high")},
         "decision": getattr(decisions.get(entry["class_name"]), "decision", None),
     }
     for region in spurious:
@@ -86,7 +88,11 @@ st.dataframe(
     classes,
     hide_index=True,
     width="stretch",
-    column_config={"q_value": st.column_config.NumberColumn(format="%.1e")} | two_digits(classes),
+    column_config={
+        "q_value": st.column_config.NumberColumn(format="%.1e"),
+        "effect_ci_low": THREE_DIGITS,
+    }
+    | two_digits(classes),
 )
 
 for region in spurious:
@@ -103,7 +109,7 @@ for region in spurious:
         alt.Chart(data)
         .mark_bar()
         .encode(
-            x=alt.X("mass:Q", scale=alt.Scale(domain=[0, 1])),
+            x=alt.X("mass:Q", scale=alt.Scale(domain=[0, 1]), title=f"mass on {region}"),
             y=alt.Y("class:N", sort=sort),
             color=alt.Color("status:N"),
         )
@@ -118,23 +124,41 @@ groups = pd.DataFrame(result["slices"]["groups"])
 if len(groups):
     slices = groups[groups["kind"] == "slice"]
     tests = pd.DataFrame(result["slices"]["tests"])
-    columns = ["attribute", "value", "n"]
-    columns += [
-        f"{name}{bound}"
-        for name in ("accuracy", "worst_group_accuracy")
-        for bound in ("", "_low", "_high")
-        if f"{name}{bound}" in slices.columns  # runs made before the CIs have none
-    ]
+    columns = ["attribute", "value", "n", "accuracy", "accuracy_low", "accuracy_high"]
     columns += [
         column
         for region in spurious
         for column in (f"mass_{region}", f"mass_{region}_low", f"mass_{region}_high")
         if column in slices.columns
     ]
-    shown = slices[columns]
-    if len(tests):
-        flagged = tests.groupby(["attribute", "value"])["flagged"].any().rename("flagged")
-        shown = shown.merge(flagged, on=["attribute", "value"], how="left")
-    st.dataframe(shown, hide_index=True, width="stretch", column_config=two_digits(shown))
+    shown = slices[[column for column in columns if column in slices.columns]]
+    for test_region, frame in tests.groupby("region") if len(tests) else []:
+        # The test of each slice value: its difference from the other values, with CI.
+        prefix = f"{test_region}_" if len(spurious) > 1 else ""
+        test = frame.set_index(["attribute", "value"])[
+            ["flagged", "effect", "effect_low", "effect_high", "q_value"]
+        ]
+        test = test.rename(columns=lambda c, p=prefix: f"{p}{c}")
+        shown = shown.merge(test, left_on=["attribute", "value"], right_index=True, how="left")
+    st.dataframe(
+        shown,
+        hide_index=True,
+        width="stretch",
+        column_config=two_digits(shown)
+        | {c: st.column_config.NumberColumn(format="%.1e") for c in shown if c.endswith("q_value")},
+    )
+    if "worst_group_value" in slices.columns:
+        worst = slices.dropna(subset=["worst_group_value"]).drop_duplicates("attribute")
+        for group in worst.itertuples():
+            accuracy = with_ci(
+                group.worst_group_accuracy,
+                group.worst_group_accuracy_low,
+                group.worst_group_accuracy_high,
+            )
+            st.caption(
+                f"Worst group of {escape_markdown(str(group.attribute))}: "
+                f"{escape_markdown(str(group.worst_group_value))}, accuracy {accuracy} "
+                "(the lowest among values with enough rows)"
+            )
 else:
     st.caption("This dataset has no slice attributes.")
