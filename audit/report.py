@@ -601,9 +601,10 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
     if slice_groups:
         parts.append(_slices_html(slice_groups, report["slices"]["tests"], spurious))
     parts.append(
-        "<h2>Configuration and thresholds</h2><pre>"
+        "<h2>Configuration and thresholds</h2><details><summary>The resolved config of "
+        "this run</summary><pre>"
         + escape(json.dumps(report["config"], indent=2))
-        + "</pre></body></html>"
+        + "</pre></details></body></html>"
     )
     return "\n".join(parts)
 
