@@ -100,7 +100,7 @@ def analyse(
         baseline_run = RunStore(baseline)
         baseline_manifest = baseline_run.manifest()
         baseline_aggregator = aggregator_for(baseline_run.images(), baseline_manifest)
-        # The same dataset (rows and files): its groups are compared image by image.
+        # The same dataset (rows and file sizes): its slices are compared image by image.
         paired = baseline_manifest["dataset"]["fingerprint"] == manifest["dataset"]["fingerprint"]
     flags = evaluate_flags(
         aggregator, class_names, spurious_regions(manifest), policy, baseline_aggregator, paired

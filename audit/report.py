@@ -656,7 +656,8 @@ def write_reports(run_dir: Path, formats=("json", "md", "html")) -> dict[str, Pa
     report = build_report(run_dir)
     written = {"json": run_dir / "report.json"}
     write_json(written["json"], report)
-    unreadable = unreadable_examples(report)  # opens the example images: once for both
+    # Opens the example images: once for both reports, not at all for JSON alone.
+    unreadable = unreadable_examples(report) if {"md", "html"} & set(formats) else 0
     if "md" in formats:
         written["md"] = run_dir / "report.md"
         text = render_markdown(report, unreadable)
