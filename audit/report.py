@@ -374,8 +374,8 @@ def _slice_flag_text(test: dict, escaped) -> str:
         f"{escaped(str(test['attribute']))} = {escaped(str(test['value']))}: "
         f"{test['statistic']} on {escaped(str(test['region']))} "
         f"{_fmt(test['group_mean'], 3)} vs {_fmt(test['reference_mean'], 3)} (difference CI "
-        f"[{_fmt(test['effect_low'], 3)}, {_fmt(test['effect_high'], 3)}]), "
-        f"q={test['q_value']:.2g} (warn)"
+        f"[{_fmt(test['effect_low'], 3)}, {_fmt(test['effect_high'], 3)}], "
+        f"q={test['q_value']:.2g}; warn)"
     )
 
 
@@ -506,7 +506,7 @@ td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 .bias-driven{border-left:6px solid #c0392b}.suspected{border-left:6px solid #e67e22}
 .ok{border-left:6px solid #27ae60}.muted{color:#888}
 .note{background:#fff4e5;border:1px solid #e67e22;padding:.5rem 1rem}
-figure{display:inline-block;margin:4px;font-size:11px;max-width:140px}
+figure{display:inline-block;vertical-align:top;margin:4px;font-size:11px;max-width:140px}
 pre{background:#f6f6f6;padding:1rem;overflow:auto}
 """
 
@@ -628,7 +628,7 @@ def _slices_html(groups: list[dict], tests: list[dict], spurious: list[str]) -> 
             "<p>Worst group (lowest accuracy among values with enough rows): "
             + "; ".join(
                 f"{escape(str(attribute))} = {escape(str(group['worst_group_value']))}, "
-                f"{with_ci(**_ci(group, 'worst_group_accuracy'))}"
+                f"accuracy {with_ci(**_ci(group, 'worst_group_accuracy'))}"
                 for attribute, group in worst.items()
             )
             + ".</p>"

@@ -134,6 +134,12 @@ def test_class_detail_gives_the_class_numbers_and_interventions_with_cis(store, 
     assert swapped["still predicted"] == pytest.approx(probe["rate_mixed_rand"])
     assert swapped["low"] == pytest.approx(probe["rate_mixed_rand_low"])
     assert swapped["high"] == pytest.approx(probe["rate_mixed_rand_high"])
+    assert len(rates) == 3  # a bias-driven class went through the diagnostics too
+    # A class without a finding lists only what ran, not rows of None.
+    clean = next(e for e in report["classes"] if e["status"] == "ok")
+    page.selectbox[0].set_value(clean["class_name"]).run()
+    rates = page.dataframe[-1].value
+    assert rates["intervention"].tolist() == ["background swapped (Mixed-Rand)"]
 
 
 def test_compare_page_shows_deltas(store, monkeypatch):

@@ -159,9 +159,9 @@ def test_accuracy_and_flagged_slices_come_with_their_intervals(report, run_dir):
     page = render_html(report, run_dir)
     assert "Flagged slices" in page and "<b>site</b>" not in page
     assert "&lt;b&gt;site&lt;/b&gt; = a: mass on" in page
-    assert "0.600 vs 0.400 (difference CI [0.100, 0.300]), q=0.001 (warn)" in page
+    assert "0.600 vs 0.400 (difference CI [0.100, 0.300], q=0.001; warn)" in page
     markdown = render_markdown(report)
-    assert "(difference CI [0.100, 0.300]), q=0.001 (warn)" in markdown
+    assert "(difference CI [0.100, 0.300], q=0.001; warn)" in markdown
     # Each attribute's worst group is named once, with its accuracy's CI.
     group = next(g for g in report["slices"]["groups"] if g["kind"] == "slice")
     group.update(
@@ -171,7 +171,7 @@ def test_accuracy_and_flagged_slices_come_with_their_intervals(report, run_dir):
         worst_group_accuracy_high=0.75,
     )
     page = render_html(report, run_dir)
-    worst = f"{group['attribute']} = &lt;i&gt;w&lt;/i&gt;, 0.50 [0.25, 0.75]"
+    worst = f"{group['attribute']} = &lt;i&gt;w&lt;/i&gt;, accuracy 0.50 [0.25, 0.75]"
     assert page.count(worst) == 1
 
 

@@ -139,6 +139,7 @@ if probe:
             ("background_only", "background only"),
             ("mixed_rand", "background swapped (Mixed-Rand)"),
         )
+        if probe.get(f"rate_{name}") is not None  # the diagnostics may not have run
     ]
     st.dataframe(
         rates,

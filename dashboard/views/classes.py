@@ -11,7 +11,7 @@ from dashboard.store import current_run, escape_markdown
 SEVERITY = {"fail": 2, "warn": 1, "none": 0}
 TWO_DIGITS = st.column_config.NumberColumn(format="%.2f")
 THREE_DIGITS = st.column_config.NumberColumn(format="%.3f")
-RATES = ("accuracy", "precision", "loc_error", "effect")
+RATES = ("accuracy", "precision", "loc_error")
 
 
 def two_digits(table: pd.DataFrame) -> dict:
@@ -46,28 +46,31 @@ for entry in result["classes"]:
     q_values = [t["q_value"] for t in tests if t.get("q_value") is not None]
     effects = [t["effect_low"] for t in tests if t.get("effect_low") is not None]
     rate = "accuracy" if key == "true_label" else "precision"
+    # The columns a reviewer reads first come first: the table is wider than a page.
     row = {
         "class": entry["class_name"],
         "status": entry["status"],
-        "severity": entry["severity"],
         "n": side["n"],
-        "zero_maps": side.get("n_zero_map"),
         **{name: side.get(name) for name in (rate, f"{rate}_low", f"{rate}_high")},
-        "q_value": min(q_values) if q_values else None,
-        "effect_ci_low": max(effects) if effects else None,
-        **{
-            name: (entry["interventions"] or {}).get(name)
-            for name in ("bg_gap", "bg_gap_low", "bg_gap_high")
-        },
-        "confidence": entry.get("confidence", "normal"),
-        **{name: side.get(name) for name in ("loc_error", "loc_error_low", "loc_error_high")},
-        "decision": getattr(decisions.get(entry["class_name"]), "decision", None),
     }
     for region in spurious:
         mass = side["mass"][region]
         row[f"mass_{region}"] = mass["mean"]
         row[f"mass_{region}_low"] = mass["low"]
         row[f"mass_{region}_high"] = mass["high"]
+    row |= {
+        **{
+            name: (entry["interventions"] or {}).get(name)
+            for name in ("bg_gap", "bg_gap_low", "bg_gap_high")
+        },
+        "q_value": min(q_values) if q_values else None,
+        "effect_ci_low": max(effects) if effects else None,
+        "decision": getattr(decisions.get(entry["class_name"]), "decision", None),
+        "zero_maps": side.get("n_zero_map"),
+        "confidence": entry.get("confidence", "normal"),
+        **{name: side.get(name) for name in ("loc_error", "loc_error_low", "loc_error_high")},
+        "severity": entry["severity"],
+    }
     rows.append(row)
 classes = pd.DataFrame(rows)
 order = st.selectbox("Sort by", ["severity", "q-value", "effect size", "class"])
@@ -89,6 +92,7 @@ st.dataframe(
     hide_index=True,
     width="stretch",
     column_config={
+        "status": st.column_config.TextColumn(width="medium"),  # "bias-driven" in full
         "q_value": st.column_config.NumberColumn(format="%.1e"),
         "effect_ci_low": THREE_DIGITS,
     }
@@ -131,7 +135,7 @@ if len(groups):
         for column in (f"mass_{region}", f"mass_{region}_low", f"mass_{region}_high")
         if column in slices.columns
     ]
-    shown = slices[[column for column in columns if column in slices.columns]]
+    shown = slices[["attribute", "value", "n"]]
     for test_region, frame in tests.groupby("region") if len(tests) else []:
         # The test of each slice value: its difference from the other values, with CI.
         prefix = f"{test_region}_" if len(spurious) > 1 else ""
@@ -140,11 +144,15 @@ if len(groups):
         ]
         test = test.rename(columns=lambda c, p=prefix: f"{p}{c}")
         shown = shown.merge(test, left_on=["attribute", "value"], right_index=True, how="left")
+    # The flag's columns first (the table is wider than a page), then the group's numbers.
+    numbers = [column for column in columns if column in slices.columns]
+    shown = shown.merge(slices[numbers], on=["attribute", "value", "n"], how="left")
     st.dataframe(
         shown,
         hide_index=True,
         width="stretch",
         column_config=two_digits(shown)
+        | {c: THREE_DIGITS for c in shown if "effect" in c}
         | {c: st.column_config.NumberColumn(format="%.1e") for c in shown if c.endswith("q_value")},
     )
     if "worst_group_value" in slices.columns:
