@@ -502,6 +502,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1rem 0}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+table.numbers td:nth-child(n+3){text-align:right;font-variant-numeric:tabular-nums}
 .card{border:1px solid #ccc;border-radius:6px;padding:1rem;margin:1rem 0}
 .bias-driven{border-left:6px solid #c0392b}.suspected{border-left:6px solid #e67e22}
 .ok{border-left:6px solid #27ae60}.muted{color:#888}
@@ -539,7 +540,7 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
             "Grad-CAM pictures are still shown).</p>"
         )
     parts.append(
-        "<h2>Summary</h2><table><tr><th>class</th><th>status</th><th>n</th>"
+        "<h2>Summary</h2><table class='numbers'><tr><th>class</th><th>status</th><th>n</th>"
         "<th>accuracy [95% CI]</th>"
         + "".join(f"<th>{escape(r)} mass [95% CI]</th>" for r in spurious)
         + "<th>BG-gap [95% CI]</th></tr>"
@@ -634,7 +635,8 @@ def _slices_html(groups: list[dict], tests: list[dict], spurious: list[str]) -> 
             + ".</p>"
         )
     parts.append(
-        "<table><tr><th>attribute</th><th>value</th><th>n</th><th>accuracy [95% CI]</th>"
+        "<table class='numbers'><tr><th>attribute</th><th>value</th><th>n</th>"
+        "<th>accuracy [95% CI]</th>"
         + "".join(f"<th>{escape(r)} mass [95% CI]</th>" for r in spurious)
         + "</tr>"
     )

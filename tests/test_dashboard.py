@@ -120,6 +120,11 @@ def test_class_detail_filters_change_the_gallery(store, monkeypatch):
     assert not page.exception
 
 
+def test_class_detail_opens_on_the_classes_page_first_row(store, monkeypatch):
+    first = app(store, monkeypatch, "classes").dataframe[0].value["class"].iloc[0]
+    assert app(store, monkeypatch, "class_detail").selectbox[0].value == first
+
+
 def test_class_detail_gives_the_class_numbers_and_interventions_with_cis(store, monkeypatch):
     page = app(store, monkeypatch, "class_detail")
     report = json.loads((Path(store) / page.sidebar.selectbox[0].value / "report.json").read_text())

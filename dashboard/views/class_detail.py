@@ -14,7 +14,17 @@ PAGE_SIZE = 12
 
 store, run, result = current_run()
 st.title("Class detail")
-names = [entry["class_name"] for entry in result["classes"]]  # sorted by severity
+
+
+def worst_first(entry: dict) -> tuple:
+    """The Classes page's default order: severity, then the smallest true-label q-value."""
+    tests = [t for t in entry["tests"] if t["kind"] == "true" and t.get("q_value") is not None]
+    q_values = [t["q_value"] for t in tests]
+    severity = {"fail": 2, "warn": 1}.get(entry["severity"], 0)
+    return -severity, min(q_values, default=1.0)
+
+
+names = [entry["class_name"] for entry in sorted(result["classes"], key=worst_first)]
 name = st.selectbox("Class", names)
 entry = next(e for e in result["classes"] if e["class_name"] == name)
 index = entry["class_index"]
