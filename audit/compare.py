@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
-from audit.flags import benjamini_hochberg
+from audit.flags import benjamini_hochberg, bootstrap_difference_ci
 from audit.store import RunStore
 
 
@@ -62,8 +62,11 @@ def _flag_changes(old: dict, new: dict) -> dict[str, dict[str, str]]:
     return changes
 
 
-def compare_runs(old_dir: Path, new_dir: Path) -> dict:
-    """Deltas of every class's spurious mass (true label, correct rows) and flag changes."""
+def compare_runs(old_dir: Path, new_dir: Path, *, resamples: int = 1000, seed: int = 0) -> dict:
+    """Deltas of every class's spurious mass (true label, correct rows), each with a
+    bootstrap 95% CI and a two-sided Mann-Whitney q-value, and the flag changes. The
+    two runs' correct rows differ (each model gets other images right), so the classes
+    are compared as two samples."""
     old, new = _report(old_dir), _report(new_dir)
     old_images, new_images = RunStore(old_dir).images(), RunStore(new_dir).images()
     spurious = [r["name"] for r in new["regions"] if r["role"] == "spurious"]
@@ -80,10 +83,15 @@ def compare_runs(old_dir: Path, new_dir: Path) -> dict:
                 "old_mean": float(a.mean()) if len(a) else None,
                 "new_mean": float(b.mean()) if len(b) else None,
                 "delta": float(b.mean() - a.mean()) if len(a) and len(b) else None,
+                "delta_low": None,
+                "delta_high": None,
                 "p_value": np.nan,
             }
             if len(a) >= 2 and len(b) >= 2 and column in old_images and column in new_images:
                 row["p_value"] = float(mannwhitneyu(b, a, alternative="two-sided").pvalue)
+                row["delta_low"], row["delta_high"] = bootstrap_difference_ci(
+                    b, a, resamples=resamples, seed=seed
+                )
             rows.append(row)
     deltas = pd.DataFrame(rows)
     if len(deltas):
@@ -133,6 +141,8 @@ def format_comparison(result: dict, alpha: float = 0.05) -> str:
                     "old_mean",
                     "new_mean",
                     "delta",
+                    "delta_low",
+                    "delta_high",
                     "q_value",
                     "significant",
                 ],

@@ -88,6 +88,10 @@ def test_models_trained_without_the_shortcut_are_not_bias_driven(tmp_path, biase
     # Comparing a clean run with the biased one: the biased run adds flags.
     comparison = compare_runs(result.run_dir, biased.run_dir)
     assert any(flag.startswith("class 7") for flag in comparison["new_flags"])
+    # Each delta comes with its CI: class 7's background mass rose with the shortcut.
+    seven = comparison["deltas"].set_index("class_name").loc["7"]
+    assert seven["delta_low"] < seven["delta"] < seven["delta_high"]
+    assert seven["delta_low"] > 0 and seven["q_value"] < 0.05
     assert cli_main(["compare", str(result.run_dir), str(biased.run_dir)]) == 1
     reverse = compare_runs(biased.run_dir, result.run_dir)
     # Class 7 is resolved (ok now) or eased (suspected now), never new.
