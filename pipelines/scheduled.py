@@ -6,9 +6,9 @@ audited against the configured dataset on its own terms (its classes against eac
 other, as ``bias-audit run`` does, so a bias that a version keeps is still flagged),
 unless a complete run with the same run key (model hash, dataset fingerprint, config
 hash) is already in the store: then it is reused, never recomputed. Each version is
-compared with the one before (``bias-audit compare``: per-class deltas with
-significance, new, kept and resolved flags), the reports are written and every run is
-in the store's history index.
+compared with the one before (``bias-audit compare``: per-class deltas with their
+95% CIs and q-values, new, kept and resolved flags), the reports are written and every
+run is in the store's history index.
 
 The exit code is the gate, and it is a function of the store, not of what this
 invocation happened to compute, so a retried task gives the same answer: 1 when the

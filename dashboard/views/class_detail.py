@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
+from audit.analyse import SEVERITY_ORDER
 from audit.overlay import colorize
 from audit.report import interventions_text, main_map_text, unreadable_note, with_ci
 from dashboard.store import current_run, escape_markdown, table, thumbnail
@@ -20,8 +21,7 @@ def worst_first(entry: dict) -> tuple:
     """The Classes page's default order: severity, then the smallest true-label q-value."""
     tests = [t for t in entry["tests"] if t["kind"] == "true" and t.get("q_value") is not None]
     q_values = [t["q_value"] for t in tests]
-    severity = {"fail": 2, "warn": 1}.get(entry["severity"], 0)
-    return -severity, min(q_values, default=1.0)
+    return -SEVERITY_ORDER[entry["severity"]], min(q_values, default=1.0)
 
 
 names = [entry["class_name"] for entry in sorted(result["classes"], key=worst_first)]

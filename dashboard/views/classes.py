@@ -4,11 +4,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from audit.analyse import SEVERITY_ORDER
 from audit.decisions import latest_decisions, model_line
 from audit.report import trust_lines, with_ci
 from dashboard.store import current_run, escape_markdown
 
-SEVERITY = {"fail": 2, "warn": 1, "none": 0}
 TWO_DIGITS = st.column_config.NumberColumn(format="%.2f")
 THREE_DIGITS = st.column_config.NumberColumn(format="%.3f")
 RATES = ("accuracy", "precision", "loc_error")
@@ -77,7 +77,7 @@ order = st.selectbox("Sort by", ["severity", "q-value", "effect size", "class"])
 if order == "severity":
     classes = classes.sort_values(
         ["severity", "q_value"],
-        key=lambda c: c.map(SEVERITY) if c.name == "severity" else c,
+        key=lambda c: c.map(SEVERITY_ORDER) if c.name == "severity" else c,
         ascending=[False, True],
     )
 elif order == "q-value":
