@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -35,10 +37,33 @@ class _Section(BaseModel):
     def _numbers_are_numbers(cls, value, info):
         """pydantic's lax mode reads `true` as 1 and "32" as 32: a number key takes a
         number (a bool or quoted text is a mistake to point out, not to guess at)."""
-        annotation = cls.model_fields[info.field_name].annotation
-        if annotation in (int, float) and isinstance(value, (bool, str)):
+        kind = _number_kind(cls.model_fields[info.field_name].annotation)
+        if kind == "number" and isinstance(value, (bool, str)):
             raise ValueError(f"{value!r} is not a number; write a number without quotes")
+        if kind == "numbers" and isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, (bool, str)):
+                    raise ValueError(
+                        f"{item!r} in {list(value)!r} is not a number; write numbers without quotes"
+                    )
         return value
+
+
+def _number_kind(annotation) -> str | None:
+    """``number`` for a number key (``int``, ``float | None``, ...), ``numbers`` for a
+    list or tuple of numbers (``tuple[int, int] | None``), else None."""
+    if typing.get_origin(annotation) is typing.Annotated:  # FiniteFloat and the like
+        annotation = typing.get_args(annotation)[0]
+    if annotation in (int, float):
+        return "number"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple):
+        items = {_number_kind(arg) for arg in args if arg is not Ellipsis}
+        return "numbers" if items == {"number"} else None
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_number_kind(arg) for arg in args if arg is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    return None
 
 
 class ModelSection(_Section):
@@ -479,6 +504,14 @@ def load_config(path: str | Path, overrides: dict | None = None) -> AuditConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give the config's YAML file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read the config file {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):

@@ -66,6 +66,9 @@ class Entries:
     name: str  # a short description for the run manifest
     mask_root: Path | None = None  # where mask_path starts, when not at root
     class_names: list[str] | None = None  # the source's own class order, if it has one
+    # Class folders, sorted as Keras numbers them: the model's order when there is one
+    # folder per output (a subset of the classes cannot tell the order).
+    class_folders: list[str] | None = None
 
     @property
     def mask_base(self) -> Path:
@@ -89,11 +92,7 @@ def read_manifest(path: Path) -> Entries:
     if not path.exists():
         raise ConfigError(f"dataset manifest not found: {path}")
     try:
-        table = (
-            pd.read_parquet(path)
-            if path.suffix == ".parquet"
-            else pd.read_csv(path, dtype={"label": str, "path": str})
-        )
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else _read_csv(path)
     except Exception as error:  # pandas raises many types for unreadable files
         raise ConfigError(f"cannot read manifest {path}: {error}") from None
     missing = [c for c in ("path", "label") if c not in table.columns]
@@ -119,7 +118,7 @@ def read_manifest(path: Path) -> Entries:
     # (load_row skips it).
     if table["label"].isna().any():
         row = int(table.index[table["label"].isna()][0])
-        where = "" if path.suffix == ".parquet" else f", line {row + 2} of the CSV"
+        where = "" if path.suffix == ".parquet" else f", line {_csv_line(path, row)} of the CSV"
         raise ConfigError(
             f"manifest {path}: row {row} (counted from 0 as images.parquet's row column"
             f"{where}) has no label; every row needs one: fill it in or remove the row"
@@ -130,6 +129,37 @@ def read_manifest(path: Path) -> Entries:
     return Entries(
         table, path.parent, f"manifest:{path.name}", class_names=_exported_class_names(path)
     )
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV manifest as text: only an empty cell is missing (a label or slice value such
+    as ``NA`` or ``None`` is kept as written) and ``007`` stays ``007``; the box columns
+    become numbers when every filled-in cell is one (else a bad cell skips its row)."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    for column in (*BOX_COLUMNS, *FACE_COLUMNS):
+        if column in table:
+            numbers = pd.to_numeric(table[column], errors="coerce")
+            if numbers.notna().sum() == table[column].notna().sum():
+                table[column] = numbers
+    return table
+
+
+def _csv_line(path: Path, row: int) -> int:
+    """The line of ``path`` on which data row ``row`` (from 0) starts, as pandas reads it:
+    blank lines skipped, a quoted field may span lines."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
+        reader = csv.reader(file)
+        end, seen = 0, -1  # the line the previous record ended on; data rows seen
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not record:
+                continue  # a blank line
+            if seen == row:
+                return start
+            seen += 1
+    return row + 2
 
 
 # What ``audit.sources.export_tf_dataset`` writes: the manifest and, last, a marker
@@ -160,17 +190,24 @@ def read_folders(root: Path, masks: Path | None = None) -> Entries:
             "class folders: MASKS/<class>/<image stem>.png"
         )
     rows = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for image in sorted(class_dir.iterdir()):
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    for name in classes:
+        # Sub-folders of a class folder hold its images too, as for Keras.
+        for image in sorted(p for p in (root / name).rglob("*") if p.is_file()):
             if image.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            row = {"path": f"{class_dir.name}/{image.name}", "label": class_dir.name}
+            relative = image.relative_to(root).as_posix()
+            row = {"path": relative, "label": name}
             if masks is not None:
-                row["mask_path"] = f"{class_dir.name}/{image.stem}.png"
+                row["mask_path"] = Path(relative).with_suffix(".png").as_posix()
             rows.append(row)
     if not rows:
         raise ConfigError(f"no images found under {root}/<class>/ (suffixes {IMAGE_SUFFIXES})")
-    return Entries(pd.DataFrame(rows), root, f"folders:{root.name}", mask_root=masks)
+    # Keras' image_dataset_from_directory numbers the class folders in sorted order
+    # ("10" before "2"): the model's output order.
+    return Entries(
+        pd.DataFrame(rows), root, f"folders:{root.name}", mask_root=masks, class_folders=classes
+    )
 
 
 def read_entries(dataset: DatasetSection) -> Entries:
@@ -190,15 +227,22 @@ def read_entries(dataset: DatasetSection) -> Entries:
     return entries
 
 
-def class_names_for(labels: pd.Series, num_classes: int, given: Sequence[str] | None) -> list[str]:
+def class_names_for(
+    labels: pd.Series,
+    num_classes: int,
+    given: Sequence[str] | None,
+    folders: Sequence[str] | None = None,
+) -> list[str]:
     """The model's class names in output order.
 
-    Given names win. Otherwise labels that are all integers are class indices, and
-    other labels are sorted alphabetically (Keras' ``image_dataset_from_directory``
-    order).
+    Given names win. Then class ``folders`` (sorted, Keras' ``image_dataset_from_directory``
+    order: "10" before "2") when there is one per output. Otherwise labels that are all
+    integers are class indices, and other labels are sorted alphabetically.
     """
     if given is not None:
         names = list(given)
+    elif folders is not None and len(folders) == num_classes:
+        names = list(folders)
     else:
         unique = sorted(set(labels))
         if all(label.lstrip("-").isdigit() for label in unique):
@@ -521,6 +565,8 @@ def _box_values(row: dict, columns: Sequence[str], what: str) -> list[float]:
         values = [float(row[c]) for c in columns]
     except (TypeError, ValueError):
         raise SkipRow(f"{what} {[row[c] for c in columns]} is not four numbers") from None
+    if not all(np.isfinite(values)):
+        raise SkipRow(f"{what} {values} is not four finite numbers")
     if not (values[0] < values[2] and values[1] < values[3]):
         raise SkipRow(f"{what} {values} is empty or inverted (need x_min < x_max, y_min < y_max)")
     return values

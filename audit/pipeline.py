@@ -34,6 +34,7 @@ from audit.config import AuditConfig, ConfigError
 from audit.data import (
     BOX_COLUMNS,
     DECODE_THREADS,
+    RESERVED_COLUMNS,
     Batch,
     Entries,
     Preprocessor,
@@ -516,6 +517,41 @@ def skip_kind(reason: str) -> str:
     return re.sub(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\S*[/\\]\S*", "…", str(reason))
 
 
+def _check_store_path(store: Path) -> None:
+    """The run store must be (or become) a folder: a file in its place is a usage error."""
+    for path in (store, *store.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(
+                    f"the run store {store} (output.store, --out) cannot be a folder: {path} "
+                    "is a file; give a folder path"
+                )
+            return
+
+
+def result_columns(config: AuditConfig) -> set[str]:
+    """The names of the columns the audit writes into images.parquet, for ``config``'s
+    regions and target (as ``_measured_rows`` names them)."""
+    other_prefix = "pred_" if config.model.target == "true" else "true_"
+    names = set(RESERVED_COLUMNS) | {"cf_total", "loc_iou"}
+    for region in config.regions:
+        names.add(f"cf_mass_{region.name}")
+        names.update(f"{metric}_{region.name}" for metric in METRICS)
+        names.update(f"{other_prefix}{metric}_{region.name}" for metric in OTHER_METRICS)
+    return names
+
+
+def _check_slice_columns(entries: Entries, config: AuditConfig) -> None:
+    """A slice column named like a result column would be overwritten by (or overwrite)
+    the audit's numbers: a setup error."""
+    clashes = sorted(set(entries.slice_columns) & result_columns(config))
+    if clashes:
+        raise ConfigError(
+            f"the dataset ({entries.name}) has column(s) {', '.join(clashes)}, which are "
+            "names of result columns in images.parquet; rename them (e.g. to slice_<name>)"
+        )
+
+
 def _check_regions_have_data(entries: Entries, regions, face_detector: bool = False) -> None:
     """Fail fast when a region's source is absent from the whole dataset (every row
     would be skipped for it, or a spurious face region empty on every row): a setup
@@ -580,6 +616,7 @@ def run_audit(
         from pipelines.ray_engine import check_ray_address
 
         check_ray_address(ray_address)
+    _check_store_path(Path(config.output.store))
     forget_resolved_paths()
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
     cam = GradCAM.for_config(model, config)
@@ -589,11 +626,15 @@ def run_audit(
         entries = read_tfds(config.dataset)
     else:
         entries = read_entries(config.dataset)
+    if entries.table.empty:
+        raise ConfigError(f"the dataset ({entries.name}) has no rows: there is nothing to audit")
     class_names = class_names_for(
         entries.table["label"],
         cam.num_classes,
         config.model.class_names or entries.class_names,
+        entries.class_folders,
     )
+    _check_slice_columns(entries, config)
     _check_regions_have_data(
         entries, config.regions, face_detector=config.dataset.face_detector is not None
     )

@@ -76,6 +76,39 @@ def test_class_names_from_integers_sorted_strings_or_config():
     assert class_names_for(pd.Series(["x"]), 2, ["b", "a"]) == ["b", "a"]
     with pytest.raises(ConfigError, match="model.class_names"):
         class_names_for(pd.Series(["dog", "cat"]), 3, None)
+    # Class folders number as Keras' image_dataset_from_directory does ("10" before
+    # "2"), when there is one per output; a subset falls back to the labels' rule.
+    folders = sorted(str(index) for index in range(11))
+    assert class_names_for(pd.Series(folders), 11, None, folders)[2] == "10"
+    assert class_names_for(pd.Series(["10", "2"]), 11, None, ["10", "2"])[2] == "2"
+
+
+def test_csv_manifest_keeps_text_as_written(tmp_path):
+    """Labels and slice values such as NA, None or 007 are text, not missing or numbers;
+    only an empty cell is missing, and box columns are numbers."""
+    (tmp_path / "m.csv").write_text(
+        "path,label,site,region,x_min,y_min,x_max,y_max\n"
+        "a.png,None,007,NA,1,2,3.5,4\n"
+        "b.png,NA,7,EU,,,,\n"
+    )
+    table = read_manifest(tmp_path / "m.csv").table
+    assert table["label"].tolist() == ["None", "NA"]
+    assert table["site"].tolist() == ["007", "7"] and table["region"].tolist() == ["NA", "EU"]
+    assert table["x_max"].iloc[0] == 3.5 and table["x_max"].isna().iloc[1]
+
+
+def test_missing_label_names_the_csv_line_past_blank_and_multiline_rows(tmp_path):
+    (tmp_path / "m.csv").write_text('path,label,note\n\na.png,c,"two\nlines"\n\nb.png,,x\n')
+    with pytest.raises(ConfigError, match="row 1 .*line 6 of the CSV"):
+        read_manifest(tmp_path / "m.csv")
+
+
+def test_an_infinite_box_skips_its_row():
+    from audit.data import _box_values
+
+    row = {"x_min": 2, "y_min": 2, "x_max": float("inf"), "y_max": 20}
+    with pytest.raises(SkipRow, match="not four finite numbers"):
+        _box_values(row, ["x_min", "y_min", "x_max", "y_max"], "box")
 
 
 def test_class_folders_with_parallel_masks(tmp_path):
@@ -88,9 +121,15 @@ def test_class_folders_with_parallel_masks(tmp_path):
             )
             Image.new("L", (12, 10), 255).save(tmp_path / "masks" / label / f"{index}.png")
     (tmp_path / "images" / "cat" / "notes.txt").write_text("not an image")
+    # Images in sub-folders of a class folder count, as for Keras; masks mirror them.
+    (tmp_path / "images" / "dog" / "batch2").mkdir()
+    Image.new("RGB", (12, 10)).save(tmp_path / "images" / "dog" / "batch2" / "deep.jpg")
     entries = read_folders(tmp_path / "images", tmp_path / "masks")
-    assert entries.table["label"].tolist() == ["cat", "cat", "dog", "dog"]
+    assert entries.table["label"].tolist() == ["cat", "cat", "dog", "dog", "dog"]
     assert entries.table["path"].tolist()[0] == "cat/0.jpg"
+    assert entries.table["path"].tolist()[4] == "dog/batch2/deep.jpg"
+    assert entries.table["mask_path"].tolist()[4] == "dog/batch2/deep.png"
+    assert entries.class_folders == ["cat", "dog"]
     loaded = load_row(
         entries.table.iloc[3].to_dict(),
         entries,

@@ -184,3 +184,27 @@ def test_preprocess_size_with_a_flexible_model_and_against_a_fixed_one(data, tmp
         capsys.readouterr().err
     )
     assert not (store / "bad").exists()
+
+
+def test_setup_errors_exit_2_before_a_run_folder_is_made(data, tmp_path, capsys):
+    """A slice column named like a result column, a manifest without rows, a store path
+    that is a file, a config that is a folder or not UTF-8: exit 2, a clear message."""
+    root, config = data
+    flat = root / "flat"
+    table = pd.read_csv(flat / "manifest.csv", dtype=str).head(4)
+    table.assign(mass_object="x").to_csv(flat / "clash.csv", index=False)
+    table.head(0).to_csv(flat / "empty.csv", index=False)
+    store = tmp_path / "runs"
+    assert _run(config, store, "--data", str(flat / "clash.csv")) == 2
+    assert "column(s) mass_object, which are names of result columns" in capsys.readouterr().err
+    assert _run(config, store, "--data", str(flat / "empty.csv")) == 2
+    assert "(manifest:empty.csv) has no rows" in capsys.readouterr().err
+    assert not store.exists()
+    (tmp_path / "file").write_text("")
+    assert _run(config, tmp_path / "file" / "runs") == 2
+    assert f"{tmp_path / 'file'} is a file; give a folder path" in capsys.readouterr().err
+    assert main(["run", str(tmp_path), "--no-progress"]) == 2
+    assert "is a folder; give the config's YAML file" in capsys.readouterr().err
+    (tmp_path / "latin1.yaml").write_bytes(b"# caf\xe9\nmodel: {path: m.keras}\n")
+    assert main(["run", str(tmp_path / "latin1.yaml"), "--no-progress"]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
