@@ -25,10 +25,18 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from audit.config import ConfigError, DatasetSection, PreprocessSection, RegionSection
-from audit.faces import FACE_COLUMNS, face_mask
+from audit.faces import FACE_COLUMNS, LANDMARK_COLUMNS, face_mask, landmark_box
 
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
-SOURCE_COLUMNS = ("path", "label", "mask_path", "mask_rle", *BOX_COLUMNS, *FACE_COLUMNS)
+SOURCE_COLUMNS = (
+    "path",
+    "label",
+    "mask_path",
+    "mask_rle",
+    *BOX_COLUMNS,
+    *FACE_COLUMNS,
+    *LANDMARK_COLUMNS,
+)
 # Columns the audit writes itself; a manifest must not use them for slices.
 RESERVED_COLUMNS = {
     "row",
@@ -136,7 +144,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
     as ``NA`` or ``None`` is kept as written) and ``007`` stays ``007``; the box columns
     become numbers when every filled-in cell is one (else a bad cell skips its row)."""
     table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    for column in (*BOX_COLUMNS, *FACE_COLUMNS):
+    for column in (*BOX_COLUMNS, *FACE_COLUMNS, *LANDMARK_COLUMNS):
         if column in table:
             numbers = pd.to_numeric(table[column], errors="coerce")
             if numbers.notna().sum() == table[column].notna().sum():
@@ -537,8 +545,13 @@ def load_row(
         values = _box_values(row, BOX_COLUMNS, "box")
         box = preprocessor.mask(_box_mask(values, (height, width)))
     faces = {}
+    face_box, drawn_from = None, ""
     if "face" in sources and all(_present(row.get(c)) for c in FACE_COLUMNS):
         face_box = _box_values(row, FACE_COLUMNS, "face box")
+    elif "face" in sources and all(_present(row.get(c)) for c in LANDMARK_COLUMNS):
+        face_box = landmark_box(_numbers(row, LANDMARK_COLUMNS, "face landmarks"))
+        drawn_from = " (drawn around the landmarks)"
+    if face_box is not None:
         for region in regions:
             if region.source == "face":
                 drawn = face_mask(
@@ -549,7 +562,8 @@ def load_row(
                 )
                 if not drawn.any():
                     raise SkipRow(
-                        f"face box {face_box} covers no pixel of the {width}x{height} image "
+                        f"face box {[round(v, 1) for v in face_box]}{drawn_from} covers no "
+                        f"pixel of the {width}x{height} image "
                         "(outside it, or under a pixel; x is the column, y the row)"
                     )
                 faces[region.name] = preprocessor.mask(drawn)
@@ -559,14 +573,21 @@ def load_row(
     return LoadedRow(image=preprocessor.image(pixels), regions=preprocessor.coverage(stack))
 
 
-def _box_values(row: dict, columns: Sequence[str], what: str) -> list[float]:
-    """A row's box as four numbers, x_min < x_max and y_min < y_max, or ``SkipRow``."""
+def _numbers(row: dict, columns: Sequence[str], what: str) -> list[float]:
+    """A row's cells in ``columns`` as finite numbers, or ``SkipRow``."""
+    count = "four" if len(columns) == 4 else str(len(columns))
     try:
         values = [float(row[c]) for c in columns]
     except (TypeError, ValueError):
-        raise SkipRow(f"{what} {[row[c] for c in columns]} is not four numbers") from None
+        raise SkipRow(f"{what} {[row[c] for c in columns]} is not {count} numbers") from None
     if not all(np.isfinite(values)):
-        raise SkipRow(f"{what} {values} is not four finite numbers")
+        raise SkipRow(f"{what} {values} is not {count} finite numbers")
+    return values
+
+
+def _box_values(row: dict, columns: Sequence[str], what: str) -> list[float]:
+    """A row's box as four numbers, x_min < x_max and y_min < y_max, or ``SkipRow``."""
+    values = _numbers(row, columns, what)
     if not (values[0] < values[2] and values[1] < values[3]):
         raise SkipRow(f"{what} {values} is empty or inverted (need x_min < x_max, y_min < y_max)")
     return values

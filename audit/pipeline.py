@@ -44,7 +44,7 @@ from audit.data import (
     read_entries,
 )
 from audit.explain import PREDICTED, GradCAM, area_downscale, pad_batch, upsample
-from audit.faces import FACE_COLUMNS
+from audit.faces import FACE_COLUMNS, LANDMARK_COLUMNS
 from audit.history import index_run
 from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
 from audit.models import load_model
@@ -564,7 +564,7 @@ def _check_regions_have_data(entries: Entries, regions, face_detector: bool = Fa
     has = {
         "mask": filled(["mask_path"]) or filled(["mask_rle"]),
         "box": filled(BOX_COLUMNS),
-        "face": face_detector or filled(FACE_COLUMNS),
+        "face": face_detector or filled(FACE_COLUMNS) or filled(LANDMARK_COLUMNS),
     }
     needs = {"mask": "object masks", "box": "boxes", "face": "face boxes"}
     fixes = {
@@ -572,7 +572,8 @@ def _check_regions_have_data(entries: Entries, regions, face_detector: bool = Fa
         "folders (dataset.masks, or --masks DIR with --data), COCO annotations or a tfds "
         "mask_key",
         "box": "the columns x_min, y_min, x_max, y_max in the manifest",
-        "face": f"the columns {', '.join(FACE_COLUMNS)} in the manifest, or "
+        "face": f"the columns {', '.join(FACE_COLUMNS)} or the five landmarks "
+        f"({', '.join(LANDMARK_COLUMNS[::2])} and *_y) in the manifest, or "
         "dataset.face_detector: mtcnn",
     }
     for region in regions:

@@ -7,8 +7,15 @@ from conftest import ink_model
 
 from audit.config import ConfigError, RegionSection, build_config
 from audit.data import SkipRow, build_regions
-from audit.faces import FACE_COLUMNS, detect_faces, face_mask, with_detected_faces
-from audit.pipeline import run_audit
+from audit.faces import (
+    FACE_COLUMNS,
+    LANDMARK_COLUMNS,
+    detect_faces,
+    face_mask,
+    landmark_box,
+    with_detected_faces,
+)
+from audit.pipeline import box_iou, run_audit
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set
 
@@ -76,6 +83,22 @@ def test_manifest_face_columns_become_a_spurious_region(tmp_path):
     for region in ("object", "face"):  # (the two may overlap each other)
         assert (ok[f"area_{region}"] + ok["area_background"] <= 1.0 + 1e-6).all()
     assert (ok["area_background"] < 1 - ok["area_face"] - ok["area_object"] + 0.05).all()
+    # Five landmarks per row (CelebA's columns) draw the face box instead: eyes 8 apart,
+    # the mouth 8 below them, so a box 16 wide from 8 above the eyes to 6.8 below the mouth.
+    marked = table.drop(columns=list(FACE_COLUMNS))
+    marked[list(LANDMARK_COLUMNS)] = [4.0, 8.0, 12.0, 8.0, 8.0, 12.0, 4.0, 16.0, 12.0, 16.0]
+    marked = marked.astype({column: object for column in LANDMARK_COLUMNS})
+    marked.loc[3, list(LANDMARK_COLUMNS)] = np.nan  # no face
+    marked.loc[5, "nose_x"] = "abc"
+    marked.to_csv(manifest, index=False)
+    result = run_audit(config, progress=False)
+    images = result.images.set_index("row")
+    assert images.loc[5, "skip_reason"].startswith("face landmarks [4.0, 8.0, 12.0, 8.0, 'abc'")
+    assert images.loc[5, "skip_reason"].endswith("is not 10 numbers")
+    ok = images.drop(index=[5])
+    assert (ok["status"] == "ok").all() and images.loc[3, "area_face"] == 0
+    np.testing.assert_allclose(ok["area_face"].drop(index=3), np.pi * 8 * 11.4 / 48**2, rtol=0.1)
+    assert "lefteye_x" not in result.manifest["dataset"]["slice_columns"]  # inputs, not slices
     # Face regions and no face data at all (no columns, no detector): exit-2 error.
     table.drop(columns=list(FACE_COLUMNS)).to_csv(manifest, index=False)
     with pytest.raises(ConfigError, match="needs face boxes and the dataset"):
@@ -91,6 +114,14 @@ def test_mtcnn_finds_the_astronauts_face_and_detections_are_cached(tmp_path, mon
     assert x_min < 200 < x_max and y_min < 90 < y_max
     assert 30 < x_max - x_min < 150 and 40 < y_max - y_min < 180
     assert detect_faces([np.full((120, 120, 3), 128, "uint8")]) == [None]  # no face
+    # The box drawn around MTCNN's five keypoints is the box MTCNN draws.
+    from mtcnn import MTCNN
+
+    (face,) = MTCNN(device="CPU:0").detect_faces(photo)
+    points = face["keypoints"]
+    names = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+    drawn = landmark_box([float(v) for name in names for v in points[name]])
+    assert box_iou(np.array(drawn), np.array(box)) > 0.9
 
     from PIL import Image
 
