@@ -105,9 +105,11 @@ def read_manifest(path: Path) -> Entries:
         raise ConfigError(f"cannot read manifest {path}: {error}") from None
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
+        found = ", ".join(repr(str(c)) for c in table.columns[:8])
         raise ConfigError(
             f"manifest {path} lacks the column(s) {', '.join(missing)}; it needs at least "
-            "'path' and 'label' (see docs/manifest.md)"
+            f"'path' and 'label' (see docs/manifest.md); its header has {found}"
+            + ("" if path.suffix == ".parquet" else " (comma-separated, no spaces)")
         )
     boxes = [c for c in BOX_COLUMNS if c in table.columns]
     if boxes and len(boxes) != 4:
