@@ -124,7 +124,9 @@ def _schedule(argv: list[str]) -> int:
 
 def _history(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="bias-audit history", description="List the runs in a store with their flags."
+        prog="bias-audit history",
+        description="List the runs in a store with their status and, once complete, their "
+        "verdict and flags (one line each, with the decision in force).",
     )
     parser.add_argument("--store", default="runs")
     parser.add_argument("--model-line", help="only this model line")
@@ -139,7 +141,7 @@ def _history(argv: list[str]) -> int:
         return EXIT_USAGE
     runs = history(store)
     if not len(runs):
-        print(f"no finished runs in {store}")
+        print(f"no runs in {store}")
         return EXIT_OK
     if args.model_line is not None:
         lines = sorted(set(runs["model_line"]))
@@ -150,8 +152,15 @@ def _history(argv: list[str]) -> int:
                 + ", ".join(lines)
             )
             return EXIT_OK
-    columns = ["run_id", "model_line", "outcome", "bias_driven", "suspected", "flags"]
-    print(runs[columns].to_string(index=False, max_colwidth=80))
+    columns = ["run_id", "model_line", "status", "outcome", "bias_driven", "suspected"]
+    # An unfinished run has no verdict: n/a, as the dashboard shows it.
+    table = runs[columns].astype(object).where(runs[columns].notna(), "n/a")
+    header, *rows = table.to_string(index=False).splitlines()
+    print(header)
+    for row, flags in zip(rows, runs["flags"], strict=True):
+        print(row)
+        for flag in flags:  # in full, one a line under its run
+            print(f"    {flag}")
     return EXIT_OK
 
 

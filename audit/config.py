@@ -323,8 +323,8 @@ class ScheduleSection(_Section):
     """Which model versions a scheduled audit covers (``bias-audit schedule run``)."""
 
     models: Path | list[Path] = Field(
-        description="A folder of model versions (matched by `pattern`, in natural name "
-        "order: v2 before v10), or a list of model files in version order."
+        description="A folder of model versions (matched by `pattern`, in version order: "
+        "v2, v2.1, v10), or a list of model files in version order."
     )
     pattern: str = Field("*.keras", description="With a folder: which files are versions.")
     fail_on: Literal["warn", "fail", "never"] | None = Field(
@@ -418,24 +418,19 @@ class AuditConfig(_Section):
         return self
 
     def fingerprint(self) -> str:
-        """A hash of everything that changes the numbers (not where they are stored)."""
+        """A hash of the audit's settings: what changes the numbers, not where the files
+        are. The run key adds the model file's hash and the dataset's (its rows, with
+        paths relative to the dataset's folder, and its files), so a moved audit folder
+        or a renamed model file is the same audit, and output and schedule (where runs
+        are stored, which versions to audit) change no result."""
         payload = self.model_dump(mode="json", exclude={"output", "schedule"})
-        # The same files give the same hash however their paths are spelled (relative
-        # to another folder, with "..", through a symlink): a scheduled audit run from
-        # another folder reuses its runs.
-        if self.model.path is not None:
-            payload["model"]["path"] = _canonical(self.model.path)
-        for key in DATASET_PATHS:
-            if getattr(self.dataset, key) is not None:
-                payload["dataset"][key] = _canonical(getattr(self.dataset, key))
+        del payload["model"]["path"]
+        for key in DATASET_PATHS:  # which kind of source, not where it is
+            payload["dataset"][key] = payload["dataset"][key] is not None
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 DATASET_PATHS = ("manifest", "folders", "masks", "coco", "coco_images")
-
-
-def _canonical(path: Path) -> str:
-    return str(Path(path).expanduser().resolve())
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

@@ -23,10 +23,17 @@ CHOICES = {
 }
 
 
+# A version ends the stem after a separator: v or not, then a number, with more numbers
+# after "." or "-" (v3, v2.1, 2026-11-01). Digits that belong to the name stay
+# (vgg16, resnet50, efficientnet_b0): another model is another line.
+VERSION_SUFFIX = re.compile(r"[-_.][vV]?\d+(?:[.-]\d+)*$")
+
+
 def model_line(model_path: str) -> str:
-    """The model's line: its file stem without a trailing version (``cls_v3`` -> ``cls``)."""
+    """The model's line: its file stem without a trailing version (``cls_v3`` -> ``cls``,
+    ``resnet50_v2.1`` -> ``resnet50``, ``vgg16`` -> ``vgg16``)."""
     stem = Path(model_path).stem
-    return re.sub(r"([-_.]?v?\d+)+$", "", stem) or stem
+    return VERSION_SUFFIX.sub("", stem) or stem
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The run history index: an embedded SQLite database beside the runs (``history.sqlite``).
 
-It lists every finished run, its flags and the reviewer decisions in force, so that
-``bias-audit history`` and scheduled audits answer "what happened to this model line"
-without opening every report. It is an index, rebuilt from the run folders at any
-time (``index_store``); the runs themselves stay the records.
+It lists every run folder with its manifest's status and, once the run is complete,
+its verdict, its flags and the reviewer decisions in force, so that ``bias-audit
+history`` and scheduled audits answer "what happened to this model line" without
+opening every report. It is an index, brought in line with the run folders whenever
+it is read (``index_store``: new runs and status changes added, deleted runs
+dropped); the runs themselves stay the records.
 """
 
 from __future__ import annotations
@@ -18,83 +20,119 @@ import pandas as pd
 from audit.decisions import model_line, read_decisions
 
 HISTORY = "history.sqlite"
+# Raised whenever the tables, or what fills them, change: an index of another version
+# is dropped and rebuilt from the run folders.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, run_key TEXT, started TEXT, model_path TEXT, model_line TEXT,
-    model_sha256 TEXT, dataset_fingerprint TEXT, outcome TEXT, accuracy REAL,
-    images INTEGER, bias_driven INTEGER, suspected INTEGER, flagged_slices INTEGER
+    run_id TEXT PRIMARY KEY, run_key TEXT, started TEXT, status TEXT, model_path TEXT,
+    model_line TEXT, model_sha256 TEXT, dataset_fingerprint TEXT, outcome TEXT,
+    accuracy REAL, images INTEGER, bias_driven INTEGER, suspected INTEGER,
+    flagged_slices INTEGER
 );
 CREATE TABLE IF NOT EXISTS flags (
     run_id TEXT, subject TEXT, status TEXT, severity TEXT,
     PRIMARY KEY (run_id, subject)
 );
 """
+COUNTS = ["images", "bias_driven", "suspected", "flagged_slices"]
 
 
 def _connect(store: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(Path(store) / HISTORY)
+    if connection.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+        connection.executescript(
+            "DROP TABLE IF EXISTS runs; DROP TABLE IF EXISTS flags; "
+            f"PRAGMA user_version = {SCHEMA_VERSION};"
+        )
     connection.executescript(SCHEMA)
     return connection
 
 
 def index_run(store: Path, run_dir: Path) -> None:
-    """Add (or refresh) one finished run in the index."""
+    """Add (or refresh) one run in the index: its status, and its verdict and flags
+    once it is complete (a run killed after writing its reports has no verdict yet)."""
     run_dir = Path(run_dir)
-    report_path = run_dir / "report.json"
-    if not report_path.exists():
-        return
-    report = json.loads(report_path.read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    flagged_slices = [t for t in report["slices"]["tests"] if t.get("flagged")]
+    status = manifest.get("status")
+    report_path = run_dir / "report.json"
+    report = {}
+    if status == "complete" and report_path.exists():
+        report = json.loads(report_path.read_text())
+    flagged_slices = [t for t in report.get("slices", {}).get("tests", []) if t.get("flagged")]
+    status_counts = report.get("status_counts", {})
+    model_path = manifest.get("model", {}).get("path", "")
     row = (
-        report["run_id"],
+        run_dir.name,
         manifest.get("run_key"),
         manifest.get("started"),
-        manifest["model"]["path"],
-        model_line(manifest["model"]["path"]),
-        manifest["model"].get("sha256"),
-        manifest["dataset"].get("fingerprint"),
-        report["outcome"],
+        status,
+        model_path,
+        model_line(model_path),
+        manifest.get("model", {}).get("sha256"),
+        manifest.get("dataset", {}).get("fingerprint"),
+        report.get("outcome"),
         report.get("accuracy"),
-        report.get("counts", {}).get("ok", 0),
-        report["status_counts"].get("bias-driven", 0),
-        report["status_counts"].get("suspected", 0),
-        len(flagged_slices),
+        report.get("counts", {}).get("ok", 0) if report else None,
+        status_counts.get("bias-driven", 0) if report else None,
+        status_counts.get("suspected", 0) if report else None,
+        len(flagged_slices) if report else None,
     )
     flags = [
-        (report["run_id"], f"class {c['class_name']}", c["status"], c["severity"])
-        for c in report["classes"]
+        (run_dir.name, f"class {c['class_name']}", c["status"], c["severity"])
+        for c in report.get("classes", [])
         if c["status"] != "ok"
     ] + [
-        (report["run_id"], f"slice {t['attribute']}={t['value']}", "flagged", t["severity"])
+        # The region too: a slice is tested once per spurious region (as compare names it).
+        (
+            run_dir.name,
+            f"slice {t['attribute']}={t['value']} on {t['region']}",
+            "flagged",
+            t["severity"],
+        )
         for t in flagged_slices
     ]
     with closing(_connect(store)) as connection, connection:
-        connection.execute("DELETE FROM flags WHERE run_id = ?", (report["run_id"],))
-        connection.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * 13)})", row)
+        connection.execute("DELETE FROM flags WHERE run_id = ?", (run_dir.name,))
+        connection.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(row))})", row)
         connection.executemany("INSERT OR REPLACE INTO flags VALUES (?, ?, ?, ?)", flags)
 
 
 def index_store(store: Path) -> int:
-    """Index every finished run in the store not yet indexed; returns how many were added."""
+    """Bring the index in line with the run folders: index runs that are new or whose
+    status changed, drop runs whose folder is gone; returns how many were (re)indexed."""
     store = Path(store)
     with closing(_connect(store)) as connection:
-        known = {row[0] for row in connection.execute("SELECT run_id FROM runs")}
-    added = 0
-    for report_path in sorted(store.glob("*/report.json")):
-        if report_path.parent.name not in known:
-            index_run(store, report_path.parent)
-            added += 1
-    return added
+        indexed = dict(connection.execute("SELECT run_id, status FROM runs"))
+    folders = sorted(path.parent for path in store.glob("*/manifest.json"))
+    names = {folder.name for folder in folders}
+    gone = [(run_id,) for run_id in indexed if run_id not in names]
+    if gone:
+        with closing(_connect(store)) as connection, connection:
+            connection.executemany("DELETE FROM runs WHERE run_id = ?", gone)
+            connection.executemany("DELETE FROM flags WHERE run_id = ?", gone)
+    refreshed = 0
+    for run_dir in folders:
+        try:
+            status = json.loads((run_dir / "manifest.json").read_text()).get("status")
+            if run_dir.name in indexed and indexed[run_dir.name] == status:
+                continue
+            index_run(store, run_dir)
+        except (OSError, ValueError):  # deleted meanwhile, or not a run's manifest
+            continue
+        refreshed += 1
+    return refreshed
 
 
 def history(store: Path, line: str | None = None) -> pd.DataFrame:
-    """Runs (newest first) with their flags and the decisions in force for their classes."""
+    """Every run (newest first) with its status; complete runs with their verdict and
+    flags (a list: each with the decision in force for its class, if any)."""
     store = Path(store)
     index_store(store)
     with closing(_connect(store)) as connection:
         runs = pd.read_sql_query("SELECT * FROM runs ORDER BY started DESC", connection)
-        flags = pd.read_sql_query("SELECT * FROM flags", connection)
+        flags = pd.read_sql_query("SELECT * FROM flags ORDER BY rowid", connection)
+    runs = runs.astype({column: "Int64" for column in COUNTS})
     if line is not None:
         runs = runs[runs["model_line"] == line]
     decisions = {(d.model_line, d.class_name): d for d in read_decisions(store)}
@@ -108,5 +146,5 @@ def history(store: Path, line: str | None = None) -> pd.DataFrame:
                 if decision is not None:
                     text += f" -> {decision.decision} by {decision.reviewer}"
             items.append(text)
-        summaries.append("; ".join(items))
-    return runs.assign(flags=summaries)
+        summaries.append(items)
+    return runs.assign(flags=pd.Series(summaries, index=runs.index, dtype=object))

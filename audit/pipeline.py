@@ -367,7 +367,9 @@ def _open_run(config: AuditConfig, run_key: str, resume: bool) -> tuple[RunStore
                 raise ConfigError(f"run {run.root} is incomplete; pass --resume to continue it")
             return run, True
         return run, False
-    previous = latest_run(store_root, run_key)
+    # A complete run of this key first: one killed since (the same inputs started
+    # again) must not make the finished one be computed again.
+    previous = latest_run(store_root, run_key, prefer_complete=True)
     if resume and previous is not None:
         return RunStore(previous), True
     if previous is not None and RunStore(previous).manifest().get("status") != "complete":
@@ -597,9 +599,9 @@ def run_audit(
 ) -> AuditResult:
     """Audit a dataset as configured and return the stored run.
 
-    ``resume``: continue the newest run with the same model, data and config (or the
-    named ``output.run_id``) instead of starting a new one; when that run is complete
-    it is returned as it is (``reused``).
+    ``resume``: return a complete run with the same model, data and config as it is
+    (``reused``), or else continue the newest unfinished one, instead of starting a
+    new run; with ``output.run_id``, that run is returned or continued.
     ``baseline``: a previous run folder, or ``"latest"`` (the newest complete run in the
     store of the same dataset, regions and class names); flags then compare each group with itself
     in that run instead of with the other groups.
@@ -652,8 +654,10 @@ def run_audit(
     # Flags against a baseline answer another question (did a class get worse?), so a
     # run with one is never reused for a run without one, nor for another baseline.
     against = "" if baseline is None else f"baseline:{Path(baseline).resolve()}"
+    # The class names too: when not configured they come from the source (its class
+    # folders, an export's marker file), not from the rows the data version hashes.
     run_key = hashlib.sha256(
-        f"{config.fingerprint()}{model_hash}{data_version}{against}".encode()
+        f"{config.fingerprint()}{model_hash}{data_version}{class_names}{against}".encode()
     ).hexdigest()
     run, reopened = _open_run(config, run_key, resume)
     chunk_rows = config.batch_size * BATCHES_PER_CHUNK

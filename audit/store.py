@@ -165,12 +165,17 @@ def latest_run(
     key: str | None = None,
     complete: bool = False,
     *,
+    prefer_complete: bool = False,
     fingerprint: str | None = None,
     regions: list[dict] | None = None,
     class_names: list[str] | None = None,
 ) -> Path | None:
     """The newest run folder in ``store`` (optionally with this run key, or complete
     with at least one audited image).
+
+    ``prefer_complete``: the newest complete run if there is one (audited images or
+    not), else the newest unfinished one: what resuming a run key means, since a
+    finished run of it is never computed again.
 
     ``fingerprint``, ``regions`` and ``class_names``, when given, keep only runs that
     audited the same dataset with the same regions and classes (``baseline_mismatch``):
@@ -187,5 +192,6 @@ def latest_run(
             continue
         wanted = {"fingerprint": fingerprint, "regions": regions, "class_names": class_names}
         if baseline_mismatch(payload, **wanted) is None:
-            runs.append((payload.get("started", ""), manifest.parent))
-    return max(runs)[1] if runs else None
+            finished = prefer_complete and payload.get("status") == "complete"
+            runs.append((finished, payload.get("started", ""), manifest.parent))
+    return max(runs)[-1] if runs else None

@@ -81,7 +81,10 @@ def _list_runs(store: str, stamps: tuple) -> pd.DataFrame:
                 "run_id": manifest["run_id"],
                 "started": manifest.get("started", "")[:19].replace("T", " "),
                 "status": manifest.get("status"),
-                "outcome": report.get("outcome", "n/a"),
+                # A verdict once complete: a run killed after its reports has none yet.
+                "outcome": report.get("outcome", "n/a")
+                if manifest.get("status") == "complete"
+                else "n/a",
                 "model": Path(manifest["model"]["path"]).name,
                 "model_line": model_line(manifest["model"]["path"]),
                 "dataset": manifest["dataset"]["source"],
@@ -156,7 +159,7 @@ def _thumbnail(
 def selected_run(store: Path) -> str | None:
     """The run chosen in the sidebar (shared by every page through session state).
 
-    The default is the newest run with a report; unfinished runs stay selectable.
+    The default is the newest complete run; unfinished runs stay selectable.
     """
     runs = list_runs(str(store))
     if not len(runs):
@@ -179,8 +182,9 @@ def current_run() -> tuple[Path, str, dict]:
         )
         st.stop()
     path = store / run / "report.json"
-    if not path.is_file():
-        runs = list_runs(str(store)).set_index("run_id")
+    runs = list_runs(str(store)).set_index("run_id")
+    # A run killed after writing its reports is not complete: no verdict, as in history.
+    if runs.at[run, "status"] != "complete" or not path.is_file():
         st.warning(
             f"Run {escape_markdown(run)} is still running or was interrupted (status "
             f"{escape_markdown(runs.at[run, 'status'])}) and has no report yet: choose a "

@@ -41,8 +41,11 @@ SEVERITY = {"PASS": 0, "WARN": 1, "FAIL": 2}
 EMPTY = "NO IMAGES AUDITED"  # the outcome of a run whose every row was skipped
 
 
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+def _natural_key(path: Path) -> tuple[list, str]:
+    """Version order: numbers by value, on the name without its suffix (``.keras`` sorts
+    after ``.``, which put ``v2.1`` before ``v2``): v2, v2-hotfix, v2.1, v10."""
+    parts = [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.stem)]
+    return parts, path.name
 
 
 def model_versions(config: AuditConfig) -> list[Path]:

@@ -310,17 +310,22 @@ def test_run_exits_2_on_a_zero_size_and_leaves_no_run_folder(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_fingerprint_does_not_depend_on_how_paths_are_spelled(tmp_path, monkeypatch):
+def test_the_fingerprint_covers_settings_not_where_the_files_are(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
 
-    def fingerprint(model, manifest):
-        data = {"model": {"path": model}, "dataset": {"manifest": manifest}}
+    def fingerprint(model, manifest, **settings):
+        data = {"model": {"path": model}, "dataset": {"manifest": manifest}, **settings}
         return build_config(data).fingerprint()
 
     same = fingerprint(str(tmp_path / "m.keras"), str(tmp_path / "d.csv"))
     assert fingerprint("../m.keras", "../sub/../d.csv") == same
-    assert fingerprint("../other.keras", "../d.csv") != same
+    # The run key has the model file's hash and the dataset's rows and files.
+    assert fingerprint("/elsewhere/other.keras", "/moved/d.csv") == same
+    assert fingerprint("../m.keras", "../d.csv", output={"run_id": "r", "store": "s"}) == same
+    assert fingerprint("../m.keras", "../d.csv", batch_size=8) != same
+    folders = build_config({"model": {"path": "m.keras"}, "dataset": {"folders": "d.csv"}})
+    assert folders.fingerprint() != same  # another kind of source
 
 
 def test_a_number_key_takes_a_number_not_a_bool_or_text():

@@ -74,3 +74,11 @@ def test_report_is_read_again_only_when_its_file_changes(tmp_path):
     assert report(str(tmp_path), "a")["outcome"] == "FAIL"  # unchanged stamp: cached
     os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))
     assert report(str(tmp_path), "a")["outcome"] == "WARN"  # `bias-audit report` rewrote it
+
+
+def test_a_run_killed_after_its_reports_has_no_verdict_until_complete(tmp_path):
+    write_run(tmp_path, "a", "2024-01-01T00:00:00", status="running", outcome="PASS")
+    runs = list_runs(str(tmp_path)).set_index("run_id")
+    assert runs.at["a", "status"] == "running" and runs.at["a", "outcome"] == "n/a"
+    write_run(tmp_path, "a", "2024-01-01T00:00:00", outcome="PASS")  # resumed to the end
+    assert list_runs(str(tmp_path)).set_index("run_id").at["a", "outcome"] == "PASS"
