@@ -77,7 +77,9 @@ class GradCAM:
             an engine that many stages share (the audit's). By default a call with
             fewer images than ``batch_size`` runs them as one smaller batch.
 
-    Scores are logits: a final softmax is bypassed without changing ``model``.
+    Scores are logits: a final softmax is bypassed without changing ``model``, also
+    inside nested models; a binary classifier with one output (a sigmoid, or none) has
+    two classes, scored by the logits ``[-z/2, z/2]`` of its score ``z``.
     """
 
     def __init__(
@@ -152,7 +154,8 @@ class GradCAM:
 
     @property
     def softmax_bypassed(self) -> bool:
-        """Whether a final softmax was skipped to score logits."""
+        """Whether a final softmax (or a one-output model's sigmoid) was skipped to score
+        logits."""
         return self._ensure_cut(None).softmax_bypassed
 
     def _ensure_cut(self, image_shape: Sequence[int] | None) -> ModelCut:

@@ -7,11 +7,15 @@ user's layers and weights (nothing is copied or mutated):
     features: image -> A          (the forward pass up to the target layer)
     head:     A     -> logits     (the rest, with a final softmax bypassed)
 
-so the backward pass runs through the head only. The cut follows the layer path
-through nested models (``Sequential([base_model, GlobalAveragePooling2D(),
-Dense])``, the usual transfer-learning shape), which is where tools that build
-``Model(model.inputs, [layer.output, model.output])`` fail with "graph
-disconnected".
+so the backward pass runs through the head only. The final softmax is bypassed at
+any depth of nesting (a classifier wrapped in ``Sequential([Rescaling, clf])``, a
+nested head model); a binary classifier with one output (a sigmoid, or none) gets
+two logits ``[-z/2, z/2]`` whose softmax is ``[1 - sigmoid(z), sigmoid(z)]``.
+
+The cut follows the layer path through nested models (``Sequential([base_model,
+GlobalAveragePooling2D(), Dense])``, the usual transfer-learning shape), which is
+where tools that build ``Model(model.inputs, [layer.output, model.output])`` fail
+with "graph disconnected".
 """
 
 from __future__ import annotations
@@ -91,8 +95,8 @@ class ModelCut:
     layer_path: str
     feature_parts: tuple
     head_parts: tuple
-    num_classes: int
-    softmax_bypassed: bool
+    num_classes: int  # 2 for a binary classifier with one output
+    softmax_bypassed: bool  # a final softmax (or a one-output sigmoid) was skipped
 
     def activations(self, images, training: bool = False):
         """The target layer's activations for a batch of images."""
@@ -118,7 +122,7 @@ def _graph(model: keras.Model):
                 "(model.build((None, H, W, C))) or call it on a batch first"
             )
         return model._functional
-    if hasattr(model, "_nodes_by_depth") and hasattr(model, "operations"):
+    if _has_graph(model):
         return model
     raise ModelStructureError(
         f"model {model.name!r} ({type(model).__name__}) is a subclassed model without a "
@@ -126,12 +130,20 @@ def _graph(model: keras.Model):
     )
 
 
-def _is_model(layer) -> bool:
-    return isinstance(layer, keras.Model)
+def _has_graph(layer) -> bool:
+    """A Functional or Sequential model, whose layers the search can enter.
+
+    A nested subclassed model has no layer graph: it is treated as one layer.
+    """
+    return isinstance(layer, keras.Sequential) or (
+        isinstance(layer, keras.Model)
+        and hasattr(layer, "_nodes_by_depth")
+        and hasattr(layer, "operations")
+    )
 
 
 def _layers(graph) -> list:
-    """The graph's layers in topological order, without input layers."""
+    """The graph's layers and operations (``x + y``) in topological order, without inputs."""
     return [op for op in graph.operations if not isinstance(op, keras.layers.InputLayer)]
 
 
@@ -165,44 +177,55 @@ def _producer(tensor, graph):
     return None
 
 
-def _output_layer_path(model) -> list[str]:
-    """Path to the innermost layer that produces a (nested) model's output."""
-    graph = _graph(model)
-    layer = _producer(graph.outputs[0], graph)
-    if layer is None:
-        raise ModelStructureError(f"model {model.name!r} has no layers")
-    if _is_model(layer):
-        return [layer.name, *_output_layer_path(layer)]
-    return [layer.name]
+def _source_path(tensor, graph) -> list[str]:
+    """Path to the innermost layer that produces ``tensor`` ([] for the graph's input)."""
+    source = _producer(tensor, graph)
+    if source is None:
+        return []
+    if _has_graph(source):
+        inner = _graph(source)
+        return [source.name, *_source_path(inner.outputs[0], inner)]
+    return [source.name]
 
 
 def _rank(tensor) -> int:
     return len(tensor.shape)
 
 
+def _pools(layer, node) -> bool:
+    """Whether ``layer`` pools a feature map with real spatial extent: global pooling
+    (``keepdims`` too), or flatten/pooling from 4-D to 2-D of a map larger than 1x1 (a
+    flatten of a 1x1 map, as after MobileNetV3's 1x1 ``logits`` conv, pools nothing)."""
+    if isinstance(layer, keras.layers.GlobalAveragePooling2D | keras.layers.GlobalMaxPooling2D):
+        return True
+    source, output = node.input_tensors[0], node.output_tensors[0]
+    return _rank(source) == 4 and _rank(output) == 2 and tuple(source.shape[1:3]) != (1, 1)
+
+
 def _find_pooled_feature_map(graph) -> list[str] | None:
-    """Path to the last 4-D feature map that feeds a pooling or flatten (4-D -> 2-D) layer."""
+    """Path to the last 4-D feature map that feeds global pooling or flatten.
+
+    [] when that map is the graph's own input (a nested head that pools what it is
+    given: the caller's tensor is the map); None when no layer pools.
+    """
     for layer in reversed(_layers(graph)):
-        if _is_model(layer):
+        if _has_graph(layer):
             inner = _find_pooled_feature_map(_graph(layer))
+            if inner == []:
+                return _source_path(_node(layer, graph).input_tensors[0], graph)
             if inner is not None:
                 return [layer.name, *inner]
             continue
         node = _node(layer, graph)
-        if _rank(node.input_tensors[0]) == 4 and _rank(node.output_tensors[0]) == 2:
-            source = _producer(node.input_tensors[0], graph)
-            if source is None:
-                return None
-            if _is_model(source):
-                return [source.name, *_output_layer_path(source)]
-            return [source.name]
+        if _pools(layer, node):
+            return _source_path(node.input_tensors[0], graph)
     return None
 
 
 def _find_last_feature_map(graph) -> list[str] | None:
     """Fallback: path to the last layer with a 4-D output."""
     for layer in reversed(_layers(graph)):
-        if _is_model(layer):
+        if _has_graph(layer):
             inner = _find_last_feature_map(_graph(layer))
             if inner is not None:
                 return [layer.name, *inner]
@@ -216,11 +239,11 @@ def _all_layer_paths(graph, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...
     paths = {}
     for layer in _layers(graph):
         path = (*prefix, layer.name)
-        if _is_model(layer):
+        if _has_graph(layer):
             paths[path] = None
             paths.update(_all_layer_paths(_graph(layer), path))
         else:
-            paths[path] = _rank(layer.output)
+            paths[path] = _rank(_node(layer, graph).output_tensors[0])
     return paths
 
 
@@ -229,7 +252,7 @@ def resolve_layer_path(model: keras.Model, layer: str | None = None) -> list[str
     graph = _graph(model)
     if layer is None:
         path = _find_pooled_feature_map(graph) or _find_last_feature_map(graph)
-        if path is None:
+        if not path:
             opaque = any(isinstance(op, keras.layers.TFSMLayer) for op in _layers(graph))
             raise ModelStructureError(
                 f"model {model.name!r} has no layer with a 4-D (batch, height, width, "
@@ -261,34 +284,88 @@ def resolve_layer_path(model: keras.Model, layer: str | None = None) -> list[str
     )
 
 
-def _is_softmax(activation) -> bool:
-    return getattr(activation, "__name__", None) == "softmax"
+# tf.nn.softmax is named softmax_v2; keras.activations and keras.ops name theirs softmax.
+_SOFTMAX_NAMES = ("softmax", "softmax_v2")
 
 
-def _logit_tensor(graph):
-    """The output tensor before a final softmax, and a softmax-free twin of the last layer.
+def _squashes(activation, width: int) -> bool:
+    """Whether ``activation`` turns scores into probabilities: a softmax, or the sigmoid
+    of a one-output (binary) classifier."""
+    name = getattr(activation, "__name__", None)
+    if name in _SOFTMAX_NAMES and width == 1:
+        raise ModelStructureError(
+            "the model ends in a softmax over one output, which is always 1; a binary "
+            "classifier with one output needs a sigmoid (or no activation)"
+        )
+    return name in _SOFTMAX_NAMES or (name == "sigmoid" and width == 1)
+
+
+def _linear_twin(layer, input_shape):
+    """``layer`` without its activation: built from its config, on the very same variables
+    (not copies), so later weight changes (training, ``load_weights``) are seen."""
+    shared = {variable.name: variable for variable in layer.weights}
+    config = layer.get_config() | {"activation": "linear", "name": f"{layer.name}_logits"}
+    twin = type(layer).from_config(config)
+
+    def reuse(*args, name=None, **kwargs):  # build() asks for each weight by name
+        if name not in shared:
+            raise ModelStructureError(
+                f"cannot score the logits of {layer.name!r} ({type(layer).__name__}): it ends "
+                "in a softmax and its weights are not named as its build() asks for them; "
+                "end the model with a separate Activation('softmax') layer instead"
+            )
+        return shared[name]
+
+    twin.add_weight = reuse
+    twin.build(input_shape)
+    del twin.add_weight
+    return twin
+
+
+def _logit_end(graph) -> tuple:
+    """Where the graph's scores before a final softmax (or binary sigmoid) are:
+    ``(tensor, tail, bypassed)`` with the scores ``= tail(tensor)``.
 
     A separate ``Softmax``/``Activation('softmax')`` layer is skipped; a layer with
-    ``activation='softmax'`` (usually ``Dense``) is re-applied through a twin built
-    from its config with a linear activation and sharing the same weight values.
-    The user's model is never modified.
+    ``activation='softmax'`` (usually ``Dense``) is re-applied through its linear twin
+    (``_linear_twin``); a nested model that produces the output is replaced by its own
+    part up to its scores, at any depth. The user's model is never modified.
     """
     output = graph.outputs[0]
+    width = output.shape[-1]
     last = _producer(output, graph)
-    if last is None or _is_model(last):
-        return output, None, False
+    if last is None:
+        return output, [], False
     node = _node(last, graph)
+    source = node.input_tensors[0]
+    if _has_graph(last):
+        if len(node.input_tensors) != 1:
+            return output, [], False
+        inner = _graph(last)
+        end, tail, bypassed = _logit_end(inner)
+        if not bypassed:
+            return output, [], False
+        lead = _submodel(inner.inputs[0], end, f"{last.name}_scores")
+        return source, [part for part in (lead, *tail) if part is not None], True
     if isinstance(last, keras.layers.Softmax) or (
-        isinstance(last, keras.layers.Activation) and _is_softmax(last.activation)
+        isinstance(last, keras.layers.Activation) and _squashes(last.activation, width)
     ):
-        return node.input_tensors[0], None, True
-    if _is_softmax(getattr(last, "activation", None)):
-        config = last.get_config() | {"activation": "linear", "name": f"{last.name}_logits"}
-        twin = type(last).from_config(config)
-        twin.build(node.input_tensors[0].shape)
-        twin.set_weights(last.get_weights())
-        return node.input_tensors[0], twin, True
-    return output, None, False
+        return source, [], True
+    if _squashes(getattr(last, "activation", None), width):
+        return source, [_linear_twin(last, source.shape)], True
+    return output, [], False
+
+
+class BinaryLogits(keras.layers.Layer):
+    """A one-output classifier's score ``z`` as two logits ``[-z/2, z/2]``: their
+    softmax is ``[1 - sigmoid(z), sigmoid(z)]``, and the gradient of class 1's logit
+    is half that of ``z`` (class 0's, of ``-z``), so normalised maps are the usual ones."""
+
+    def call(self, scores, training=None):  # JAX's stateless_call passes training
+        return keras.ops.concatenate([-scores / 2, scores / 2], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 2)
 
 
 def _submodel(inputs, outputs, name: str):
@@ -304,13 +381,19 @@ def _submodel(inputs, outputs, name: str):
         ) from error
 
 
-def _cut(graph, path: list[str], outputs) -> tuple[list, list]:
-    layer = graph.get_layer(path[0])
+def _cut(graph, path: list[str], scores: bool) -> tuple[list, list, bool]:
+    """``(features, head, bypassed)``: the parts from the graph's input to the layer at
+    ``path`` and from there to the graph's output, or its scores before a final softmax
+    when ``scores`` (see ``_logit_end``)."""
+    # An operation such as ``x + y`` is no layer (graph.get_layer misses it), but its
+    # output is a tensor of the graph like any layer's.
+    layer = next(op for op in _layers(graph) if op.name == path[0])
     node = _node(layer, graph)
     layer_in, layer_out = node.input_tensors[0], node.output_tensors[0]
     if len(path) == 1:
+        end, tail, bypassed = _logit_end(graph) if scores else (graph.outputs[0], [], False)
         features = [_submodel(graph.inputs[0], layer_out, "features")]
-        head = [_submodel(layer_out, outputs, "head")]
+        head = [_submodel(layer_out, end, "head"), *tail]
     else:
         if len(node.input_tensors) != 1:
             raise ModelStructureError(
@@ -318,10 +401,15 @@ def _cut(graph, path: list[str], outputs) -> tuple[list, list]:
                 "on the path to the target layer must take one tensor"
             )
         inner = _graph(layer)
-        inner_features, inner_head = _cut(inner, path[1:], inner.outputs[0])
+        if scores and layer_out is graph.outputs[0]:
+            # The nested model on the path makes the output: its own scores are the end.
+            inner_features, head, bypassed = _cut(inner, path[1:], scores=True)
+        else:
+            inner_features, inner_head, _ = _cut(inner, path[1:], scores=False)
+            end, tail, bypassed = _logit_end(graph) if scores else (graph.outputs[0], [], False)
+            head = [*inner_head, _submodel(layer_out, end, "head_post"), *tail]
         features = [_submodel(graph.inputs[0], layer_in, "features_pre"), *inner_features]
-        head = [*inner_head, _submodel(layer_out, outputs, "head_post")]
-    return [f for f in features if f is not None], [h for h in head if h is not None]
+    return [f for f in features if f is not None], [h for h in head if h is not None], bypassed
 
 
 def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
@@ -339,20 +427,23 @@ def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
             f"model {model.name!r} outputs shape {tuple(output.shape)}; a classifier must "
             "return (batch, classes)"
         )
-    logits, logit_layer, bypassed = _logit_tensor(graph)
-    features, head = _cut(graph, path, logits)
+    features, head, bypassed = _cut(graph, path, scores=True)
     feature_rank = _rank(features[-1].outputs[0])
     if feature_rank != 4:
         raise ModelStructureError(
             f"layer {PATH_SEPARATOR.join(path)!r} outputs a {feature_rank}-D tensor; "
             "Grad-CAM needs a 4-D (batch, height, width, channels) feature map"
         )
-    if logit_layer is not None:
-        head.append(logit_layer)
+    num_classes = int(output.shape[-1])
+    if num_classes == 1:  # a binary classifier's one score: two classes (BinaryLogits)
+        binary = BinaryLogits(name="binary_logits")
+        binary.build(output.shape)  # JAX's stateless calls need built layers
+        head.append(binary)
+        num_classes = 2
     return ModelCut(
         layer_path=PATH_SEPARATOR.join(path),
         feature_parts=tuple(features),
         head_parts=tuple(head),
-        num_classes=int(output.shape[-1]),
+        num_classes=num_classes,
         softmax_bypassed=bypassed,
     )

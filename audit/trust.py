@@ -90,9 +90,8 @@ def randomisation_check(
         raise ValueError("randomisation_check needs the engine of this very model (cam.model)")
     rng = np.random.default_rng(seed)
     layers = _weighted_layers(model)[::-1]  # top first
-    # The engine's copy of a softmax layer's weights (its linear twin) is saved too.
-    twins = _logit_twins(cam)
-    variables = [variable for item in layers + twins for variable in item.weights]
+    # A softmax layer's linear twin in the engine shares its variables: no copy to sync.
+    variables = [variable for layer in layers for variable in layer.weights]
     saved = [np.array(variable.numpy()) for variable in variables]
     size = original.shape[1:3]  # the original maps' size (layer or input resolution)
     stages = []
@@ -108,7 +107,6 @@ def randomisation_check(
                         scale = float(values.std()) or 0.05
                         variable.assign(rng.normal(0, scale, values.shape).astype(values.dtype))
             done = top
-            _sync_logit_twin(cam, layers)
             maps = cam.explain(images, targets, size)
             stages.append(
                 {
@@ -127,20 +125,6 @@ def randomisation_check(
         raise RuntimeError("the model's weights could not be restored after randomisation")
     restored = spearman_rows(cam.explain(images, targets, size), original).mean()
     return [{"layers_randomised": 0, "layer": None, "correlation": float(restored)}, *stages]
-
-
-def _logit_twins(cam: GradCAM) -> list:
-    """The engine's linear twins of softmax layers (models.py), named ``<layer>_logits``."""
-    return [part for part in cam._ensure_cut(None).head_parts if part.name.endswith("_logits")]
-
-
-def _sync_logit_twin(cam: GradCAM, layers: list) -> None:
-    """A softmax layer's linear twin holds a copy of its weights: refresh it."""
-    by_name = {layer.name: layer for layer in layers}
-    for twin in _logit_twins(cam):
-        source = by_name.get(twin.name.removesuffix("_logits"))
-        if source is not None:
-            twin.set_weights(source.get_weights())
 
 
 def _baseline(images: np.ndarray, kind: str) -> np.ndarray:
