@@ -119,11 +119,11 @@ class PreprocessSection(_Section):
         None, description="Resize images to (height, width); default: the model's input size."
     )
     scale: FiniteFloat = Field(1 / 255, description="Multiply pixel values (0..255) by this.")
-    mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = Field(
-        None, description="Subtract per channel."
+    mean: tuple[FiniteFloat, ...] | None = Field(
+        None, description="Subtract per channel: three values, or one for a grey model."
     )
-    std: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = Field(
-        None, description="Divide per channel (no zeros)."
+    std: tuple[FiniteFloat, ...] | None = Field(
+        None, description="Divide per channel (no zeros): three values, or one for a grey model."
     )
     keras_preprocess: str | None = Field(
         None,
@@ -148,9 +148,19 @@ class PreprocessSection(_Section):
             raise ValueError("0 would turn every image black; the default is 1/255 (0.00392...)")
         return scale
 
+    @field_validator("mean", "std")
+    @classmethod
+    def _one_per_channel(cls, values: tuple[float, ...] | None):
+        if values is not None and len(values) not in (1, 3):
+            raise ValueError(
+                f"one value per channel: three for an RGB model, one for a greyscale "
+                f"model; got {len(values)}"
+            )
+        return values
+
     @field_validator("std")
     @classmethod
-    def _nonzero_std(cls, std: tuple[float, float, float] | None):
+    def _nonzero_std(cls, std: tuple[float, ...] | None):
         if std is not None and 0 in std:
             raise ValueError(
                 f"pixels are divided by std, so no channel may be 0, got {list(std)}; give "
@@ -443,7 +453,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
         elif item["type"] == "extra_forbidden":
             message = "unknown key; check the spelling against docs/config.md"
         elif item["type"] == "missing" and isinstance(item["loc"][-1], int):
-            # A fixed-length list (size: [h, w], mean: [r, g, b]) given too few values.
+            # A fixed-length list (size: [h, w]) given too few values.
             key = ".".join(str(part) for part in item["loc"][:-1])
             message = f"too few values (item {item['loc'][-1]} is missing); see docs/config.md"
         elif item["type"] == "missing":

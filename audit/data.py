@@ -283,6 +283,7 @@ class Preprocessor:
     size: tuple[int, int]  # (height, width)
     settings: PreprocessSection
     region_size: tuple[int, int] | None = None
+    channels: int = 3  # the model's input channels: 3 (RGB) or 1 (grey)
 
     def coverage(self, regions: np.ndarray) -> np.ndarray:
         """(R, H, W) bool -> (R, h, w) float32 area fractions at ``region_size``."""
@@ -301,11 +302,11 @@ class Preprocessor:
         )
 
     def image(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (h, w, 3) -> float32 (H, W, 3) ready for the model."""
+        """uint8 (h, w, 3), or (h, w) grey -> float32 (H, W, channels) ready for the model."""
         height, width = self.size
         if pixels.shape[:2] != (height, width):
             pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
-        values = pixels.astype("float32")
+        values = pixels.astype("float32").reshape(height, width, -1)
         if self.settings.keras_preprocess:
             import keras
 
@@ -467,13 +468,15 @@ def _too_large(what: str, path: Path) -> SkipRow:
     )
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """uint8 (h, w, 3); grey is repeated over the channels, alpha dropped."""
+def _read_image(path: Path, grey: bool = False) -> np.ndarray:
+    """uint8 (h, w, 3), grey repeated over the channels, alpha dropped; with ``grey``
+    uint8 (h, w), colour as Pillow's luma ("L": 0.299 R + 0.587 G + 0.114 B)."""
     try:
         with Image.open(path) as image:
             if image.mode in WIDE_MODES:
-                return np.repeat(_grey_to_8bit(image, path)[..., None], 3, axis=-1)
-            return np.asarray(image.convert("RGB"))
+                pixels = _grey_to_8bit(image, path)
+                return pixels if grey else np.repeat(pixels[..., None], 3, axis=-1)
+            return np.asarray(image.convert("L" if grey else "RGB"))
     except FileNotFoundError:
         raise SkipRow(f"image file not found: {path}") from None
     except Image.DecompressionBombError:
@@ -524,7 +527,7 @@ def load_row(
             "the manifest row has no path; fill in the image file (relative to the "
             "manifest's folder) or remove the row"
         )
-    pixels = _read_image(_inside(entries.root, row["path"]))
+    pixels = _read_image(_inside(entries.root, row["path"]), grey=preprocessor.channels == 1)
     height, width = pixels.shape[:2]
     mask = None
     if _present(row.get("mask_path")):
@@ -607,7 +610,7 @@ class Batch:
     """Loaded rows of one chunk, and the rows of the chunk that were skipped."""
 
     rows: list[int]  # positions in the entries table
-    images: np.ndarray  # (n, H, W, 3)
+    images: np.ndarray  # (n, H, W, channels)
     regions: np.ndarray  # (n, R, H, W) bool
     labels: np.ndarray  # (n,) int32 class indices
     skipped: dict[int, str] = field(default_factory=dict)
@@ -671,7 +674,7 @@ def load_batches(
             rows=[p for p, _, _ in items],
             images=np.stack([item.image for _, _, item in items]).astype("float32")
             if items
-            else np.zeros((0, height, width, 3), "float32"),
+            else np.zeros((0, height, width, preprocessor.channels), "float32"),
             regions=np.stack([item.regions for _, _, item in items])
             if items
             else np.zeros((0, len(regions), region_height, region_width), "float32"),

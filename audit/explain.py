@@ -144,8 +144,15 @@ class GradCAM:
         cut = self._ensure_cut(None)
         shape = cut.feature_parts[-1].outputs[0].shape
         if shape[1] is None or shape[2] is None:
-            shape = cut.activations(np.zeros((1, *size, 3), "float32"), training=False).shape
+            zeros = np.zeros((1, *size, self.input_channels), "float32")
+            shape = cut.activations(zeros, training=False).shape
         return int(shape[1]), int(shape[2])
+
+    @property
+    def input_channels(self) -> int:
+        """The channels of the model's input images (3 for RGB, 1 for grey); known once
+        the model is built."""
+        return int(self._ensure_cut(None).feature_parts[0].inputs[0].shape[-1])
 
     @property
     def num_classes(self) -> int:

@@ -142,7 +142,7 @@ class AuditStep:
         size = self.config.batch_size
         tick = time.perf_counter()
         self.program(
-            np.zeros((size, *self.size, 3), "float32"),
+            np.zeros((size, *self.size, self.cam.input_channels), "float32"),
             self._target_sets(np.zeros(size, "int32")),
             np.zeros((size, len(self.config.regions), *self.metric_size), "float32"),
         )
@@ -350,6 +350,30 @@ def _input_size(model: keras.Model, config: AuditConfig) -> tuple[int, int]:
             "preprocess.size: [height, width]"
         )
     return int(shape[1]), int(shape[2])
+
+
+def _input_channels(cam: GradCAM, config: AuditConfig) -> int:
+    """The model's input channels: 3 (images decoded as RGB) or 1 (decoded as grey)."""
+    channels = cam.input_channels
+    if channels not in (1, 3):
+        raise ConfigError(
+            f"the model's input has {channels} channels; the audit decodes images as RGB "
+            "(3 channels) or grey (1 channel)"
+        )
+    if channels == 1 and config.preprocess.keras_preprocess is not None:
+        raise ConfigError(
+            f"preprocess.keras_preprocess {config.preprocess.keras_preprocess!r} expects RGB "
+            "images, but the model takes one channel (grey); use preprocess.scale (and "
+            "mean/std with one value) instead"
+        )
+    for key in ("mean", "std"):
+        values = getattr(config.preprocess, key)
+        if values is not None and len(values) != channels:
+            raise ConfigError(
+                f"preprocess.{key} has {len(values)} values, but the model's input has "
+                f"{channels} channel{'s' if channels > 1 else ''}; give one value per channel"
+            )
+    return channels
 
 
 def _open_run(config: AuditConfig, run_key: str, resume: bool) -> tuple[RunStore, bool]:
@@ -642,6 +666,7 @@ def run_audit(
         entries, config.regions, face_detector=config.dataset.face_detector is not None
     )
     size = _input_size(model, config)
+    channels = _input_channels(cam, config)
     model_hash = file_sha256(Path(config.model.path))
     data_hash, data_version = dataset_fingerprint(entries)
     if config.dataset.face_detector is not None:
@@ -719,7 +744,9 @@ def run_audit(
     chunks = range((total + chunk_rows - 1) // chunk_rows)
     done = run.done_chunks()
     step = AuditStep(cam, config, size)
-    preprocessor = Preprocessor(size, config.preprocess, region_size=step.metric_size)
+    preprocessor = Preprocessor(
+        size, config.preprocess, region_size=step.metric_size, channels=channels
+    )
     class_index = {name: index for index, name in enumerate(class_names)}
     todo = [
         position
@@ -758,7 +785,8 @@ def run_audit(
         config,
         model=model,
         entries=entries,
-        preprocessor=Preprocessor(size, config.preprocess),  # full-resolution masks
+        # Without region_size: full-resolution masks.
+        preprocessor=Preprocessor(size, config.preprocess, channels=channels),
         class_index=class_index,
         baseline=baseline,
     )

@@ -41,7 +41,7 @@ class _Decode:
         self.class_index = work.class_index
         height, width = self.preprocessor.size
         region_height, region_width = self.preprocessor.region_size or self.preprocessor.size
-        self.blank_image = np.zeros((height, width, 3), "float32")
+        self.blank_image = np.zeros((height, width, self.preprocessor.channels), "float32")
         self.blank_regions = np.zeros((len(self.regions), region_height, region_width), "float32")
 
     def __call__(self, batch: dict) -> dict:

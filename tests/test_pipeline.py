@@ -387,3 +387,85 @@ def test_the_pointing_tolerance_is_counted_in_grid_cells_per_axis(tmp_path):
     config = config_for("m.csv", "m.keras", tmp_path, metrics={"pointing_tolerance": 1})
     half = AuditStep(GradCAM(model), config, (128, 64))
     assert half.metric_size == (64, 32) and half.pointing_cells == (1, 1)
+
+
+def one_conv_model(channels: int, outputs: int, activation: str | None) -> keras.Model:
+    """A 1x1 conv on the input's mean brightness (the digit's white strokes), pooled,
+    then ``outputs`` scores whose weights rise with the class index."""
+    inputs = keras.Input((48, 48, channels))
+    ink = keras.layers.Conv2D(1, 1, activation="relu", name="ink")
+    dense = keras.layers.Dense(outputs, activation=activation)
+    model = keras.Model(inputs, dense(keras.layers.GlobalAveragePooling2D()(ink(inputs))))
+    ink.set_weights([np.full((1, 1, channels, 1), 1 / channels, "float32"), np.array([-0.5])])
+    dense.set_weights([np.linspace(-4, 4, outputs, dtype="float32")[None] * 40, np.zeros(outputs)])
+    return model
+
+
+def _decoded(manifest, rows: int, mode: str) -> np.ndarray:
+    from PIL import Image
+
+    paths = pd.read_csv(manifest)["path"].iloc[:rows]
+    pixels = [np.asarray(Image.open(manifest.parent / p).convert(mode), "float32") for p in paths]
+    return np.stack(pixels).reshape(rows, 48, 48, -1) / 255
+
+
+def test_a_greyscale_model_is_audited_on_grey_images(small_dataset, tmp_path):
+    manifest, _ = small_dataset
+    model = one_conv_model(channels=1, outputs=10, activation="softmax")
+    model.save(tmp_path / "grey.keras")
+    config = config_for(manifest, tmp_path / "grey.keras", tmp_path / "runs", dataset={"limit": 16})
+    images = run_audit(config, progress=False).images
+    assert (images["status"] == "ok").all() and images["mass_object"].median() > 0.9
+    # The model saw Pillow's luma ("L") of each image, scaled by 1/255.
+    expected = model.predict(_decoded(manifest, 16, "L"), verbose=0)
+    np.testing.assert_allclose(images["confidence"], expected.max(axis=1), rtol=1e-4)
+    assert (images["pred"] == expected.argmax(axis=1)).all()
+
+
+def test_a_models_input_channels_are_checked_before_a_run_folder_is_made(small_dataset, tmp_path):
+    data, _ = small_dataset
+    grey, four = tmp_path / "grey.keras", tmp_path / "rgba.keras"
+    one_conv_model(channels=1, outputs=10, activation=None).save(grey)
+    one_conv_model(channels=4, outputs=10, activation=None).save(four)
+    store = tmp_path / "runs"
+    cases = [
+        (grey, {"mean": [0.5, 0.5, 0.5]}, r"preprocess\.mean has 3 values.*1 channel;"),
+        (grey, {"keras_preprocess": "mobilenet_v2"}, "expects RGB.*one channel"),
+        (four, {}, "4 channels.*RGB.*or grey"),
+    ]
+    for model_path, preprocess, message in cases:
+        config = config_for(data, model_path, store, preprocess=preprocess)
+        with pytest.raises(ConfigError, match=message):
+            run_audit(config, progress=False)
+    assert not store.exists()
+    with pytest.raises(ConfigError, match="preprocess.std: one value per channel"):
+        config_for(data, grey, store, preprocess={"std": [0.5, 0.5]})
+
+
+def test_a_one_output_binary_classifier_is_audited_as_two_classes(small_dataset, tmp_path):
+    """Dense(1, sigmoid), labels 0 and 1: p = sigmoid(z) is class 1's probability; class
+    1's map is z's Grad-CAM, class 0's that of -z."""
+    manifest, _ = small_dataset
+    binary = manifest.parent / "binary.csv"
+    table = pd.read_csv(manifest)
+    table[table["label"].isin([0, 1])].to_csv(binary, index=False)
+    pixels = _decoded(binary, int(table["label"].isin([0, 1]).sum()), "RGB")
+    model = one_conv_model(channels=3, outputs=1, activation="sigmoid")
+    # z = 160 (ink - its mean): more ink, more class 1; both classes predicted.
+    ink = keras.Model(model.inputs, model.layers[-2].output).predict(pixels, verbose=0)
+    model.layers[-1].set_weights([np.array([[160.0]]), np.array([-160 * ink.mean()])])
+    model.save(tmp_path / "binary.keras")
+    result = run_audit(config_for(binary, tmp_path / "binary.keras", tmp_path), progress=False)
+    images = result.images
+    assert result.manifest["class_names"] == ["0", "1"]
+    assert result.manifest["model"]["softmax_bypassed"]
+    assert (images["status"] == "ok").all() and len(images) == len(pixels)
+    probability = model.predict(pixels, verbose=0)[:, 0]
+    assert 0 < (probability > 0.5).mean() < 1  # both classes are predicted
+    np.testing.assert_allclose(
+        images["confidence"], np.maximum(probability, 1 - probability), rtol=1e-4
+    )
+    assert (images["pred"] == (probability > 0.5)).all()
+    ones = images["label_index"] == 1
+    assert images.loc[ones, "mass_object"].min() > 0.9  # z rises with the strokes' ink
+    assert (images.loc[~ones, "cam_total"] == 0).all()  # -z has no positive evidence
