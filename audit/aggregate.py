@@ -27,6 +27,9 @@ GROUP_KINDS = ("true", "pred", "slice", "class_slice")
 MAX_SLICE_VALUES = 50
 # Above this many values a mean's CI uses the normal approximation (see bootstrap_mean_ci).
 NORMAL_APPROXIMATION_ABOVE = 20_000
+# Below this many values a mean's CI is Student's t interval: the percentile bootstrap
+# undercovers small samples (simulated on skewed masses: 51% at 2 values, 89% at 10).
+SMALL_SAMPLE = 30
 # A weak-localisation box is correct at this IoU with the true box (ILSVRC).
 LOCALISATION_IOU = 0.5
 # Bootstrap resamples drawn at a time (memory: this many copies of a group).
@@ -36,13 +39,14 @@ RESAMPLE_CHUNK = 100
 def bootstrap_mean_ci(
     values: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean (NaN for no values)."""
+    """Percentile bootstrap confidence interval of the mean; Student's t interval below
+    ``SMALL_SAMPLE`` values; NaN for fewer than two values."""
     values = np.asarray(values, dtype="float64")
     values = values[np.isfinite(values)]
-    if len(values) == 0:
+    if len(values) < 2:  # one value says nothing about its spread
         return float("nan"), float("nan")
-    if len(values) == 1:  # one value says nothing about its spread
-        return float("nan"), float("nan")
+    if len(values) < SMALL_SAMPLE:
+        return t_interval(values.mean(), values.var(ddof=1) / len(values), len(values) - 1, level)
     if len(values) > NORMAL_APPROXIMATION_ABOVE:
         # The bootstrap distribution of a mean over this many rows is normal to within
         # rounding; the closed form avoids resampling millions of values.
@@ -56,6 +60,16 @@ def bootstrap_mean_ci(
         stop = min(start + RESAMPLE_CHUNK, resamples)
         means[start:stop] = resampled_means(values, stop - start, rng)
     return percentile_interval(means, level)
+
+
+def t_interval(
+    estimate: float, variance: float, dof: float, level: float = 0.95
+) -> tuple[float, float]:
+    """``estimate`` +- Student's t quantile times its standard error."""
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + level / 2, dof)) * float(np.sqrt(variance))
+    return float(estimate - half), float(estimate + half)
 
 
 def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:

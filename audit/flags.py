@@ -36,10 +36,12 @@ from scipy.stats import false_discovery_control, mannwhitneyu, norm, rankdata, w
 
 from audit.aggregate import (
     RESAMPLE_CHUNK,
+    SMALL_SAMPLE,
     Aggregator,
     bootstrap_mean_ci,
     percentile_interval,
     resampled_means,
+    t_interval,
 )
 from audit.config import PolicySection
 
@@ -49,7 +51,25 @@ EXAMPLES_PER_FLAG = 5
 def bootstrap_difference_ci(
     group: np.ndarray, reference: np.ndarray, *, resamples: int, seed: int, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of mean(group) - mean(reference), resampling each side."""
+    """Percentile bootstrap CI of mean(group) - mean(reference), resampling each side;
+    Welch's t interval when a side has fewer than ``SMALL_SAMPLE`` values (where the
+    bootstrap undercovers), NaN when a side has fewer than two."""
+    if min(len(group), len(reference)) < 2:
+        return float("nan"), float("nan")
+    if min(len(group), len(reference)) < SMALL_SAMPLE:
+        parts = [np.var(side, ddof=1) / len(side) for side in (group, reference)]
+        variance = sum(parts)
+        # Welch-Satterthwaite degrees of freedom (any positive number when both are 0).
+        dof = (
+            variance**2
+            / sum(
+                part**2 / (len(side) - 1)
+                for part, side in zip(parts, (group, reference), strict=True)
+            )
+            if variance > 0
+            else 1.0
+        )
+        return t_interval(group.mean() - reference.mean(), variance, dof, level)
     rng = np.random.default_rng(seed)
     differences = np.empty(resamples)
     for start in range(0, resamples, RESAMPLE_CHUNK):
@@ -97,25 +117,43 @@ def van_elteren_greater(groups: list[np.ndarray], references: list[np.ndarray]) 
 
 
 def stratified_difference_ci(
-    groups: list[np.ndarray],
-    references: list[np.ndarray],
-    weights: np.ndarray,
-    *,
-    resamples: int,
-    seed: int,
-    level: float = 0.95,
+    groups: list[np.ndarray], references: list[np.ndarray], weights: np.ndarray, level=0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of sum_s w_s (mean(group_s) - mean(reference_s)),
-    resampling each side within each stratum."""
-    rng = np.random.default_rng(seed)
-    differences = np.empty(resamples)
-    for start in range(0, resamples, RESAMPLE_CHUNK):
-        size = min(start + RESAMPLE_CHUNK, resamples) - start
-        differences[start : start + size] = sum(
-            weight * (resampled_means(group, size, rng) - resampled_means(reference, size, rng))
-            for group, reference, weight in zip(groups, references, weights, strict=True)
-        )
-    return percentile_interval(differences, level)
+    """Student's t CI of D = sum_s w_s (mean(group_s) - mean(reference_s)), with
+    Var D = sum_s w_s^2 (v_group / n_s + v_reference_s / m_s).
+
+    A rare slice has one or two images per class, where a within-class bootstrap sees
+    no spread at all (a nominal 95% CI covered 28% at one image in each of 20 classes):
+    the slice's within-class variance ``v_group`` is pooled over its classes (each
+    row's deviation from its class mean; its n - strata degrees of freedom are the t
+    quantile's), and borrowed from the reference's pooled within-class variance when
+    the slice has too few rows for that. A reference class with a single row takes the
+    reference's pooled one.
+    """
+    (group_pool, dof), (reference_pool, reference_dof) = map(
+        _pooled_within_variance, (groups, references)
+    )
+    if not np.isfinite(group_pool):
+        group_pool, dof = reference_pool, reference_dof
+    variance = 0.0
+    for group, reference, weight in zip(groups, references, weights, strict=True):
+        own = np.var(reference, ddof=1) if len(reference) > 1 else reference_pool
+        variance += weight**2 * (group_pool / len(group) + own / len(reference))
+    if not np.isfinite(variance):
+        return float("nan"), float("nan")
+    difference = sum(
+        w * (g.mean() - r.mean()) for g, r, w in zip(groups, references, weights, strict=True)
+    )
+    return t_interval(difference, variance, dof, level)
+
+
+def _pooled_within_variance(strata: list[np.ndarray]) -> tuple[float, int]:
+    """Sum of squared deviations from each stratum's mean over (rows - strata), and
+    those degrees of freedom; NaN below two."""
+    dof = sum(len(values) for values in strata) - len(strata)
+    if dof < 2:
+        return float("nan"), dof
+    return float(sum(((values - values.mean()) ** 2).sum() for values in strata) / dof), dof
 
 
 @dataclass(frozen=True)
@@ -170,11 +208,7 @@ def _within_classes(group: _Sample, reference: _Sample, policy: PolicySection) -
         record["p_value"] = van_elteren_greater(groups, references)
         record["effect"] = record["group_mean"] - record["reference_mean"]
         record["effect_low"], record["effect_high"] = stratified_difference_ci(
-            groups,
-            references,
-            weights,
-            resamples=policy.bootstrap_resamples,
-            seed=policy.seed,
+            groups, references, weights
         )
     return record
 
