@@ -37,16 +37,25 @@ RESAMPLE_CHUNK = 100
 
 
 def bootstrap_mean_ci(
-    values: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+    values: np.ndarray,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    bounds: tuple[float, float] = (-np.inf, np.inf),
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean; Student's t interval below
-    ``SMALL_SAMPLE`` values; NaN for fewer than two values."""
+    ``SMALL_SAMPLE`` values, clipped to the ``bounds`` the values can take (a mass
+    lies in [0, 1]); NaN for fewer than two values."""
     values = np.asarray(values, dtype="float64")
     values = values[np.isfinite(values)]
     if len(values) < 2:  # one value says nothing about its spread
         return float("nan"), float("nan")
     if len(values) < SMALL_SAMPLE:
-        return t_interval(values.mean(), values.var(ddof=1) / len(values), len(values) - 1, level)
+        low, high = t_interval(
+            values.mean(), values.var(ddof=1) / len(values), len(values) - 1, level
+        )
+        return float(max(low, bounds[0])), float(min(high, bounds[1]))
     if len(values) > NORMAL_APPROXIMATION_ABOVE:
         # The bootstrap distribution of a mean over this many rows is normal to within
         # rounding; the closed form avoids resampling millions of values.
@@ -102,14 +111,20 @@ def rate_with_ci(outcomes: np.ndarray, name: str) -> dict:
     return {name: float(outcomes.mean()), f"{name}_low": low, f"{name}_high": high}
 
 
+# Metric columns that are shares of a map (or an IoU): their means and CIs lie in [0, 1].
+SHARES = ("mass_", "cf_mass_", "loc_iou", "area_", "iou_", "rank_acc_")
+
+
 def mean_with_ci(values: np.ndarray, name: str, *, resamples: int, seed: int) -> dict:
-    """``{name: mean, name_low, name_high}`` of the finite values, the interval
-    ``bootstrap_mean_ci``'s; NaN for no values."""
+    """``{name: mean, name_low, name_high}`` of the finite values of metric ``name``,
+    the interval ``bootstrap_mean_ci``'s, within [0, 1] for a share (``SHARES``) and
+    above 0 for the rest (lift, totals); NaN for no values."""
     values = np.asarray(values, dtype="float64")
     finite = values[np.isfinite(values)]
     if not len(finite):
         return {name: np.nan, f"{name}_low": np.nan, f"{name}_high": np.nan}
-    low, high = bootstrap_mean_ci(finite, resamples=resamples, seed=seed)
+    bounds = (0.0, 1.0) if name.startswith(SHARES) else (0.0, np.inf)
+    low, high = bootstrap_mean_ci(finite, resamples=resamples, seed=seed, bounds=bounds)
     return {name: float(finite.mean()), f"{name}_low": low, f"{name}_high": high}
 
 

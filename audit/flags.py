@@ -119,41 +119,35 @@ def van_elteren_greater(groups: list[np.ndarray], references: list[np.ndarray]) 
 def stratified_difference_ci(
     groups: list[np.ndarray], references: list[np.ndarray], weights: np.ndarray, level=0.95
 ) -> tuple[float, float]:
-    """Student's t CI of D = sum_s w_s (mean(group_s) - mean(reference_s)), with
-    Var D = sum_s w_s^2 (v_group / n_s + v_reference_s / m_s).
+    """Student's t CI of D = sum_s w_s (mean(group_s) - mean(reference_s)), with the
+    slice's own class mix as weights (w_s = n_s / n).
 
-    A rare slice has one or two images per class, where a within-class bootstrap sees
-    no spread at all (a nominal 95% CI covered 28% at one image in each of 20 classes):
-    the slice's within-class variance ``v_group`` is pooled over its classes (each
-    row's deviation from its class mean; its n - strata degrees of freedom are the t
-    quantile's), and borrowed from the reference's pooled within-class variance when
-    the slice has too few rows for that. A reference class with a single row takes the
-    reference's pooled one.
+    D is the mean of the slice rows' residuals e = x - mean(reference of x's class), so
+    Var D = var(e) / n + sum_s w_s^2 var(reference_s) / m_s, with n - 1 degrees of
+    freedom. A rare slice has one or two images per class, where a bootstrap within
+    each class sees no spread at all (its 95% CI covered 28% at one image in each of
+    20 classes); the residuals carry the slice's own spread whatever its classes hold
+    (and any difference of effect between classes). A reference class with a single
+    row takes the reference's pooled within-class variance.
     """
-    (group_pool, dof), (reference_pool, reference_dof) = map(
-        _pooled_within_variance, (groups, references)
+    residuals = np.concatenate(
+        [group - reference.mean() for group, reference in zip(groups, references, strict=True)]
     )
-    if not np.isfinite(group_pool):
-        group_pool, dof = reference_pool, reference_dof
-    variance = 0.0
-    for group, reference, weight in zip(groups, references, weights, strict=True):
-        own = np.var(reference, ddof=1) if len(reference) > 1 else reference_pool
-        variance += weight**2 * (group_pool / len(group) + own / len(reference))
+    if len(residuals) < 2:
+        return float("nan"), float("nan")
+    dof = sum(len(values) for values in references) - len(references)
+    pooled = (
+        sum(((values - values.mean()) ** 2).sum() for values in references) / dof
+        if dof > 0
+        else np.nan
+    )
+    variance = residuals.var(ddof=1) / len(residuals)
+    for reference, weight in zip(references, weights, strict=True):
+        own = np.var(reference, ddof=1) if len(reference) > 1 else pooled
+        variance += weight**2 * own / len(reference)
     if not np.isfinite(variance):
         return float("nan"), float("nan")
-    difference = sum(
-        w * (g.mean() - r.mean()) for g, r, w in zip(groups, references, weights, strict=True)
-    )
-    return t_interval(difference, variance, dof, level)
-
-
-def _pooled_within_variance(strata: list[np.ndarray]) -> tuple[float, int]:
-    """Sum of squared deviations from each stratum's mean over (rows - strata), and
-    those degrees of freedom; NaN below two."""
-    dof = sum(len(values) for values in strata) - len(strata)
-    if dof < 2:
-        return float("nan"), dof
-    return float(sum(((values - values.mean()) ** 2).sum() for values in strata) / dof), dof
+    return t_interval(float(residuals.mean()), variance, len(residuals) - 1, level)
 
 
 @dataclass(frozen=True)
