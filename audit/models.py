@@ -356,6 +356,17 @@ def _logit_end(graph) -> tuple:
     return output, [], False
 
 
+def _ends_linear(graph) -> bool:
+    """Whether the graph's output comes from a layer with a linear activation (at any
+    depth of nesting): a score, not a probability."""
+    last = _producer(graph.outputs[0], graph)
+    if last is None:
+        return False
+    if _has_graph(last):
+        return _ends_linear(_graph(last))
+    return getattr(getattr(last, "activation", None), "__name__", None) == "linear"
+
+
 class BinaryLogits(keras.layers.Layer):
     """A one-output classifier's score ``z`` as two logits ``[-z/2, z/2]``: their
     softmax is ``[1 - sigmoid(z), sigmoid(z)]``, and the gradient of class 1's logit
@@ -435,6 +446,14 @@ def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
             "Grad-CAM needs a 4-D (batch, height, width, channels) feature map"
         )
     num_classes = int(output.shape[-1])
+    if num_classes == 1 and not bypassed and not _ends_linear(graph):
+        # Its one output may already be a probability (a sigmoid op, a Lambda): as a
+        # score it would make class 1 win every image.
+        raise ModelStructureError(
+            f"model {model.name!r} has one output and does not end in a layer whose "
+            "activation is linear or sigmoid; end it with Dense(1) (with or without "
+            "activation='sigmoid') or Activation('sigmoid'), so its score can be read"
+        )
     if num_classes == 1:  # a binary classifier's one score: two classes (BinaryLogits)
         binary = BinaryLogits(name="binary_logits")
         binary.build(output.shape)  # JAX's stateless calls need built layers

@@ -163,6 +163,19 @@ def test_a_softmax_over_one_output_is_refused():
         GradCAM(model)
 
 
+@pytest.mark.parametrize(
+    "squash",
+    [keras.ops.sigmoid, keras.layers.Activation("relu"), keras.layers.Lambda(lambda z: z * 2)],
+)
+def test_one_output_that_may_already_be_a_probability_is_refused(squash):
+    """Read as a score, a probability p > 0 makes class 1 win every image: refused."""
+    inputs, features = two_convs()
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    model = keras.Model(inputs, squash(keras.layers.Dense(1)(pooled)))
+    with pytest.raises(ModelStructureError, match="one output and does not end in a layer"):
+        GradCAM(model)
+
+
 # ------------------------------------------------------------ the target layer
 
 
