@@ -14,6 +14,7 @@ import functools
 import itertools
 import json
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -200,7 +201,8 @@ def read_folders(root: Path, masks: Path | None = None) -> Entries:
             "class folders: MASKS/<class>/<image stem>.png"
         )
     rows = []
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # Hidden folders (.ipynb_checkpoints, ...) are no classes, as for Keras.
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for name in classes:
         # Sub-folders of a class folder hold its images too, as for Keras.
         for image in sorted(p for p in (root / name).rglob("*") if p.is_file()):
@@ -257,6 +259,14 @@ def class_names_for(
         unique = sorted(set(labels))
         if all(label.lstrip("-").isdigit() for label in unique):
             names = [str(index) for index in range(num_classes)]
+            if folders is not None and any(len(label) > 1 for label in unique):
+                warnings.warn(
+                    f"{len(folders)} class folders for a model with {num_classes} outputs: "
+                    "their labels are read as class indices, but a model trained from "
+                    "class folders numbers them in sorted order ('10' before '2'); if it "
+                    "was, list its classes in that order under model.class_names",
+                    stacklevel=2,
+                )
         else:
             names = unique
     if len(names) != num_classes:
