@@ -39,14 +39,18 @@ class _Section(BaseModel):
         number (a bool or quoted text is a mistake to point out, not to guess at)."""
         kind = _number_kind(cls.model_fields[info.field_name].annotation)
         if kind == "number" and isinstance(value, (bool, str)):
-            raise ValueError(f"{value!r} is not a number; write a number without quotes")
+            raise ValueError(_not_a_number(value))
         if kind == "numbers" and isinstance(value, (list, tuple)):
             for item in value:
                 if isinstance(item, (bool, str)):
-                    raise ValueError(
-                        f"{item!r} in {list(value)!r} is not a number; write numbers without quotes"
-                    )
+                    raise ValueError(f"in {list(value)!r}: {_not_a_number(item)}")
         return value
+
+
+def _not_a_number(value: bool | str) -> str:
+    if isinstance(value, bool):  # YAML's true/yes/on
+        return f"{str(value).lower()} is a yes/no value, not a number; write a number"
+    return f"{value!r} is text, not a number; write the number without quotes"
 
 
 def _number_kind(annotation) -> str | None:

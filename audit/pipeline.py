@@ -549,8 +549,8 @@ def _check_store_path(store: Path) -> None:
         if path.exists():
             if not path.is_dir():
                 raise ConfigError(
-                    f"the run store {store} (output.store, --out) cannot be a folder: {path} "
-                    "is a file; give a folder path"
+                    f"the run store {store} (output.store, --out) must be a folder, but "
+                    f"{path} is a file; give a folder path"
                 )
             return
 

@@ -330,8 +330,13 @@ def test_the_fingerprint_covers_settings_not_where_the_files_are(tmp_path, monke
 
 def test_a_number_key_takes_a_number_not_a_bool_or_text():
     base = {"model": {"path": "m.keras"}, "dataset": {"manifest": "d.csv"}}
-    with pytest.raises(ConfigError, match="batch_size: True is not a number"):
+    with pytest.raises(ConfigError, match="batch_size: true is a yes/no value, not a number"):
         build_config({**base, "batch_size": True})
-    with pytest.raises(ConfigError, match="policy.alpha: '0.1' is not a number"):
+    with pytest.raises(ConfigError, match="policy.alpha: '0.1' is text, not a number"):
         build_config({**base, "policy": {"alpha": "0.1"}})
+    # Optional numbers and lists of numbers too (limit: yes would audit one image).
+    with pytest.raises(ConfigError, match="dataset.limit: true is a yes/no value"):
+        build_config({**base, "dataset": {"manifest": "d.csv", "limit": True}})
+    with pytest.raises(ConfigError, match=r"preprocess.size: in \['24', '24'\]: '24' is text"):
+        build_config({**base, "preprocess": {"size": ["24", "24"]}})
     assert build_config({**base, "batch_size": 16, "policy": {"gap_floor": 0}}).batch_size == 16

@@ -202,7 +202,7 @@ def test_setup_errors_exit_2_before_a_run_folder_is_made(data, tmp_path, capsys)
     assert not store.exists()
     (tmp_path / "file").write_text("")
     assert _run(config, tmp_path / "file" / "runs") == 2
-    assert f"{tmp_path / 'file'} is a file; give a folder path" in capsys.readouterr().err
+    assert f"must be a folder, but {tmp_path / 'file'} is a file" in capsys.readouterr().err
     assert main(["run", str(tmp_path), "--no-progress"]) == 2
     assert "is a folder; give the config's YAML file" in capsys.readouterr().err
     (tmp_path / "latin1.yaml").write_bytes(b"# caf\xe9\nmodel: {path: m.keras}\n")
