@@ -59,10 +59,11 @@ def _compare(argv: list[str]) -> int:
     from pathlib import Path
 
     from audit.compare import compare_runs, format_comparison
+    from audit.config import ConfigError
 
     try:
         result = compare_runs(Path(args.old), Path(args.new))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ConfigError) as error:
         print(f"bias-audit compare: {error}", file=sys.stderr)
         return EXIT_USAGE
     print(format_comparison(result))
@@ -152,7 +153,9 @@ def _history(argv: list[str]) -> int:
                 + ", ".join(lines)
             )
             return EXIT_OK
-    columns = ["run_id", "model_line", "status", "outcome", "bias_driven", "suspected"]
+    # The model file tells the versions of a line apart.
+    runs = runs.assign(model=[Path(path).name for path in runs["model_path"].fillna("")])
+    columns = ["run_id", "model_line", "model", "status", "outcome", "bias_driven", "suspected"]
     # An unfinished run has no verdict: n/a, as the dashboard shows it.
     table = runs[columns].astype(object).where(runs[columns].notna(), "n/a")
     header, *rows = table.to_string(index=False).splitlines()

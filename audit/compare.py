@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
+from audit.config import ConfigError
 from audit.flags import benjamini_hochberg, bootstrap_difference_ci
-from audit.store import RunStore
+from audit.store import RunStore, baseline_mismatch
 
 
 def _report(run_dir: Path) -> dict:
@@ -68,6 +69,7 @@ def compare_runs(old_dir: Path, new_dir: Path, *, resamples: int = 1000, seed: i
     two runs' correct rows differ (each model gets other images right), so the classes
     are compared as two samples."""
     old, new = _report(old_dir), _report(new_dir)
+    notes = _comparable(RunStore(old_dir).manifest(), RunStore(new_dir).manifest())
     old_images, new_images = RunStore(old_dir).images(), RunStore(new_dir).images()
     spurious = [r["name"] for r in new["regions"] if r["role"] == "spurious"]
     rows = []
@@ -103,7 +105,28 @@ def compare_runs(old_dir: Path, new_dir: Path, *, resamples: int = 1000, seed: i
         "new_outcome": new["outcome"],
         "deltas": deltas,
         **_flag_changes(_flag_set(old), _flag_set(new)),
+        "notes": notes,
     }
+
+
+def _comparable(old: dict, new: dict) -> list[str]:
+    """Refuse runs of other classes (``ConfigError``: nothing lines up, and every flag
+    of the old run would read as resolved); notes for another dataset or regions."""
+    if old.get("class_names") != new.get("class_names"):
+        names = [", ".join(map(str, run.get("class_names", [])[:6])) for run in (old, new)]
+        raise ConfigError(
+            f"the runs audited different classes ({names[0]}, ... against {names[1]}, ...); "
+            "compare two runs of one model line on one dataset"
+        )
+    notes = []
+    if baseline_mismatch(new, fingerprint=old.get("dataset", {}).get("fingerprint")):
+        notes.append(
+            "note: the runs audited different datasets (their fingerprints differ), so the "
+            "deltas mix a change of model with a change of images"
+        )
+    if baseline_mismatch(new, regions=old.get("regions")):
+        notes.append("note: the runs measured different regions; only shared ones compare")
+    return notes
 
 
 def _class_values(images: pd.DataFrame, report: dict, name: str, column: str) -> np.ndarray:
@@ -156,4 +179,4 @@ def format_comparison(result: dict, alpha: float = 0.05) -> str:
         ("kept flags", "kept_flags"),  # a bias both runs have
     ):
         lines.append(f"{title}: " + (", ".join(result[key]) if result[key] else "none"))
-    return "\n".join(lines)
+    return "\n".join([*lines, *result.get("notes", [])])

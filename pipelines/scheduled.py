@@ -44,7 +44,8 @@ EMPTY = "NO IMAGES AUDITED"  # the outcome of a run whose every row was skipped
 def _natural_key(path: Path) -> tuple[list, str]:
     """Version order: numbers by value, on the name without its suffix (``.keras`` sorts
     after ``.``, which put ``v2.1`` before ``v2``): v2, v2-hotfix, v2.1, v10."""
-    parts = [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.stem)]
+    stem = path.stem.lower()  # m_V3 is m_v3
+    parts = [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", stem)]
     return parts, path.name
 
 

@@ -10,7 +10,7 @@ from conftest import ink_model
 
 from audit.cli import main as cli_main
 from audit.compare import compare_runs
-from audit.config import build_config
+from audit.config import ConfigError, build_config
 from audit.pipeline import run_audit
 from audit.report import render_markdown, write_reports
 from pipelines.demo import SHORTCUTS, train_demo_model, write_dataset
@@ -98,6 +98,16 @@ def test_models_trained_without_the_shortcut_are_not_bias_driven(tmp_path, biase
     eased = reverse["resolved_flags"] | reverse["eased_flags"]
     assert any(flag.startswith("class 7: ") for flag in eased)
     assert not any(flag.startswith("class 7") for flag in reverse["new_flags"])
+    # These runs audited other images: said; runs of other classes: refused (exit 2).
+    assert "different datasets" in " ".join(comparison["notes"])
+    other = tmp_path / "other_classes"
+    shutil.copytree(biased.run_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["class_names"] = list("abcdefghij")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="the runs audited different classes"):
+        compare_runs(result.run_dir, other)
+    assert cli_main(["compare", str(result.run_dir), str(other)]) == 2
 
 
 @pytest.mark.slow

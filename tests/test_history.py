@@ -102,10 +102,10 @@ def test_the_history_command_prints_statuses_and_every_flag_in_full(tmp_path, ca
     assert main(["history", "--store", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
-        "run_id", "model_line", "status", "outcome", "bias_driven", "suspected"
+        "run_id", "model_line", "model", "status", "outcome", "bias_driven", "suspected"
     ]  # fmt: skip
-    assert lines[1].split() == ["killed", "cls", "running", "n/a", "n/a", "n/a"]
-    assert lines[2].split() == ["done", "cls", "complete", "FAIL", "1", "0"]
+    assert lines[1].split() == ["killed", "cls", "cls_v1.keras", "running", "n/a", "n/a", "n/a"]
+    assert lines[2].split() == ["done", "cls", "cls_v1.keras", "complete", "FAIL", "1", "0"]
     assert lines[3:] == [
         "    class 7 (bias-driven)",
         f"    slice bg={LONG} on background (flagged)",

@@ -138,15 +138,15 @@ def test_a_version_with_no_audited_image_exits_2(tmp_path, capsys):
 def test_versions_sort_on_the_name_without_its_suffix(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
-    names = ["ink_v10.keras", "ink_v2-hotfix.keras", "ink_v2.1.keras", "ink_v2.keras"]
+    names = ["ink_v10.keras", "ink_v2-hotfix.keras", "ink_V2.1.keras", "ink_v2.keras"]
     for name in names:
         (models / name).write_text("a version")  # model_versions only lists the files
-    schedule = {"models": str(models), "pattern": "ink_v*.keras"}
+    schedule = {"models": str(models), "pattern": "ink_*.keras"}
     config = build_config({"model": {}, "dataset": {"manifest": "d.csv"}, "schedule": schedule})
     assert [p.name for p in model_versions(config)] == [
         "ink_v2.keras",
         "ink_v2-hotfix.keras",
-        "ink_v2.1.keras",
+        "ink_V2.1.keras",  # the case of the v does not matter
         "ink_v10.keras",
     ]
 

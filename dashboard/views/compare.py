@@ -5,6 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from audit.compare import compare_runs
+from audit.config import ConfigError
 from dashboard.store import list_runs, store_path
 
 store = store_path()
@@ -17,7 +18,13 @@ if len(complete) < 2:
 left, right = st.columns(2)
 old = left.selectbox("Earlier run", complete, index=1)
 new = right.selectbox("Later run", complete, index=0)
-result = compare_runs(Path(store) / old, Path(store) / new)
+try:
+    result = compare_runs(Path(store) / old, Path(store) / new)
+except ConfigError as error:  # runs of other classes: nothing lines up
+    st.error(str(error))
+    st.stop()
+for note in result["notes"]:
+    st.warning(note.removeprefix("note: "))
 left.metric("Outcome", result["old_outcome"])
 right.metric("Outcome", result["new_outcome"])
 for title, key in (
