@@ -384,8 +384,9 @@ def _open_run(config: AuditConfig, run_key: str, resume: bool) -> tuple[RunStore
             existing = run.manifest().get("run_key")
             if existing != run_key:
                 raise ConfigError(
-                    f"run {run.root} exists with a different model, data or config; runs are "
-                    "never overwritten: choose another output.run_id"
+                    f"run {run.root} exists with a different model, data or config (or was "
+                    "made by an earlier bias-audit, whose run keys differ); runs are never "
+                    "overwritten: choose another output.run_id"
                 )
             if not resume and run.manifest().get("status") != "complete":
                 raise ConfigError(f"run {run.root} is incomplete; pass --resume to continue it")
