@@ -289,6 +289,10 @@ def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
         ]
         heatmap = len(class_flags) > 0
         intervention = bool(len(probe)) and bool(probe["intervention_evidence"].iloc[0])
+        # A class whose groups were too small for any test has no evidence either way.
+        tested = intervention or bool(
+            len(flags) and flags.loc[flags["class_index"] == index, "p_value"].notna().any()
+        )
         if intervention:
             row = probe.iloc[0]
             reasons.append(
@@ -327,6 +331,7 @@ def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
                 "reasons": reasons,
                 "heatmap_evidence": heatmap,
                 "intervention_evidence": intervention,
+                "tested": tested,
                 "confidence": confidence,
             }
         )

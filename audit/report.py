@@ -280,6 +280,26 @@ def _decision_text(entry: dict) -> str:
     )
 
 
+def status_text(entry: dict) -> str:
+    """A class's status as shown: ``ok (untested)`` when no test had enough images."""
+    if entry["status"] == "ok" and entry.get("tested") is False:
+        return "ok (untested)"
+    return entry["status"]
+
+
+def untested_note(report: dict) -> str | None:
+    """Which classes no test could judge (too few measured images), or None."""
+    names = [e["class_name"] for e in report["classes"] if status_text(e) == "ok (untested)"]
+    if not names:
+        return None
+    support = report.get("policy", {}).get("min_support", 20)
+    shown = ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else "")
+    return (
+        f"{len(names)} class(es) untested: {shown} (fewer than {support} measured images "
+        "for any test; their ok is no evidence of health)"
+    )
+
+
 def render_markdown(report: dict, unreadable: int | None = None) -> str:
     """``unreadable``: ``unreadable_examples(report)`` when the caller has it already."""
     spurious = [r["name"] for r in report["regions"] if r["role"] == "spurious"]
@@ -306,13 +326,16 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
     for entry in report["classes"]:
         cells = [
             _md(entry["class_name"]),
-            f"**{entry['status']}**" if entry["status"] != "ok" else "ok",
+            f"**{entry['status']}**" if entry["status"] != "ok" else status_text(entry),
             _support(entry),
             with_ci(**_ci(entry, "accuracy")),
         ]
         cells += [with_ci(**entry["mass"][region]) for region in spurious]
         cells.append(_bg_gap(entry["interventions"]))
         lines.append("| " + " | ".join(cells) + " |")
+    untested = untested_note(report)
+    if untested:
+        lines += ["", f"**Note:** {_md(untested)}."]
     flagged = [e for e in report["classes"] if e["status"] != "ok"]
     if flagged:
         lines += ["", "### Why"]
@@ -548,16 +571,19 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
     for entry in report["classes"]:
         probe = entry["interventions"]
         parts.append(
-            f"<tr><td>{escape(entry['class_name'])}</td><td>{escape(entry['status'])}</td>"
+            f"<tr><td>{escape(entry['class_name'])}</td><td>{escape(status_text(entry))}</td>"
             f"<td>{_support(entry)}</td><td>{with_ci(**_ci(entry, 'accuracy'))}</td>"
             + "".join(f"<td>{with_ci(**entry['mass'][r])}</td>" for r in spurious)
             + f"<td>{_bg_gap(probe)}</td></tr>"
         )
     parts.append("</table>")
+    untested = untested_note(report)
+    if untested:
+        parts.append(f"<p class='note'>{escape(untested)}.</p>")
     for entry in report["classes"]:
         parts.append(f"<div class='card {escape(entry['status'])}'>")
         parts.append(
-            f"<h3>{escape(entry['class_name'])}: {escape(entry['status'])}</h3><ul>"
+            f"<h3>{escape(entry['class_name'])}: {escape(status_text(entry))}</h3><ul>"
             + "".join(f"<li>{escape(reason)}</li>" for reason in entry["reasons"])
             + (f"<li><b>{escape(_decision_text(entry))}</b></li>" if entry.get("decision") else "")
             + "</ul><table><tr><th>region</th><th>mass (true label, correct)</th>"

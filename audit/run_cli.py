@@ -9,6 +9,7 @@ from pathlib import Path
 
 from audit.cam_methods import CAM_METHODS
 from audit.config import AuditConfig, ConfigError, build_config, load_config
+from audit.report import untested_note
 
 EXIT_OK, EXIT_POLICY, EXIT_USAGE = 0, 1, 2
 SEVERITY = {"none": 0, "warn": 1, "fail": 2}
@@ -222,6 +223,9 @@ def format_gate(report: dict) -> str:
         f"{report['outcome']}: "
         + ", ".join(f"{count} {status}" for status, count in report["status_counts"].items())
     ]
+    untested = untested_note(report)
+    if untested:
+        lines.append(f"  NOTE  {untested}")
     for entry in report["classes"]:
         if entry["status"] != "ok":
             level = {"fail": "FAIL", "warn": "WARN"}.get(entry["severity"], "PASS")

@@ -469,3 +469,26 @@ def test_a_one_output_binary_classifier_is_audited_as_two_classes(small_dataset,
     ones = images["label_index"] == 1
     assert images.loc[ones, "mass_object"].min() > 0.9  # z rises with the strokes' ink
     assert (images.loc[~ones, "cam_total"] == 0).all()  # -z has no positive evidence
+
+
+def test_classes_too_small_for_any_test_are_shown_untested(small_dataset, tmp_path):
+    """Every class below min_support: ok is no evidence of health, and the reports and
+    the gate say so."""
+    import json
+
+    from audit.report import render_markdown
+    from audit.run_cli import format_gate
+
+    manifest, model_path = small_dataset
+    config = config_for(manifest, model_path, tmp_path, dataset={"limit": 24})
+    result = run_audit(config, progress=False)
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["outcome"] == "PASS"
+    assert all(entry["tested"] is False for entry in report["classes"])
+    assert "| ok (untested) |" in render_markdown(report)
+    assert "class(es) untested" in (result.run_dir / "report.html").read_text()
+    gate = format_gate(report)
+    assert "NOTE  10 class(es) untested: 0, 1, 2" in gate and "fewer than 20 measured" in gate
+    # Enough images and tests: no class is untested.
+    report["classes"][0]["tested"] = True
+    assert "NOTE  9 class(es) untested: 1, 2" in format_gate(report)

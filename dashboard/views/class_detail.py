@@ -8,7 +8,13 @@ from PIL import Image
 
 from audit.analyse import SEVERITY_ORDER
 from audit.overlay import colorize
-from audit.report import interventions_text, main_map_text, unreadable_note, with_ci
+from audit.report import (
+    interventions_text,
+    main_map_text,
+    status_text,
+    unreadable_note,
+    with_ci,
+)
 from dashboard.store import current_run, escape_markdown, table, thumbnail
 
 PAGE_SIZE = 12
@@ -28,7 +34,7 @@ names = [entry["class_name"] for entry in sorted(result["classes"], key=worst_fi
 name = st.selectbox("Class", names)
 entry = next(e for e in result["classes"] if e["class_name"] == name)
 index = entry["class_index"]
-st.caption(f"Status: {entry['status']}, confidence {entry.get('confidence', 'normal')}")
+st.caption(f"Status: {status_text(entry)}, confidence {entry.get('confidence', 'normal')}")
 for reason in entry["reasons"]:
     st.text(reason)
 

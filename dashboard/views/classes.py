@@ -6,7 +6,7 @@ import streamlit as st
 
 from audit.analyse import SEVERITY_ORDER
 from audit.decisions import latest_decisions, model_line
-from audit.report import trust_lines, with_ci
+from audit.report import status_text, trust_lines, with_ci
 from dashboard.store import current_run, escape_markdown
 
 TWO_DIGITS = st.column_config.NumberColumn(format="%.2f")
@@ -49,7 +49,7 @@ for entry in result["classes"]:
     # The columns a reviewer reads first come first: the table is wider than a page.
     row = {
         "class": entry["class_name"],
-        "status": entry["status"],
+        "status": status_text(entry),
         "n": side["n"],
         **{name: side.get(name) for name in (rate, f"{rate}_low", f"{rate}_high")},
     }
