@@ -66,7 +66,10 @@ def model_versions(config: AuditConfig) -> list[Path]:
             f"schedule.models: model file(s) not found: {', '.join(map(str, missing))}"
         )
     if not versions:
-        raise ConfigError(f"schedule.models: no model matches {schedule.pattern!r}")
+        raise ConfigError(
+            f"schedule.models: no model in {schedule.models} matches schedule.pattern "
+            f"{schedule.pattern!r}"
+        )
     return versions
 
 

@@ -11,7 +11,7 @@ import yaml
 from conftest import ink_model
 
 from audit.cli import main as cli_main
-from audit.config import build_config, load_config
+from audit.config import ConfigError, build_config, load_config
 from audit.decisions import Decision, model_line, record_decision
 from audit.history import history
 from audit.pipeline import run_audit
@@ -149,6 +149,10 @@ def test_versions_sort_on_the_name_without_its_suffix(tmp_path):
         "ink_V2.1.keras",  # the case of the v does not matter
         "ink_v10.keras",
     ]
+    schedule["pattern"] = "*.h5"
+    config = build_config({"model": {}, "dataset": {"manifest": "d.csv"}, "schedule": schedule})
+    with pytest.raises(ConfigError, match=f"no model in {models} matches schedule.pattern"):
+        model_versions(config)
 
 
 @pytest.mark.parametrize(
