@@ -291,7 +291,7 @@ def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
         intervention = bool(len(probe)) and bool(probe["intervention_evidence"].iloc[0])
         # A class whose groups were too small for any test has no evidence either way.
         tested = intervention or bool(
-            len(flags) and flags.loc[flags["class_index"] == index, "p_value"].notna().any()
+            "p_value" in flags and flags.loc[flags["class_index"] == index, "p_value"].notna().any()
         )
         if intervention:
             row = probe.iloc[0]

@@ -132,7 +132,7 @@ def test_a_class_without_numbers_shows_na_not_a_crash(report, run_dir):
     # Diagnostics that did not run are said to be not run, not shown as n/a.
     assert "object only n/a" not in page
     assert "diagnostics run only for classes with a finding" in page
-    assert "| 1 | ok | 0 | n/a | n/a | n/a |" in render_markdown(report)
+    assert "| 1 | ok (untested) | 0 | n/a | n/a | n/a |" in render_markdown(report)
 
 
 def test_accuracy_and_flagged_slices_come_with_their_intervals(report, run_dir):
