@@ -71,8 +71,8 @@ def face_mask(
     return ((xs - centre_x) / radius_x) ** 2 + ((ys - centre_y) / radius_y) ** 2 <= 1.0
 
 
-# Images per MTCNN call: batched, its three networks run ~5x faster on CPU than one
-# image at a time (32 256x256 photos: 0.6 s against 2.9 s).
+# Images per MTCNN call: batched, its three networks run 4.7x faster on a 2-core CPU
+# than one image at a time (32 photos of 256x256, benchmarks/bench_faces.py).
 DETECT_BATCH = 16
 
 
