@@ -402,7 +402,7 @@ class OutputSection(_Section):
 class AuditConfig(_Section):
     """A whole audit: what to explain, on which data, measured how, stored where."""
 
-    model: ModelSection
+    model: ModelSection = ModelSection()  # a schedule needs no model section
     dataset: DatasetSection
     preprocess: PreprocessSection = PreprocessSection()
     regions: tuple[RegionSection, ...] = DEFAULT_REGIONS

@@ -328,6 +328,13 @@ def test_the_fingerprint_covers_settings_not_where_the_files_are(tmp_path, monke
     assert folders.fingerprint() != same  # another kind of source
 
 
+def test_a_schedule_needs_no_model_section_and_an_audit_says_what_it_lacks():
+    schedule = build_config({"dataset": {"manifest": "d.csv"}, "schedule": {"models": "m"}})
+    assert schedule.model.path is None
+    with pytest.raises(ConfigError, match="model.path is required"):
+        build_config({"dataset": {"manifest": "d.csv"}})
+
+
 def test_a_number_key_takes_a_number_not_a_bool_or_text():
     base = {"model": {"path": "m.keras"}, "dataset": {"manifest": "d.csv"}}
     with pytest.raises(ConfigError, match="batch_size: true is a yes/no value, not a number"):
