@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import typing
 from pathlib import Path
 
-from audit.cam_methods import CAM_METHODS
-from audit.config import AuditConfig, ConfigError, build_config, load_config
-from audit.report import untested_note
+from audit.config import AuditConfig, ConfigError, ModelSection, build_config, load_config
+
+# The methods the config accepts (audit.cam_methods registers the same; a test keeps
+# them equal), read without importing Keras, so a config error fails in a moment.
+CAM_METHODS = typing.get_args(ModelSection.model_fields["method"].annotation)
 
 EXIT_OK, EXIT_POLICY, EXIT_USAGE = 0, 1, 2
 SEVERITY = {"none": 0, "warn": 1, "fail": 2}
@@ -219,6 +222,8 @@ def _baseline(value: str | None, config: AuditConfig) -> Path | str | None:
 
 def format_gate(report: dict) -> str:
     """The short PASS/WARN/FAIL table printed at the end of a run."""
+    from audit.report import untested_note
+
     lines = [
         f"{report['outcome']}: "
         + ", ".join(f"{count} {status}" for status, count in report["status_counts"].items())
