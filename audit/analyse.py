@@ -28,7 +28,12 @@ from audit.aggregate import aggregator_for
 from audit.config import AuditConfig
 from audit.data import Entries, Preprocessor, load_entry
 from audit.flags import evaluate_flags
-from audit.probes import run_interventions, sample_rows, summarise_interventions
+from audit.probes import (
+    run_interventions,
+    sample_rows,
+    settled_classes,
+    summarise_interventions,
+)
 from audit.store import RunStore, atomic_write
 
 SEVERITY_ORDER = {"none": 0, "warn": 1, "fail": 2}
@@ -150,23 +155,29 @@ def analyse(
 
 
 def _interventions(probe, sample, flags, class_names, policy) -> pd.DataFrame:
-    """Mixed-Rand (the evidence) on every class's sample; the object-only and
-    background-only diagnostics on every class too (``intervention_details: all``) or
-    only on the classes with a finding: a heatmap flag or intervention evidence."""
-    if policy.intervention_details == "all":
-        return summarise_interventions(probe(sample), class_names, policy)
-    outcomes = probe(sample, kinds=("mixed_rand",))
+    """Mixed-Rand (the evidence) on every class's sample, sequentially: a class whose
+    BG-gap cannot become evidence stops early (``settled_classes``). Then the object-only
+    and background-only diagnostics on the probed images of every class
+    (``intervention_details: all``) or only of the classes with a finding: a heatmap flag
+    or intervention evidence."""
+    settled = partial(settled_classes, class_names=class_names, policy=policy)
+    outcomes = probe(sample, kinds=("mixed_rand",), look=policy.intervention_look, settled=settled)
     table = summarise_interventions(outcomes, class_names, policy)
-    found = set(table.loc[table["intervention_evidence"], "class_index"]) if len(table) else set()
-    if len(flags):
-        heatmap = flags["flagged"] & flags["kind"].isin(["true", "pred"])
-        found |= set(flags.loc[heatmap, "class_index"].astype(int))
-    chosen = sample[sample["label_index"].isin(found)]
+    if not len(table):
+        return table
+    if policy.intervention_details == "all":
+        found = set(table["class_index"])
+    else:
+        found = set(table.loc[table["intervention_evidence"], "class_index"])
+        if len(flags):
+            heatmap = flags["flagged"] & flags["kind"].isin(["true", "pred"])
+            found |= set(flags.loc[heatmap, "class_index"].astype(int))
+    chosen = sample[sample["label_index"].isin(found) & sample["row"].isin(outcomes["row"])]
     if not len(chosen):
         return table
     details = probe(chosen, kinds=("object_only", "background_only"))
     outcomes = outcomes.merge(
-        details.drop(columns=["label_index", "pred_original"]), on="row", how="left"
+        details.drop(columns=["label_index", "pred_original", "look"]), on="row", how="left"
     )
     return summarise_interventions(outcomes, class_names, policy)
 

@@ -317,7 +317,17 @@ class PolicySection(_Section):
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
     seed: int = Field(0, description="Seed of every bootstrap and sample.")
     intervention_samples: int = Field(
-        200, ge=0, description="Images per class for the interventions (0 turns them off)."
+        200,
+        ge=0,
+        description="At most this many images per class for the interventions (0 turns them off).",
+    )
+    intervention_look: int = Field(
+        40,
+        ge=0,
+        description="Sequential sampling: Mixed-Rand probes this many more images of each "
+        "class at a time and stops a class once its BG-gap CI's upper bound is within "
+        "gap_floor of the other classes' median (it cannot become evidence); 0 probes "
+        "every sampled image.",
     )
     intervention_details: Literal["flagged", "all"] = Field(
         "flagged",

@@ -1,5 +1,7 @@
 """Aggregation, statistics, flags, interventions and strategies on fixed numbers."""
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -660,3 +662,96 @@ def test_the_two_diagnostic_interventions_run_where_there_is_a_finding(tmp_path)
         probe, sample, none, names, PolicySection(intervention_details="all")
     )
     assert everything["rate_object_only"].notna().all()
+
+
+def test_sequential_mixed_rand_stops_only_classes_that_cannot_become_evidence(tmp_path):
+    from functools import partial
+
+    from audit.analyse import _interventions
+    from audit.probes import run_interventions
+
+    entries, sample, options = probe_set(tmp_path, {0: 80, 1: 100, 2: 100})
+    names = [str(c) for c in range(10)]
+    none = pd.DataFrame(columns=["kind", "class_index", "flagged"])
+
+    def run(look, probabilities):
+        calls = []
+
+        def counted(batch):
+            calls.append(len(batch))
+            return probabilities(batch)
+
+        probe = partial(run_interventions, counted, entries, **options)
+        policy = PolicySection(intervention_look=look)
+        return _interventions(probe, sample, none, names, policy).set_index("class_index"), calls
+
+    def always_zero(batch):  # class 0 keeps every image, classes 1 and 2 lose every one
+        return np.tile(np.eye(10)[0], (len(batch), 1))
+
+    fixed, fixed_calls = run(0, always_zero)
+    looked, looked_calls = run(40, always_zero)
+    # Class 0 (BG-gap 0, far below the others) is settled after its first look of 40;
+    # classes 1 and 2 could be evidence and go on to all 100 of their images.
+    assert looked["n_mixed_rand"].tolist() == [40, 100, 100]
+    # Mixed-Rand on 280 or 240 images, then the two diagnostics on classes 1 and 2.
+    assert sum(fixed_calls) == 280 + 400 and sum(looked_calls) == 240 + 400
+    assert looked["intervention_evidence"].tolist() == fixed["intervention_evidence"].tolist()
+    assert looked["intervention_evidence"].tolist() == [False, True, True]
+
+    def by_pixels(batch):  # depends on the pasted background: a row's own outcome
+        classes = (batch.reshape(len(batch), -1).sum(axis=1) * 7).astype(int) % 3
+        return np.eye(10)[classes]
+
+    # Each row keeps its background partner whatever round probes it.
+    probe = partial(run_interventions, by_pixels, entries, **options)
+    everything = probe(sample, kinds=("mixed_rand",)).set_index("row")
+    rounds = probe(sample, kinds=("mixed_rand",), look=25, settled=lambda _: {0}).set_index("row")
+    assert rounds["look"].max() == 3 and (rounds["label_index"] == 0).sum() == 25
+    common = everything.loc[rounds.index, "pred_mixed_rand"]
+    assert common.tolist() == rounds["pred_mixed_rand"].tolist()
+
+
+def test_sequential_sampling_keeps_the_fixed_samples_decisions_in_simulation():
+    """Ten classes, 200 correct images each: sequential looks of 40 find a planted BG-gap
+    as often as probing all 200, raise no false alarm on clean classes, and cost a
+    fraction of the forward passes (``probe_in_rounds`` with simulated outcomes)."""
+    from audit.probes import probe_in_rounds, settled_classes, summarise_interventions
+
+    names = [str(c) for c in range(10)]
+    policy = PolicySection()
+    rng = np.random.default_rng(11)
+    order = pd.DataFrame({"row": np.arange(2000), "label_index": np.repeat(np.arange(10), 200)})
+    found = {"fixed": [], "sequential": []}
+    false_alarms = {"fixed": 0, "sequential": 0}
+    probed = []
+    for _ in range(40):
+        gaps = np.full(10, 0.1)
+        gaps[0] = 0.4  # class 0 depends on its background
+        flipped = rng.random(2000) < gaps[order["label_index"]]
+        labels = order["label_index"].to_numpy()
+
+        def probe(rows, flipped=flipped, labels=labels):
+            return [
+                {
+                    "row": row,
+                    "label_index": int(labels[row]),
+                    "pred_original": int(labels[row]),
+                    "pred_mixed_rand": int(labels[row] + flipped[row]) % 10,
+                }
+                for row in rows
+            ]
+
+        shuffled = order.sample(frac=1, random_state=int(rng.integers(1 << 30)))
+        for name, look in (("fixed", 0), ("sequential", 40)):
+            settled = partial(settled_classes, class_names=names, policy=policy)
+            records = probe_in_rounds(shuffled, probe, look=look, settled=settled)
+            table = summarise_interventions(pd.DataFrame(records), names, policy)
+            evidence = table.set_index("class_index")["intervention_evidence"]
+            found[name].append(bool(evidence[0]))
+            false_alarms[name] += int(evidence.drop(0).sum())
+            if look:
+                probed.append(len(records))
+    assert np.mean(found["fixed"]) >= 0.9 and np.mean(found["sequential"]) >= 0.9
+    assert false_alarms == {"fixed": 0, "sequential": 0}
+    # The planted class goes on to 200; most clean classes stop after one or two looks.
+    assert np.mean(probed) < 0.6 * 2000
