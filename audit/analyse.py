@@ -157,7 +157,7 @@ def analyse(
 def _interventions(probe, sample, flags, class_names, policy) -> pd.DataFrame:
     """Mixed-Rand (the evidence) on every class's sample, sequentially: a class whose
     BG-gap cannot become evidence stops early (``settled_classes``). Then the object-only
-    and background-only diagnostics on the probed images of every class
+    and background-only diagnostics on the first look's images of every class
     (``intervention_details: all``) or only of the classes with a finding: a heatmap flag
     or intervention evidence."""
     settled = partial(settled_classes, class_names=class_names, policy=policy)
@@ -172,7 +172,9 @@ def _interventions(probe, sample, flags, class_names, policy) -> pd.DataFrame:
         if len(flags):
             heatmap = flags["flagged"] & flags["kind"].isin(["true", "pred"])
             found |= set(flags.loc[heatmap, "class_index"].astype(int))
-    chosen = sample[sample["label_index"].isin(found) & sample["row"].isin(outcomes["row"])]
+    # The diagnostics describe, they decide nothing: a first look (40 images) suffices.
+    first = outcomes.loc[outcomes["look"] == 0, "row"]
+    chosen = sample[sample["label_index"].isin(found) & sample["row"].isin(first)]
     if not len(chosen):
         return table
     details = probe(chosen, kinds=("object_only", "background_only"))

@@ -332,8 +332,9 @@ class PolicySection(_Section):
     intervention_details: Literal["flagged", "all"] = Field(
         "flagged",
         description="Which classes also get the object-only and background-only "
-        "interventions (two more forward passes per probed image; Mixed-Rand, the evidence, "
-        "runs for every class): those with a heatmap flag or intervention evidence, or all.",
+        "interventions, on their first look's images (two more forward passes per image; "
+        "Mixed-Rand, the evidence, runs for every class): those with a heatmap flag or "
+        "intervention evidence, or all.",
     )
     gap_floor: float = Field(
         0.10,

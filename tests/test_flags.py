@@ -693,8 +693,10 @@ def test_sequential_mixed_rand_stops_only_classes_that_cannot_become_evidence(tm
     # Class 0 (BG-gap 0, far below the others) is settled after its first look of 40;
     # classes 1 and 2 could be evidence and go on to all 100 of their images.
     assert looked["n_mixed_rand"].tolist() == [40, 100, 100]
-    # Mixed-Rand on 280 or 240 images, then the two diagnostics on classes 1 and 2.
-    assert sum(fixed_calls) == 280 + 400 and sum(looked_calls) == 240 + 400
+    # Mixed-Rand on 280 or 240 images, then the two diagnostics on classes 1 and 2: on
+    # all their images, or on their first looks (they describe, they decide nothing).
+    assert sum(fixed_calls) == 280 + 2 * 200 and sum(looked_calls) == 240 + 2 * 80
+    assert looked["rate_object_only"].isna().tolist() == [True, False, False]
     assert looked["intervention_evidence"].tolist() == fixed["intervention_evidence"].tolist()
     assert looked["intervention_evidence"].tolist() == [False, True, True]
 
