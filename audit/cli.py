@@ -27,14 +27,14 @@ def _report(argv: list[str]) -> int:
     from pathlib import Path
 
     from audit.report import write_reports
-    from audit.store import IMAGES, RunStore
+    from audit.store import IMAGES, RunStore, run_state
 
     run_dir = Path(args.run)
     run = RunStore(run_dir)
     if not run.exists():
         print(f"bias-audit report: {run_dir} is not a run folder", file=sys.stderr)
         return EXIT_USAGE
-    status = run.manifest().get("status")
+    status = run_state(run.manifest())
     if status != "complete" or not (run_dir / IMAGES).exists():
         # A killed run, or one whose analysis failed: it has no results to report yet.
         print(

@@ -1,11 +1,11 @@
 """The run history index: an embedded SQLite database beside the runs (``history.sqlite``).
 
-It lists every run folder with its manifest's status and, once the run is complete,
-its verdict, its flags and the reviewer decisions in force, so that ``bias-audit
-history`` and scheduled audits answer "what happened to this model line" without
-opening every report. It is an index, brought in line with the run folders whenever
-it is read (``index_store``: new runs and status changes added, deleted runs
-dropped); the runs themselves stay the records.
+It lists every run folder with its status (``run_state``: running, interrupted or
+complete) and, once the run is complete, its verdict, its flags and the reviewer
+decisions in force, so that ``bias-audit history`` and scheduled audits answer "what
+happened to this model line" without opening every report. It is an index, brought
+in line with the run folders whenever it is read (``index_store``: new runs and
+status changes added, deleted runs dropped); the runs themselves stay the records.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from audit.decisions import model_line, read_decisions
+from audit.store import run_state
 
 HISTORY = "history.sqlite"
 # Raised whenever the tables, or what fills them, change: an index of another version
@@ -54,7 +55,7 @@ def index_run(store: Path, run_dir: Path) -> None:
     once it is complete (a run killed after writing its reports has no verdict yet)."""
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    status = manifest.get("status")
+    status = run_state(manifest)
     report_path = run_dir / "report.json"
     report = {}
     if status == "complete" and report_path.exists():
@@ -114,7 +115,7 @@ def index_store(store: Path) -> int:
     refreshed = 0
     for run_dir in folders:
         try:
-            status = json.loads((run_dir / "manifest.json").read_text()).get("status")
+            status = run_state(json.loads((run_dir / "manifest.json").read_text()))
             if run_dir.name in indexed and indexed[run_dir.name] == status:
                 continue
             index_run(store, run_dir)

@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import io
 import math
+import os
 import platform
 import re
 import time
@@ -49,7 +50,7 @@ from audit.history import index_run
 from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
 from audit.models import load_model
 from audit.report import write_reports
-from audit.store import RunStore, file_sha256, latest_run
+from audit.store import RunStore, file_sha256, latest_run, process_alive, this_process
 
 # Rows per stored chunk, in batches: the unit of resume and of memory.
 BATCHES_PER_CHUNK = 4
@@ -708,6 +709,15 @@ def run_audit(
             f"process uses {keras.backend.backend()!r}: resume it with "
             f"KERAS_BACKEND={made_on}, or start a new run (another output.run_id)"
         )
+    if reopened:
+        # Two processes writing one run would interleave their chunks.
+        process = existing.get("process") or {}
+        if process.get("pid") != os.getpid() and process_alive(process):
+            raise ConfigError(
+                f"run {run.root} is being computed by process {process['pid']} on this "
+                "machine: wait for it to finish, or stop it and resume again"
+            )
+        run.update_manifest(process=this_process())
     if not reopened:
         run.write_manifest(
             {
@@ -715,6 +725,7 @@ def run_audit(
                 "run_key": run_key,
                 "status": "running",
                 "started": datetime.now(timezone.utc).isoformat(),
+                "process": this_process(),
                 "config": config.model_dump(mode="json"),
                 "model": {
                     "path": str(config.model.path),

@@ -1,7 +1,9 @@
 """The run store: one folder per run, written atomically, resumable, never pickled.
 
     STORE/<run_id>/manifest.json     config, model hash, dataset fingerprint, versions,
-                                     timings, status (running | complete)
+                                     timings, status (running | complete), the process
+                                     computing it (a running run whose process on this
+                                     machine has ended shows as interrupted)
     STORE/<run_id>/images.parquet    one row per entry: prediction and metrics, or skip reason
     STORE/<run_id>/cams/part-*.npz   low-res fp16 CAMs with their row numbers
     STORE/<run_id>/parts/part-*.parquet   per-chunk rows while running (resume reads them)
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -195,3 +198,35 @@ def latest_run(
             finished = prefer_complete and payload.get("status") == "complete"
             runs.append((finished, payload.get("started", ""), manifest.parent))
     return max(runs)[-1] if runs else None
+
+
+def this_process() -> dict:
+    """What a manifest records of the process computing its run."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def process_alive(process: dict | None) -> bool | None:
+    """Whether the process a manifest records still runs; None when this machine cannot
+    tell (another host, no record, or Windows, where probing a process ends it)."""
+    if not process or process.get("host") != socket.gethostname() or os.name == "nt":
+        return None
+    pid = process.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, as another user's process
+        return True
+    return True
+
+
+def run_state(manifest: dict) -> str | None:
+    """The run's status as shown: its manifest's (``running`` or ``complete``), except
+    ``interrupted`` for a running run whose process on this machine has ended (killed:
+    ``--resume`` continues it). A run computed on another machine shows its manifest's."""
+    status = manifest.get("status")
+    if status == "running" and process_alive(manifest.get("process")) is False:
+        return "interrupted"
+    return status

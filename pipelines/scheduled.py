@@ -33,9 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from audit.compare import compare_runs, format_comparison
 from audit.config import AuditConfig, ConfigError, load_config
-from audit.pipeline import run_audit
 
 SEVERITY = {"PASS": 0, "WARN": 1, "FAIL": 2}
 EMPTY = "NO IMAGES AUDITED"  # the outcome of a run whose every row was skipped
@@ -88,7 +86,9 @@ def run_schedule(config: AuditConfig, *, progress: bool = False) -> list[Version
     whether a class got worse, so a bias that two versions share would pass as
     resolved. The comparison with the previous version is ``compare_runs``'s.
     """
+    # Here, not at the top: a config error is reported before Keras is imported.
     from audit.models import ModelStructureError
+    from audit.pipeline import run_audit
 
     results: list[VersionResult] = []
     for version in model_versions(config):
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as error:
         print(f"bias-audit schedule: {error}", file=sys.stderr)
         return 2
+    from audit.compare import compare_runs, format_comparison
+
     fail_on = args.fail_on or (config.schedule.fail_on or "never")
     threshold = {"warn": 1, "fail": 2, "never": 3}[fail_on]
     for index, result in enumerate(results):

@@ -189,3 +189,20 @@ def test_a_corrupt_model_file_exits_2_naming_it(tmp_path, capsys):
     assert f"bias-audit run: cannot read model {model}: not a valid .keras file" in err
     assert "File not found" not in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_config_errors_are_reported_before_keras_is_imported(tmp_path):
+    """A bad config fails fast: neither `run` nor `schedule run` loads Keras first."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: m.keras}\ndataset: {manifest: a.csv}\nbatch_sise: 8\n")
+    script = (
+        "import sys\nfrom audit.cli import main\n"
+        f"codes = [main(['run', {str(bad)!r}]), main(['schedule', 'run', {str(bad)!r}])]\n"
+        "print(codes, 'keras' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2] False", done.stderr
+    assert done.stderr.count("batch_sise") == 2

@@ -115,3 +115,38 @@ def test_the_history_command_prints_statuses_and_every_flag_in_full(tmp_path, ca
     shutil.rmtree(tmp_path / "killed")
     assert main(["history", "--store", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"no runs in {tmp_path}\n"
+
+
+def test_a_running_run_whose_process_ended_shows_as_interrupted(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead, host = int(ended.stdout), socket.gethostname()
+    processes = {
+        "killed": {"host": host, "pid": dead},
+        "live": {"host": host, "pid": os.getpid()},
+        "elsewhere": {"host": f"{host}-other", "pid": dead},  # cannot be told from here
+        "older": None,  # a manifest from before processes were recorded
+    }
+    for day, (run_id, process) in enumerate(processes.items(), start=1):
+        run = write_run(tmp_path, run_id, f"2026-01-0{day}", status="running", report=False)
+        manifest = json.loads((run / "manifest.json").read_text()) | {"process": process}
+        (run / "manifest.json").write_text(json.dumps(manifest))
+    status = history(tmp_path).set_index("run_id")["status"].to_dict()
+    assert status == {
+        "killed": "interrupted",
+        "live": "running",
+        "elsewhere": "running",
+        "older": "running",
+    }
+    # Resumed by this process: running again, without any other change to the folder.
+    manifest_path = tmp_path / "killed" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["process"]["pid"] = os.getpid()
+    manifest_path.write_text(json.dumps(manifest))
+    assert history(tmp_path).set_index("run_id").at["killed", "status"] == "running"

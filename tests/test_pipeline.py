@@ -1,6 +1,8 @@
 """The dataset audit end to end on generated data with known answers."""
 
 import json
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -11,7 +13,7 @@ from conftest import ink_model
 from audit.cli import main as cli_main
 from audit.config import ConfigError, build_config
 from audit.pipeline import AuditStep, run_audit
-from audit.store import RunStore
+from audit.store import RunStore, run_state
 from pipelines.demo import SHORTCUTS, write_dataset
 from pipelines.demo_data import make_demo_set
 
@@ -216,6 +218,22 @@ def test_a_killed_run_resumes_to_identical_results(small_dataset, tmp_path, monk
     key = json.loads((run_dir / "manifest.json").read_text())["run_key"]
     with pytest.warns(UserWarning, match="unfinished run .*--resume would have continued it"):
         assert _open_run(config, key, resume=False)[0].root != run_dir
+
+    # While another live process computes it, resuming is refused: two writers would
+    # interleave their chunks. Once that process has ended, the run shows as interrupted.
+    manifest_path = run_dir / "manifest.json"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        payload = json.loads(manifest_path.read_text())
+        payload["process"]["pid"] = sleeper.pid
+        manifest_path.write_text(json.dumps(payload))
+        assert run_state(payload) == "running"
+        with pytest.raises(ConfigError, match=f"being computed by process {sleeper.pid} "):
+            run_audit(config, resume=True, progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert run_state(json.loads(manifest_path.read_text())) == "interrupted"
 
     resumed = run_audit(config, resume=True, progress=False)
     assert resumed.run_dir == run_dir
