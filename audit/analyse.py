@@ -41,6 +41,8 @@ EXAMPLES_PER_CLASS = 4
 # The analysis explains small samples (16 trust images, the examples of each class):
 # its engine pads every call to at most this many images, one compiled shape for all.
 ANALYSIS_BATCH = 32
+# Interventions sample sequentially (policy.intervention_look) from this many classes.
+SEQUENTIAL_MIN_CLASSES = 5
 
 
 @dataclass(frozen=True)
@@ -155,13 +157,18 @@ def analyse(
 
 
 def _interventions(probe, sample, flags, class_names, policy) -> pd.DataFrame:
-    """Mixed-Rand (the evidence) on every class's sample, sequentially: a class whose
-    BG-gap cannot become evidence stops early (``settled_classes``). Then the object-only
-    and background-only diagnostics on the first look's images of every class
-    (``intervention_details: all``) or only of the classes with a finding: a heatmap flag
-    or intervention evidence."""
+    """Mixed-Rand (the evidence) on every class's sample, sequentially when the sample
+    has ``SEQUENTIAL_MIN_CLASSES`` classes: a class whose BG-gap cannot become evidence
+    stops early (``settled_classes``). Then the object-only and background-only
+    diagnostics on the first look's images of every class (``intervention_details:
+    all``) or only of the classes with a finding: a heatmap flag or intervention
+    evidence."""
     settled = partial(settled_classes, class_names=class_names, policy=policy)
-    outcomes = probe(sample, kinds=("mixed_rand",), look=policy.intervention_look, settled=settled)
+    # With fewer classes the median they are compared with rests on one to three first
+    # looks, too noisy a reference, and stopping would save little.
+    sequential = sample["label_index"].nunique() >= SEQUENTIAL_MIN_CLASSES
+    look = policy.intervention_look if sequential else 0
+    outcomes = probe(sample, kinds=("mixed_rand",), look=look, settled=settled)
     table = summarise_interventions(outcomes, class_names, policy)
     if not len(table):
         return table
@@ -311,7 +318,8 @@ def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
             reasons.append(
                 f"interventions: BG-gap {row.bg_gap:.2f} (CI [{row.bg_gap_low:.2f}, "
                 f"{row.bg_gap_high:.2f}]) vs other classes' median "
-                f"{row.bg_gap - row.bg_gap_excess:.2f}"
+                f"{row.bg_gap - row.bg_gap_excess:.2f} (excess CI [{row.bg_gap_excess_low:.2f}, "
+                f"{row.bg_gap_excess_high:.2f}])"
             )
         if intervention:
             status = "bias-driven"

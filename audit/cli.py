@@ -34,7 +34,7 @@ def _report(argv: list[str]) -> int:
     if not run.exists():
         print(f"bias-audit report: {run_dir} is not a run folder", file=sys.stderr)
         return EXIT_USAGE
-    status = run_state(run.manifest())
+    status = run_state(run_dir, run.manifest())
     if status != "complete" or not (run_dir / IMAGES).exists():
         # A killed run, or one whose analysis failed: it has no results to report yet.
         print(

@@ -325,9 +325,9 @@ class PolicySection(_Section):
         40,
         ge=0,
         description="Sequential sampling: Mixed-Rand probes this many more images of each "
-        "class at a time and stops a class once its BG-gap CI's upper bound is within "
-        "gap_floor of the other classes' median (it cannot become evidence); 0 probes "
-        "every sampled image.",
+        "class at a time and stops a class once it has min_support results and the CI "
+        "upper bound of its BG-gap's excess over the other classes' median is at most "
+        "gap_floor (it cannot become evidence); 0 probes every sampled image.",
     )
     intervention_details: Literal["flagged", "all"] = Field(
         "flagged",
@@ -340,7 +340,7 @@ class PolicySection(_Section):
         0.10,
         ge=0,
         description="Interventions are evidence when the class's BG-gap exceeds the other "
-        "classes' median by this much (CI lower bound).",
+        "classes' median by this much (the CI lower bound of the excess).",
     )
 
 

@@ -55,7 +55,7 @@ def index_run(store: Path, run_dir: Path) -> None:
     once it is complete (a run killed after writing its reports has no verdict yet)."""
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    status = run_state(manifest)
+    status = run_state(run_dir, manifest)
     report_path = run_dir / "report.json"
     report = {}
     if status == "complete" and report_path.exists():
@@ -115,7 +115,7 @@ def index_store(store: Path) -> int:
     refreshed = 0
     for run_dir in folders:
         try:
-            status = run_state(json.loads((run_dir / "manifest.json").read_text()))
+            status = run_state(run_dir)
             if run_dir.name in indexed and indexed[run_dir.name] == status:
                 continue
             index_run(store, run_dir)

@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import io
 import math
-import os
 import platform
 import re
 import time
@@ -50,7 +49,7 @@ from audit.history import index_run
 from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
 from audit.models import load_model
 from audit.report import write_reports
-from audit.store import RunStore, file_sha256, latest_run, process_alive, this_process
+from audit.store import RunBusyError, RunStore, file_sha256, hold_run, latest_run, this_process
 
 # Rows per stored chunk, in batches: the unit of resume and of memory.
 BATCHES_PER_CHUNK = 4
@@ -709,133 +708,140 @@ def run_audit(
             f"process uses {keras.backend.backend()!r}: resume it with "
             f"KERAS_BACKEND={made_on}, or start a new run (another output.run_id)"
         )
-    if reopened:
-        # Two processes writing one run would interleave their chunks.
+    # Two processes writing one run would interleave their chunks: the run's lock says
+    # which process computes it (and, once that process is gone, that it was cut short).
+    run.root.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = hold_run(run.root)
+    except RunBusyError:
         process = existing.get("process") or {}
-        if process.get("pid") != os.getpid() and process_alive(process):
-            raise ConfigError(
-                f"run {run.root} is being computed by process {process['pid']} on this "
-                "machine: wait for it to finish, or stop it and resume again"
+        holder = f" (pid {process['pid']} on {process['host']})" if process else ""
+        raise ConfigError(
+            f"run {run.root} is being computed by another process{holder}: wait for it to "
+            "finish, or stop it and resume again"
+        ) from None
+    with lock:
+        if reopened:
+            run.update_manifest(process=this_process())
+        else:
+            run.write_manifest(
+                {
+                    "run_id": run.root.name,
+                    "run_key": run_key,
+                    "status": "running",
+                    "started": datetime.now(timezone.utc).isoformat(),
+                    "process": this_process(),
+                    "config": config.model_dump(mode="json"),
+                    "model": {
+                        "path": str(config.model.path),
+                        "sha256": model_hash,
+                        "layer": cam.layer_path,
+                        "method": config.model.method,
+                        "softmax_bypassed": cam.softmax_bypassed,
+                    },
+                    "dataset": {
+                        "source": entries.name,
+                        # Absolute, so the dashboard and `bias-audit report` find the
+                        # images from any working directory.
+                        "root": str(Path(entries.root).absolute()),
+                        "mask_root": str(Path(entries.mask_base).absolute()),
+                        "fingerprint": data_hash,
+                        "rows": len(entries.table),
+                        "slice_columns": entries.slice_columns,
+                    },
+                    "class_names": class_names,
+                    "regions": [region.model_dump() for region in config.regions],
+                    "input_size": list(size),
+                    "chunk_rows": chunk_rows,
+                    "versions": _versions(),
+                }
             )
-        run.update_manifest(process=this_process())
-    if not reopened:
-        run.write_manifest(
-            {
-                "run_id": run.root.name,
-                "run_key": run_key,
-                "status": "running",
-                "started": datetime.now(timezone.utc).isoformat(),
-                "process": this_process(),
-                "config": config.model_dump(mode="json"),
-                "model": {
-                    "path": str(config.model.path),
-                    "sha256": model_hash,
-                    "layer": cam.layer_path,
-                    "method": config.model.method,
-                    "softmax_bypassed": cam.softmax_bypassed,
-                },
-                "dataset": {
-                    "source": entries.name,
-                    # Absolute, so the dashboard and `bias-audit report` find the
-                    # images from any working directory.
-                    "root": str(Path(entries.root).absolute()),
-                    "mask_root": str(Path(entries.mask_base).absolute()),
-                    "fingerprint": data_hash,
-                    "rows": len(entries.table),
-                    "slice_columns": entries.slice_columns,
-                },
-                "class_names": class_names,
-                "regions": [region.model_dump() for region in config.regions],
-                "input_size": list(size),
-                "chunk_rows": chunk_rows,
-                "versions": _versions(),
-            }
+        chunk_rows = run.manifest()["chunk_rows"]
+        total = len(entries.table)
+        chunks = range((total + chunk_rows - 1) // chunk_rows)
+        done = run.done_chunks()
+        step = AuditStep(cam, config, size)
+        preprocessor = Preprocessor(
+            size, config.preprocess, region_size=step.metric_size, channels=channels
         )
-    chunk_rows = run.manifest()["chunk_rows"]
-    total = len(entries.table)
-    chunks = range((total + chunk_rows - 1) // chunk_rows)
-    done = run.done_chunks()
-    step = AuditStep(cam, config, size)
-    preprocessor = Preprocessor(
-        size, config.preprocess, region_size=step.metric_size, channels=channels
-    )
-    class_index = {name: index for index, name in enumerate(class_names)}
-    todo = [
-        position
-        for chunk in chunks
-        if chunk not in done
-        for position in range(chunk * chunk_rows, min(total, (chunk + 1) * chunk_rows))
-    ]
-    work = PassWork(
-        config=config,
-        run=run,
-        entries=entries,
-        class_names=class_names,
-        class_index=class_index,
-        preprocessor=preprocessor,
-        chunk_rows=chunk_rows,
-        positions=todo,
-        progress=progress,
-        done_rows=total - len(todo),
-    )
-    if engine not in ("local", "ray"):
-        raise ConfigError(f"unknown engine {engine!r}; use local or ray")
-    # The Ray actors compile their own steps; locally the step is compiled before the loop.
-    trace_seconds = None if engine == "ray" else step.warm_up() if todo else 0.0
-    tick = time.perf_counter()
-    if engine == "local":
-        compute_seconds = measure_local(work, step)
-    else:
-        from pipelines.ray_engine import measure_ray
+        class_index = {name: index for index, name in enumerate(class_names)}
+        todo = [
+            position
+            for chunk in chunks
+            if chunk not in done
+            for position in range(chunk * chunk_rows, min(total, (chunk + 1) * chunk_rows))
+        ]
+        work = PassWork(
+            config=config,
+            run=run,
+            entries=entries,
+            class_names=class_names,
+            class_index=class_index,
+            preprocessor=preprocessor,
+            chunk_rows=chunk_rows,
+            positions=todo,
+            progress=progress,
+            done_rows=total - len(todo),
+        )
+        if engine not in ("local", "ray"):
+            raise ConfigError(f"unknown engine {engine!r}; use local or ray")
+        # The Ray actors compile their own steps; locally the step is compiled before the loop.
+        trace_seconds = None if engine == "ray" else step.warm_up() if todo else 0.0
+        tick = time.perf_counter()
+        if engine == "local":
+            compute_seconds = measure_local(work, step)
+        else:
+            from pipelines.ray_engine import measure_ray
 
-        compute_seconds = measure_ray(work, ray_address=ray_address)
-    measure_seconds = time.perf_counter() - tick
-    images = run.assemble()
-    pass_seconds = time.perf_counter() - started
-    analyse(
-        run,
-        config,
-        model=model,
-        entries=entries,
-        # Without region_size: full-resolution masks.
-        preprocessor=Preprocessor(size, config.preprocess, channels=channels),
-        class_index=class_index,
-        baseline=baseline,
-    )
-    reasons = Counter(
-        skip_kind(reason) for reason in images.loc[images["status"] == "skipped", "skip_reason"]
-    )
-    manifest = run.update_manifest(
-        counts={
-            "rows": int(len(images)),
-            "ok": int((images["status"] == "ok").sum()),
-            "skipped": int((images["status"] == "skipped").sum()),
-            "skip_reasons": dict(reasons.most_common()),
-        },
-        timings={
-            # load -> explain -> measure -> store (model loading and tracing included)
-            "pass_seconds": round(pass_seconds, 3),
-            # the step's compile on zeros, then the measuring loop (decode -> step ->
-            # store) and the step's share of it
-            "trace_seconds": None if trace_seconds is None else round(trace_seconds, 3),
-            "measure_seconds": round(measure_seconds, 3),
-            "measured_rows": len(todo),
-            "compute_seconds": round(compute_seconds, 3),
-            "analysis_seconds": round(time.perf_counter() - started - pass_seconds, 3),
-        },
-        baseline=None if baseline is None else str(baseline),
-    )
-    write_reports(run.root)
-    # Complete only once its reports exist: a run killed before this point is resumed,
-    # never shown as finished without a report.
-    manifest = run.update_manifest(
-        status="complete",
-        finished=datetime.now(timezone.utc).isoformat(),
-        timings=manifest["timings"] | {"total_seconds": round(time.perf_counter() - started, 3)},
-    )
-    index_run(run.root.parent, run.root)
-    if config.output.mlflow:
-        from audit.mlflow_log import log_run
+            compute_seconds = measure_ray(work, ray_address=ray_address)
+        measure_seconds = time.perf_counter() - tick
+        images = run.assemble()
+        pass_seconds = time.perf_counter() - started
+        analyse(
+            run,
+            config,
+            model=model,
+            entries=entries,
+            # Without region_size: full-resolution masks.
+            preprocessor=Preprocessor(size, config.preprocess, channels=channels),
+            class_index=class_index,
+            baseline=baseline,
+        )
+        reasons = Counter(
+            skip_kind(reason) for reason in images.loc[images["status"] == "skipped", "skip_reason"]
+        )
+        manifest = run.update_manifest(
+            counts={
+                "rows": int(len(images)),
+                "ok": int((images["status"] == "ok").sum()),
+                "skipped": int((images["status"] == "skipped").sum()),
+                "skip_reasons": dict(reasons.most_common()),
+            },
+            timings={
+                # load -> explain -> measure -> store (model loading and tracing included)
+                "pass_seconds": round(pass_seconds, 3),
+                # the step's compile on zeros, then the measuring loop (decode -> step ->
+                # store) and the step's share of it
+                "trace_seconds": None if trace_seconds is None else round(trace_seconds, 3),
+                "measure_seconds": round(measure_seconds, 3),
+                "measured_rows": len(todo),
+                "compute_seconds": round(compute_seconds, 3),
+                "analysis_seconds": round(time.perf_counter() - started - pass_seconds, 3),
+            },
+            baseline=None if baseline is None else str(baseline),
+        )
+        write_reports(run.root)
+        # Complete only once its reports exist: a run killed before this point is resumed,
+        # never shown as finished without a report.
+        manifest = run.update_manifest(
+            status="complete",
+            finished=datetime.now(timezone.utc).isoformat(),
+            timings=manifest["timings"]
+            | {"total_seconds": round(time.perf_counter() - started, 3)},
+        )
+        index_run(run.root.parent, run.root)
+        if config.output.mlflow:
+            from audit.mlflow_log import log_run
 
-        log_run(run.root)
-    return AuditResult(run.root, images, manifest)
+            log_run(run.root)
+        return AuditResult(run.root, images, manifest)

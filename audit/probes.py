@@ -19,7 +19,8 @@ at which the class is still predicted under each intervention and
 BG-gap = acc(own background) - acc(swapped background) = 1 - rate(mixed_rand) on
 these correctly predicted images. A class has intervention evidence when its BG-gap
 exceeds the median BG-gap of the other classes by more than ``policy.gap_floor``,
-judged on the Wilson CI's lower bound.
+judged on the lower bound of the excess's CI, which combines the class's Wilson
+interval with the median's own (``median_rate_interval``).
 
 Mixed-Rand samples sequentially (``policy.intervention_look``): every class gets a
 first look of that many images, and goes on a look at a time only while its BG-gap
@@ -260,6 +261,7 @@ def summarise_interventions(
         record = {"class_index": int(label), "class_name": class_names[int(label)]}
         record["n_probe"] = len(group)
         record["n_mixed_rand"] = len(paired)
+        record["n_details"] = int(group["pred_object_only"].notna().sum())
         for name in INTERVENTIONS:
             record.update(rate_with_ci(kept[name], f"rate_{name}"))
         record["bg_gap"] = float(gaps[int(label)].mean()) if len(paired) else np.nan
@@ -267,47 +269,72 @@ def summarise_interventions(
         # sampling stops classes whose gap happens to look small, so their final gaps
         # lean low, and a median of them would make every other class stand out more.
         first = paired[paired["look"] == 0] if "look" in paired else paired
-        reference[int(label)] = (
-            float((first["pred_mixed_rand"] != label).mean()) if len(first) else np.nan
-        )
+        reference[int(label)] = (int((first["pred_mixed_rand"] != label).sum()), len(first))
         # A rate's interval (Wilson's, of the Mixed-Rand rate): a bootstrap of 0/1
         # outcomes collapses at 0 and 1 and let clean classes look bias-driven.
         record["bg_gap_low"] = 1.0 - record["rate_mixed_rand_high"]
         record["bg_gap_high"] = 1.0 - record["rate_mixed_rand_low"]
         rows.append(record)
     table = pd.DataFrame(rows)
-    excess, excess_low, excess_high = [], [], []
     for record in rows:
         others = [
-            gap
-            for index, gap in reference.items()
-            if index != record["class_index"] and np.isfinite(gap)
+            counts
+            for index, counts in reference.items()
+            if index != record["class_index"] and counts[1] > 0
         ]
-        median = float(np.median(others)) if others else 0.0
+        median, low, high = median_rate_interval(others, seed=policy.seed)
         record["bg_gap_median_others"] = median
-        excess.append(record["bg_gap"] - median)
-        excess_low.append(record["bg_gap_low"] - median)
-        excess_high.append(record["bg_gap_high"] - median)
-    table["bg_gap_median_others"] = [record["bg_gap_median_others"] for record in rows]
-    table["bg_gap_excess"] = excess
-    table["bg_gap_excess_low"] = excess_low
-    table["bg_gap_excess_high"] = excess_high
+        # The difference's interval combines both (MOVER, Newcombe's method): with two
+        # or three classes the median is one or two first looks, far from exact.
+        difference = record["bg_gap"] - median
+        record["bg_gap_excess"] = difference
+        record["bg_gap_excess_low"] = difference - np.hypot(
+            record["bg_gap"] - record["bg_gap_low"], high - median
+        )
+        record["bg_gap_excess_high"] = difference + np.hypot(
+            record["bg_gap_high"] - record["bg_gap"], median - low
+        )
+    for column in ("median_others", "excess", "excess_low", "excess_high"):
+        table[f"bg_gap_{column}"] = [record[f"bg_gap_{column}"] for record in rows]
     table["intervention_evidence"] = (table["bg_gap_excess_low"] > policy.gap_floor) & (
         table["n_mixed_rand"] >= min(policy.min_support, policy.intervention_samples)
     )
     return table
 
 
+def median_rate_interval(
+    counts: Sequence[tuple[int, int]], *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """The median of several rates, each ``(events, trials)``, with a 95% interval.
+
+    A parametric bootstrap: each count is redrawn from its Agresti-Coull rate
+    (``(events + 2) / (trials + 4)``, so a rate of 0 of 40 still varies), and the
+    interval's reach below and above comes from the redrawn medians around their own
+    median. No rates: the median is 0, exactly (nothing to compare with).
+    """
+    if not counts:
+        return 0.0, 0.0, 0.0
+    events = np.array([c[0] for c in counts], dtype="float64")
+    trials = np.array([c[1] for c in counts], dtype="float64")
+    median = float(np.median(events / trials))
+    rng = np.random.default_rng(seed)
+    adjusted = (events + 2) / (trials + 4)
+    draws = np.median(
+        rng.binomial(trials.astype(int), adjusted, (resamples, len(counts))) / trials, axis=1
+    )
+    centre = np.median(draws)
+    low, high = np.quantile(draws, [0.025, 0.975])
+    return median, max(0.0, median - (centre - low)), min(1.0, median + (high - centre))
+
+
 def settled_classes(
     outcomes: pd.DataFrame, class_names: Sequence[str], policy: PolicySection
 ) -> set[int]:
-    """The classes sequential sampling stops probing: with at least ``min_support``
-    Mixed-Rand results, even the upper bound of their BG-gap's CI exceeds the other
-    classes' median by at most ``gap_floor``, so more images could hardly make them
-    evidence; and the classes with no Mixed-Rand result at all (no partner class).
-
-    Stopping only for futility never adds evidence, so it cannot raise the false alarm
-    rate; classes that may be bias-driven keep going up to ``intervention_samples``.
+    """The classes sequential sampling stops probing: those with at least
+    ``min_support`` Mixed-Rand results whose excess BG-gap (over the other classes'
+    median) has a CI upper bound of at most ``gap_floor``, so more images could hardly
+    make them evidence; and those with no Mixed-Rand result at all (no partner class).
+    Classes that may be bias-driven go on up to ``intervention_samples``.
     """
     table = summarise_interventions(outcomes, class_names, policy)
     if not len(table):

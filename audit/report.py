@@ -236,9 +236,13 @@ def interventions_text(probe: dict) -> str:
             head + swapped + " The object-only and background-only "
             "diagnostics run only for classes with a finding (policy.intervention_details)."
         )
+    # The diagnostics run on the first look (runs from before that have no n_details).
+    details = probe.get("n_details", probe["n_probe"])
+    which = f"On {details} of them (the first look), s" if details < probe["n_probe"] else "S"
     return (
-        head + f"object only {_rate(probe, 'object_only')}, background only "
-        f"{_rate(probe, 'background_only')}, {swapped}"
+        head + swapped + f" {which}till predicted with the object only "
+        f"{_rate(probe, 'object_only')}, with the background only "
+        f"{_rate(probe, 'background_only')}."
     )
 
 

@@ -15,11 +15,13 @@ starts, so a killed run resumes at the first missing chunk, and the final
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,33 +202,72 @@ def latest_run(
     return max(runs)[-1] if runs else None
 
 
+LOCK = ".lock"
+
+
+class RunBusyError(RuntimeError):
+    """Another process holds the run's lock: it is computing that run now."""
+
+
 def this_process() -> dict:
-    """What a manifest records of the process computing its run."""
+    """What a manifest records of the process computing its run (for messages only)."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def process_alive(process: dict | None) -> bool | None:
-    """Whether the process a manifest records still runs; None when this machine cannot
-    tell (another host, no record, or Windows, where probing a process ends it)."""
-    if not process or process.get("host") != socket.gethostname() or os.name == "nt":
-        return None
-    pid = process.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+def hold_run(run_dir: Path, wait: float = 2.0):
+    """Take the run's lock (``RUN/.lock``, an advisory ``flock``) for this process.
+
+    Returns the open lock file: the lock lasts until it is closed (use it as a context
+    manager) or the process ends, however it ends (the kernel releases it), so a killed
+    run is never mistaken for a running one. Raises ``RunBusyError`` when another process
+    holds it for ``wait`` seconds (readers asking ``run_locked`` hold it for an instant).
+    Where there is no ``fcntl`` (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return contextlib.nullcontext()
+    handle = open(Path(run_dir) / LOCK, "a+")  # noqa: SIM115 - the caller closes it
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                raise RunBusyError(f"run {run_dir} is being computed by another process") from None
+            time.sleep(0.05)
+
+
+def run_locked(run_dir: Path) -> bool | None:
+    """Whether a process holds the run's lock now; None where this cannot be told (no
+    ``fcntl``, or no lock file: a run from before runs were locked)."""
+    try:
+        import fcntl
+    except ImportError:
         return None
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, as another user's process
-        return True
-    return True
+        handle = open(Path(run_dir) / LOCK)  # noqa: SIM115 - closed below
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by closing
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+    return False
 
 
-def run_state(manifest: dict) -> str | None:
+def run_state(run_dir: Path, manifest: dict | None = None) -> str | None:
     """The run's status as shown: its manifest's (``running`` or ``complete``), except
-    ``interrupted`` for a running run whose process on this machine has ended (killed:
-    ``--resume`` continues it). A run computed on another machine shows its manifest's."""
+    ``interrupted`` for a running run that no process holds (killed: ``--resume``
+    continues it)."""
+    if manifest is None:
+        manifest = read_json(Path(run_dir) / MANIFEST)
     status = manifest.get("status")
-    if status == "running" and process_alive(manifest.get("process")) is False:
+    if status == "running" and run_locked(run_dir) is False:
         return "interrupted"
     return status

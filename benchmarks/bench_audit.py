@@ -538,9 +538,8 @@ def _print_workload(result) -> None:
     probes = result.run_dir / "interventions.parquet"
     table = pd.read_parquet(probes) if probes.exists() else pd.DataFrame()
     probed = int(table["n_probe"].sum()) if len(table) else 0
-    # One forward per probed image, two more in the classes that got the diagnostics.
-    detailed = table["rate_object_only"].notna() if len(table) else []
-    forwards = probed + 2 * int(table.loc[detailed, "n_probe"].sum()) if len(table) else 0
+    # One forward per probed image, two more per image of the diagnostics.
+    forwards = probed + 2 * int(table["n_details"].sum()) if len(table) else 0
     timings = result.manifest["timings"]
     print(
         f"audited model: accuracy {ok['correct'].mean():.0%} on {len(ok)} images, "

@@ -20,7 +20,7 @@ from PIL import Image
 
 from audit.decisions import model_line
 from audit.overlay import stored_overlay
-from audit.store import RunStore, read_json, run_state
+from audit.store import RunStore, run_state
 
 STORE_VARIABLE = "BIAS_AUDIT_STORE"
 THUMBNAIL = 128
@@ -69,9 +69,7 @@ def list_runs(store: str) -> pd.DataFrame:
     if len(table):  # a running run's process may end without its manifest changing
         table = table.assign(
             status=[
-                run_state(read_json(root / run_id / "manifest.json"))
-                if status == "running"
-                else status
+                run_state(root / run_id) if status == "running" else status
                 for run_id, status in zip(table["run_id"], table["status"], strict=True)
             ]
         )

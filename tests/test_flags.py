@@ -664,41 +664,39 @@ def test_the_two_diagnostic_interventions_run_where_there_is_a_finding(tmp_path)
     assert everything["rate_object_only"].notna().all()
 
 
-def test_sequential_mixed_rand_stops_only_classes_that_cannot_become_evidence(tmp_path):
-    from functools import partial
-
+def test_sequential_mixed_rand_stops_classes_that_cannot_become_evidence(tmp_path):
     from audit.analyse import _interventions
     from audit.probes import run_interventions
 
-    entries, sample, options = probe_set(tmp_path, {0: 80, 1: 100, 2: 100})
+    entries, sample, options = probe_set(tmp_path, {0: 80, 1: 100, 2: 100, 3: 90, 4: 90})
     names = [str(c) for c in range(10)]
     none = pd.DataFrame(columns=["kind", "class_index", "flagged"])
 
-    def run(look, probabilities):
+    def run(look, sample=sample):
         calls = []
 
-        def counted(batch):
+        def always_zero(batch):  # class 0 keeps every image, the others lose every one
             calls.append(len(batch))
-            return probabilities(batch)
+            return np.tile(np.eye(10)[0], (len(batch), 1))
 
-        probe = partial(run_interventions, counted, entries, **options)
-        policy = PolicySection(intervention_look=look)
+        probe = partial(run_interventions, always_zero, entries, **options)
+        policy = PolicySection(intervention_look=look, intervention_details="all")
         return _interventions(probe, sample, none, names, policy).set_index("class_index"), calls
 
-    def always_zero(batch):  # class 0 keeps every image, classes 1 and 2 lose every one
-        return np.tile(np.eye(10)[0], (len(batch), 1))
-
-    fixed, fixed_calls = run(0, always_zero)
-    looked, looked_calls = run(40, always_zero)
-    # Class 0 (BG-gap 0, far below the others) is settled after its first look of 40;
-    # classes 1 and 2 could be evidence and go on to all 100 of their images.
-    assert looked["n_mixed_rand"].tolist() == [40, 100, 100]
-    # Mixed-Rand on 280 or 240 images, then the two diagnostics on classes 1 and 2: on
-    # all their images, or on their first looks (they describe, they decide nothing).
-    assert sum(fixed_calls) == 280 + 2 * 200 and sum(looked_calls) == 240 + 2 * 80
-    assert looked["rate_object_only"].isna().tolist() == [True, False, False]
-    assert looked["intervention_evidence"].tolist() == fixed["intervention_evidence"].tolist()
-    assert looked["intervention_evidence"].tolist() == [False, True, True]
+    fixed, fixed_calls = run(0)
+    looked, looked_calls = run(40)
+    # No class can become evidence (class 0 is far below the others' median, 1.0, and
+    # each other class is level with it): one look each, the same decisions.
+    assert looked["n_mixed_rand"].tolist() == [40] * 5
+    assert not fixed["intervention_evidence"].any() and not looked["intervention_evidence"].any()
+    # Mixed-Rand on every image or on 200, then the diagnostics (intervention_details:
+    # all) on all of them or on the first looks (they describe, they decide nothing).
+    assert sum(fixed_calls) == 3 * len(sample) and sum(looked_calls) == 3 * 200
+    assert looked["n_details"].tolist() == [40] * 5
+    # Fewer than five classes: the median would rest on one to three first looks, so
+    # every sampled image is probed.
+    three = sample[sample["label_index"] < 3]
+    assert run(40, three)[0]["n_mixed_rand"].tolist() == [80, 100, 100]
 
     def by_pixels(batch):  # depends on the pasted background: a row's own outcome
         classes = (batch.reshape(len(batch), -1).sum(axis=1) * 7).astype(int) % 3
@@ -757,3 +755,23 @@ def test_sequential_sampling_keeps_the_fixed_samples_decisions_in_simulation():
     assert false_alarms == {"fixed": 0, "sequential": 0}
     # The planted class goes on to 200; most clean classes stop after one or two looks.
     assert np.mean(probed) < 0.6 * 2000
+
+
+def test_the_median_of_other_classes_carries_its_own_interval():
+    """The reference BG-gap is the median of the other classes' first looks (40 images
+    each): its 95% interval covers the true median about 95% of the time, and one class
+    with no failure out of 40 is not an exact 0."""
+    from audit.probes import median_rate_interval
+
+    rng = np.random.default_rng(3)
+    for classes, rate in ((1, 0.3), (3, 0.1), (9, 0.2)):
+        covered = []
+        for seed in range(300):
+            counts = [(int(k), 40) for k in rng.binomial(40, rate, classes)]
+            median, low, high = median_rate_interval(counts, seed=seed)
+            assert low <= median <= high
+            covered.append(low <= rate <= high)
+        assert 0.9 <= np.mean(covered) <= 0.995, (classes, np.mean(covered))
+    median, low, high = median_rate_interval([(0, 40)])
+    assert median == 0 and low == 0 and 0.05 < high < 0.15
+    assert median_rate_interval([]) == (0.0, 0.0, 0.0)

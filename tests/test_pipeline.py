@@ -191,6 +191,15 @@ def test_a_region_the_dataset_has_no_data_for_fails_fast(small_dataset, tmp_path
     assert not any(tmp_path.iterdir())  # failed before a run folder was made
 
 
+HOLD_SCRIPT = """
+import sys, time
+from audit.store import hold_run
+with hold_run(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
 def test_a_killed_run_resumes_to_identical_results(small_dataset, tmp_path, monkeypatch):
     manifest, model_path = small_dataset
     reference = run_audit(config_for(manifest, model_path, tmp_path / "a"), progress=False)
@@ -219,21 +228,22 @@ def test_a_killed_run_resumes_to_identical_results(small_dataset, tmp_path, monk
     with pytest.warns(UserWarning, match="unfinished run .*--resume would have continued it"):
         assert _open_run(config, key, resume=False)[0].root != run_dir
 
-    # While another live process computes it, resuming is refused: two writers would
-    # interleave their chunks. Once that process has ended, the run shows as interrupted.
-    manifest_path = run_dir / "manifest.json"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # Cut short, the run is held by no process: it shows as interrupted.
+    assert run_state(run_dir) == "interrupted"
+    # While another process holds it, resuming is refused: two writers would interleave
+    # their chunks.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SCRIPT, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
     try:
-        payload = json.loads(manifest_path.read_text())
-        payload["process"]["pid"] = sleeper.pid
-        manifest_path.write_text(json.dumps(payload))
-        assert run_state(payload) == "running"
-        with pytest.raises(ConfigError, match=f"being computed by process {sleeper.pid} "):
+        assert holder.stdout.readline().strip() == "held"
+        assert run_state(run_dir) == "running"
+        with pytest.raises(ConfigError, match="is being computed by another process"):
             run_audit(config, resume=True, progress=False)
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    assert run_state(json.loads(manifest_path.read_text())) == "interrupted"
+        holder.kill()
+        holder.wait()
+    assert run_state(run_dir) == "interrupted"
 
     resumed = run_audit(config, resume=True, progress=False)
     assert resumed.run_dir == run_dir
