@@ -164,8 +164,8 @@ def _interventions(probe, sample, flags, class_names, policy) -> pd.DataFrame:
     all``) or only of the classes with a finding: a heatmap flag or intervention
     evidence."""
     settled = partial(settled_classes, class_names=class_names, policy=policy)
-    # With fewer classes the median they are compared with rests on one to three first
-    # looks, too noisy a reference, and stopping would save little.
+    # With fewer classes the median they are compared with rests on one to three
+    # classes' reference looks, too noisy a reference, and stopping would save little.
     sequential = sample["label_index"].nunique() >= SEQUENTIAL_MIN_CLASSES
     look = policy.intervention_look if sequential else 0
     outcomes = probe(sample, kinds=("mixed_rand",), look=look, settled=settled)

@@ -22,11 +22,11 @@ exceeds the median BG-gap of the other classes by more than ``policy.gap_floor``
 judged on the lower bound of the excess's CI, which combines the class's Wilson
 interval with the median's own (``median_rate_interval``).
 
-Mixed-Rand samples sequentially (``policy.intervention_look``): every class gets a
-first look of that many images, and goes on a look at a time only while its BG-gap
-could still become evidence (``settled_classes``). Each class is compared with the
-median of the other classes' first looks, which sequential stopping does not bias.
-A clean class costs a first look instead of ``intervention_samples`` forwards.
+Mixed-Rand samples sequentially (``policy.intervention_look``): every class gets
+``REFERENCE_LOOKS`` looks of that many images, and goes on a look at a time only while
+its BG-gap could still become evidence (``settled_classes``). Each class is compared
+with the median of the other classes' reference looks, which sequential stopping does
+not bias. A clean class costs two looks instead of ``intervention_samples`` forwards.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ from audit.config import PolicySection, RegionSection
 from audit.data import DECODE_THREADS, Entries, Preprocessor, load_batches
 
 INTERVENTIONS = ("original", "object_only", "background_only", "mixed_rand")
+# Looks every class gets before it may stop; the other classes are compared with the
+# median of these (two looks of 40: 80 images a class, a reference precise enough to
+# keep the power of probing every image, in benchmarks/sim_interventions.py).
+REFERENCE_LOOKS = 2
 # Backgrounds kept for Mixed-Rand (memory: this many preprocessed images).
 DONORS = 64
 
@@ -136,8 +140,9 @@ def probe_in_rounds(
     ``probe(rows) -> records``, each record marked with its round (``look``).
 
     ``look`` = 0: every row at once. ``look`` > 0: in rounds of up to ``look`` more rows
-    of each class, in ``order``; after each round ``settled(records so far)`` names the
-    classes that need no more rows, and later rounds leave them out.
+    of each class, in ``order``; from round ``REFERENCE_LOOKS`` on, ``settled(records so
+    far)`` names after each round the classes that need no more rows, and later rounds
+    leave them out.
     """
     turns = order.groupby("label_index").cumcount().to_numpy()
     records: list[dict] = []
@@ -150,7 +155,7 @@ def probe_in_rounds(
             break
         rows = order.loc[chosen, "row"].astype(int).tolist()
         records += [record | {"look": number} for record in probe(rows)]
-        if settled is not None and look > 0:
+        if settled is not None and look > 0 and number + 1 >= REFERENCE_LOOKS:
             done |= settled(pd.DataFrame(records))
     return records
 
@@ -265,10 +270,11 @@ def summarise_interventions(
         for name in INTERVENTIONS:
             record.update(rate_with_ci(kept[name], f"rate_{name}"))
         record["bg_gap"] = float(gaps[int(label)].mean()) if len(paired) else np.nan
-        # The other classes are compared with each class's first look alone: sequential
-        # sampling stops classes whose gap happens to look small, so their final gaps
-        # lean low, and a median of them would make every other class stand out more.
-        first = paired[paired["look"] == 0] if "look" in paired else paired
+        # The other classes are compared with each class's reference looks alone:
+        # sequential sampling stops classes whose gap happens to look small, so their
+        # final gaps lean low, and a median of them would make every other class stand
+        # out more.
+        first = paired[paired["look"] < REFERENCE_LOOKS] if "look" in paired else paired
         reference[int(label)] = (int((first["pred_mixed_rand"] != label).sum()), len(first))
         # A rate's interval (Wilson's, of the Mixed-Rand rate): a bootstrap of 0/1
         # outcomes collapses at 0 and 1 and let clean classes look bias-driven.
@@ -285,7 +291,7 @@ def summarise_interventions(
         median, low, high = median_rate_interval(others, seed=policy.seed)
         record["bg_gap_median_others"] = median
         # The difference's interval combines both (MOVER, Newcombe's method): with two
-        # or three classes the median is one or two first looks, far from exact.
+        # or three classes the median is one or two classes' looks, far from exact.
         difference = record["bg_gap"] - median
         record["bg_gap_excess"] = difference
         record["bg_gap_excess_low"] = difference - np.hypot(

@@ -686,12 +686,13 @@ def test_sequential_mixed_rand_stops_classes_that_cannot_become_evidence(tmp_pat
     fixed, fixed_calls = run(0)
     looked, looked_calls = run(40)
     # No class can become evidence (class 0 is far below the others' median, 1.0, and
-    # each other class is level with it): one look each, the same decisions.
-    assert looked["n_mixed_rand"].tolist() == [40] * 5
+    # each other class is level with it): the two reference looks each, the same
+    # decisions.
+    assert looked["n_mixed_rand"].tolist() == [80] * 5
     assert not fixed["intervention_evidence"].any() and not looked["intervention_evidence"].any()
-    # Mixed-Rand on every image or on 200, then the diagnostics (intervention_details:
+    # Mixed-Rand on every image or on 400, then the diagnostics (intervention_details:
     # all) on all of them or on the first looks (they describe, they decide nothing).
-    assert sum(fixed_calls) == 3 * len(sample) and sum(looked_calls) == 3 * 200
+    assert sum(fixed_calls) == 3 * len(sample) and sum(looked_calls) == 400 + 2 * 200
     assert looked["n_details"].tolist() == [40] * 5
     # Fewer than five classes: the median would rest on one to three first looks, so
     # every sampled image is probed.
@@ -706,7 +707,8 @@ def test_sequential_mixed_rand_stops_classes_that_cannot_become_evidence(tmp_pat
     probe = partial(run_interventions, by_pixels, entries, **options)
     everything = probe(sample, kinds=("mixed_rand",)).set_index("row")
     rounds = probe(sample, kinds=("mixed_rand",), look=25, settled=lambda _: {0}).set_index("row")
-    assert rounds["look"].max() == 3 and (rounds["label_index"] == 0).sum() == 25
+    # Settled after its two reference looks, class 0 stops; the others go on.
+    assert rounds["look"].max() == 3 and (rounds["label_index"] == 0).sum() == 50
     common = everything.loc[rounds.index, "pred_mixed_rand"]
     assert common.tolist() == rounds["pred_mixed_rand"].tolist()
 
@@ -753,8 +755,8 @@ def test_sequential_sampling_keeps_the_fixed_samples_decisions_in_simulation():
                 probed.append(len(records))
     assert np.mean(found["fixed"]) >= 0.9 and np.mean(found["sequential"]) >= 0.9
     assert false_alarms == {"fixed": 0, "sequential": 0}
-    # The planted class goes on to 200; most clean classes stop after one or two looks.
-    assert np.mean(probed) < 0.6 * 2000
+    # The planted class goes on to 200; most clean classes stop after two looks.
+    assert np.mean(probed) < 0.7 * 2000
 
 
 def test_the_median_of_other_classes_carries_its_own_interval():
