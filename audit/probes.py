@@ -179,8 +179,8 @@ def run_interventions(
 
     ``probabilities``: the model's batched forward pass (``GradCAM.probabilities``).
     ``look`` > 0 probes in rounds of up to ``look`` more rows of each class, in a seeded
-    random order; after each round ``settled(outcomes so far)`` names the classes that
-    need no more rows, which later rounds leave out (sequential sampling).
+    random order (sequential sampling, ``probe_in_rounds``): after the reference looks,
+    ``settled(outcomes so far)`` names the classes that need no more rows.
     """
     expected = [i for i, region in enumerate(regions) if region.role == "expected"]
     rng = np.random.default_rng(seed)
