@@ -2,8 +2,9 @@
 
     STORE/<run_id>/manifest.json     config, model hash, dataset fingerprint, versions,
                                      timings, status (running | complete), the process
-                                     computing it (a running run whose process on this
-                                     machine has ended shows as interrupted)
+                                     that last computed it (for messages)
+    STORE/<run_id>/.lock             held (flock) while a process computes the run: a
+                                     running run that none holds shows as interrupted
     STORE/<run_id>/images.parquet    one row per entry: prediction and metrics, or skip reason
     STORE/<run_id>/cams/part-*.npz   low-res fp16 CAMs with their row numbers
     STORE/<run_id>/parts/part-*.parquet   per-chunk rows while running (resume reads them)
