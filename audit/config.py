@@ -327,7 +327,8 @@ class PolicySection(_Section):
         description="Sequential sampling: Mixed-Rand probes this many more images of each "
         "class at a time and stops a class once it has min_support results and the CI "
         "upper bound of its BG-gap's excess over the other classes' median is at most "
-        "gap_floor (it cannot become evidence); 0 probes every sampled image.",
+        "gap_floor (it cannot become evidence); with fewer than five classes, or 0, every "
+        "sampled image is probed.",
     )
     intervention_details: Literal["flagged", "all"] = Field(
         "flagged",

@@ -281,7 +281,6 @@ def summarise_interventions(
         record["bg_gap_low"] = 1.0 - record["rate_mixed_rand_high"]
         record["bg_gap_high"] = 1.0 - record["rate_mixed_rand_low"]
         rows.append(record)
-    table = pd.DataFrame(rows)
     for record in rows:
         others = [
             counts
@@ -300,8 +299,7 @@ def summarise_interventions(
         record["bg_gap_excess_high"] = difference + np.hypot(
             record["bg_gap_high"] - record["bg_gap"], median - low
         )
-    for column in ("median_others", "excess", "excess_low", "excess_high"):
-        table[f"bg_gap_{column}"] = [record[f"bg_gap_{column}"] for record in rows]
+    table = pd.DataFrame(rows)
     table["intervention_evidence"] = (table["bg_gap_excess_low"] > policy.gap_floor) & (
         table["n_mixed_rand"] >= min(policy.min_support, policy.intervention_samples)
     )

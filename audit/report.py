@@ -238,12 +238,13 @@ def interventions_text(probe: dict) -> str:
         )
     # The diagnostics run on the first look (runs from before that have no n_details).
     details = probe.get("n_details", probe["n_probe"])
-    which = f"On {details} of them (the first look), s" if details < probe["n_probe"] else "S"
-    return (
-        head + swapped + f" {which}till predicted with the object only "
-        f"{_rate(probe, 'object_only')}, with the background only "
-        f"{_rate(probe, 'background_only')}."
+    rates = (
+        f"predicted with the object only {_rate(probe, 'object_only')}, with the "
+        f"background only {_rate(probe, 'background_only')}."
     )
+    if details < probe["n_probe"]:
+        return head + swapped + f" On {details} of them (the first look), still {rates}"
+    return head + swapped + f" Still {rates}"
 
 
 def _rate(probe: dict, name: str) -> str:
