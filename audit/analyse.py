@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from audit.aggregate import aggregator_for
-from audit.config import AuditConfig
+from audit.config import SEQUENTIAL_MIN_CLASSES, AuditConfig
 from audit.data import Entries, Preprocessor, load_entry
 from audit.flags import evaluate_flags
 from audit.probes import (
@@ -41,8 +41,6 @@ EXAMPLES_PER_CLASS = 4
 # The analysis explains small samples (16 trust images, the examples of each class):
 # its engine pads every call to at most this many images, one compiled shape for all.
 ANALYSIS_BATCH = 32
-# Interventions sample sequentially (policy.intervention_look) from this many classes.
-SEQUENTIAL_MIN_CLASSES = 5
 
 
 @dataclass(frozen=True)

@@ -300,6 +300,11 @@ class MetricsSection(_Section):
     )
 
 
+# Interventions sample sequentially (intervention_look) from this many classes up: with
+# fewer, the median each class is compared with rests on too few classes' looks.
+SEQUENTIAL_MIN_CLASSES = 5
+
+
 class PolicySection(_Section):
     """When a class or slice is flagged (docs/flags.md)."""
 
@@ -327,8 +332,8 @@ class PolicySection(_Section):
         description="Sequential sampling: Mixed-Rand probes this many more images of each "
         "class at a time and stops a class once it has min_support results and the CI "
         "upper bound of its BG-gap's excess over the other classes' median is at most "
-        "gap_floor (it cannot become evidence); with fewer than five classes, or 0, every "
-        "sampled image is probed.",
+        "gap_floor (it cannot become evidence); with fewer than "
+        f"{SEQUENTIAL_MIN_CLASSES} classes, or 0, every sampled image is probed.",
     )
     intervention_details: Literal["flagged", "all"] = Field(
         "flagged",
