@@ -1,0 +1,38 @@
+"""The paired benchmark's harness: every row goes through the audit and, in the pauses,
+through the forward pass, exactly once (its timings are printed, never asserted)."""
+
+import pandas as pd
+import pytest
+
+import audit.pipeline as pipeline
+from benchmarks import bench_paired
+
+
+@pytest.mark.slow
+def test_pauses_cover_every_row_once_and_leave_the_pipeline_as_it_was(tmp_path, capsys):
+    submit, close = pipeline.ChunkWriter.submit, pipeline.ChunkWriter.close
+    seen = []
+    forward_call = bench_paired.Forward.__call__
+
+    def recording(forward, rows):
+        seen.append(list(rows))
+        return forward_call(forward, rows)
+
+    bench_paired.Forward.__call__ = recording
+    try:
+        bench_paired.main(
+            ["--size", "48", "--images", "300", "--slice", "128", "--workdir", str(tmp_path)]
+        )
+    finally:
+        bench_paired.Forward.__call__ = forward_call
+    out = capsys.readouterr().out
+    # The warm-up call traces on one batch; then one pause per 128 rows (at chunk
+    # boundaries of 128), and one for the 44 rows of the last chunk.
+    pauses = seen[1:]
+    assert [len(rows) for rows in pauses] == [128, 128, 44]
+    assert sorted(row for rows in pauses for row in rows) == list(range(300))
+    assert "paused 3 times" in out and "whole audit / forward = " in out
+    assert (pipeline.ChunkWriter.submit, pipeline.ChunkWriter.close) == (submit, close)
+    (run,) = [path for path in (tmp_path / "runs").iterdir() if path.is_dir()]
+    images = pd.read_parquet(run / "images.parquet")
+    assert len(images) == 300 and (images["status"] == "ok").all()
