@@ -217,16 +217,19 @@ class Loader:
 
 
 def forward_runner(model: keras.Model, loader: Loader):
+    """The plain compiled forward pass fed by ``loader``: ``run(positions=None)`` over the
+    given rows (default all) returns the rows read, skipped ones included."""
     forward = tf.function(lambda x: model(x, training=False))
     size = loader.config.batch_size
 
-    def run() -> int:
+    def run(positions=None) -> int:
         count = 0
         with ThreadPoolExecutor(max_workers=pipeline.DECODE_THREADS) as pool:
-            for batch in loader.batches(pool):
+            for batch in loader.batches(pool, positions):
                 real = len(batch.rows)
-                images = batch.images if real == size else pad_batch(batch.images, size)
-                forward(tf.convert_to_tensor(images)).numpy()[:real]
+                if real:  # a chunk boundary can yield an empty batch
+                    images = batch.images if real == size else pad_batch(batch.images, size)
+                    forward(tf.convert_to_tensor(images)).numpy()
                 count += real + len(batch.skipped)
         return count
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -41,11 +41,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import audit.pipeline as pipeline  # noqa: E402
-from audit.explain import pad_batch  # noqa: E402
 from audit.models import load_model  # noqa: E402
 from benchmarks.bench_audit import (  # noqa: E402
     WEIGHTS,
     Loader,
+    forward_runner,
     make_config,
     save_model,
     with_run_id,
@@ -56,27 +56,6 @@ from benchmarks.bench_audit import (  # noqa: E402
 QUIET_POLL = 0.02  # seconds between looks at the process's CPU time
 QUIET_CPU = 0.1  # quiet: under a tenth of a core busy over one poll
 QUIET_LIMIT = 5.0  # give up waiting (and say so) after this many seconds
-
-
-class Forward:
-    """The plain compiled forward pass over given rows, fed by the audit's loader."""
-
-    def __init__(self, model: keras.Model, loader: Loader) -> None:
-        self.loader = loader
-        self.size = loader.config.batch_size
-        self.call = tf.function(lambda x: model(x, training=False))
-
-    def __call__(self, rows) -> int:
-        count = 0
-        with ThreadPoolExecutor(max_workers=pipeline.DECODE_THREADS) as pool:
-            for batch in self.loader.batches(pool, rows):
-                real = len(batch.rows)
-                if not real:
-                    continue
-                images = batch.images if real == self.size else pad_batch(batch.images, self.size)
-                self.call(tf.convert_to_tensor(images)).numpy()
-                count += real
-        return count
 
 
 def wait_quiet() -> tuple[float, bool]:
@@ -94,7 +73,7 @@ class Pauses:
     """Patches ``pipeline.ChunkWriter`` so ``run_audit`` pauses for the forward pass every
     ``slice_rows`` rows (at a chunk boundary) and once more when its last chunk is in."""
 
-    def __init__(self, forward: Forward, slice_rows: int) -> None:
+    def __init__(self, forward: Callable[[list[int]], int], slice_rows: int) -> None:
         self.forward, self.slice_rows = forward, slice_rows
         self.pending: list[int] = []  # rows measured since the last pause
         self.slices: list[dict] = []  # per pause: rows, audit seconds, forward seconds
@@ -191,7 +170,7 @@ def main(argv=None) -> None:
         # The forward job's own fixed costs: load the model, trace the call (one batch).
         start = time.perf_counter()
         model = load_model(model_path)
-        forward = Forward(model, Loader(config, model, images_only=True))
+        forward = forward_runner(model, Loader(config, model, images_only=True))
         forward(range(args.batch_size))
         job_fixed = time.perf_counter() - start
 

@@ -9,22 +9,26 @@ from benchmarks import bench_paired
 
 
 @pytest.mark.slow
-def test_pauses_cover_every_row_once_and_leave_the_pipeline_as_it_was(tmp_path, capsys):
+def test_pauses_cover_every_row_once_and_leave_the_pipeline_as_it_was(
+    tmp_path, capsys, monkeypatch
+):
     submit, close = pipeline.ChunkWriter.submit, pipeline.ChunkWriter.close
     seen = []
-    forward_call = bench_paired.Forward.__call__
+    forward_runner = bench_paired.forward_runner
 
-    def recording(forward, rows):
-        seen.append(list(rows))
-        return forward_call(forward, rows)
+    def recording(model, loader):
+        run = forward_runner(model, loader)
 
-    bench_paired.Forward.__call__ = recording
-    try:
-        bench_paired.main(
-            ["--size", "48", "--images", "300", "--slice", "128", "--workdir", str(tmp_path)]
-        )
-    finally:
-        bench_paired.Forward.__call__ = forward_call
+        def recorded(rows):
+            seen.append(list(rows))
+            return run(rows)
+
+        return recorded
+
+    monkeypatch.setattr(bench_paired, "forward_runner", recording)
+    bench_paired.main(
+        ["--size", "48", "--images", "300", "--slice", "128", "--workdir", str(tmp_path)]
+    )
     out = capsys.readouterr().out
     # The warm-up call traces on one batch; then one pause per 128 rows (at chunk
     # boundaries of 128), and one for the 44 rows of the last chunk.
