@@ -453,14 +453,15 @@ def _ci_bar(mean, low, high, label: str) -> str:
     def x(value):
         return max(0.0, min(1.0, value if value is not None else 0.0)) * width
 
-    label = html.escape(f"{label}: {with_ci(mean, low, high)}")
+    value = with_ci(mean, low, high)  # printed beside the bar, not only in its tooltip
+    label = html.escape(f"{label}: {value}")
     return (
-        f'<svg width="{width + 50}" height="16" role="img" aria-label="{label}">'
+        f'<svg width="{width + 110}" height="16" role="img" aria-label="{label}">'
         f"<title>{label}</title>"
         f'<rect x="0" y="3" width="{width}" height="10" fill="#eee"/>'
         f'<rect x="0" y="3" width="{x(mean):.1f}" height="10" fill="#d9822b"/>'
         f'<line x1="{x(low):.1f}" x2="{x(high):.1f}" y1="8" y2="8" stroke="#222" '
-        f'stroke-width="2"/><text x="{width + 4}" y="13" font-size="11">{mean:.2f}</text></svg>'
+        f'stroke-width="2"/><text x="{width + 4}" y="13" font-size="11">{value}</text></svg>'
     )
 
 

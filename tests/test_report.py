@@ -103,6 +103,7 @@ def test_markdown_and_html_show_each_mean_with_its_ci(report, run_dir):
     entry = next(e for e in report["classes"] if e["class_name"] == HOSTILE)
     entry["mass"][REGION] = {"mean": 0.75, "low": 0.71, "high": 0.79}
     entry["true_label"]["lift"][REGION] = {"mean": 1.5, "low": 1.25, "high": 1.75}
+    entry["true_label"]["mass"][REGION] = {"mean": 0.62, "low": 0.55, "high": 0.69}
     entry["interventions"] |= {"bg_gap": 0.4, "bg_gap_low": 0.3, "bg_gap_high": 0.5}
     entry["interventions"] |= {
         "rate_mixed_rand": 0.6,
@@ -115,6 +116,8 @@ def test_markdown_and_html_show_each_mean_with_its_ci(report, run_dir):
     summary = page[page.index("<h2>Summary</h2>") : page.index("</table>")]
     assert "<td>0.75 [0.71, 0.79]</td><td>0.40 [0.30, 0.50]</td>" in summary
     assert "<td>1.50 [1.25, 1.75]</td>" in page  # lift in the class card
+    # The card's mass bars print their CI beside the bar, not only in the tooltip.
+    assert 'font-size="11">0.62 [0.55, 0.69]</text>' in page
     assert "BG-gap 0.40 [0.30, 0.50]" in page  # the interventions sentence
     assert "background swapped 0.60 [0.45, 0.73]" in page
     group = next(g for g in report["slices"]["groups"] if g["kind"] == "slice")
