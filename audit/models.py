@@ -300,6 +300,22 @@ def _squashes(activation, width: int) -> bool:
     return name in _SOFTMAX_NAMES or (name == "sigmoid" and width == 1)
 
 
+def _squashing_operation(operation, width: int) -> bool:
+    """Whether ``operation`` is a softmax over the classes (``keras.ops.softmax(x)`` or
+    ``keras.activations.softmax(x)`` in a functional model: an operation, no layer), or
+    the sigmoid op of a one-output classifier."""
+    if isinstance(operation, keras.layers.Layer) or not isinstance(operation, keras.Operation):
+        return False
+    kind = type(operation).__name__
+    if kind == "Softmax":
+        axis = getattr(operation, "axis", -1)
+        axes = tuple(axis) if isinstance(axis, list | tuple) else (axis,)
+        if not set(axes) <= {-1, 1}:  # over the batch: not class probabilities
+            return False
+        return _squashes(keras.activations.softmax, width)
+    return kind == "Sigmoid" and width == 1
+
+
 def _linear_twin(layer, input_shape):
     """``layer`` without its activation: built from its config, on the very same variables
     (not copies), so later weight changes (training, ``load_weights``) are seen."""
@@ -326,7 +342,8 @@ def _logit_end(graph) -> tuple:
     """Where the graph's scores before a final softmax (or binary sigmoid) are:
     ``(tensor, tail, bypassed)`` with the scores ``= tail(tensor)``.
 
-    A separate ``Softmax``/``Activation('softmax')`` layer is skipped; a layer with
+    A separate ``Softmax``/``Activation('softmax')`` layer, or a softmax operation
+    (``keras.ops.softmax(x)``), is skipped; a layer with
     ``activation='softmax'`` (usually ``Dense``) is re-applied through its linear twin
     (``_linear_twin``); a nested model that produces the output is replaced by its own
     part up to its scores, at any depth. The user's model is never modified.
@@ -347,8 +364,10 @@ def _logit_end(graph) -> tuple:
             return output, [], False
         lead = _submodel(inner.inputs[0], end, f"{last.name}_scores")
         return source, [part for part in (lead, *tail) if part is not None], True
-    if isinstance(last, keras.layers.Softmax) or (
-        isinstance(last, keras.layers.Activation) and _squashes(last.activation, width)
+    if (
+        isinstance(last, keras.layers.Softmax)
+        or (isinstance(last, keras.layers.Activation) and _squashes(last.activation, width))
+        or _squashing_operation(last, width)
     ):
         return source, [], True
     if _squashes(getattr(last, "activation", None), width):

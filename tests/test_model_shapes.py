@@ -106,13 +106,53 @@ def test_a_tf_nn_softmax_activation_is_bypassed():
     np.testing.assert_allclose(details.logits, scores.predict(images, verbose=0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("softmax", [keras.ops.softmax, keras.activations.softmax])
+def test_a_softmax_operation_is_bypassed_and_survives_saving(softmax, tmp_path):
+    """``keras.ops.softmax(x)`` in a functional model is an operation, not a layer; it is
+    skipped like a Softmax layer, also nested in a wrapper and after a safe-mode load."""
+    from audit.models import load_model
+
+    keras.utils.set_random_seed(8)
+    inputs, features = two_convs()
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    dense = keras.layers.Dense(4, name="out")
+    scores = dense(pooled)
+    dense.set_weights([dense.get_weights()[0] * 20, np.array([3.0, 0, 0, 0], "float32")])
+    classifier = keras.Model(inputs, softmax(scores), name="clf")
+    assert not any(isinstance(op, keras.layers.Softmax) for op in classifier.operations)
+    wrapped = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1.0), classifier])
+    classifier.save(tmp_path / "clf.keras")
+    loaded = load_model(tmp_path / "clf.keras")  # safe mode
+    images, targets = images_of(4, seed=8) / 255, np.array([0, 1, 2, 3])
+    expected = tape_gradcam(inputs, features, scores, images, targets)
+    assert (expected.reshape(4, -1).max(axis=1) > 0).all()
+    for model in (classifier, wrapped, loaded):
+        cam = GradCAM(model)
+        assert cam.softmax_bypassed
+        details = cam.explain_details(images, targets=targets)
+        np.testing.assert_allclose(details.maps, expected, rtol=1e-4, atol=1e-6 * expected.max())
+        np.testing.assert_allclose(
+            details.probabilities, model.predict(images, verbose=0), rtol=1e-5, atol=1e-6
+        )
+
+
+@pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")  # Keras' own
+def test_a_softmax_operation_over_one_output_is_refused():
+    inputs, features = two_convs()
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    model = keras.Model(inputs, keras.ops.softmax(keras.layers.Dense(1)(pooled)))
+    with pytest.raises(ModelStructureError, match="softmax over one output.*sigmoid"):
+        GradCAM(model)
+
+
 # ------------------------------------------------------------- binary models
 
 
 def binary_model(ending: str, images: np.ndarray):
     """conv -> GAP -> one score z, as ``Dense(1)`` (``dense``), ``Dense(1, "sigmoid")``
     (``dense_sigmoid``, also ``wrapped`` in a Sequential) or ``Dense(1)`` and a sigmoid
-    layer (``sigmoid_layer``), z centred on ``images`` (both classes predicted).
+    layer (``sigmoid_layer``) or operation (``sigmoid_op``), z centred on ``images`` (both
+    classes predicted).
     Returns the model, its input, c2's output and z."""
     inputs, features = two_convs()
     pooled = keras.layers.GlobalAveragePooling2D()(features)
@@ -121,6 +161,8 @@ def binary_model(ending: str, images: np.ndarray):
     output = dense(pooled)
     if ending == "sigmoid_layer":
         output = keras.layers.Activation("sigmoid")(output)
+    if ending == "sigmoid_op":  # keras.ops.sigmoid: an operation, not a layer
+        output = keras.ops.sigmoid(output)
     kernel = dense.get_weights()[0] * 10
     centre = np.median(keras.Model(inputs, pooled).predict(images, verbose=0) @ kernel)
     dense.set_weights([kernel, np.array([-centre], "float32")])
@@ -130,7 +172,9 @@ def binary_model(ending: str, images: np.ndarray):
     return model, inputs, features, linear_copy(dense, pooled)
 
 
-@pytest.mark.parametrize("ending", ["dense", "dense_sigmoid", "sigmoid_layer", "wrapped"])
+@pytest.mark.parametrize(
+    "ending", ["dense", "dense_sigmoid", "sigmoid_layer", "sigmoid_op", "wrapped"]
+)
 def test_a_one_output_binary_classifier_is_two_classes(ending):
     """Logits [-z/2, z/2]: softmax [1 - sigmoid(z), sigmoid(z)]; class 1's map is half
     the Grad-CAM of z, class 0's half that of -z."""
@@ -165,7 +209,7 @@ def test_a_softmax_over_one_output_is_refused():
 
 @pytest.mark.parametrize(
     "squash",
-    [keras.ops.sigmoid, keras.layers.Activation("relu"), keras.layers.Lambda(lambda z: z * 2)],
+    [keras.ops.tanh, keras.layers.Activation("relu"), keras.layers.Lambda(lambda z: z * 2)],
 )
 def test_one_output_that_may_already_be_a_probability_is_refused(squash):
     """Read as a score, a probability p > 0 makes class 1 win every image: refused."""
