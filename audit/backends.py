@@ -69,8 +69,8 @@ def jax_program(cut, maps_of, post):
             (gradients,) = pullback(jax.nn.one_hot(chosen, logits.shape[-1], dtype=logits.dtype))
             return gradients
 
-        def forward(values):  # Score-CAM's masked forward passes
-            return scores(_run(features, feature_states, values))
+        def forward(values):  # Score-CAM's masked forward passes: probabilities
+            return cut.probabilities(scores(_run(features, feature_states, values)))
 
         out = maps_of(activations, logits, gradient_of, target_sets, images=images, forward=forward)
         return post(out, images, *extras)
@@ -99,8 +99,10 @@ def torch_program(cut, maps_of, post):
 
     ops = keras.ops
 
-    def forward(values):  # Score-CAM's masked forward passes
-        return cut.logits(cut.activations(values, training=False), training=False).float()
+    def forward(values):  # Score-CAM's masked forward passes: probabilities
+        return cut.probabilities(
+            cut.logits(cut.activations(values, training=False), training=False)
+        )
 
     def run(images, target_sets, *extras):
         images = ops.convert_to_tensor(np.asarray(images, dtype="float32"))
@@ -136,29 +138,26 @@ def torch_program(cut, maps_of, post):
 
 
 def compiled_forward(cut):
-    """``images -> softmax(logits)`` as NumPy, compiled for the running backend."""
+    """``images -> the model's probabilities`` as NumPy (``ModelCut.probabilities``),
+    compiled for the running backend."""
     backend = running_backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        function = tf.function(
-            lambda x: tf.nn.softmax(tf.cast(cut.logits(cut.activations(x)), tf.float32))
-        )
+        function = tf.function(lambda x: cut.probabilities(cut.logits(cut.activations(x))))
         return lambda images: function(tf.convert_to_tensor(images)).numpy()
     if backend == "jax":
         import jax
 
         parts = list(cut.feature_parts) + list(cut.head_parts)
-        jitted = jax.jit(
-            lambda states, x: jax.nn.softmax(_run(parts, states, x).astype("float32"), axis=-1)
-        )
+        jitted = jax.jit(lambda states, x: cut.probabilities(_run(parts, states, x)))
         return lambda images: np.asarray(jitted(_states(parts), images))
     import torch
 
     def forward(images):
         with torch.no_grad():
             logits = cut.logits(cut.activations(keras.ops.convert_to_tensor(images)))
-            return keras.ops.convert_to_numpy(torch.softmax(logits.float(), dim=-1))
+            return keras.ops.convert_to_numpy(cut.probabilities(logits))
 
     return forward
 

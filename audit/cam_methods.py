@@ -18,7 +18,7 @@ Two opt-in methods cost more or ignore the gradients (docs/metrics.md lists the 
   forward per channel and image (``score_channels`` channels of highest spatial
   variance, as in Faster Score-CAM, or all of them). It is a ``ScoreCAM`` object with
   ``needs_forward = True``; the engine passes it the images, the targets and the
-  model's forward function.
+  model's forward function (images -> probabilities).
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ class ScoreCAM:
     """Score-CAM: channel weights from the model's own response to masked inputs.
 
     For each channel k of the target layer, ``H_k`` is ``A_k`` upsampled to the input
-    and min-max scaled to [0, 1]; its weight is
-    ``softmax(f(X * H_k))[c] - softmax(f(0))[c]``, the gain in class-c probability
+    and min-max scaled to [0, 1]; its weight is ``p(X * H_k)[c] - p(0)[c]``, the gain
+    in the model's class-c probability (its softmax, or a multi-label model's sigmoid)
     over a black image; the map is ``ReLU(sum_k w_k A_k)``. ``channels`` limits the
     sum to the k channels of highest spatial variance per image (Faster Score-CAM);
     None uses every channel (one forward pass per channel: for 1280 channels, 1280x
@@ -147,7 +147,7 @@ class ScoreCAM:
             count = self.channels
         size = tuple(images.shape[1:3])
         chosen = ops.cast(targets, "int32")[:, None]
-        black = ops.softmax(forward(ops.zeros_like(images)), axis=-1)
+        black = forward(ops.zeros_like(images))
         floor = ops.take_along_axis(black, chosen, axis=1)[:, 0]
 
         def channel_score(index):
@@ -158,7 +158,7 @@ class ScoreCAM:
             low = ops.min(upsampled, axis=(1, 2, 3), keepdims=True)
             high = ops.max(upsampled, axis=(1, 2, 3), keepdims=True)
             mask = ops.divide_no_nan(upsampled - low, high - low)
-            probabilities = ops.softmax(forward(images * mask), axis=-1)
+            probabilities = forward(images * mask)
             return ops.take_along_axis(probabilities, chosen, axis=1)[:, 0] - floor
 
         scores = _map_indices(channel_score, count)  # (channels, batch)

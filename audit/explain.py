@@ -31,6 +31,7 @@ class Explanation:
     targets: np.ndarray  # (N,) int32, the class each map explains
     zero: np.ndarray  # (N,) bool
     finite: np.ndarray  # (N,) bool
+    multi_label: bool = False  # the model ends in a sigmoid per class
 
     @property
     def predictions(self) -> np.ndarray:
@@ -39,10 +40,18 @@ class Explanation:
 
     @property
     def probabilities(self) -> np.ndarray:
-        """Softmax of the logits (what the model's softmax layer would have returned)."""
-        shifted = self.logits - self.logits.max(axis=-1, keepdims=True)
-        exp = np.exp(shifted)
-        return exp / exp.sum(axis=-1, keepdims=True)
+        """What the model's final softmax (or, multi-label, its sigmoids) would have
+        returned."""
+        return probabilities_of(self.logits, self.multi_label)
+
+
+def probabilities_of(logits: np.ndarray, multi_label: bool = False) -> np.ndarray:
+    """Softmax of each row of logits, or with ``multi_label`` a sigmoid of each logit."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if multi_label:
+        return 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without overflow
+    exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def zero_maps(maps: np.ndarray) -> np.ndarray:
@@ -161,9 +170,14 @@ class GradCAM:
 
     @property
     def softmax_bypassed(self) -> bool:
-        """Whether a final softmax (or a one-output model's sigmoid) was skipped to score
-        logits."""
+        """Whether a final softmax or sigmoid was skipped to score logits."""
         return self._ensure_cut(None).softmax_bypassed
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model ends in a sigmoid per class (its probabilities are those
+        sigmoids, not a softmax)."""
+        return self._ensure_cut(None).multi_label
 
     def _ensure_cut(self, image_shape: Sequence[int] | None) -> ModelCut:
         if self._cut is None:
@@ -214,7 +228,7 @@ class GradCAM:
             counterfactual=self.counterfactual,
             with_counterfactual=with_counterfactual,
             images=images,
-            forward=lambda x: tf.cast(cut.logits(cut.activations(x)), tf.float32),
+            forward=lambda x: cut.probabilities(cut.logits(cut.activations(x))),
         )
         return result
 
@@ -270,7 +284,8 @@ class GradCAM:
         return program
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Softmax of the logits of each image (the predicted class's maps come along).
+        """The model's probabilities for each image: the softmax of the logits, or for a
+        multi-label model their sigmoids (the predicted class's maps come along).
 
         With a gradient method the logits come from the engine's own compiled step: one
         compiled program serves maps and predictions, and the maps cost only a backward
@@ -278,9 +293,7 @@ class GradCAM:
         forward pass, use a compiled forward of their own, padded to ``batch_size``.
         """
         if uses_gradients(self._cam):
-            logits = self.explain_details(images).logits.astype("float32")
-            exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
-            return exp / exp.sum(axis=-1, keepdims=True)
+            return self.explain_details(images).probabilities
         if self._forward is None:
             from audit.backends import compiled_forward
 
@@ -367,6 +380,7 @@ class GradCAM:
             targets=np.concatenate(outputs["targets"]),
             zero=zero_maps(maps),
             finite=np.concatenate(outputs["finite"]),
+            multi_label=self.multi_label,
         )
 
     def _check_targets(self, targets, count: int, image_shape) -> np.ndarray:

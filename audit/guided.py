@@ -129,7 +129,7 @@ class GuidedGradCAM:
     >>> gradients = guided.guided_backprop(images, targets)   # (N, H, W, C)
     >>> maps = guided.explain(images, targets)                 # (N, H, W, C)
 
-    Scores are logits (a final softmax is bypassed, as for ``GradCAM``).
+    Scores are logits (a final softmax or sigmoid is bypassed, as for ``GradCAM``).
     """
 
     def __init__(

@@ -5,12 +5,14 @@ with respect to ``A``. We cut the model into two Keras models that share the
 user's layers and weights (nothing is copied or mutated):
 
     features: image -> A          (the forward pass up to the target layer)
-    head:     A     -> logits     (the rest, with a final softmax bypassed)
+    head:     A     -> logits     (the rest, with a final softmax or sigmoid bypassed)
 
 so the backward pass runs through the head only. The final softmax is bypassed at
 any depth of nesting (a classifier wrapped in ``Sequential([Rescaling, clf])``, a
 nested head model); a binary classifier with one output (a sigmoid, or none) gets
-two logits ``[-z/2, z/2]`` whose softmax is ``[1 - sigmoid(z), sigmoid(z)]``.
+two logits ``[-z/2, z/2]`` whose softmax is ``[1 - sigmoid(z), sigmoid(z)]``; a
+multi-label classifier (several sigmoids) keeps a sigmoid per class for its
+probabilities (``ModelCut.probabilities``).
 
 The cut follows the layer path through nested models (``Sequential([base_model,
 GlobalAveragePooling2D(), Dense])``, the usual transfer-learning shape), which is
@@ -96,7 +98,17 @@ class ModelCut:
     feature_parts: tuple
     head_parts: tuple
     num_classes: int  # 2 for a binary classifier with one output
-    softmax_bypassed: bool  # a final softmax (or a one-output sigmoid) was skipped
+    softmax_bypassed: bool  # a final softmax or sigmoid was skipped
+    multi_label: bool = False  # it ended in several sigmoids: one probability per class
+
+    def probabilities(self, logits):
+        """The model's own probabilities from the logits (``keras.ops``, any backend):
+        a sigmoid per class for a multi-label model, otherwise a softmax (a one-output
+        model's two logits give ``[1 - sigmoid(z), sigmoid(z)]``)."""
+        logits = keras.ops.cast(logits, "float32")
+        if self.multi_label:
+            return keras.ops.sigmoid(logits)
+        return keras.ops.softmax(logits, axis=-1)
 
     def activations(self, images, training: bool = False):
         """The target layer's activations for a batch of images."""
@@ -288,32 +300,34 @@ def resolve_layer_path(model: keras.Model, layer: str | None = None) -> list[str
 _SOFTMAX_NAMES = ("softmax", "softmax_v2")
 
 
-def _squashes(activation, width: int) -> bool:
-    """Whether ``activation`` turns scores into probabilities: a softmax, or the sigmoid
-    of a one-output (binary) classifier."""
+def _squashes(activation, width: int) -> str | None:
+    """How ``activation`` turns scores into probabilities: ``"softmax"``, ``"sigmoid"``
+    (one output: a binary classifier; several: a multi-label one), or None."""
     name = getattr(activation, "__name__", None)
     if name in _SOFTMAX_NAMES and width == 1:
         raise ModelStructureError(
             "the model ends in a softmax over one output, which is always 1; a binary "
             "classifier with one output needs a sigmoid (or no activation)"
         )
-    return name in _SOFTMAX_NAMES or (name == "sigmoid" and width == 1)
+    if name in _SOFTMAX_NAMES:
+        return "softmax"
+    return "sigmoid" if name == "sigmoid" else None
 
 
-def _squashing_operation(operation, width: int) -> bool:
-    """Whether ``operation`` is a softmax over the classes (``keras.ops.softmax(x)`` or
-    ``keras.activations.softmax(x)`` in a functional model: an operation, no layer), or
-    the sigmoid op of a one-output classifier."""
+def _squashing_operation(operation, width: int) -> str | None:
+    """``_squashes`` for an operation of a functional model (no layer):
+    ``keras.ops.softmax(x)`` or ``keras.activations.softmax(x)`` over the classes, or
+    ``keras.ops.sigmoid(x)``."""
     if isinstance(operation, keras.layers.Layer) or not isinstance(operation, keras.Operation):
-        return False
+        return None
     kind = type(operation).__name__
     if kind == "Softmax":
         axis = getattr(operation, "axis", -1)
         axes = tuple(axis) if isinstance(axis, list | tuple) else (axis,)
         if not set(axes) <= {-1, 1}:  # over the batch: not class probabilities
-            return False
+            return None
         return _squashes(keras.activations.softmax, width)
-    return kind == "Sigmoid" and width == 1
+    return "sigmoid" if kind == "Sigmoid" else None
 
 
 def _linear_twin(layer, input_shape):
@@ -327,8 +341,8 @@ def _linear_twin(layer, input_shape):
         if name not in shared:
             raise ModelStructureError(
                 f"cannot score the logits of {layer.name!r} ({type(layer).__name__}): it ends "
-                "in a softmax and its weights are not named as its build() asks for them; "
-                "end the model with a separate Activation('softmax') layer instead"
+                "in a softmax or sigmoid and its weights are not named as its build() asks "
+                "for them; end the model with a separate Activation layer instead"
             )
         return shared[name]
 
@@ -339,8 +353,9 @@ def _linear_twin(layer, input_shape):
 
 
 def _logit_end(graph) -> tuple:
-    """Where the graph's scores before a final softmax (or binary sigmoid) are:
-    ``(tensor, tail, bypassed)`` with the scores ``= tail(tensor)``.
+    """Where the graph's scores before a final softmax or sigmoid are:
+    ``(tensor, tail, squash)`` with the scores ``= tail(tensor)`` and ``squash`` the
+    function skipped (``"softmax"`` or ``"sigmoid"``; None when nothing was skipped).
 
     A separate ``Softmax``/``Activation('softmax')`` layer, or a softmax operation
     (``keras.ops.softmax(x)``), is skipped; a layer with
@@ -352,27 +367,31 @@ def _logit_end(graph) -> tuple:
     width = output.shape[-1]
     last = _producer(output, graph)
     if last is None:
-        return output, [], False
+        return output, [], None
     node = _node(last, graph)
     source = node.input_tensors[0]
     if _has_graph(last):
         if len(node.input_tensors) != 1:
-            return output, [], False
+            return output, [], None
         inner = _graph(last)
-        end, tail, bypassed = _logit_end(inner)
-        if not bypassed:
-            return output, [], False
+        end, tail, squash = _logit_end(inner)
+        if squash is None:
+            return output, [], None
         lead = _submodel(inner.inputs[0], end, f"{last.name}_scores")
-        return source, [part for part in (lead, *tail) if part is not None], True
-    if (
-        isinstance(last, keras.layers.Softmax)
-        or (isinstance(last, keras.layers.Activation) and _squashes(last.activation, width))
-        or _squashing_operation(last, width)
-    ):
-        return source, [], True
-    if _squashes(getattr(last, "activation", None), width):
-        return source, [_linear_twin(last, source.shape)], True
-    return output, [], False
+        return source, [part for part in (lead, *tail) if part is not None], squash
+    if isinstance(last, keras.layers.Softmax):
+        return source, [], _squashes(keras.activations.softmax, width)
+    squash = (
+        _squashes(last.activation, width)
+        if isinstance(last, keras.layers.Activation)
+        else _squashing_operation(last, width)
+    )
+    if squash is not None:
+        return source, [], squash
+    squash = _squashes(getattr(last, "activation", None), width)
+    if squash is not None:
+        return source, [_linear_twin(last, source.shape)], squash
+    return output, [], None
 
 
 def _ends_linear(graph) -> bool:
@@ -412,16 +431,16 @@ def _submodel(inputs, outputs, name: str):
 
 
 def _cut(graph, path: list[str], scores: bool) -> tuple[list, list, bool]:
-    """``(features, head, bypassed)``: the parts from the graph's input to the layer at
+    """``(features, head, squash)``: the parts from the graph's input to the layer at
     ``path`` and from there to the graph's output, or its scores before a final softmax
-    when ``scores`` (see ``_logit_end``)."""
+    or sigmoid when ``scores`` (see ``_logit_end``)."""
     # An operation such as ``x + y`` is no layer (graph.get_layer misses it), but its
     # output is a tensor of the graph like any layer's.
     layer = next(op for op in _layers(graph) if op.name == path[0])
     node = _node(layer, graph)
     layer_in, layer_out = node.input_tensors[0], node.output_tensors[0]
     if len(path) == 1:
-        end, tail, bypassed = _logit_end(graph) if scores else (graph.outputs[0], [], False)
+        end, tail, squash = _logit_end(graph) if scores else (graph.outputs[0], [], None)
         features = [_submodel(graph.inputs[0], layer_out, "features")]
         head = [_submodel(layer_out, end, "head"), *tail]
     else:
@@ -433,13 +452,13 @@ def _cut(graph, path: list[str], scores: bool) -> tuple[list, list, bool]:
         inner = _graph(layer)
         if scores and layer_out is graph.outputs[0]:
             # The nested model on the path makes the output: its own scores are the end.
-            inner_features, head, bypassed = _cut(inner, path[1:], scores=True)
+            inner_features, head, squash = _cut(inner, path[1:], scores=True)
         else:
             inner_features, inner_head, _ = _cut(inner, path[1:], scores=False)
-            end, tail, bypassed = _logit_end(graph) if scores else (graph.outputs[0], [], False)
+            end, tail, squash = _logit_end(graph) if scores else (graph.outputs[0], [], None)
             head = [*inner_head, _submodel(layer_out, end, "head_post"), *tail]
         features = [_submodel(graph.inputs[0], layer_in, "features_pre"), *inner_features]
-    return [f for f in features if f is not None], [h for h in head if h is not None], bypassed
+    return [f for f in features if f is not None], [h for h in head if h is not None], squash
 
 
 def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
@@ -457,7 +476,7 @@ def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
             f"model {model.name!r} outputs shape {tuple(output.shape)}; a classifier must "
             "return (batch, classes)"
         )
-    features, head, bypassed = _cut(graph, path, scores=True)
+    features, head, squash = _cut(graph, path, scores=True)
     feature_rank = _rank(features[-1].outputs[0])
     if feature_rank != 4:
         raise ModelStructureError(
@@ -465,8 +484,8 @@ def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
             "Grad-CAM needs a 4-D (batch, height, width, channels) feature map"
         )
     num_classes = int(output.shape[-1])
-    if num_classes == 1 and not bypassed and not _ends_linear(graph):
-        # Its one output may already be a probability (a sigmoid op, a Lambda): as a
+    if num_classes == 1 and squash is None and not _ends_linear(graph):
+        # Its one output may already be a probability (a Lambda, a tanh): as a
         # score it would make class 1 win every image.
         raise ModelStructureError(
             f"model {model.name!r} has one output and does not end in a layer whose "
@@ -483,5 +502,7 @@ def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
         feature_parts=tuple(features),
         head_parts=tuple(head),
         num_classes=num_classes,
-        softmax_bypassed=bypassed,
+        softmax_bypassed=squash is not None,
+        # Several sigmoids: each class's probability on its own (one output: two logits).
+        multi_label=squash == "sigmoid" and int(output.shape[-1]) > 1,
     )

@@ -108,6 +108,7 @@ class AuditStep:
         self.size = size
         self.expected = [i for i, r in enumerate(config.regions) if r.role == "expected"]
         self.pointing_cells = self._pointing_cells()
+        self.cut = cam._ensure_cut(None)
         self.program = cam.program(self._measure, with_counterfactual=True)
 
     def _pointing_cells(self) -> tuple[int, int]:
@@ -161,7 +162,7 @@ class AuditStep:
         grid = tuple(regions.shape[2:4])
         result = {
             "logits": logits,
-            "probabilities": ops.softmax(logits, axis=-1),
+            "probabilities": self.cut.probabilities(logits),
             "target": out["targets"][0],
             "finite": ops.logical_and(out["finite"][0], out["finite"][1]),
             "cam_total": ops.sum(out["maps"][0], axis=(1, 2)),
@@ -738,6 +739,7 @@ def run_audit(
                         "layer": cam.layer_path,
                         "method": config.model.method,
                         "softmax_bypassed": cam.softmax_bypassed,
+                        "multi_label": cam.multi_label,
                     },
                     "dataset": {
                         "source": entries.name,

@@ -78,27 +78,28 @@ def test_eigencam_recovers_a_planted_component_and_ignores_gradients():
     np.testing.assert_array_equal(hot, pattern > 0)
 
 
-def _score_model():
+def _score_model(activation=None):
     keras.utils.set_random_seed(4)
     inputs = keras.Input((12, 12, 3))
     features = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")(inputs)
     pooled = keras.layers.GlobalAveragePooling2D()(features)
-    return keras.Model(inputs, keras.layers.Dense(3)(pooled))
+    return keras.Model(inputs, keras.layers.Dense(3, activation=activation)(pooled))
 
 
-def _scorecam_by_hand(model, images, targets):
-    """Score-CAM written out: one eager forward per image and channel."""
+def _scorecam_by_hand(model, images, targets, probabilities=tf.nn.softmax):
+    """Score-CAM written out: one eager forward per image and channel; ``probabilities``
+    turns the model's outputs into its class probabilities."""
     features = keras.Model(model.inputs, model.get_layer("conv").output)
     maps = []
     for image, target in zip(images, targets, strict=True):
         activations = features(image[None]).numpy()[0]
-        black = tf.nn.softmax(model(np.zeros_like(image)[None])).numpy()[0, target]
+        black = probabilities(model(np.zeros_like(image)[None])).numpy()[0, target]
         weights = []
         for k in range(activations.shape[-1]):
             channel = tf.image.resize(activations[None, :, :, k : k + 1], (12, 12)).numpy()[0]
             span = channel.max() - channel.min()
             mask = (channel - channel.min()) / span if span > 0 else np.zeros_like(channel)
-            score = tf.nn.softmax(model((image * mask)[None])).numpy()[0, target]
+            score = probabilities(model((image * mask)[None])).numpy()[0, target]
             weights.append(score - black)
         maps.append(_relu((activations * np.array(weights)).sum(-1)))
     return np.stack(maps)
@@ -116,6 +117,22 @@ def test_scorecam_matches_a_hand_written_loop_and_topk_with_all_channels_is_full
     assert fewer.shape == full.shape and not np.allclose(fewer, full)
     with pytest.raises(ValueError, match="score_channels"):
         ScoreCAM(0)
+
+
+def test_scorecam_of_a_multi_label_model_scores_its_sigmoids():
+    """A model ending in a sigmoid per class: the channel weights are gains in the
+    class's own sigmoid, what the model outputs, not in a softmax over the classes."""
+    model = _score_model(activation="sigmoid")
+    images = np.random.default_rng(6).random((3, 12, 12, 3)).astype("float32")
+    targets = np.array([1, 0, 2])
+    cam = GradCAM(model, method="scorecam", score_channels=None)
+    maps = cam.explain(images, targets)
+    assert cam.multi_label
+    expected = _scorecam_by_hand(model, images, targets, probabilities=tf.identity)
+    assert expected.max() > 0
+    np.testing.assert_allclose(maps, expected, atol=1e-5)
+    softmax = _scorecam_by_hand(model, images, targets, probabilities=tf.nn.softmax)
+    assert not np.allclose(expected, softmax, atol=1e-5)
 
 
 def test_counterfactual_map_is_the_method_on_negated_gradients():

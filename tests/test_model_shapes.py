@@ -145,6 +145,42 @@ def test_a_softmax_operation_over_one_output_is_refused():
         GradCAM(model)
 
 
+MULTI_LABEL_ENDINGS = ["dense_sigmoid", "sigmoid_layer", "sigmoid_op"]
+
+
+@pytest.mark.parametrize("ending", MULTI_LABEL_ENDINGS)
+def test_a_multi_label_model_is_explained_from_its_logits_and_keeps_its_sigmoids(ending):
+    """Several sigmoid outputs: maps of the logits (a saturated sigmoid's gradient is 0 in
+    float32, which made the map zero), probabilities the model's own sigmoids."""
+    keras.utils.set_random_seed(9)
+    inputs, features = two_convs()
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    dense = keras.layers.Dense(3, activation="sigmoid" if ending == "dense_sigmoid" else None)
+    scores = dense(pooled)
+    # Class 0's logit is ~40: its sigmoid is exactly 1 in float32.
+    dense.set_weights([dense.get_weights()[0] * 5, np.array([40.0, 0, 0], "float32")])
+    if ending == "sigmoid_layer":
+        output = keras.layers.Activation("sigmoid")(scores)
+    elif ending == "sigmoid_op":
+        output = keras.ops.sigmoid(scores)
+    else:
+        output = scores
+        scores = linear_copy(dense, pooled)
+    model = keras.Model(inputs, output)
+    images, targets = images_of(3, seed=9) / 255, np.array([0, 1, 2])
+    expected = tape_gradcam(inputs, features, scores, images, targets)
+    assert (expected.reshape(3, -1).max(axis=1) > 0).all()
+    cam = GradCAM(model)
+    assert cam.softmax_bypassed and cam.multi_label and cam.num_classes == 3
+    details = cam.explain_details(images, targets=targets)
+    np.testing.assert_allclose(details.maps, expected, rtol=1e-4, atol=1e-6 * expected.max())
+    assert not details.zero.any()
+    predicted = model.predict(images, verbose=0)
+    assert (predicted[:, 0] == 1.0).all()  # saturated
+    np.testing.assert_allclose(details.probabilities, predicted, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cam.probabilities(images), predicted, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------- binary models
 
 

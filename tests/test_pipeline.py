@@ -499,6 +499,23 @@ def test_a_one_output_binary_classifier_is_audited_as_two_classes(small_dataset,
     assert (images.loc[~ones, "cam_total"] == 0).all()  # -z has no positive evidence
 
 
+def test_a_multi_label_model_records_its_own_sigmoids(small_dataset, tmp_path):
+    """Dense(10, sigmoid): the recorded confidence is the model's own output for the
+    predicted class, not a softmax over its logits."""
+    manifest, _ = small_dataset
+    model = one_conv_model(channels=3, outputs=10, activation="sigmoid")
+    model.save(tmp_path / "multi.keras")
+    result = run_audit(config_for(manifest, tmp_path / "multi.keras", tmp_path), progress=False)
+    images = result.images
+    assert result.manifest["model"]["multi_label"]
+    assert result.manifest["model"]["softmax_bypassed"]
+    assert (images["status"] == "ok").all()
+    outputs = model.predict(_decoded(manifest, len(images), "RGB"), verbose=0)
+    assert 0 < outputs.max(axis=1).min() < 0.99  # some rows are unsure under sigmoids
+    np.testing.assert_allclose(images["confidence"], outputs.max(axis=1), rtol=1e-4, atol=1e-6)
+    assert (images["pred"] == outputs.argmax(axis=1)).all()
+
+
 def test_classes_too_small_for_any_test_are_shown_untested(small_dataset, tmp_path):
     """Every class below min_support: ok is no evidence of health, and the reports and
     the gate say so."""
