@@ -6,10 +6,13 @@ the forward pass:
 
     python -m benchmarks.bench_engine                    # MobileNetV2 224x224, batch 32
     python -m benchmarks.bench_engine --images 128 --rounds 2
+    python -m benchmarks.bench_engine --xla --images 128 --rounds 2
 
 Rows: the compiled forward pass; ``GradCAM.explain`` at the layer's resolution and
 upsampled to the input size; tf-keras-vis' batched ``Gradcam`` (if installed); and
-the Keras example's per-image loop, run on fewer images because it is slow.
+the Keras example's per-image loop, run on fewer images because it is slow. With
+``--xla`` the forward pass and ``GradCAM.explain`` also run compiled with XLA
+(``jit_compile=True``), to see whether XLA pays on this machine.
 """
 
 from __future__ import annotations
@@ -34,22 +37,30 @@ def batches(images: np.ndarray, size: int):
         yield images[start : start + size]
 
 
-def make_runners(model, images, batch_size, layer, example_images):
+def make_runners(model, images, batch_size, layer, example_images, xla: bool = False):
     forward = tf.function(lambda x: model(x, training=False))
 
-    def run_forward():
-        for batch in batches(images, batch_size):
-            forward(tf.convert_to_tensor(batch)).numpy()
-        return len(images)
+    def forward_runner(function):
+        def run():
+            for batch in batches(images, batch_size):
+                function(tf.convert_to_tensor(batch)).numpy()
+            return len(images)
+
+        return run
 
     cam = GradCAM(model, batch_size=batch_size)
     size = images.shape[1:3]
 
     runners = {
-        "forward (compiled)": run_forward,
+        "forward (compiled)": forward_runner(forward),
         "GradCAM.explain": lambda: len(cam.explain(images)),
         "GradCAM.explain upsampled": lambda: len(cam.explain(images, size=size)),
     }
+    if xla:
+        xla_forward = tf.function(lambda x: model(x, training=False), jit_compile=True)
+        xla_cam = GradCAM(model, batch_size=batch_size, jit_compile=True)
+        runners["forward (XLA)"] = forward_runner(xla_forward)
+        runners["GradCAM.explain (XLA)"] = lambda: len(xla_cam.explain(images))
     try:
         from tf_keras_vis.gradcam import Gradcam
         from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
@@ -89,6 +100,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--xla", action="store_true", help="also time the forward pass and GradCAM with XLA"
+    )
     args = parser.parse_args(argv)
 
     keras.utils.set_random_seed(0)
@@ -97,7 +111,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, size=(args.images, *shape)).astype("float32")
     runners = make_runners(
-        model, images, args.batch_size, "out_relu", images[: args.example_images]
+        model, images, args.batch_size, "out_relu", images[: args.example_images], xla=args.xla
     )
 
     rates = interleaved_rates(runners, args.rounds)

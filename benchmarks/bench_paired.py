@@ -40,7 +40,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import audit.analyse as analyse_module  # noqa: E402
 import audit.pipeline as pipeline  # noqa: E402
+import audit.strategies as strategies_module  # noqa: E402
+from audit.explain import GradCAM  # noqa: E402
 from audit.models import load_model  # noqa: E402
 from benchmarks.bench_audit import (  # noqa: E402
     WEIGHTS,
@@ -127,6 +130,57 @@ class Pauses:
         pipeline.ChunkWriter.submit, pipeline.ChunkWriter.close = self.undo
 
 
+class StageTimes:
+    """Times the analysis stages that run after the pass (``audit.analyse``) and counts
+    the images its forward passes see (``GradCAM.probabilities``: the interventions and
+    the trust checks' deletion and insertion curves)."""
+
+    STAGES = {
+        "interventions": (analyse_module, "_interventions"),
+        "trust checks": (analyse_module, "_trust_checks"),
+        "guided examples": (analyse_module, "_write_guided"),
+        "strategy clusters": (strategies_module, "find_strategies"),
+        "probabilities": (GradCAM, "probabilities"),
+    }
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.forward_images = 0
+        self.undo: list = []
+
+    def __enter__(self) -> StageTimes:
+        for stage, (owner, name) in self.STAGES.items():
+            original = getattr(owner, name)
+
+            def timed(*args, _original=original, _stage=stage, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds[_stage] += time.perf_counter() - start
+                    if _stage == "probabilities":
+                        self.forward_images += len(args[1])  # (self, images)
+
+            self.undo.append((owner, name, original))
+            setattr(owner, name, timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in self.undo:
+            setattr(owner, name, original)
+
+    def line(self) -> str:
+        stages = ", ".join(
+            f"{stage} {seconds:.1f} s"
+            for stage, seconds in self.seconds.items()
+            if stage != "probabilities"
+        )
+        return (
+            f"  analysis stages: {stages}; their forward passes saw {self.forward_images} "
+            f"images in {self.seconds['probabilities']:.1f} s"
+        )
+
+
 def bootstrap_ratio(forward: np.ndarray, audit: np.ndarray, after: float, seed: int = 0):
     """95% percentile interval of the ratio of total seconds, forward / audit, with the
     slices after the first resampled (pairs kept together). The first slice (setup and
@@ -174,7 +228,7 @@ def main(argv=None) -> None:
         forward(range(args.batch_size))
         job_fixed = time.perf_counter() - start
 
-        with Pauses(forward, args.slice) as pauses:
+        with Pauses(forward, args.slice) as pauses, StageTimes() as stages:
             result = pipeline.run_audit(
                 with_run_id(config, f"paired-{time.time_ns()}"), progress=False
             )
@@ -218,6 +272,7 @@ def main(argv=None) -> None:
         f"waiting for its writes and for quiet before the pauses {pauses.waited:.1f} s (quiet "
         f"before {len(slices) - pauses.loud} of {len(slices)} pauses)"
     )
+    print(stages.line())
     verdict = "meets" if ratio >= 0.9 else "BELOW"
     print(
         f"whole audit / forward = {ratio:.3f}x, 95% CI over slices [{low:.3f}, {high:.3f}] "

@@ -13,6 +13,9 @@ def test_pauses_cover_every_row_once_and_leave_the_pipeline_as_it_was(
     tmp_path, capsys, monkeypatch
 ):
     submit, close = pipeline.ChunkWriter.submit, pipeline.ChunkWriter.close
+    stage_functions = [
+        getattr(owner, name) for owner, name in bench_paired.StageTimes.STAGES.values()
+    ]
     seen = []
     forward_runner = bench_paired.forward_runner
 
@@ -37,6 +40,13 @@ def test_pauses_cover_every_row_once_and_leave_the_pipeline_as_it_was(
     assert sorted(row for rows in pauses for row in rows) == list(range(300))
     assert "paused 3 times" in out and "whole audit / forward = " in out
     assert (pipeline.ChunkWriter.submit, pipeline.ChunkWriter.close) == (submit, close)
+    # The analysis stages were timed (the interventions ran forward passes) and unpatched.
+    stages = next(line for line in out.splitlines() if "analysis stages:" in line)
+    assert "interventions" in stages and "trust checks" in stages
+    assert int(stages.split("forward passes saw ")[1].split()[0]) > 0
+    assert [
+        getattr(owner, name) for owner, name in bench_paired.StageTimes.STAGES.values()
+    ] == stage_functions
     (run,) = [path for path in (tmp_path / "runs").iterdir() if path.is_dir()]
     images = pd.read_parquet(run / "images.parquet")
     assert len(images) == 300 and (images["status"] == "ok").all()
