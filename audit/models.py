@@ -297,7 +297,9 @@ def resolve_layer_path(model: keras.Model, layer: str | None = None) -> list[str
 
 
 # tf.nn.softmax is named softmax_v2; keras.activations and keras.ops name theirs softmax.
-_SOFTMAX_NAMES = ("softmax", "softmax_v2")
+# A log-softmax counts as a softmax: the softmax of log-probabilities is the softmax of
+# the logits, so skipping it keeps the probabilities and leaves the logits.
+_SOFTMAX_NAMES = ("softmax", "softmax_v2", "log_softmax", "log_softmax_v2")
 
 
 def _squashes(activation, width: int) -> str | None:
@@ -306,7 +308,7 @@ def _squashes(activation, width: int) -> str | None:
     name = getattr(activation, "__name__", None)
     if name in _SOFTMAX_NAMES and width == 1:
         raise ModelStructureError(
-            "the model ends in a softmax over one output, which is always 1; a binary "
+            "the model ends in a softmax over one output, which is constant; a binary "
             "classifier with one output needs a sigmoid (or no activation)"
         )
     if name in _SOFTMAX_NAMES:
@@ -316,12 +318,12 @@ def _squashes(activation, width: int) -> str | None:
 
 def _squashing_operation(operation, width: int) -> str | None:
     """``_squashes`` for an operation of a functional model (no layer):
-    ``keras.ops.softmax(x)`` or ``keras.activations.softmax(x)`` over the classes, or
-    ``keras.ops.sigmoid(x)``."""
+    ``keras.ops.softmax(x)`` or ``keras.activations.softmax(x)`` (or a log-softmax) over
+    the classes, or ``keras.ops.sigmoid(x)``."""
     if isinstance(operation, keras.layers.Layer) or not isinstance(operation, keras.Operation):
         return None
     kind = type(operation).__name__
-    if kind == "Softmax":
+    if kind in ("Softmax", "LogSoftmax"):
         axis = getattr(operation, "axis", -1)
         axes = tuple(axis) if isinstance(axis, list | tuple) else (axis,)
         if not set(axes) <= {-1, 1}:  # over the batch: not class probabilities

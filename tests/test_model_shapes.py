@@ -106,10 +106,13 @@ def test_a_tf_nn_softmax_activation_is_bypassed():
     np.testing.assert_allclose(details.logits, scores.predict(images, verbose=0), rtol=1e-5)
 
 
-@pytest.mark.parametrize("softmax", [keras.ops.softmax, keras.activations.softmax])
+@pytest.mark.parametrize(
+    "softmax", [keras.ops.softmax, keras.activations.softmax, keras.ops.log_softmax]
+)
 def test_a_softmax_operation_is_bypassed_and_survives_saving(softmax, tmp_path):
     """``keras.ops.softmax(x)`` in a functional model is an operation, not a layer; it is
-    skipped like a Softmax layer, also nested in a wrapper and after a safe-mode load."""
+    skipped like a Softmax layer, also nested in a wrapper and after a safe-mode load. A
+    log-softmax too: its outputs are log-probabilities."""
     from audit.models import load_model
 
     keras.utils.set_random_seed(8)
@@ -131,9 +134,26 @@ def test_a_softmax_operation_is_bypassed_and_survives_saving(softmax, tmp_path):
         assert cam.softmax_bypassed
         details = cam.explain_details(images, targets=targets)
         np.testing.assert_allclose(details.maps, expected, rtol=1e-4, atol=1e-6 * expected.max())
-        np.testing.assert_allclose(
-            details.probabilities, model.predict(images, verbose=0), rtol=1e-5, atol=1e-6
-        )
+        outputs = model.predict(images, verbose=0)
+        if softmax is keras.ops.log_softmax:
+            outputs = np.exp(outputs)
+        np.testing.assert_allclose(details.probabilities, outputs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_log_softmax_activation_is_bypassed():
+    inputs, features = two_convs()
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    dense = keras.layers.Dense(3, activation="log_softmax")
+    model = keras.Model(inputs, dense(pooled))
+    scores = keras.Model(inputs, linear_copy(dense, pooled))
+    images = images_of(2) / 255
+    cam = GradCAM(model)
+    assert cam.softmax_bypassed and not cam.multi_label
+    details = cam.explain_details(images)
+    np.testing.assert_allclose(details.logits, scores.predict(images, verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        details.probabilities, np.exp(model.predict(images, verbose=0)), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")  # Keras' own
