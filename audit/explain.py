@@ -417,9 +417,9 @@ def _as_image_batch(images) -> np.ndarray:
         raise ValueError(
             f"images must be a batch shaped (N, height, width, channels), got {array.shape}" + hint
         )
-    if not np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    return array
+    # float32 whatever came in (integers, float64 from NumPy's random generators): one
+    # traced input type, and Score-CAM's masks (float32) multiply the images.
+    return array.astype(np.float32, copy=False)
 
 
 def pad_batch(array: np.ndarray, size: int) -> np.ndarray:

@@ -316,6 +316,22 @@ def _squashes(activation, width: int) -> str | None:
     return "sigmoid" if name == "sigmoid" else None
 
 
+def _over_classes(axis) -> bool:
+    """Whether a softmax over ``axis`` of a ``(batch, classes)`` output is over the
+    classes (not over the batch: that gives no class probabilities)."""
+    axes = tuple(axis) if isinstance(axis, list | tuple) else (axis,)
+    return set(axes) <= {-1, 1}
+
+
+def _passes_through(operation) -> bool:
+    """A step after the squash that leaves the values as they are: a linear
+    ``Activation`` (mixed precision's float32 output layer), an ``Identity`` layer, a
+    cast."""
+    if isinstance(operation, keras.layers.Activation):
+        return getattr(operation.activation, "__name__", None) == "linear"
+    return isinstance(operation, keras.layers.Identity) or type(operation).__name__ == "Cast"
+
+
 def _squashing_operation(operation, width: int) -> str | None:
     """``_squashes`` for an operation of a functional model (no layer):
     ``keras.ops.softmax(x)`` or ``keras.activations.softmax(x)`` (or a log-softmax) over
@@ -324,9 +340,7 @@ def _squashing_operation(operation, width: int) -> str | None:
         return None
     kind = type(operation).__name__
     if kind in ("Softmax", "LogSoftmax"):
-        axis = getattr(operation, "axis", -1)
-        axes = tuple(axis) if isinstance(axis, list | tuple) else (axis,)
-        if not set(axes) <= {-1, 1}:  # over the batch: not class probabilities
+        if not _over_classes(getattr(operation, "axis", -1)):
             return None
         return _squashes(keras.activations.softmax, width)
     return "sigmoid" if kind == "Sigmoid" else None
@@ -360,7 +374,8 @@ def _logit_end(graph) -> tuple:
     function skipped (``"softmax"`` or ``"sigmoid"``; None when nothing was skipped).
 
     A separate ``Softmax``/``Activation('softmax')`` layer, or a softmax operation
-    (``keras.ops.softmax(x)``), is skipped; a layer with
+    (``keras.ops.softmax(x)``), is skipped, also under steps that keep the values (a
+    linear float32 ``Activation``, a cast: ``_passes_through``); a layer with
     ``activation='softmax'`` (usually ``Dense``) is re-applied through its linear twin
     (``_linear_twin``); a nested model that produces the output is replaced by its own
     part up to its scores, at any depth. The user's model is never modified.
@@ -368,6 +383,8 @@ def _logit_end(graph) -> tuple:
     output = graph.outputs[0]
     width = output.shape[-1]
     last = _producer(output, graph)
+    while last is not None and _passes_through(last):
+        last = _producer(_node(last, graph).input_tensors[0], graph)
     if last is None:
         return output, [], None
     node = _node(last, graph)
@@ -382,6 +399,8 @@ def _logit_end(graph) -> tuple:
         lead = _submodel(inner.inputs[0], end, f"{last.name}_scores")
         return source, [part for part in (lead, *tail) if part is not None], squash
     if isinstance(last, keras.layers.Softmax):
+        if not _over_classes(last.axis):
+            return output, [], None
         return source, [], _squashes(keras.activations.softmax, width)
     squash = (
         _squashes(last.activation, width)

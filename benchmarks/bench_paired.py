@@ -149,20 +149,25 @@ class StageTimes:
         self.undo: list = []
 
     def __enter__(self) -> StageTimes:
-        for stage, (owner, name) in self.STAGES.items():
-            original = getattr(owner, name)
+        try:
+            for stage, (owner, name) in self.STAGES.items():
+                original = getattr(owner, name)
 
-            def timed(*args, _original=original, _stage=stage, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    self.seconds[_stage] += time.perf_counter() - start
+                def timed(*args, _original=original, _stage=stage, **kwargs):
+                    start = time.perf_counter()
+                    try:
+                        result = _original(*args, **kwargs)
+                    finally:
+                        self.seconds[_stage] += time.perf_counter() - start
                     if _stage == "probabilities":
-                        self.forward_images += len(args[1])  # (self, images)
+                        self.forward_images += len(result)  # one row per image
+                    return result
 
-            self.undo.append((owner, name, original))
-            setattr(owner, name, timed)
+                setattr(owner, name, timed)
+                self.undo.append((owner, name, original))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

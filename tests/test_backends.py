@@ -184,11 +184,16 @@ SHAPES_CHILD = textwrap.dedent(
     out = {}
     for name in names:
         model = load_model(f"{folder}/{name}.keras")
-        cam = GradCAM(model, batch_size=4)
+        engines = {name: GradCAM(model, batch_size=4)}
+        if name == "multilabel":  # Score-CAM's forward passes score the model's sigmoids
+            engines["scorecam"] = GradCAM(
+                model, method="scorecam", score_channels=None, batch_size=4
+            )
         for stage in ("before", "after"):
-            details = cam.explain_details(images, targets)
-            out[f"{name}_{stage}_maps"] = details.maps
-            out[f"{name}_{stage}_probabilities"] = details.probabilities
+            for key, cam in engines.items():
+                details = cam.explain_details(images, targets)
+                out[f"{key}_{stage}_maps"] = details.maps
+                out[f"{key}_{stage}_probabilities"] = details.probabilities
             out[f"{name}_{stage}_outputs"] = keras.ops.convert_to_numpy(model(images))
             model.set_weights([w * 1.5 for w in model.get_weights()])  # as load_weights does
     np.savez(f"{folder}/{keras.backend.backend()}.npz", **out)
@@ -198,9 +203,10 @@ SHAPES_CHILD = textwrap.dedent(
 
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
 def test_binary_and_nested_softmax_models_on_other_backends(backend, tmp_path):
-    """A one-output sigmoid classifier (two logits) and a softmax inside a nested model
-    give TensorFlow's maps, and probabilities equal to the model's own outputs, also
-    after the weights change under a reused engine."""
+    """A one-output sigmoid classifier (two logits), a softmax inside a nested model and a
+    multi-label model (a sigmoid per class; its Grad-CAM and Score-CAM maps) give
+    TensorFlow's maps, and probabilities equal to the model's own outputs, also after
+    the weights change under a reused engine."""
     keras.utils.set_random_seed(8)
     inputs = keras.Input((12, 12, 3))
     x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
@@ -211,11 +217,22 @@ def test_binary_and_nested_softmax_models_on_other_backends(backend, tmp_path):
     classifier = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(pooled))
     wrapped = keras.Sequential([keras.Input((12, 12, 3)), keras.layers.Rescaling(2.0), classifier])
     wrapped.save(tmp_path / "wrapped.keras")
+    keras.Model(inputs, keras.ops.sigmoid(keras.layers.Dense(3)(pooled))).save(
+        tmp_path / "multilabel.keras"
+    )
     np.save(tmp_path / "images.npy", np.random.default_rng(8).uniform(size=(6, 12, 12, 3)))
     results = {}
     for name in ("tensorflow", backend):
         env = dict(os.environ, KERAS_BACKEND=name, PYTHONPATH=str(ROOT))
-        command = [sys.executable, "-c", SHAPES_CHILD, str(tmp_path), "binary", "wrapped"]
+        command = [
+            sys.executable,
+            "-c",
+            SHAPES_CHILD,
+            str(tmp_path),
+            "binary",
+            "wrapped",
+            "multilabel",
+        ]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         results[name] = dict(np.load(tmp_path / f"{name}.npz"))
@@ -225,9 +242,10 @@ def test_binary_and_nested_softmax_models_on_other_backends(backend, tmp_path):
             np.testing.assert_allclose(
                 probabilities[:, 1], out[f"binary_{stage}_outputs"][:, 0], rtol=1e-5
             )
-            np.testing.assert_allclose(
-                out[f"wrapped_{stage}_probabilities"], out[f"wrapped_{stage}_outputs"], rtol=1e-5
-            )
+            for name in ("wrapped", "multilabel"):
+                np.testing.assert_allclose(
+                    out[f"{name}_{stage}_probabilities"], out[f"{name}_{stage}_outputs"], rtol=1e-5
+                )
         changed = out["wrapped_after_probabilities"] - out["wrapped_before_probabilities"]
         assert np.abs(changed).max() > 1e-3
     for key, maps in results["tensorflow"].items():

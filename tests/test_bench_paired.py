@@ -29,6 +29,14 @@ def test_pauses_cover_every_row_once_and_leave_the_pipeline_as_it_was(
         return recorded
 
     monkeypatch.setattr(bench_paired, "forward_runner", recording)
+    timed = []
+
+    class RecordedStages(bench_paired.StageTimes):
+        def __enter__(self):
+            timed.append(self)
+            return super().__enter__()
+
+    monkeypatch.setattr(bench_paired, "StageTimes", RecordedStages)
     bench_paired.main(
         ["--size", "48", "--images", "300", "--slice", "128", "--workdir", str(tmp_path)]
     )
@@ -40,10 +48,11 @@ def test_pauses_cover_every_row_once_and_leave_the_pipeline_as_it_was(
     assert sorted(row for rows in pauses for row in rows) == list(range(300))
     assert "paused 3 times" in out and "whole audit / forward = " in out
     assert (pipeline.ChunkWriter.submit, pipeline.ChunkWriter.close) == (submit, close)
-    # The analysis stages were timed (the interventions ran forward passes) and unpatched.
-    stages = next(line for line in out.splitlines() if "analysis stages:" in line)
-    assert "interventions" in stages and "trust checks" in stages
-    assert int(stages.split("forward passes saw ")[1].split()[0]) > 0
+    # Every analysis stage ran and was timed (the interventions and the trust checks ran
+    # forward passes), then unpatched.
+    (stages,) = timed
+    assert all(seconds > 0 for seconds in stages.seconds.values()), stages.seconds
+    assert stages.forward_images > 0 and "analysis stages: interventions" in out
     assert [
         getattr(owner, name) for owner, name in bench_paired.StageTimes.STAGES.values()
     ] == stage_functions

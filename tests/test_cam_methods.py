@@ -119,6 +119,18 @@ def test_scorecam_matches_a_hand_written_loop_and_topk_with_all_channels_is_full
         ScoreCAM(0)
 
 
+def test_scorecam_takes_float64_images():
+    """NumPy's random images are float64; Score-CAM multiplies them by float32 masks."""
+    model = _score_model()
+    images = np.random.default_rng(7).random((2, 12, 12, 3))
+    assert images.dtype == np.float64
+    cam = GradCAM(model, method="scorecam", score_channels=None)
+    np.testing.assert_allclose(
+        cam.explain(images, np.array([0, 1])),
+        cam.explain(images.astype("float32"), np.array([0, 1])),
+    )
+
+
 def test_scorecam_of_a_multi_label_model_scores_its_sigmoids():
     """A model ending in a sigmoid per class: the channel weights are gains in the
     class's own sigmoid, what the model outputs, not in a softmax over the classes."""

@@ -106,9 +106,7 @@ def test_a_tf_nn_softmax_activation_is_bypassed():
     np.testing.assert_allclose(details.logits, scores.predict(images, verbose=0), rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "softmax", [keras.ops.softmax, keras.activations.softmax, keras.ops.log_softmax]
-)
+@pytest.mark.parametrize("softmax", [keras.ops.softmax, keras.ops.log_softmax])
 def test_a_softmax_operation_is_bypassed_and_survives_saving(softmax, tmp_path):
     """``keras.ops.softmax(x)`` in a functional model is an operation, not a layer; it is
     skipped like a Softmax layer, also nested in a wrapper and after a safe-mode load. A
@@ -138,6 +136,45 @@ def test_a_softmax_operation_is_bypassed_and_survives_saving(softmax, tmp_path):
         if softmax is keras.ops.log_softmax:
             outputs = np.exp(outputs)
         np.testing.assert_allclose(details.probabilities, outputs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("after", ["float32_activation", "identity", "cast"])
+def test_a_softmax_under_steps_that_keep_its_values_is_bypassed(after):
+    """Mixed precision ends a model in ``Activation("linear", dtype="float32")``; an
+    ``Identity`` layer or a cast keeps the values too: the softmax under them is found,
+    so the probabilities are the model's, not a softmax of them."""
+    keras.utils.set_random_seed(10)
+    inputs, features = two_convs()
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    dense = keras.layers.Dense(3, activation="softmax")
+    output = dense(pooled)
+    dense.set_weights([dense.get_weights()[0] * 20, np.array([3.0, 0, 0], "float32")])
+    if after == "float32_activation":
+        output = keras.layers.Activation("linear", dtype="float32")(output)
+    elif after == "identity":
+        output = keras.layers.Identity()(output)
+    else:
+        output = keras.ops.cast(output, "float32")
+    model = keras.Model(inputs, output)
+    scores = keras.Model(inputs, linear_copy(dense, pooled))
+    images = images_of(3, seed=10) / 255
+    cam = GradCAM(model)
+    assert cam.softmax_bypassed
+    details = cam.explain_details(images)
+    np.testing.assert_allclose(details.logits, scores.predict(images, verbose=0), rtol=1e-5)
+    predicted = model.predict(images, verbose=0)
+    twice = np.exp(predicted) / np.exp(predicted).sum(axis=1, keepdims=True)
+    assert np.abs(twice - predicted).max() > 0.1  # a second softmax would be seen
+    np.testing.assert_allclose(details.probabilities, predicted, rtol=1e-5, atol=1e-6)
+
+
+def test_a_softmax_over_the_batch_is_not_bypassed():
+    inputs, features = two_convs()
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    layer = keras.Model(inputs, keras.layers.Softmax(axis=0)(keras.layers.Dense(3)(pooled)))
+    operation = keras.Model(inputs, keras.ops.softmax(keras.layers.Dense(3)(pooled), axis=0))
+    for model in (layer, operation):
+        assert not GradCAM(model).softmax_bypassed
 
 
 def test_a_log_softmax_activation_is_bypassed():
