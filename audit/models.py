@@ -332,6 +332,16 @@ def _passes_through(operation) -> bool:
     return isinstance(operation, keras.layers.Identity) or type(operation).__name__ == "Cast"
 
 
+def _under_passes(tensor, graph):
+    """The tensor that the value-keeping steps ending in ``tensor`` start from
+    (``_passes_through``); ``tensor`` itself when it is not made by one."""
+    last = _producer(tensor, graph)
+    while last is not None and _passes_through(last):
+        tensor = _node(last, graph).input_tensors[0]
+        last = _producer(tensor, graph)
+    return tensor
+
+
 def _squashing_operation(operation, width: int) -> str | None:
     """``_squashes`` for an operation of a functional model (no layer):
     ``keras.ops.softmax(x)`` or ``keras.activations.softmax(x)`` (or a log-softmax) over
@@ -382,9 +392,7 @@ def _logit_end(graph) -> tuple:
     """
     output = graph.outputs[0]
     width = output.shape[-1]
-    last = _producer(output, graph)
-    while last is not None and _passes_through(last):
-        last = _producer(_node(last, graph).input_tensors[0], graph)
+    last = _producer(_under_passes(output, graph), graph)
     if last is None:
         return output, [], None
     node = _node(last, graph)
@@ -471,8 +479,9 @@ def _cut(graph, path: list[str], scores: bool) -> tuple[list, list, bool]:
                 "on the path to the target layer must take one tensor"
             )
         inner = _graph(layer)
-        if scores and layer_out is graph.outputs[0]:
-            # The nested model on the path makes the output: its own scores are the end.
+        if scores and layer_out is _under_passes(graph.outputs[0], graph):
+            # The nested model on the path makes the output (steps after it keep its
+            # values): its own scores are the end.
             inner_features, head, squash = _cut(inner, path[1:], scores=True)
         else:
             inner_features, inner_head, _ = _cut(inner, path[1:], scores=False)

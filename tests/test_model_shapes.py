@@ -168,6 +168,31 @@ def test_a_softmax_under_steps_that_keep_its_values_is_bypassed(after):
     np.testing.assert_allclose(details.probabilities, predicted, rtol=1e-5, atol=1e-6)
 
 
+def test_a_nested_classifier_under_a_float32_activation_is_cut_inside():
+    """Mixed precision's output layer after a wrapped classifier: the target and the
+    softmax are inside it; the cut goes in, the float32 step adds nothing."""
+    keras.utils.set_random_seed(11)
+    inputs, features = two_convs()
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    dense = keras.layers.Dense(3, activation="softmax")
+    classifier = keras.Model(inputs, dense(pooled), name="clf")
+    outer = keras.Input((16, 16, 3))
+    model = keras.Model(
+        outer, keras.layers.Activation("linear", dtype="float32")(classifier(outer))
+    )
+    scores = linear_copy(dense, pooled)
+    images, targets = images_of(3, seed=11) / 255, np.array([0, 1, 2])
+    expected = tape_gradcam(inputs, features, scores, images, targets)
+    assert expected.max() > 0
+    cam = GradCAM(model)
+    assert cam.softmax_bypassed and cam.layer_path == "clf/c2"
+    details = cam.explain_details(images, targets=targets)
+    np.testing.assert_allclose(details.maps, expected, rtol=1e-4, atol=1e-6 * expected.max())
+    np.testing.assert_allclose(
+        details.probabilities, model.predict(images, verbose=0), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_a_softmax_over_the_batch_is_not_bypassed():
     inputs, features = two_convs()
     pooled = keras.layers.GlobalAveragePooling2D()(features)
