@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -15,6 +17,9 @@ from audit.models import ModelCut, ModelStructureError, cut_model
 
 # Target value meaning "the class the model predicts" inside the compiled step.
 PREDICTED = -1
+# Models whose first scores were checked (``GradCAM.check_scores``): every engine of one
+# model (the audit pass's, the analysis's) shares one check and at most one warning.
+_SCORES_CHECKED: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,31 @@ class GradCAM:
         """Whether the model ends in a sigmoid per class (its probabilities are those
         sigmoids, not a softmax)."""
         return self._ensure_cut(None).multi_label
+
+    def check_scores(self, logits: np.ndarray) -> None:
+        """Warn (once per model) when the scores read as logits look like probabilities
+        (each row in [0, 1], summing to 1) although no final softmax was found: a softmax
+        the cut does not know (a ``Lambda``, a custom layer, exp / sum). Grad-CAM of a
+        probability saturates, and the audit's probabilities would be a softmax of it."""
+        if self.model in _SCORES_CHECKED:
+            return
+        _SCORES_CHECKED.add(self.model)
+        cut = self._ensure_cut(None)
+        if cut.softmax_bypassed or logits.shape[-1] < 2 or len(logits) == 0:
+            return
+        logits = np.asarray(logits, dtype=np.float64)
+        if (
+            (logits >= 0).all()
+            and (logits <= 1).all()
+            and np.allclose(logits.sum(-1), 1, atol=1e-3)
+        ):
+            warnings.warn(
+                "the model's outputs look like probabilities (each row sums to 1), but no "
+                "final softmax layer or operation was found to skip: Grad-CAM then explains "
+                "probabilities, whose gradients vanish for confident predictions. End the "
+                "model in a Softmax layer (or keras.ops.softmax) after its logits",
+                stacklevel=3,
+            )
 
     def _ensure_cut(self, image_shape: Sequence[int] | None) -> ModelCut:
         if self._cut is None:
@@ -374,6 +404,7 @@ class GradCAM:
         if count == 0:
             raise ValueError("explain() needs at least one image")
         maps = np.concatenate(outputs["maps"]).astype(np.float32, copy=False)
+        self.check_scores(np.concatenate(outputs["logits"])[:count])
         return Explanation(
             maps=maps,
             logits=np.concatenate(outputs["logits"]),

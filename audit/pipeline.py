@@ -206,6 +206,7 @@ class AuditStep:
         if count < size:  # keep one traced shape
             images, labels, regions = (pad_batch(a, size) for a in (images, labels, regions))
         out = self.program(images, self._target_sets(labels), regions.astype("float32"))
+        self.cam.check_scores(out["logits"][:count])
         return {key: value[:count] for key, value in out.items()}
 
 

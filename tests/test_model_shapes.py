@@ -2,6 +2,8 @@
 binary classifiers, feature maps made by operations, nested heads, keepdims pooling,
 subclassed parts, and weights that change after the engine was made."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -191,6 +193,29 @@ def test_a_nested_classifier_under_a_float32_activation_is_cut_inside():
     np.testing.assert_allclose(
         details.probabilities, model.predict(images, verbose=0), rtol=1e-5, atol=1e-6
     )
+
+
+def test_probabilities_from_an_unknown_softmax_are_warned_about():
+    """A softmax written out (exp / sum) is no softmax the cut knows: Grad-CAM explains
+    probabilities. The engine says so once; logits and a known softmax say nothing."""
+    keras.utils.set_random_seed(12)
+    inputs, features = two_convs()
+    scores = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(features))
+    exp = keras.ops.exp(scores)
+    written_out = keras.Model(inputs, exp / keras.ops.sum(exp, axis=-1, keepdims=True))
+    images = images_of(4, seed=12) / 255
+    cam = GradCAM(written_out)
+    with pytest.warns(UserWarning, match="look like probabilities.*Softmax layer"):
+        cam.explain(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cam.explain(images)  # once per model, whatever engine
+        GradCAM(written_out).explain(images)
+        for model in (
+            keras.Model(inputs, scores),
+            keras.Model(inputs, keras.layers.Softmax()(scores)),
+        ):
+            GradCAM(model).explain(images)
 
 
 def test_a_softmax_over_the_batch_is_not_bypassed():

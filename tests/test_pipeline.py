@@ -516,6 +516,24 @@ def test_a_multi_label_model_records_its_own_sigmoids(small_dataset, tmp_path):
     assert (images["pred"] == outputs.argmax(axis=1)).all()
 
 
+def test_an_audit_warns_when_the_scores_look_like_probabilities(small_dataset, tmp_path):
+    """A model ending in a softmax written out as exp / sum: the audit goes on, and says
+    that it explains probabilities."""
+    manifest, _ = small_dataset
+    inputs = keras.Input((48, 48, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    exp = keras.ops.exp(keras.layers.Dense(10)(pooled))
+    model = keras.Model(inputs, exp / keras.ops.sum(exp, axis=-1, keepdims=True))
+    model.save(tmp_path / "written_out.keras")
+    config = config_for(manifest, tmp_path / "written_out.keras", tmp_path)
+    with pytest.warns(UserWarning, match="look like probabilities") as caught:
+        result = run_audit(config, progress=False)
+    assert (result.images["status"] == "ok").all()
+    assert not result.manifest["model"]["softmax_bypassed"]
+    # Once: the pass's engine and the analysis's share the model's one check.
+    assert sum("look like probabilities" in str(w.message) for w in caught) == 1
+
+
 def test_classes_too_small_for_any_test_are_shown_untested(small_dataset, tmp_path):
     """Every class below min_support: ok is no evidence of health, and the reports and
     the gate say so."""
