@@ -20,6 +20,7 @@ PREDICTED = -1
 # Models whose first scores were checked (``GradCAM.check_scores``): every engine of one
 # model (the audit pass's, the analysis's) shares one check and at most one warning.
 _SCORES_CHECKED: weakref.WeakSet = weakref.WeakSet()
+SCORE_CHECK_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -189,11 +190,13 @@ class GradCAM:
         (each row in [0, 1], summing to 1) although no final softmax was found: a softmax
         the cut does not know (a ``Lambda``, a custom layer, exp / sum). Grad-CAM of a
         probability saturates, and the audit's probabilities would be a softmax of it."""
-        if self.model in _SCORES_CHECKED:
+        # A few rows can sum to 1 by chance (one image scored [0.5, 0.5]): judged on a
+        # batch of at least SCORE_CHECK_ROWS.
+        if self.model in _SCORES_CHECKED or len(logits) < SCORE_CHECK_ROWS:
             return
         _SCORES_CHECKED.add(self.model)
         cut = self._ensure_cut(None)
-        if cut.softmax_bypassed or logits.shape[-1] < 2 or len(logits) == 0:
+        if cut.softmax_bypassed or logits.shape[-1] < 2:
             return
         logits = np.asarray(logits, dtype=np.float64)
         if (
