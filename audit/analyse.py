@@ -5,7 +5,9 @@ Reads ``images.parquet`` and writes, next to it:
     classes.parquet        every group (true class, predicted class, slice, class x slice)
                            with support, accuracy, mass/lift means and 95% CIs
     flags.parquet          every statistical test with its q-value, CI and verdict
-    interventions.parquet  per class prediction rates under each intervention, BG-gap
+    interventions.parquet  per class prediction rates under each intervention, BG-gap,
+                           the transplant test, and each causal test's q-value and evidence
+    associations.parquet   per slice value x class: does the slice drive the class?
     strategies.parquet     per class CAM clusters (SpRAy)
     trust.json             the trust checks of the maps (docs/trust.md)
     guided/<row>.png       Guided Grad-CAM pictures of the report's example images
@@ -24,15 +26,20 @@ import keras
 import numpy as np
 import pandas as pd
 
-from audit.aggregate import aggregator_for
-from audit.config import SEQUENTIAL_MIN_CLASSES, AuditConfig
+from audit.aggregate import aggregator_for, slice_columns_of
+from audit.associations import slice_associations
+from audit.config import SEQUENTIAL_MIN_CLASSES, AuditConfig, PolicySection
 from audit.data import Entries, Preprocessor, load_entry
-from audit.flags import evaluate_flags
+from audit.flags import benjamini_hochberg, evaluate_flags
 from audit.probes import (
+    predicted_rows,
     run_interventions,
+    run_transplants,
     sample_rows,
     settled_classes,
+    settled_transplants,
     summarise_interventions,
+    summarise_transplants,
 )
 from audit.store import RunStore, atomic_write
 
@@ -50,6 +57,7 @@ class Analysis:
     interventions: pd.DataFrame
     strategies: pd.DataFrame
     trust: dict | None = field(default=None)
+    associations: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def worst_examples(images: pd.DataFrame, index: int, manifest: dict) -> pd.DataFrame:
@@ -113,22 +121,33 @@ def analyse(
     interventions = pd.DataFrame()
     if policy.intervention_samples > 0 and any(r.role == "expected" for r in config.regions):
         sample = sample_rows(images, policy.intervention_samples, policy.seed)
+        options = {
+            "class_index": class_index,
+            "preprocessor": preprocessor,
+            "regions": config.regions,
+            "batch_size": config.batch_size,
+            "seed": policy.seed,
+        }
         interventions = _interventions(
-            partial(
-                run_interventions,
-                cam.probabilities,
-                entries,
-                class_index=class_index,
-                preprocessor=preprocessor,
-                regions=config.regions,
-                batch_size=config.batch_size,
-                seed=policy.seed,
-            ),
+            partial(run_interventions, cam.probabilities, entries, **options),
             sample,
             flags,
             class_names,
             policy,
         )
+        transplants = _transplants(
+            partial(run_transplants, cam.probabilities, entries, sample, **options),
+            predicted_rows(images, policy.intervention_samples, policy.seed),
+            class_names,
+            policy,
+        )
+        interventions = _merge_classes(interventions, transplants)
+    associations = slice_associations(
+        images, slice_columns_of(images, manifest["dataset"].get("slice_columns", [])),
+        class_names, policy,
+    )  # fmt: skip
+    interventions, associations = causal_evidence(interventions, associations, policy)
+    flags = judge_slice_flags(flags, associations, policy)
     strategies = find_strategies(
         run, images, manifest, seed=policy.seed, resamples=policy.bootstrap_resamples
     )
@@ -149,7 +168,7 @@ def analyse(
             for row in worst_examples(images, index, manifest)["row"]
         ]
         _write_guided(run, model, cam, load(rows))
-    analysis = Analysis(groups, flags, interventions, strategies, trust)
+    analysis = Analysis(groups, flags, interventions, strategies, trust, associations)
     write_analysis(run, analysis)
     return analysis
 
@@ -187,6 +206,118 @@ def _interventions(probe, sample, flags, class_names, policy) -> pd.DataFrame:
         details.drop(columns=["label_index", "pred_original", "look"]), on="row", how="left"
     )
     return summarise_interventions(outcomes, class_names, policy)
+
+
+def _transplants(probe, backgrounds, class_names, policy) -> pd.DataFrame:
+    """The transplant test on the backgrounds of every predicted class's images,
+    sequentially (as Mixed-Rand) when they span ``SEQUENTIAL_MIN_CLASSES`` classes."""
+    settled = partial(settled_transplants, class_names=class_names, policy=policy)
+    sequential = backgrounds["pred"].nunique() >= SEQUENTIAL_MIN_CLASSES
+    look = policy.intervention_look if sequential else 0
+    outcomes = probe(backgrounds, look=look, settled=settled)
+    return summarise_transplants(outcomes, class_names, policy)
+
+
+def _merge_classes(interventions: pd.DataFrame, transplants: pd.DataFrame) -> pd.DataFrame:
+    """One row per class with both directions' results (either may be missing)."""
+    if not len(transplants):
+        return interventions
+    if not len(interventions):
+        return transplants
+    merged = interventions.merge(transplants, on=["class_index", "class_name"], how="outer")
+    return merged.sort_values("class_index", kind="stable").reset_index(drop=True)
+
+
+# The causal tests of a class: (p-value column, CI-gated evidence column, its own
+# evidence column after the run's Benjamini-Hochberg correction, q-value column).
+CAUSAL_TESTS = (
+    ("bg_gap_p_value", "intervention_evidence", "mixed_rand_evidence", "bg_gap_q_value"),
+    ("transplant_p_value", "transplant_evidence", "transplant_evidence", "transplant_q_value"),
+)
+
+
+def causal_evidence(
+    interventions: pd.DataFrame, associations: pd.DataFrame, policy
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Benjamini-Hochberg across every causal test of the run (Mixed-Rand and the
+    transplant test per class, each slice value x class association), and the evidence
+    each gives: q < ``alpha`` and the CI's lower bound above ``gap_floor``.
+
+    Only tests with the support to give evidence are corrected for (a class with fewer
+    than ``min_support`` probed images is not tested). Adds ``*_q_value`` columns,
+    ``mixed_rand_evidence``, ``transplant_evidence`` and ``intervention_evidence``
+    (either) to the interventions, ``q_value``, ``evidence`` and ``ruled_out`` to the
+    associations (there the effect may clear the floor in false positives or in the
+    class's accuracy excess; ``audit.associations``).
+    """
+    interventions, associations = interventions.copy(), associations.copy()
+    support = min(policy.min_support, policy.intervention_samples)
+    parts = []  # (table, p-value column, eligible rows)
+    for p_column, gate, _, _ in CAUSAL_TESTS:
+        if p_column in interventions:
+            count = "n_mixed_rand" if gate == "intervention_evidence" else "n_transplant"
+            parts.append((interventions, p_column, interventions[count].fillna(0) >= support))
+    if len(associations):
+        parts.append((associations, "p_value", associations["p_value"].notna()))
+    p_values = np.concatenate(
+        [np.where(eligible, table[column], np.nan) for table, column, eligible in parts] or [[]]
+    )
+    q_values = benjamini_hochberg(p_values)
+    start = 0
+    for table, column, _ in parts:
+        table[column.replace("p_value", "q_value")] = q_values[start : start + len(table)]
+        start += len(table)
+    if len(interventions):
+        for _, gate, name, q_column in CAUSAL_TESTS:
+            if gate in interventions:
+                passed = interventions[gate].fillna(False).astype(bool)
+                interventions[name] = passed & (interventions[q_column] < policy.alpha)
+            else:
+                interventions[name] = False
+        interventions["intervention_evidence"] = (
+            interventions["mixed_rand_evidence"] | interventions["transplant_evidence"]
+        )
+    if len(associations):
+        # The slice must raise false predictions of c (the test), and the effect must
+        # clear the floor in those or in c's own accuracy gain beyond the other
+        # classes' (a class right almost only on its shortcut gains most there).
+        large = (associations["rd_low"] > policy.gap_floor) | (
+            associations["accuracy_excess_low"].fillna(-np.inf) > policy.gap_floor
+        )
+        associations["evidence"] = (associations["q_value"] < policy.alpha) & large
+        associations["ruled_out"] = ~associations["evidence"] & (
+            associations["rd_high"] <= policy.gap_floor
+        )
+    return interventions, associations
+
+
+def judge_slice_flags(flags: pd.DataFrame, associations: pd.DataFrame, policy) -> pd.DataFrame:
+    """A flagged slice's severity from its associations: ``fail`` when it drives a class
+    (its ``drives`` lists them), ``none`` when every class's risk difference is ruled
+    out (CI upper bound at most ``gap_floor``: its maps differ but its predictions do
+    not), ``warn`` otherwise (heatmap evidence only)."""
+    if not len(flags) or "attribute" not in flags:
+        return flags
+    flags = flags.copy()
+    flags["drives"] = [[] for _ in range(len(flags))]
+    flags["ruled_out"] = False
+    if not len(associations):
+        return flags
+    for position, test in enumerate(flags.itertuples()):
+        if test.kind != "slice":
+            continue
+        mine = associations[
+            (associations["attribute"] == test.attribute) & (associations["value"] == test.value)
+        ]
+        if not len(mine):
+            continue
+        driven = mine.loc[mine["evidence"], "class_name"].tolist()
+        flags.at[flags.index[position], "drives"] = driven
+        flags.at[flags.index[position], "ruled_out"] = not driven and bool(mine["ruled_out"].all())
+        if test.flagged:
+            severity = "fail" if driven else "none" if mine["ruled_out"].all() else "warn"
+            flags.at[flags.index[position], "severity"] = severity
+    return flags
 
 
 def _arrays(loaded) -> tuple[np.ndarray, np.ndarray]:
@@ -244,6 +375,7 @@ def write_analysis(run: RunStore, analysis: Analysis) -> None:
         ("flags", analysis.flags),
         ("interventions", analysis.interventions),
         ("strategies", analysis.strategies),
+        ("associations", analysis.associations),
     ):
         table = _parquet_safe(table)
         atomic_write(run.root / f"{name}.parquet", lambda tmp, t=table: t.to_parquet(tmp))
@@ -275,29 +407,104 @@ def read_analysis(run_dir: Path) -> Analysis:
     trust_path = Path(run_dir) / "trust.json"
     trust = json.loads(trust_path.read_text()) if trust_path.exists() else None
     return Analysis(
-        read("classes"), read("flags"), read("interventions"), read("strategies"), trust
+        read("classes"),
+        read("flags"),
+        read("interventions"),
+        read("strategies"),
+        trust,
+        read("associations"),
     )
 
 
-def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
-    """Status per class: ok, suspected (heatmap only, warn) or bias-driven (fail).
+def _true(value) -> bool:
+    """A stored flag that is set (a missing value, NaN in a merged table, is not)."""
+    return isinstance(value, (bool, np.bool_)) and bool(value)
 
-    Interventions, with or without heatmap evidence, make a class bias-driven.
+
+def _interval(value, low, high) -> str:
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _ruled_out(probe, count: str, excess_high: str, policy: dict) -> bool:
+    """A causal test that ran on ``min_support`` images and whose excess's CI upper
+    bound is at most ``gap_floor``: it had the power to see a shortcut, and saw none."""
+    if probe is None or pd.isna(probe.get(count)) or pd.isna(probe.get(excess_high)):
+        return False
+    return probe[count] >= policy["min_support"] and probe[excess_high] <= policy["gap_floor"]
+
+
+def _excess_text(probe: dict, label: str, name: str, count: str, evidence: str) -> str:
+    """``label`` with the excess of ``name`` over the other classes' median, its CI and
+    the images behind it (``evidence`` marks it)."""
+    excess = _interval(
+        probe[f"{name}_excess"], probe[f"{name}_excess_low"], probe[f"{name}_excess_high"]
+    )
+    mark = " evidence" if _true(probe.get(evidence)) else ""
+    return f"{label} excess {excess} (n={int(probe[count])}){mark}"
+
+
+def _evidence_chain(probe, heatmap_rows, driving) -> str:
+    """The class's tests and their numbers, in one line a reviewer can read."""
+    parts = []
+    if len(heatmap_rows):
+        row = heatmap_rows.iloc[0]
+        effect = _interval(row.effect, row.effect_low, row.effect_high)
+        flagged = " flagged" if heatmap_rows["flagged"].any() else ""
+        parts.append(
+            f"heatmap {row.statistic} on {row.region} {row.group_mean:.2f} vs "
+            f"{row.reference_mean:.2f}, difference {effect}{flagged}"
+        )
+    if probe is not None and probe.get("n_mixed_rand", 0) > 0:
+        parts.append(
+            _excess_text(
+                probe, "Mixed-Rand BG-gap", "bg_gap", "n_mixed_rand", "mixed_rand_evidence"
+            )
+        )
+    if probe is not None and probe.get("n_transplant", 0) > 0:
+        label = f"transplant rate {probe['transplant']:.2f}"
+        parts.append(
+            _excess_text(probe, label, "transplant", "n_transplant", "transplant_evidence")
+        )
+    for row in driving.itertuples():
+        difference = _interval(row.rd, row.rd_low, row.rd_high)
+        parts.append(
+            f"slice {row.attribute}={row.value} predicts it for {row.rate_slice:.0%} of "
+            f"other classes' images vs {row.rate_rest:.0%}, difference {difference} evidence"
+        )
+    return "; ".join(parts) if parts else "no test had enough images"
+
+
+def class_verdicts(
+    analysis: Analysis, class_names: list[str], policy: dict | None = None
+) -> list[dict]:
+    """Status per class, by the decision table of docs/flags.md:
+
+    * ``bias-driven`` (fail): a causal test is evidence: Mixed-Rand (the class needs its
+      background), the transplant test (backgrounds produce the class) or a slice
+      association (a slice drives predictions of the class);
+    * ``ok`` with a note: a heatmap flag that both interventions rule out with power
+      (``_ruled_out``): thin objects put map mass around themselves with no shortcut;
+    * ``suspected`` (warn): any other heatmap flag;
+    * ``ok``: neither. ``tested`` is false when no test had enough images.
+
+    ``policy``: the run's policy settings (``min_support``, ``gap_floor``; the
+    defaults where missing).
     """
+    policy = {**PolicySection().model_dump(), **(policy or {})}
     flags = analysis.flags
     interventions = analysis.interventions
+    associations = analysis.associations
     untrusted = analysis.trust is not None and analysis.trust.get("verdict") == "untrusted"
     verdicts = []
     for index, name in enumerate(class_names):
-        class_flags = (
-            flags[(flags["class_index"] == index) & flags["flagged"].astype(bool)]
-            if len(flags)
-            else flags
-        )
-        probe = (
-            interventions[interventions["class_index"] == index]
-            if len(interventions)
-            else interventions
+        mine = flags[flags["class_index"] == index] if len(flags) else flags
+        class_flags = mine[mine["flagged"].astype(bool)] if len(mine) else mine
+        found = interventions[interventions["class_index"] == index] if len(interventions) else []
+        probe = found.iloc[0].to_dict() if len(found) else None
+        driving = (
+            associations[(associations["class_index"] == index) & associations["evidence"]]
+            if len(associations)
+            else associations
         )
         reasons = [
             f"{'predicted' if row.kind == 'pred' else 'true'}-label {row.statistic} on "
@@ -306,30 +513,69 @@ def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
             for row in class_flags.itertuples()
         ]
         heatmap = len(class_flags) > 0
-        intervention = bool(len(probe)) and bool(probe["intervention_evidence"].iloc[0])
-        # A class whose groups were too small for any test has no evidence either way.
-        tested = intervention or bool(
-            "p_value" in flags and flags.loc[flags["class_index"] == index, "p_value"].notna().any()
+        # Runs stored before the transplant test called Mixed-Rand's evidence
+        # intervention_evidence.
+        mixed_rand = bool(probe) and _true(
+            probe.get("mixed_rand_evidence", probe.get("intervention_evidence"))
         )
-        if intervention:
-            row = probe.iloc[0]
+        transplant = bool(probe) and _true(probe.get("transplant_evidence"))
+        if mixed_rand:
             reasons.append(
-                f"interventions: BG-gap {row.bg_gap:.2f} (CI [{row.bg_gap_low:.2f}, "
-                f"{row.bg_gap_high:.2f}]) vs other classes' median "
-                f"{row.bg_gap - row.bg_gap_excess:.2f} (excess CI [{row.bg_gap_excess_low:.2f}, "
-                f"{row.bg_gap_excess_high:.2f}])"
+                f"Mixed-Rand: BG-gap {probe['bg_gap']:.2f} (CI [{probe['bg_gap_low']:.2f}, "
+                f"{probe['bg_gap_high']:.2f}]) vs other classes' median "
+                f"{probe['bg_gap_median_others']:.2f} (excess CI "
+                f"[{probe['bg_gap_excess_low']:.2f}, {probe['bg_gap_excess_high']:.2f}], "
+                f"q={probe['bg_gap_q_value']:.2g}): the class needs its background"
             )
-        if intervention:
-            status = "bias-driven"
-            severity = "fail"
+        if transplant:
+            reasons.append(
+                f"transplant: other classes' objects on backgrounds of images predicted as "
+                f"{name} are predicted as {name} at {probe['transplant']:.2f} (CI "
+                f"[{probe['transplant_low']:.2f}, {probe['transplant_high']:.2f}]) vs other "
+                f"classes' median {probe['transplant_median_others']:.2f} (excess CI "
+                f"[{probe['transplant_excess_low']:.2f}, {probe['transplant_excess_high']:.2f}], "
+                f"q={probe['transplant_q_value']:.2g}): its backgrounds produce the class"
+            )
+        for row in driving.itertuples():
+            reasons.append(
+                f"{row.attribute}={row.value} drives predictions of {name}: "
+                f"{row.rate_slice:.0%} of its images of other classes are predicted as {name} "
+                f"vs {row.rate_rest:.0%} elsewhere, class by class (difference CI "
+                f"[{row.rd_low:.2f}, {row.rd_high:.2f}], q={row.q_value:.2g}); {name} itself "
+                f"is right on {row.accuracy_slice:.0%} of its {row.attribute}={row.value} "
+                f"images vs {row.accuracy_rest:.0%} of the others"
+            )
+        causal = mixed_rand or transplant or len(driving) > 0
+        ruled_out = not causal and (
+            _ruled_out(probe, "n_mixed_rand", "bg_gap_excess_high", policy)
+            and _ruled_out(probe, "n_transplant", "transplant_excess_high", policy)
+        )
+        # A class whose groups were too small for any test has no evidence either way.
+        tested = bool(
+            ("p_value" in mine and mine["p_value"].notna().any())
+            or (probe and probe.get("n_mixed_rand", 0) >= policy["min_support"])
+            or (probe and probe.get("n_transplant", 0) >= policy["min_support"])
+            or causal
+        )
+        if causal:
+            status, severity = "bias-driven", "fail"
             if not heatmap:
                 reasons.append(
                     "heatmap mass does not stand out (thin objects put mass outside their "
-                    "masks); the interventions show the dependence"
+                    "masks, and a shortcut on rare images moves a class's mean little); the "
+                    "causal tests show the dependence"
                 )
+        elif heatmap and ruled_out:
+            status, severity = "ok", "none"
+            reasons.append(
+                "the heatmap flag is not a shortcut: neither swapping the background "
+                "(Mixed-Rand) nor transplanting other objects onto its backgrounds moves "
+                f"predictions by {policy['gap_floor']:.2f} or more (both excess CIs below "
+                "it); a thin object puts map mass around itself"
+            )
         elif heatmap:
             # Heatmap evidence alone: thin objects put mass around themselves with no
-            # shortcut at all, so a suspect warns and only interventions fail a run.
+            # shortcut at all, so a suspect warns and only causal tests fail a run.
             status, severity = "suspected", "warn"
         else:
             status, severity = "ok", "none"
@@ -341,6 +587,9 @@ def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
                 + "; ".join(analysis.trust["reasons"])
                 + ")"
             )
+        heatmap_rows = mine[mine["p_value"].notna()] if "p_value" in mine else mine.iloc[:0]
+        if len(heatmap_rows):
+            heatmap_rows = heatmap_rows.sort_values("flagged", ascending=False, kind="stable")
         verdicts.append(
             {
                 "class_index": index,
@@ -348,8 +597,11 @@ def class_verdicts(analysis: Analysis, class_names: list[str]) -> list[dict]:
                 "status": status,
                 "severity": severity,
                 "reasons": reasons,
+                "evidence": _evidence_chain(probe, heatmap_rows, driving),
                 "heatmap_evidence": heatmap,
-                "intervention_evidence": intervention,
+                "intervention_evidence": mixed_rand or transplant,
+                "causal_evidence": bool(causal),
+                "ruled_out": bool(ruled_out),
                 "tested": tested,
                 "confidence": confidence,
             }

@@ -1,6 +1,10 @@
 """The ``bias-audit`` command line (also ``python -m audit``).
 
-Exit codes: 0 ok, 1 the audit policy failed, 2 usage or configuration error.
+Exit codes, for every command:
+  0  ok (`run`, `schedule run`: the outcome is below the --fail-on / schedule.fail_on level)
+  1  the policy failed: the outcome reached that level (PASS < INCONCLUSIVE < WARN < FAIL;
+     `--fail-on inconclusive` is the strict level), or `compare` found a new flag
+  2  usage or configuration error, or no image could be audited (no verdict)
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def _report(argv: list[str]) -> int:
 def _compare(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="bias-audit compare",
-        description="Compare two runs; exit 1 when the new run adds a flag.",
+        description="Compare two runs; exit 1 when the new run adds a flag (a new run that "
+        "is INCONCLUSIVE is noted, not gated: gate it with `run --fail-on inconclusive`).",
     )
     parser.add_argument("old", help="the earlier run folder")
     parser.add_argument("new", help="the later run folder")
@@ -98,15 +103,16 @@ def _dashboard(argv: list[str]) -> int:
     os.execv(sys.executable, command)
 
 
-SCHEDULE_HELP = """usage: bias-audit schedule run CONFIG [--fail-on warn|fail|never] [--progress]
+SCHEDULE_HELP = """usage: bias-audit schedule run CONFIG [--fail-on inconclusive|warn|fail|never]
+                               [--progress]
 
 Audit every model version that a config's schedule: section names and that has no
 complete run yet, and compare each with the previous version.
 
 subcommands:
   run CONFIG   audit the new versions; exit 1 when the newest version's outcome
-               reaches schedule.fail_on, 2 when none of its images could be audited
-               or a version cannot be read
+               reaches schedule.fail_on (PASS < INCONCLUSIVE < WARN < FAIL), 2 when
+               none of its images could be audited or a version cannot be read
                ('bias-audit schedule run --help' for its options)
 """
 

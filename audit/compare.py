@@ -11,6 +11,7 @@ from scipy.stats import mannwhitneyu
 
 from audit.config import ConfigError
 from audit.flags import benjamini_hochberg, bootstrap_difference_ci
+from audit.report import INCONCLUSIVE, outcome_reason
 from audit.store import RunStore, baseline_mismatch
 
 
@@ -70,6 +71,13 @@ def compare_runs(old_dir: Path, new_dir: Path, *, resamples: int = 1000, seed: i
     are compared as two samples."""
     old, new = _report(old_dir), _report(new_dir)
     notes = _comparable(RunStore(old_dir).manifest(), RunStore(new_dir).manifest())
+    reason = outcome_reason(new)
+    if reason and old["outcome"] != INCONCLUSIVE:
+        # Fewer flags on untested classes are fewer tests, not a fix.
+        notes.append(
+            f"note: the new run is {INCONCLUSIVE} (the old one {old['outcome']}): {reason}; "
+            "a flag of an untested class reads as resolved without evidence"
+        )
     old_images, new_images = RunStore(old_dir).images(), RunStore(new_dir).images()
     spurious = [r["name"] for r in new["regions"] if r["role"] == "spurious"]
     rows = []

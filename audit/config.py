@@ -358,10 +358,11 @@ class ScheduleSection(_Section):
         "v2, v2.1, v10), or a list of model files in version order."
     )
     pattern: str = Field("*.keras", description="With a folder: which files are versions.")
-    fail_on: Literal["warn", "fail", "never"] | None = Field(
+    fail_on: Literal["inconclusive", "warn", "fail", "never"] | None = Field(
         "fail",
-        description="Exit 1 when the newest version's outcome reaches this severity "
-        "(`never` or null: no gate).",
+        description="Exit 1 when the newest version's outcome reaches this level, in the "
+        "order PASS < INCONCLUSIVE < WARN < FAIL (`inconclusive`, the strict level, also "
+        "fails a run with too few images to test most classes; `never` or null: no gate).",
     )
 
 

@@ -35,12 +35,11 @@ import pandas as pd
 from scipy.stats import false_discovery_control, mannwhitneyu, norm, rankdata, wilcoxon
 
 from audit.aggregate import (
-    RESAMPLE_CHUNK,
     SMALL_SAMPLE,
     Aggregator,
     bootstrap_mean_ci,
-    percentile_interval,
-    resampled_means,
+    resampled_moments,
+    studentized_interval,
     t_interval,
 )
 from audit.config import PolicySection
@@ -51,33 +50,37 @@ EXAMPLES_PER_FLAG = 5
 def bootstrap_difference_ci(
     group: np.ndarray, reference: np.ndarray, *, resamples: int, seed: int, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of mean(group) - mean(reference), resampling each side;
-    Welch's t interval when a side has fewer than ``SMALL_SAMPLE`` values (where the
-    bootstrap undercovers), NaN when a side has fewer than two."""
+    """Bootstrap-t CI of mean(group) - mean(reference): each side resampled, the pivot
+    studentized by Welch's standard error (on skewed masses, 30-100 values against
+    30-1,000, the percentile bootstrap covered 90.3-94.8% of a nominal 95%, this
+    92.3-95.3%: docs/flags.md); Welch's t interval when a side has fewer than
+    ``SMALL_SAMPLE`` values (where the bootstrap undercovers), NaN when a side has
+    fewer than two."""
     if min(len(group), len(reference)) < 2:
         return float("nan"), float("nan")
+    difference = group.mean() - reference.mean()
+    reach = (group.min() - reference.max(), group.max() - reference.min())
+    if reach[0] == reach[1]:  # no spread on either side
+        return float(difference), float(difference)
+    parts = [np.var(side, ddof=1) / len(side) for side in (group, reference)]
+    variance = sum(parts)
     if min(len(group), len(reference)) < SMALL_SAMPLE:
-        parts = [np.var(side, ddof=1) / len(side) for side in (group, reference)]
-        variance = sum(parts)
-        # Welch-Satterthwaite degrees of freedom (any positive number when both are 0).
-        dof = (
-            variance**2
-            / sum(
-                part**2 / (len(side) - 1)
-                for part, side in zip(parts, (group, reference), strict=True)
-            )
-            if variance > 0
-            else 1.0
+        # Welch-Satterthwaite degrees of freedom.
+        dof = variance**2 / sum(
+            part**2 / (len(side) - 1) for part, side in zip(parts, (group, reference), strict=True)
         )
-        return t_interval(group.mean() - reference.mean(), variance, dof, level)
+        return t_interval(difference, variance, dof, level)
     rng = np.random.default_rng(seed)
-    differences = np.empty(resamples)
-    for start in range(0, resamples, RESAMPLE_CHUNK):
-        stop = min(start + RESAMPLE_CHUNK, resamples)
-        size = stop - start
-        group_means = group[rng.integers(0, len(group), (size, len(group)))].mean(axis=1)
-        differences[start:stop] = group_means - resampled_means(reference, size, rng)
-    return percentile_interval(differences, level)
+    group_means, group_variances = resampled_moments(group, resamples, rng)
+    reference_means, reference_variances = resampled_moments(reference, resamples, rng)
+    return studentized_interval(
+        difference,
+        np.sqrt(variance),
+        group_means - reference_means,
+        np.sqrt(group_variances + reference_variances),
+        level,
+        reach,
+    )
 
 
 def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:

@@ -1,41 +1,56 @@
 """Probe: interventions that test whether a class's decisions follow its background.
 
-On up to ``policy.intervention_samples`` correctly predicted images per class, using
-the expected regions (masks or boxes) as the object:
+Both directions a background shortcut can act in, using the expected regions (masks
+or boxes) as the object; an object is removed by ``fill_objects`` (filled from the
+image's own background, so no silhouette is left):
+
+**Does class c need its background?** On up to ``policy.intervention_samples``
+correctly predicted images per class:
 
 * ``object_only``     - the background filled with the image's mean background colour;
-* ``background_only`` - the object filled with that colour;
+* ``background_only`` - the object removed;
 * ``mixed_rand``      - the object pasted onto the background of a random image of
-  another class (whose own object is filled), as in Xiao et al.'s Mixed-Rand. The
+  another class (whose own object is removed), as in Xiao et al.'s Mixed-Rand. The
   backgrounds come from a bank of up to ``DONORS`` sampled images spread over the
   classes, loaded first, so every image finds one of another class whatever the batch
   holds; when the sample has a single class there is none, and ``mixed_rand`` is
   left out (null) rather than faked with the image's own background.
 
-Each costs one forward pass per image, batched through the compiled model (the
-original prediction comes from the audit pass), so it runs for every class, not
-only for heatmap suspects. Per class we report the rate
-at which the class is still predicted under each intervention and
 BG-gap = acc(own background) - acc(swapped background) = 1 - rate(mixed_rand) on
-these correctly predicted images. A class has intervention evidence when its BG-gap
-exceeds the median BG-gap of the other classes by more than ``policy.gap_floor``,
-judged on the lower bound of the excess's CI, which combines the class's Wilson
-interval with the median's own (``median_rate_interval``).
+these correctly predicted images.
 
-Mixed-Rand samples sequentially (``policy.intervention_look``): every class gets
+**Do backgrounds produce class c?** The transplant test (``run_transplants``): on up
+to ``policy.intervention_samples`` images *predicted* as c, right or wrong, the object
+is removed and the object of a correctly predicted image of another class pasted in
+its place; the rate at which the model still answers c. On an audit set whose
+backgrounds are independent of the class (the usual held-out split) a shortcut shows
+this way, as false positives, while c's own accuracy collapses without it and leaves
+Mixed-Rand too few correct images; its sample does not depend on c's accuracy.
+
+Each costs one forward pass per image, batched through the compiled model (the
+original prediction comes from the audit pass), so both run for every class, not
+only for heatmap suspects. Each class's BG-gap and transplant rate are compared with
+the median of the other classes' (``add_excess``): an excess whose CI lower bound
+exceeds ``policy.gap_floor`` is evidence once the run's Benjamini-Hochberg correction
+(``audit.analyse.causal_evidence``) agrees.
+
+Both sample sequentially (``policy.intervention_look``): every class gets
 ``REFERENCE_LOOKS`` looks of that many images, and goes on a look at a time only while
-its BG-gap could still become evidence (``settled_classes``). Each class is compared
-with the median of the other classes' reference looks, which sequential stopping does
-not bias. A clean class costs two looks instead of ``intervention_samples`` forwards.
+it could still become evidence (``settled_classes``, ``settled_transplants``). Each
+class is compared with the median of the other classes' reference looks, which
+sequential stopping does not bias. A clean class costs two looks instead of
+``intervention_samples`` forwards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 from audit.aggregate import rate_with_ci
 from audit.config import PolicySection, RegionSection
@@ -46,8 +61,24 @@ INTERVENTIONS = ("original", "object_only", "background_only", "mixed_rand")
 # median of these (two looks of 40: 80 images a class, a reference precise enough to
 # keep the power of probing every image, in benchmarks/sim_interventions.py).
 REFERENCE_LOOKS = 2
-# Backgrounds kept for Mixed-Rand (memory: this many preprocessed images).
+# Donor images kept for Mixed-Rand's backgrounds and the transplant test's objects
+# (memory: this many preprocessed images).
 DONORS = 64
+# Shifts (fractions of the image's height and width) whose copies of an image fill its
+# removed object (``fill_objects``).
+FILL_SHIFTS = (
+    (0.0, 0.5),
+    (0.5, 0.0),
+    (0.5, 0.5),
+    (0.0, 0.25),
+    (0.25, 0.0),
+    (0.0, 0.75),
+    (0.75, 0.0),
+    (0.25, 0.25),
+    (0.75, 0.75),
+    (0.25, 0.75),
+    (0.75, 0.25),
+)
 
 
 def sample_rows(images: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
@@ -70,10 +101,49 @@ def _background_colours(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
     return (sums / counts).astype(images.dtype)[:, None, None, :]
 
 
+def _grow(objects: np.ndarray, pixels: int) -> np.ndarray:
+    """``(n, H, W)`` masks grown by ``pixels`` in each image's plane."""
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(objects, structure=np.ones((1, 3, 3), bool), iterations=pixels)
+
+
 def fill_objects(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
-    """Each image with its object filled with its mean background colour: the
-    ``background_only`` intervention, and a Mixed-Rand background."""
-    return np.where(objects[..., None], _background_colours(images, objects), images)
+    """Each image with its object removed: the ``background_only`` intervention, and the
+    backgrounds of Mixed-Rand and the transplant test.
+
+    The object, grown by two pixels to take its anti-aliased rim, is filled with the
+    image's own background, copied from a shifted copy of the image (``FILL_SHIFTS``):
+    for each image the shifts are tried in the order of how well their copy continues
+    the background just around the object, and each fills what earlier ones could not
+    from background pixels. What no shift reaches (an object covering most of the
+    image) takes the mean background colour. A flat fill would keep the object's
+    silhouette (a filled stroke mask is the digit; a filled box looks like a "1"), and
+    a silhouette is a shape the model may read as a class.
+    """
+    grown = _grow(objects, 2)
+    height, width = objects.shape[1:]
+    shifts = [(round(dy * height), round(dx * width)) for dy, dx in FILL_SHIFTS]
+    rim = _grow(grown, 2) & ~grown
+    # How well each shift's copy matches the image on the rim (where it is background).
+    errors = np.empty((len(images), len(shifts)))
+    for k, shift in enumerate(shifts):
+        moved = np.roll(images, shift, axis=(1, 2))
+        usable = rim & ~np.roll(grown, shift, axis=(1, 2))
+        squared = (((images - moved) ** 2).sum(axis=-1) * usable).sum(axis=(1, 2))
+        counts = usable.sum(axis=(1, 2))
+        errors[:, k] = np.inf
+        np.divide(squared, counts, out=errors[:, k], where=counts > 0)
+    out = np.where(grown[..., None], _background_colours(images, objects), images)
+    for index in range(len(images)):
+        todo = grown[index].copy()
+        for k in np.argsort(errors[index], kind="stable"):
+            if not todo.any():
+                break
+            source = todo & ~np.roll(grown[index], shifts[k], axis=(0, 1))
+            out[index][source] = np.roll(images[index], shifts[k], axis=(0, 1))[source]
+            todo &= ~source
+    return out
 
 
 def intervene(
@@ -91,14 +161,11 @@ def intervene(
     out: dict[str, np.ndarray] = {}
     if "original" in kinds:
         out["original"] = images
-    if "object_only" in kinds or "background_only" in kinds:
-        colours = _background_colours(images, objects)
-        if "object_only" in kinds:
-            # Everything but the object is one flat colour, the mean background colour
-            # that fills the object in background_only.
-            out["object_only"] = np.where(mask, images, colours)
-        if "background_only" in kinds:
-            out["background_only"] = np.where(mask, colours, images)
+    if "object_only" in kinds:
+        # Everything but the object is one flat colour, the mean background colour.
+        out["object_only"] = np.where(mask, images, _background_colours(images, objects))
+    if "background_only" in kinds:
+        out["background_only"] = fill_objects(images, objects)
     if "mixed_rand" in kinds:
         if backgrounds is None:
             raise ValueError("mixed_rand needs the backgrounds to paste the objects onto")
@@ -135,20 +202,21 @@ def probe_in_rounds(
     *,
     look: int = 0,
     settled: Callable[[pd.DataFrame], set[int]] | None = None,
+    by: str = "label_index",
 ) -> list[dict]:
-    """The rows of ``order`` (a shuffled sample: ``row``, ``label_index``) through
-    ``probe(rows) -> records``, each record marked with its round (``look``).
+    """The rows of ``order`` (a shuffled sample: ``row`` and the class column ``by``)
+    through ``probe(rows) -> records``, each record marked with its round (``look``).
 
     ``look`` = 0: every row at once. ``look`` > 0: in rounds of up to ``look`` more rows
     of each class, in ``order``; from round ``REFERENCE_LOOKS`` on, ``settled(records so
     far)`` names after each round the classes that need no more rows, and later rounds
     leave them out.
     """
-    turns = order.groupby("label_index").cumcount().to_numpy()
+    turns = order.groupby(by).cumcount().to_numpy()
     records: list[dict] = []
     done: set[int] = set()
     for number, start in enumerate(range(0, len(order), look) if look > 0 else [0]):
-        chosen = ~order["label_index"].isin(done).to_numpy()
+        chosen = ~order[by].isin(done).to_numpy()
         if look > 0:
             chosen &= (turns >= start) & (turns < start + look)
         if not chosen.any():
@@ -158,6 +226,42 @@ def probe_in_rounds(
         if settled is not None and look > 0 and number + 1 >= REFERENCE_LOOKS:
             done |= settled(pd.DataFrame(records))
     return records
+
+
+@dataclass(frozen=True)
+class _Loader:
+    """Loads sampled rows in batches with their object masks (the expected regions)."""
+
+    entries: Entries
+    class_index: dict[str, int]
+    preprocessor: Preprocessor
+    regions: Sequence[RegionSection]
+    pool: ThreadPoolExecutor
+
+    def batches(self, positions: Sequence[int], size: int):
+        expected = [i for i, region in enumerate(self.regions) if region.role == "expected"]
+        for batch in load_batches(
+            self.entries,
+            positions,
+            class_index=self.class_index,
+            preprocessor=self.preprocessor,
+            regions=self.regions,
+            batch_size=size,
+            pool=self.pool,
+        ):
+            if batch.rows:
+                yield batch, batch.regions[:, expected].any(axis=1)
+
+    def donors(self, sample: pd.DataFrame, rng: np.random.Generator):
+        """The donor bank: up to ``DONORS`` sampled (correctly predicted) rows spread
+        over the classes, as ``(images, objects, labels)``; ``None`` without rows."""
+        loaded = list(self.batches(_donor_rows(sample, rng, DONORS), DONORS))
+        if not loaded:
+            return None
+        return tuple(
+            np.concatenate(part)
+            for part in zip(*[(b.images, objects, b.labels) for b, objects in loaded], strict=True)
+        )
 
 
 def run_interventions(
@@ -182,33 +286,14 @@ def run_interventions(
     random order (sequential sampling, ``probe_in_rounds``): after the reference looks,
     ``settled(outcomes so far)`` names the classes that need no more rows.
     """
-    expected = [i for i, region in enumerate(regions) if region.role == "expected"]
     rng = np.random.default_rng(seed)
     names = [name for name in INTERVENTIONS[1:] if name in kinds]
     with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
-
-        def batches(positions, size):
-            for batch in load_batches(
-                entries,
-                positions,
-                class_index=class_index,
-                preprocessor=preprocessor,
-                regions=regions,
-                batch_size=size,
-                pool=pool,
-            ):
-                if batch.rows:
-                    yield batch, batch.regions[:, expected].any(axis=1)
-
+        loader = _Loader(entries, class_index, preprocessor, regions, pool)
         # The Mixed-Rand backgrounds: a bank drawn from every class, loaded first.
-        wanted = DONORS if "mixed_rand" in names else 0
-        donors = list(batches(_donor_rows(sample, rng, wanted), DONORS)) if wanted else []
-        donor_labels = np.concatenate([b.labels for b, _ in donors] or [np.zeros(0, int)])
-        backgrounds = (
-            np.concatenate([fill_objects(b.images, objects) for b, objects in donors])
-            if donors
-            else None
-        )
+        donors = loader.donors(sample, rng) if "mixed_rand" in names else None
+        donor_labels = np.zeros(0, int) if donors is None else donors[2]
+        backgrounds = None if donors is None else fill_objects(donors[0], donors[1])
         order = sample.iloc[rng.permutation(len(sample))]
         # Every row's background partner is drawn up front, so a row's outcome does not
         # depend on the rounds it was probed in.
@@ -217,7 +302,7 @@ def run_interventions(
 
         def probe(positions: list[int]) -> list[dict]:
             records = []
-            for batch, objects in batches(positions, batch_size):
+            for batch, objects in loader.batches(positions, batch_size):
                 paired = np.array([partner_of[row] for row in batch.rows])
                 # No partner (a single-class sample): any background, its result dropped.
                 pasted = batch.images if backgrounds is None else backgrounds[np.maximum(paired, 0)]
@@ -237,6 +322,85 @@ def run_interventions(
             return records
 
         records = probe_in_rounds(order, probe, look=look, settled=settled)
+    return pd.DataFrame(records)
+
+
+def predicted_rows(images: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
+    """Up to ``per_class`` ok rows predicted as each class, right or wrong, seeded: the
+    transplant test's backgrounds (``row``, ``pred``)."""
+    ok = images[images["status"] == "ok"]
+    picks = [
+        group.sample(n=min(per_class, len(group)), random_state=seed)
+        for _, group in ok.groupby("pred")
+    ]
+    if not picks:
+        return ok.iloc[:0][["row", "pred"]]
+    table = pd.concat(picks).sort_values("row", kind="stable")
+    return table[["row", "pred"]].astype(int)
+
+
+def run_transplants(
+    probabilities: Callable[[np.ndarray], np.ndarray],
+    entries: Entries,
+    sample: pd.DataFrame,
+    backgrounds: pd.DataFrame,
+    *,
+    class_index: dict[str, int],
+    preprocessor: Preprocessor,
+    regions: Sequence[RegionSection],
+    batch_size: int,
+    seed: int,
+    look: int = 0,
+    settled: Callable[[pd.DataFrame], set[int]] | None = None,
+) -> pd.DataFrame:
+    """The transplant test: do the backgrounds of images predicted as c produce c?
+
+    Each row of ``backgrounds`` (``row``, ``pred``: images predicted as a class,
+    right or wrong) has its object removed (``fill_objects``) and the object of a donor
+    of another class pasted in its place, the donor drawn from a bank of correctly
+    predicted ``sample`` rows (so its object is one the model recognises). Per row:
+    ``pred`` (c), the donor's class (``donor_label``) and the prediction on the
+    composite (``pred_transplant``; null when no donor of another class exists).
+    ``look`` and ``settled`` sample sequentially by predicted class, as Mixed-Rand does
+    by true class.
+    """
+    rng = np.random.default_rng([seed, 1])  # its own stream: Mixed-Rand's draws stay
+    with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
+        loader = _Loader(entries, class_index, preprocessor, regions, pool)
+        donors = loader.donors(sample, rng)
+        if donors is None:
+            return pd.DataFrame()
+        donor_images, donor_objects, donor_labels = donors
+        order = backgrounds.iloc[rng.permutation(len(backgrounds))]
+        # Partners drawn up front: a row's outcome does not depend on its round.
+        partners = _partners(order["pred"].to_numpy(), donor_labels, rng)
+        partner_of = dict(zip(order["row"].astype(int), partners, strict=True))
+        predicted_as = dict(zip(order["row"].astype(int), order["pred"], strict=True))
+
+        def probe(positions: list[int]) -> list[dict]:
+            records = []
+            for batch, objects in loader.batches(positions, batch_size):
+                paired = np.array([partner_of[row] for row in batch.rows])
+                donor = np.maximum(paired, 0)
+                composites = np.where(
+                    donor_objects[donor][..., None],
+                    donor_images[donor],
+                    fill_objects(batch.images, objects),
+                )
+                predictions = probabilities(composites).argmax(-1)
+                for position, row in enumerate(batch.rows):
+                    found = paired[position] >= 0
+                    records.append(
+                        {
+                            "row": row,
+                            "pred": int(predicted_as[row]),
+                            "donor_label": int(donor_labels[donor[position]]) if found else None,
+                            "pred_transplant": int(predictions[position]) if found else None,
+                        }
+                    )
+            return records
+
+        records = probe_in_rounds(order, probe, look=look, settled=settled, by="pred")
     return pd.DataFrame(records)
 
 
@@ -281,27 +445,77 @@ def summarise_interventions(
         record["bg_gap_low"] = 1.0 - record["rate_mixed_rand_high"]
         record["bg_gap_high"] = 1.0 - record["rate_mixed_rand_low"]
         rows.append(record)
-    for record in rows:
+    add_excess(rows, "bg_gap", reference, seed=policy.seed)
+    table = pd.DataFrame(rows)
+    table["intervention_evidence"] = (table["bg_gap_excess_low"] > policy.gap_floor) & (
+        table["n_mixed_rand"] >= min(policy.min_support, policy.intervention_samples)
+    )
+    return table
+
+
+def add_excess(
+    records: list[dict], name: str, reference: dict[int, tuple[int, int]], *, seed: int
+) -> None:
+    """Each record's ``name`` (a rate with ``name_low``/``name_high``) against the median
+    of the other classes' reference counts (``class_index -> (events, trials)``), in place:
+    ``name_median_others``, ``name_excess`` with its 95% interval (``_low``, ``_high``)
+    and the one-sided p-value of excess > 0 (``name_p_value``).
+
+    The interval combines the class's own with the median's (MOVER, Newcombe's method
+    for a difference): with two or three classes the median is one or two classes'
+    looks, far from exact. The p-value reads the interval's lower reach as 1.96
+    standard errors (normal approximation).
+    """
+    for record in records:
         others = [
             counts
             for index, counts in reference.items()
             if index != record["class_index"] and counts[1] > 0
         ]
-        median, low, high = median_rate_interval(others, seed=policy.seed)
-        record["bg_gap_median_others"] = median
-        # The difference's interval combines both (MOVER, Newcombe's method): with two
-        # or three classes the median is one or two classes' looks, far from exact.
-        difference = record["bg_gap"] - median
-        record["bg_gap_excess"] = difference
-        record["bg_gap_excess_low"] = difference - np.hypot(
-            record["bg_gap"] - record["bg_gap_low"], high - median
+        median, low, high = median_rate_interval(others, seed=seed)
+        value = record[name]
+        difference = value - median
+        below = np.hypot(value - record[f"{name}_low"], high - median)
+        record[f"{name}_median_others"] = median
+        record[f"{name}_excess"] = difference
+        record[f"{name}_excess_low"] = difference - below
+        record[f"{name}_excess_high"] = difference + np.hypot(
+            record[f"{name}_high"] - value, median - low
         )
-        record["bg_gap_excess_high"] = difference + np.hypot(
-            record["bg_gap_high"] - record["bg_gap"], median - low
-        )
+        if not np.isfinite(difference):
+            p_value = np.nan
+        elif below > 0:
+            p_value = float(norm.sf(difference / (below / norm.ppf(0.975))))
+        else:
+            p_value = float(difference <= 0)
+        record[f"{name}_p_value"] = p_value
+
+
+def summarise_transplants(
+    outcomes: pd.DataFrame, class_names: Sequence[str], policy: PolicySection
+) -> pd.DataFrame:
+    """Per predicted class c: the rate at which transplanted composites (another class's
+    object on a background of an image predicted as c) are predicted as c, with its
+    Wilson interval, its excess over the other classes' median (``add_excess``) and the
+    CI-gated evidence (before the run's Benjamini-Hochberg correction)."""
+    if not len(outcomes):
+        return pd.DataFrame()
+    rows, reference = [], {}
+    for label, group in outcomes.groupby("pred"):
+        label = int(label)
+        paired = group[group["pred_transplant"].notna()]
+        hits = (paired["pred_transplant"] == label).to_numpy(float)
+        record = {"class_index": label, "class_name": class_names[label]}
+        record["n_transplant"] = len(paired)
+        record.update(rate_with_ci(hits, "transplant"))
+        # Against the others' reference looks alone, as for Mixed-Rand.
+        first = paired[paired["look"] < REFERENCE_LOOKS] if "look" in paired else paired
+        reference[label] = (int((first["pred_transplant"] == label).sum()), len(first))
+        rows.append(record)
+    add_excess(rows, "transplant", reference, seed=policy.seed)
     table = pd.DataFrame(rows)
-    table["intervention_evidence"] = (table["bg_gap_excess_low"] > policy.gap_floor) & (
-        table["n_mixed_rand"] >= min(policy.min_support, policy.intervention_samples)
+    table["transplant_evidence"] = (table["transplant_excess_low"] > policy.gap_floor) & (
+        table["n_transplant"] >= min(policy.min_support, policy.intervention_samples)
     )
     return table
 
@@ -331,19 +545,31 @@ def median_rate_interval(
     return median, max(0.0, median - (centre - low)), min(1.0, median + (high - centre))
 
 
+def _settled(table: pd.DataFrame, count: str, excess_high: str, policy: PolicySection) -> set[int]:
+    """Classes with at least ``min_support`` results whose excess has a CI upper bound of
+    at most ``gap_floor`` (more images could hardly make them evidence), and classes
+    with no result at all (no partner class)."""
+    if not len(table):
+        return set()
+    futile = (table[count] >= policy.min_support) & (table[excess_high] <= policy.gap_floor)
+    return set(table.loc[futile | (table[count] == 0), "class_index"].astype(int))
+
+
 def settled_classes(
     outcomes: pd.DataFrame, class_names: Sequence[str], policy: PolicySection
 ) -> set[int]:
-    """The classes sequential sampling stops probing: those with at least
-    ``min_support`` Mixed-Rand results whose excess BG-gap (over the other classes'
-    median) has a CI upper bound of at most ``gap_floor``, so more images could hardly
-    make them evidence; and those with no Mixed-Rand result at all (no partner class).
-    Classes that may be bias-driven go on up to ``intervention_samples``.
+    """The classes sequential Mixed-Rand sampling stops probing (``_settled`` on the
+    excess BG-gap over the other classes' median). Classes that may be bias-driven go
+    on up to ``intervention_samples``.
     """
     table = summarise_interventions(outcomes, class_names, policy)
-    if not len(table):
-        return set()
-    futile = (table["n_mixed_rand"] >= policy.min_support) & (
-        table["bg_gap_excess_high"] <= policy.gap_floor
-    )
-    return set(table.loc[futile | (table["n_mixed_rand"] == 0), "class_index"].astype(int))
+    return _settled(table, "n_mixed_rand", "bg_gap_excess_high", policy)
+
+
+def settled_transplants(
+    outcomes: pd.DataFrame, class_names: Sequence[str], policy: PolicySection
+) -> set[int]:
+    """The predicted classes sequential transplant sampling stops probing (``_settled``
+    on the excess transplant rate)."""
+    table = summarise_transplants(outcomes, class_names, policy)
+    return _settled(table, "n_transplant", "transplant_excess_high", policy)

@@ -2,6 +2,11 @@
 
 Everything here reads the run store; nothing is recomputed. All user-controlled
 text (class names, paths, slice values, reasons) is escaped in HTML and Markdown.
+
+The run's outcome and its gate order are defined here once (``run_outcome``,
+``OUTCOME_ORDER``, ``reaches``); the CLI, scheduled audits, history, compare and the
+dashboard read them. audit.analyse (and with it Keras) is imported only where a
+report is built, so that those readers start without Keras.
 """
 
 from __future__ import annotations
@@ -19,20 +24,52 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from audit.analyse import (
-    SEVERITY_ORDER,
-    class_verdicts,
-    overall_severity,
-    read_analysis,
-    worst_examples,
-)
 from audit.decisions import CHOICES, latest_decisions, model_line
 from audit.overlay import colorize, stored_overlay
 from audit.store import RunStore, atomic_write, write_json
 
 SCHEMA_VERSION = 1
 OUTCOMES = {"none": "PASS", "warn": "WARN", "fail": "FAIL"}
+INCONCLUSIVE = "INCONCLUSIVE"
+NO_IMAGES = "NO IMAGES AUDITED"  # no verdict: every row was skipped
+# The gate's order: ``--fail-on LEVEL`` fails a run whose outcome is LEVEL or later.
+# INCONCLUSIVE (no flag, but too few images to test most classes) sits below WARN, so
+# `--fail-on warn` keeps passing it and `--fail-on inconclusive` is the strict level.
+OUTCOME_ORDER = ("PASS", INCONCLUSIVE, "WARN", "FAIL")
+FAIL_ON_LEVELS = tuple(outcome.lower() for outcome in OUTCOME_ORDER[1:])
 THUMBNAIL = 96
+
+
+def untested_classes(classes: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The classes with audited images (``n`` > 0), and those of them that no test
+    could judge (``tested`` false: too few measured images for any test)."""
+    audited = [entry for entry in classes if entry["n"]]
+    return audited, [entry for entry in audited if entry.get("tested") is False]
+
+
+def run_outcome(classes: list[dict], severity: str) -> str:
+    """The run's outcome from its class verdicts (each with its ``n`` audited images)
+    and its overall severity.
+
+    FAIL or WARN as the severity says; otherwise INCONCLUSIVE when more than half of
+    the classes with audited images are untested (so when none was tested), else PASS:
+    an ``ok`` that no test backs is no evidence of health. NO IMAGES AUDITED when no
+    class has an audited image.
+    """
+    audited, untested = untested_classes(classes)
+    if not audited:
+        return NO_IMAGES
+    if severity != "none":
+        return OUTCOMES[severity]
+    return INCONCLUSIVE if 2 * len(untested) > len(audited) else "PASS"
+
+
+def reaches(outcome: str, fail_on: str | None) -> bool:
+    """Whether an outcome fails the gate ``fail_on`` (one of FAIL_ON_LEVELS; None or
+    "never": no gate). NO IMAGES AUDITED is no verdict and reaches no level."""
+    if fail_on in (None, "never") or outcome not in OUTCOME_ORDER:
+        return False
+    return OUTCOME_ORDER.index(outcome) >= OUTCOME_ORDER.index(fail_on.upper())
 
 
 def _clean(value):
@@ -64,12 +101,14 @@ def _bounds(row: dict, name: str) -> tuple:
 
 def build_report(run_dir: Path) -> dict:
     """The report dict of a run with its analysis tables."""
+    from audit.analyse import SEVERITY_ORDER, class_verdicts, overall_severity, read_analysis
+
     run = RunStore(run_dir)
     manifest = run.manifest()
     analysis = read_analysis(run_dir)
     images = run.images()
     class_names = manifest["class_names"]
-    verdicts = class_verdicts(analysis, class_names)
+    verdicts = class_verdicts(analysis, class_names, manifest["config"].get("policy"))
     groups = analysis.groups
     regions = [region["name"] for region in manifest["regions"]]
     decisions = latest_decisions(run_dir.parent, model_line(manifest["model"]["path"]))
@@ -140,8 +179,8 @@ def build_report(run_dir: Path) -> dict:
         {
             "schema_version": SCHEMA_VERSION,
             "run_id": manifest["run_id"],
-            # No image measured: no verdict (PASS would claim what was not checked).
-            "outcome": OUTCOMES[severity] if len(ok) else "NO IMAGES AUDITED",
+            # No PASS on what was not checked: no images, or too few to test most classes.
+            "outcome": run_outcome(classes, severity),
             "severity": severity,
             "model": manifest["model"],
             "dataset": manifest["dataset"],
@@ -158,6 +197,12 @@ def build_report(run_dir: Path) -> dict:
             "slices": {
                 "tests": _records(slice_tests),
                 "groups": _records(slice_groups),
+                # The slice values that drive a class (evidence; docs/flags.md).
+                "drives": _records(
+                    analysis.associations[analysis.associations["evidence"]]
+                    if len(analysis.associations)
+                    else analysis.associations
+                ),
             },
             "baseline": manifest.get("baseline"),
             "trust": analysis.trust,
@@ -169,6 +214,8 @@ def _worst_examples(
     images: pd.DataFrame, index: int, regions: list[str], manifest: dict
 ) -> list[dict]:
     """The class's audited rows with the most spurious mass."""
+    from audit.analyse import worst_examples
+
     rows = worst_examples(images, index, manifest)
     keep = ["row", "path", "mask_path", "pred_label", "correct", *(f"mass_{r}" for r in regions)]
     return _records(rows[[c for c in keep if c in rows.columns]])
@@ -293,16 +340,33 @@ def status_text(entry: dict) -> str:
 
 
 def untested_note(report: dict) -> str | None:
-    """Which classes no test could judge (too few measured images), or None."""
-    names = [e["class_name"] for e in report["classes"] if status_text(e) == "ok (untested)"]
-    if not names:
+    """Which classes no test could judge (too few measured images), or None: ``7 of 10
+    classes untested: ...`` among the classes with audited images, then those with none."""
+    audited, untested = untested_classes(report["classes"])
+    empty = [e for e in report["classes"] if not e["n"] and e.get("tested") is False]
+    if not untested and not empty:
         return None
-    support = report.get("policy", {}).get("min_support", 20)
-    shown = ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else "")
-    return (
-        f"{len(names)} class(es) untested: {shown} (fewer than {support} measured images "
-        "for any test; their ok is no evidence of health)"
-    )
+
+    def names(entries: list[dict]) -> str:
+        shown = [str(entry["class_name"]) for entry in entries[:8]]
+        return ", ".join(shown) + (", ..." if len(entries) > 8 else "")
+
+    parts = []
+    if untested:
+        support = report.get("policy", {}).get("min_support", 20)
+        of = f"the {len(audited)} audited classes" if empty else f"{len(audited)} classes"
+        parts.append(
+            f"{len(untested)} of {of} untested: {names(untested)} (fewer than {support} "
+            "measured images for any test; their ok is no evidence of health)"
+        )
+    if empty:
+        parts.append(f"{len(empty)} class(es) with no audited image: {names(empty)}")
+    return "; ".join(parts)
+
+
+def outcome_reason(report: dict) -> str | None:
+    """Why a run is INCONCLUSIVE (its untested classes); None for any other outcome."""
+    return untested_note(report) if report["outcome"] == INCONCLUSIVE else None
 
 
 def render_markdown(report: dict, unreadable: int | None = None) -> str:
@@ -317,6 +381,9 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
         f"{report['counts'].get('skipped', 0)} skipped; accuracy {_fmt(report['accuracy'], 3)}.",
         "",
     ]
+    reason = outcome_reason(report)
+    if reason:
+        lines += [f"**{INCONCLUSIVE}:** nothing flagged, but {_md(reason)}.", ""]
     if unreadable is None:
         unreadable = unreadable_examples(report)
     if unreadable:
@@ -325,8 +392,8 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
     lines += [
         "| class | status | n | accuracy [95% CI] | "
         + " | ".join(f"{_md(r)} mass [95% CI]" for r in spurious)
-        + " | BG-gap [95% CI] |",
-        "|---|---|---:|---:|" + "---:|" * len(spurious) + "---:|",
+        + " | BG-gap [95% CI] | transplant excess [95% CI] |",
+        "|---|---|---:|---:|" + "---:|" * len(spurious) + "---:|---:|",
     ]
     for entry in report["classes"]:
         cells = [
@@ -336,12 +403,12 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
             with_ci(**_ci(entry, "accuracy")),
         ]
         cells += [with_ci(**entry["mass"][region]) for region in spurious]
-        cells.append(_bg_gap(entry["interventions"]))
+        cells += [_bg_gap(entry["interventions"]), _transplant(entry["interventions"])]
         lines.append("| " + " | ".join(cells) + " |")
     untested = untested_note(report)
-    if untested:
+    if untested and not reason:  # an INCONCLUSIVE run says it under its title
         lines += ["", f"**Note:** {_md(untested)}."]
-    flagged = [e for e in report["classes"] if e["status"] != "ok"]
+    flagged = [e for e in report["classes"] if e["status"] != "ok" or e.get("ruled_out")]
     if flagged:
         lines += ["", "### Why"]
         for entry in flagged:
@@ -349,10 +416,20 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
                 lines.append(f"- **{_md(entry['class_name'])}**: {_md(reason)}")
             if entry.get("decision"):
                 lines.append(f"- **{_md(entry['class_name'])}**: {_md(_decision_text(entry))}")
+    lines += ["", "### Evidence per class", ""]
+    lines += [
+        f"- **{_md(entry['class_name'])}** ({status_text(entry)}): {_md(entry['evidence'])}"
+        for entry in report["classes"]
+        if entry.get("evidence")
+    ]
     slices = [t for t in report["slices"]["tests"] if t.get("flagged")]
     if slices:
         lines += ["", "### Flagged slices"]
-        lines += [f"- {_slice_flag_text(test, _md)}" for test in slices]
+        lines += [f"- {slice_flag_text(test, _md)}" for test in slices]
+    drives = report["slices"].get("drives") or []
+    if drives:
+        lines += ["", "### Slices that drive a class"]
+        lines += [f"- {drives_text(association, _md)}" for association in drives]
     lines += _trust_markdown(report.get("trust"))
     policy = report["policy"]
     lines += [
@@ -396,15 +473,45 @@ def trust_lines(trust: dict | None) -> list[str]:
     ]
 
 
-def _slice_flag_text(test: dict, escaped) -> str:
-    """One flagged slice test; ``escaped`` makes the user's names safe (_md or escape)."""
+def slice_flag_text(test: dict, escaped) -> str:
+    """One flagged slice test and its judgement (``judge_slice_flags``); ``escaped``
+    makes the user's names safe (_md, escape, or str for the terminal)."""
+    drives = test.get("drives")
+    if drives is not None and len(drives):
+        judgement = f"drives predictions of {escaped(', '.join(map(str, drives)))}; fail"
+    elif test.get("ruled_out"):
+        judgement = "its predictions do not follow it (every class's difference ruled out)"
+    else:
+        judgement = "warn"
     return (
         f"{escaped(str(test['attribute']))} = {escaped(str(test['value']))}: "
         f"{test['statistic']} on {escaped(str(test['region']))} "
         f"{_fmt(test['group_mean'], 3)} vs {_fmt(test['reference_mean'], 3)} (difference CI "
         f"[{_fmt(test['effect_low'], 3)}, {_fmt(test['effect_high'], 3)}], "
-        f"q={test['q_value']:.2g}; warn)"
+        f"q={test['q_value']:.2g}; {judgement})"
     )
+
+
+def drives_text(association: dict, escaped) -> str:
+    """'background=stripes drives predictions of 3: 45% of its images of other classes
+    vs 2% elsewhere', with the difference's CI and the class's own accuracy gap."""
+    name = escaped(str(association["class_name"]))
+    return (
+        f"{escaped(str(association['attribute']))}={escaped(str(association['value']))} drives "
+        f"predictions of {name}: {_fmt(100 * association['rate_slice'], 0)}% of its images of "
+        f"other classes vs {_fmt(100 * association['rate_rest'], 0)}% elsewhere (difference "
+        f"{with_ci(association['rd'], association['rd_low'], association['rd_high'])}, "
+        f"q={association['q_value']:.2g}); {name} is right on "
+        f"{_fmt(100 * association['accuracy_slice'], 0)}% of its own images there vs "
+        f"{_fmt(100 * association['accuracy_rest'], 0)}%"
+    )
+
+
+def _transplant(probe: dict | None) -> str:
+    """The transplant rate's excess over the other classes' median, with its CI."""
+    if not probe or probe.get("transplant_excess") is None:
+        return "n/a"
+    return with_ci(**_ci(probe, "transplant_excess"))
 
 
 def main_map_text(view: dict, regions: list[str]) -> str:
@@ -538,11 +645,23 @@ table.numbers td:nth-child(n+3){text-align:right;font-variant-numeric:tabular-nu
 .note{background:#fff4e5;border:1px solid #e67e22;padding:.5rem 1rem}
 figure{display:inline-block;vertical-align:top;margin:4px;font-size:11px;max-width:140px}
 pre{background:#f6f6f6;padding:1rem;overflow:auto}
+.outcome{padding:0 .4em;border-radius:4px;color:#fff}
+.outcome.pass{background:#27ae60}.outcome.warn{background:#e67e22}
+.outcome.fail{background:#c0392b}.outcome.inconclusive{background:#6c5ce7}
+.outcome.no-images-audited{background:#888}
+.note.inconclusive{background:#efedfd;border-color:#6c5ce7}
 """
+
+
+def _outcome_class(outcome: str) -> str:
+    """The CSS class of an outcome's badge: ``inconclusive``, ``no-images-audited``."""
+    return re.sub("[^a-z]+", "-", outcome.lower())
 
 
 def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> str:
     """``unreadable``: ``unreadable_examples(report)`` when the caller has it already."""
+    from audit.analyse import read_analysis
+
     run = RunStore(run_dir)
     manifest = run.manifest()
     rows, cams = run.cams()  # read once for every class's thumbnails
@@ -554,12 +673,19 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>Bias audit {escape(report['run_id'])}</title><style>{STYLE}</style></head><body>",
-        f"<h1>Bias audit: {escape(report['outcome'])}</h1>",
+        f"<h1>Bias audit: <span class='outcome {_outcome_class(report['outcome'])}'>"
+        f"{escape(report['outcome'])}</span></h1>",
         f"<p>Run {escape(report['run_id'])}; model {escape(str(report['model']['path']))}, "
         f"layer {escape(str(report['model']['layer']))}, {escape(report['model']['method'])}; "
         f"{report['counts'].get('ok', 0)} images audited, "
         f"{report['counts'].get('skipped', 0)} skipped.</p>",
     ]
+    reason = outcome_reason(report)
+    if reason:
+        parts.append(
+            f"<p class='note inconclusive'><b>{INCONCLUSIVE}</b>: nothing flagged, but "
+            f"{escape(reason)}.</p>"
+        )
     if unreadable is None:
         unreadable = unreadable_examples(report)
     if unreadable:
@@ -572,7 +698,7 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
         "<h2>Summary</h2><table class='numbers'><tr><th>class</th><th>status</th><th>n</th>"
         "<th>accuracy [95% CI]</th>"
         + "".join(f"<th>{escape(r)} mass [95% CI]</th>" for r in spurious)
-        + "<th>BG-gap [95% CI]</th></tr>"
+        + "<th>BG-gap [95% CI]</th><th>transplant excess [95% CI]</th></tr>"
     )
     for entry in report["classes"]:
         probe = entry["interventions"]
@@ -580,11 +706,11 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
             f"<tr><td>{escape(entry['class_name'])}</td><td>{escape(status_text(entry))}</td>"
             f"<td>{_support(entry)}</td><td>{with_ci(**_ci(entry, 'accuracy'))}</td>"
             + "".join(f"<td>{with_ci(**entry['mass'][r])}</td>" for r in spurious)
-            + f"<td>{_bg_gap(probe)}</td></tr>"
+            + f"<td>{_bg_gap(probe)}</td><td>{_transplant(probe)}</td></tr>"
         )
     parts.append("</table>")
     untested = untested_note(report)
-    if untested:
+    if untested and not reason:
         parts.append(f"<p class='note'>{escape(untested)}.</p>")
     for entry in report["classes"]:
         parts.append(f"<div class='card {escape(entry['status'])}'>")
@@ -592,7 +718,13 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
             f"<h3>{escape(entry['class_name'])}: {escape(status_text(entry))}</h3><ul>"
             + "".join(f"<li>{escape(reason)}</li>" for reason in entry["reasons"])
             + (f"<li><b>{escape(_decision_text(entry))}</b></li>" if entry.get("decision") else "")
-            + "</ul><table><tr><th>region</th><th>mass (true label, correct)</th>"
+            + "</ul>"
+            + (
+                f"<p class='evidence'><b>Evidence:</b> {escape(entry['evidence'])}</p>"
+                if entry.get("evidence")
+                else ""
+            )
+            + "<table><tr><th>region</th><th>mass (true label, correct)</th>"
             "<th>mass (predicted label)</th><th>lift [95% CI]</th></tr>"
         )
         for region in expected + spurious:
@@ -632,7 +764,7 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
     )
     slice_groups = [g for g in report["slices"]["groups"] if g["kind"] == "slice"]
     if slice_groups:
-        parts.append(_slices_html(slice_groups, report["slices"]["tests"], spurious))
+        parts.append(_slices_html(slice_groups, report["slices"], spurious))
     parts.append(
         "<h2>Configuration and thresholds</h2><details><summary>The resolved config of "
         "this run</summary><pre>"
@@ -642,13 +774,18 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
     return "\n".join(parts)
 
 
-def _slices_html(groups: list[dict], tests: list[dict], spurious: list[str]) -> str:
-    """The flagged slices, each attribute's worst group, and the table of slice values."""
+def _slices_html(groups: list[dict], slices: dict, spurious: list[str]) -> str:
+    """The slices that drive a class, the flagged slices, each attribute's worst group,
+    and the table of slice values."""
     escape = html.escape
-    flagged = [test for test in tests if test.get("flagged")]
+    flagged = [test for test in slices["tests"] if test.get("flagged")]
     parts = ["<h2>Slices</h2>"]
+    drives = slices.get("drives") or []
+    if drives:
+        items = "".join(f"<li>{drives_text(association, escape)}</li>" for association in drives)
+        parts.append(f"<p>Slices that drive a class:</p><ul>{items}</ul>")
     if flagged:
-        items = "".join(f"<li>{_slice_flag_text(test, escape)}</li>" for test in flagged)
+        items = "".join(f"<li>{slice_flag_text(test, escape)}</li>" for test in flagged)
         parts.append(f"<p>Flagged slices:</p><ul>{items}</ul>")
     else:
         parts.append("<p>No slice is flagged.</p>")

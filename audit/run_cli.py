@@ -9,13 +9,15 @@ import typing
 from pathlib import Path
 
 from audit.config import AuditConfig, ConfigError, ModelSection, build_config, load_config
+from audit.report import FAIL_ON_LEVELS
 
 # The methods the config accepts (audit.cam_methods registers the same; a test keeps
 # them equal), read without importing Keras, so a config error fails in a moment.
 CAM_METHODS = typing.get_args(ModelSection.model_fields["method"].annotation)
 
+# 0: the outcome is below --fail-on (or no --fail-on); 1 (policy): it reaches it;
+# 2 (usage): a config or data error, or no image could be audited (no verdict).
 EXIT_OK, EXIT_POLICY, EXIT_USAGE = 0, 1, 2
-SEVERITY = {"none": 0, "warn": 1, "fail": 2}
 # Config keys the flags set, so that an error about one names its flag too.
 FLAG_KEYS = (
     ("model.path", "--model"),
@@ -120,8 +122,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--fail-on",
-        choices=["warn", "fail"],
-        help="exit 1 when the audit's severity reaches this level",
+        choices=FAIL_ON_LEVELS,
+        help="exit 1 when the audit's outcome reaches this level (PASS < INCONCLUSIVE < "
+        "WARN < FAIL): fail, warn, or inconclusive, the strict level that also fails a run "
+        "with too few images to test most classes",
     )
     p.add_argument(
         "--unsafe-model", action="store_true", help="load models with code (trusted files only)"
@@ -182,7 +186,9 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     print(format_gate(report))
     print(f"stored in {result.run_dir} (report.html, report.md, report.json)")
-    if args.fail_on and SEVERITY[report["severity"]] >= SEVERITY[args.fail_on]:
+    from audit.report import reaches
+
+    if reaches(report["outcome"], args.fail_on):
         return EXIT_POLICY
     return EXIT_OK
 
@@ -221,15 +227,17 @@ def _baseline(value: str | None, config: AuditConfig) -> Path | str | None:
 
 
 def format_gate(report: dict) -> str:
-    """The short PASS/WARN/FAIL table printed at the end of a run."""
-    from audit.report import untested_note
+    """The short table printed at the end of a run: the outcome (PASS, INCONCLUSIVE with
+    its reason, WARN or FAIL), then the flagged classes and slices."""
+    from audit.report import drives_text, outcome_reason, slice_flag_text, untested_note
 
-    lines = [
-        f"{report['outcome']}: "
-        + ", ".join(f"{count} {status}" for status, count in report["status_counts"].items())
-    ]
+    head = f"{report['outcome']}: " + ", ".join(
+        f"{count} {status}" for status, count in report["status_counts"].items()
+    )
+    reason = outcome_reason(report)
+    lines = [f"{head}; {reason}" if reason else head]
     untested = untested_note(report)
-    if untested:
+    if untested and not reason:
         lines.append(f"  NOTE  {untested}")
     for entry in report["classes"]:
         if entry["status"] != "ok":
@@ -238,10 +246,8 @@ def format_gate(report: dict) -> str:
             lines.extend(f"          {reason}" for reason in entry["reasons"])
     for test in report["slices"]["tests"]:
         if test.get("flagged"):
-            lines.append(
-                f"  WARN  slice {test['attribute']}={test['value']}: "
-                f"{test['statistic']} on {test['region']} {test['group_mean']:.3f} vs "
-                f"{test['reference_mean']:.3f} (difference CI [{test['effect_low']:.3f}, "
-                f"{test['effect_high']:.3f}], q={test['q_value']:.2g})"
-            )
+            level = {"fail": "FAIL", "warn": "WARN"}.get(test.get("severity"), "NOTE")
+            lines.append(f"  {level:4s}  slice {slice_flag_text(test, str)}")
+    for association in report["slices"].get("drives") or []:
+        lines.append(f"  FAIL  slice {drives_text(association, str)}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from audit.decisions import model_line
 from audit.overlay import stored_overlay
+from audit.report import untested_classes
 from audit.store import RunStore, run_state
 
 STORE_VARIABLE = "BIAS_AUDIT_STORE"
@@ -84,15 +85,16 @@ def _list_runs(store: str, stamps: tuple) -> pd.DataFrame:
         report_path = manifest_path.parent / "report.json"
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
         counts = report.get("status_counts", {})
+        complete = manifest.get("status") == "complete"
         rows.append(
             {
                 "run_id": manifest["run_id"],
                 "started": manifest.get("started", "")[:19].replace("T", " "),
                 "status": manifest.get("status"),
                 # A verdict once complete: a run killed after its reports has none yet.
-                "outcome": report.get("outcome", "n/a")
-                if manifest.get("status") == "complete"
-                else "n/a",
+                "outcome": report.get("outcome", "n/a") if complete else "n/a",
+                # Classes with audited images that no test could judge: INCONCLUSIVE's why.
+                "untested": _untested(report) if complete else None,
                 "model": Path(manifest["model"]["path"]).name,
                 "model_line": model_line(manifest["model"]["path"]),
                 "dataset": manifest["dataset"]["source"],
@@ -106,6 +108,14 @@ def _list_runs(store: str, stamps: tuple) -> pd.DataFrame:
         )
     table = pd.DataFrame(rows)
     return table.sort_values("started", ascending=False) if len(table) else table
+
+
+def _untested(report: dict) -> str | None:
+    """``7 of 10``: the untested classes among those with audited images."""
+    if "classes" not in report:
+        return None
+    audited, untested = untested_classes(report["classes"])
+    return f"{len(untested)} of {len(audited)}"
 
 
 def report(store: str, run_id: str) -> dict:

@@ -12,9 +12,10 @@ run is in the store's history index.
 
 The exit code is the gate, and it is a function of the store, not of what this
 invocation happened to compute, so a retried task gives the same answer: 1 when the
-newest version's outcome reaches ``schedule.fail_on``, 2 when none of the newest
-version's images could be audited (a data problem, not a verdict) or a version's
-model file cannot be read, else 0.
+newest version's outcome reaches ``schedule.fail_on`` (in the order PASS <
+INCONCLUSIVE < WARN < FAIL of ``audit.report.OUTCOME_ORDER``), 2 when none of the
+newest version's images could be audited (a data problem, not a verdict) or a
+version's model file cannot be read, else 0.
 
 Cron, nightly at 02:00:
 
@@ -34,9 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from audit.config import AuditConfig, ConfigError, load_config
-
-SEVERITY = {"PASS": 0, "WARN": 1, "FAIL": 2}
-EMPTY = "NO IMAGES AUDITED"  # the outcome of a run whose every row was skipped
+from audit.report import FAIL_ON_LEVELS, NO_IMAGES, outcome_reason, reaches
 
 
 def _natural_key(path: Path) -> tuple[list, str]:
@@ -77,6 +76,7 @@ class VersionResult:
     run_dir: Path
     outcome: str
     reused: bool
+    reason: str | None = None  # why the outcome is INCONCLUSIVE (its untested classes)
 
 
 def run_schedule(config: AuditConfig, *, progress: bool = False) -> list[VersionResult]:
@@ -101,8 +101,12 @@ def run_schedule(config: AuditConfig, *, progress: bool = False) -> list[Version
             result = run_audit(versioned, resume=True, progress=progress)
         except (ConfigError, ModelStructureError, FileNotFoundError) as error:
             raise ConfigError(f"version {version.name}: {error}") from None
-        outcome = json.loads((result.run_dir / "report.json").read_text())["outcome"]
-        results.append(VersionResult(version, result.run_dir, outcome, result.reused))
+        report = json.loads((result.run_dir / "report.json").read_text())
+        results.append(
+            VersionResult(
+                version, result.run_dir, report["outcome"], result.reused, outcome_reason(report)
+            )
+        )
     return results
 
 
@@ -114,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         "images could be audited or a version cannot be read.",
     )
     parser.add_argument("config", help="YAML audit config with a schedule: section")
-    parser.add_argument("--fail-on", choices=["warn", "fail", "never"], help="override")
+    parser.add_argument(
+        "--fail-on",
+        choices=[*FAIL_ON_LEVELS, "never"],
+        help="override schedule.fail_on (PASS < INCONCLUSIVE < WARN < FAIL; inconclusive is "
+        "the strict level)",
+    )
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args(argv)
     try:
@@ -126,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     from audit.compare import compare_runs, format_comparison
 
     fail_on = args.fail_on or (config.schedule.fail_on or "never")
-    threshold = {"warn": 1, "fail": 2, "never": 3}[fail_on]
     for index, result in enumerate(results):
         state = "reused" if result.reused else "audited"
-        print(f"{result.model.name}: {result.outcome} ({state}, {result.run_dir})")
-        if result.outcome == EMPTY:
+        reason = f"; {result.reason}" if result.reason else ""
+        print(f"{result.model.name}: {result.outcome} ({state}, {result.run_dir}){reason}")
+        if result.outcome == NO_IMAGES:
             print(
                 f"bias-audit schedule: {result.model.name}: no image could be audited (every "
                 f"row was skipped; see {result.run_dir / 'images.parquet'})",
@@ -138,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             continue
         # The previous version with audited images (an empty run has nothing to compare).
-        previous = next((r for r in reversed(results[:index]) if r.outcome != EMPTY), None)
+        previous = next((r for r in reversed(results[:index]) if r.outcome != NO_IMAGES), None)
         if previous is not None:
             print(format_comparison(compare_runs(previous.run_dir, result.run_dir)))
     newest = results[-1]
-    if newest.outcome == EMPTY:
+    if newest.outcome == NO_IMAGES:
         return 2
-    if SEVERITY[newest.outcome] >= threshold:
+    if reaches(newest.outcome, fail_on):
         print(
             f"bias-audit schedule: the newest version, {newest.model.name}, is "
             f"{newest.outcome} (fail_on: {fail_on})",

@@ -308,29 +308,39 @@ def test_small_groups_are_not_tested():
 
 
 def test_interventions_on_hand_made_arrays():
-    images = np.zeros((2, 4, 4, 3), "float32")
-    images[0] = 0.2
-    images[0, 0, :] = 0.5  # a background that is not flat: its mean is 0.2 + 0.3 * 4/12
-    images[0, 1:3, 1:3] = 1.0  # object of image 0
-    images[1] = 0.6
+    stripes = np.zeros((16, 16, 3), "float32")
+    stripes[::2], stripes[1::2] = 0.2, 0.5  # horizontal stripes
+    images = np.stack([stripes, np.full_like(stripes, 0.6)])
+    images[0, 6:10, 6:10] = 1.0  # object of image 0
     images[1, 0, 0] = 0.9  # object of image 1
-    objects = np.zeros((2, 4, 4), bool)
-    objects[0, 1:3, 1:3] = True
+    objects = np.zeros((2, 16, 16), bool)
+    objects[0, 6:10, 6:10] = True
     objects[1, 0, 0] = True
     out = intervene(images, objects, fill_objects(images, objects)[[1, 0]])  # swapped
-    mean = 0.2 + 0.3 * 4 / 12
+    mean = images[0][~objects[0]].mean(axis=0)  # the mean background colour
     np.testing.assert_allclose(out["object_only"][0, 0, 0], mean, rtol=1e-6)  # bg -> its mean
-    np.testing.assert_allclose(out["object_only"][0, 3, 3], mean, rtol=1e-6)
-    np.testing.assert_allclose(out["object_only"][0, 1, 1], 1.0)  # the object stays
-    np.testing.assert_allclose(out["background_only"][0, 1, 1], mean, rtol=1e-6)  # object -> bg
-    np.testing.assert_allclose(out["background_only"][0, 0, 0], 0.5)  # the background stays
-    np.testing.assert_allclose(out["mixed_rand"][0, 1, 1], 1.0)  # own object kept
-    np.testing.assert_allclose(out["mixed_rand"][0, 3, 3], 0.6)  # partner's background
-    np.testing.assert_allclose(out["mixed_rand"][0, 0, 0], 0.6)  # partner's object filled
+    np.testing.assert_allclose(out["object_only"][0, 15, 15], mean, rtol=1e-6)
+    np.testing.assert_allclose(out["object_only"][0, 7, 7], 1.0)  # the object stays
+    # The object is removed without a trace: the stripes run on through it (no
+    # silhouette of the object is left for the model to read).
+    np.testing.assert_array_equal(out["background_only"][0], stripes)
+    np.testing.assert_array_equal(out["background_only"][1], np.full_like(stripes, 0.6))
+    np.testing.assert_allclose(out["mixed_rand"][0, 7, 7], 1.0)  # own object kept
+    np.testing.assert_allclose(out["mixed_rand"][0, 15, 15], 0.6)  # partner's background
+    np.testing.assert_allclose(out["mixed_rand"][0, 0, 0], 0.6)  # partner's object removed
     # Only the asked-for copies are made, and they are the same.
     only = intervene(images, objects, fill_objects(images, objects)[[1, 0]], kinds=["mixed_rand"])
     assert list(only) == ["mixed_rand"]
     np.testing.assert_array_equal(only["mixed_rand"], out["mixed_rand"])
+
+
+def test_an_object_covering_the_image_is_filled_with_the_background_colour():
+    images = np.full((1, 8, 8, 3), 0.3, "float32")
+    images[0, 0, 0] = 0.7  # the only background pixel
+    objects = np.ones((1, 8, 8), bool)
+    objects[0, 0, 0] = False
+    # No shifted copy has background to give: the mean background colour, everywhere.
+    np.testing.assert_allclose(fill_objects(images, objects), 0.7)
 
 
 def test_eigengap_and_a_minority_strategy_cluster():
@@ -777,3 +787,56 @@ def test_the_median_of_other_classes_carries_its_own_interval():
     median, low, high = median_rate_interval([(0, 40)])
     assert median == 0 and low == 0 and 0.05 < high < 0.15
     assert median_rate_interval([]) == (0.0, 0.0, 0.0)
+
+
+def test_transplants_paste_other_classes_objects_on_each_predicted_class_backgrounds(tmp_path):
+    from audit.analyse import _transplants
+    from audit.probes import run_transplants
+
+    entries, sample, options = probe_set(tmp_path, {0: 30, 1: 30, 2: 30, 3: 30, 4: 30})
+    seen = []
+
+    def always_two(batch):  # a model that answers 2 whatever it is shown
+        seen.append(batch)
+        return np.tile(np.eye(10)[2], (len(batch), 1))
+
+    # The backgrounds are the images *predicted* as each class, right or wrong: here
+    # every image of class 4 was predicted 2, so class 4 has none and 2 has 60.
+    predicted = sample.assign(pred=sample["label_index"].replace({4: 2}))
+    backgrounds = predicted[["row", "pred"]]
+    outcomes = run_transplants(always_two, entries, sample, backgrounds, **options)
+    assert sorted(outcomes["row"]) == sorted(backgrounds["row"])  # each once
+    assert (outcomes["donor_label"] != outcomes["pred"]).all()  # another class's object
+    names = [str(c) for c in range(10)]
+    probe = partial(run_transplants, always_two, entries, sample, **options)
+    table = _transplants(probe, backgrounds, names, PolicySection()).set_index("class_index")
+    assert table["n_transplant"].to_dict() == {0: 30, 1: 30, 2: 60, 3: 30}
+    # Class 2's backgrounds "produce" 2 every time, the others' never: only 2 is evidence.
+    assert table["transplant"].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert table["transplant_evidence"].tolist() == [False, False, True, False]
+    assert table.loc[2, "transplant_excess_low"] > 0.8 and table.loc[2, "transplant_p_value"] < 1e-6
+    # Each composite is the background image with its object removed (and another
+    # class's object pasted): the image's own object pixels are not there.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from audit.data import load_batches
+
+    composites = np.concatenate(seen[:1])
+    first = outcomes.iloc[: len(composites)]
+    with ThreadPoolExecutor(1) as pool:
+        loaded = {
+            row: (image, regions[0])
+            for batch in load_batches(
+                entries,
+                sorted(set(first["row"]) | set(sample["row"])),
+                class_index=options["class_index"],
+                preprocessor=options["preprocessor"],
+                regions=options["regions"],
+                batch_size=300,
+                pool=pool,
+            )
+            for row, image, regions in zip(batch.rows, batch.images, batch.regions, strict=True)
+        }
+    for composite, record in zip(composites, first.itertuples(), strict=True):
+        image, own = loaded[record.row]
+        assert not np.allclose(composite[own], image[own])  # its own object is gone

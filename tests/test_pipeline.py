@@ -546,12 +546,15 @@ def test_classes_too_small_for_any_test_are_shown_untested(small_dataset, tmp_pa
     config = config_for(manifest, model_path, tmp_path, dataset={"limit": 24})
     result = run_audit(config, progress=False)
     report = json.loads((result.run_dir / "report.json").read_text())
-    assert report["outcome"] == "PASS"
+    assert report["outcome"] == "INCONCLUSIVE"  # no PASS without evidence
     assert all(entry["tested"] is False for entry in report["classes"])
     assert "| ok (untested) |" in render_markdown(report)
-    assert "class(es) untested" in (result.run_dir / "report.html").read_text()
+    # Class 8 has no image among the first 24 rows: not one of the audited classes.
+    note = "9 of the 9 audited classes untested: 0, 1, 2"
+    assert note in (result.run_dir / "report.html").read_text()
     gate = format_gate(report)
-    assert "NOTE  10 class(es) untested: 0, 1, 2" in gate and "fewer than 20 measured" in gate
+    assert gate.startswith(f"INCONCLUSIVE: 0 bias-driven, 0 suspected, 10 ok; {note}")
+    assert "fewer than 20 measured" in gate and "1 class(es) with no audited image: 8" in gate
     # Enough images and tests: no class is untested.
     report["classes"][0]["tested"] = True
-    assert "NOTE  9 class(es) untested: 1, 2" in format_gate(report)
+    assert "8 of the 9 audited classes untested: 1, 2" in format_gate(report)

@@ -110,11 +110,19 @@ def test_markdown_and_html_show_each_mean_with_its_ci(report, run_dir):
         "rate_mixed_rand_low": 0.45,
         "rate_mixed_rand_high": 0.73,
     }
+    entry["interventions"] |= {
+        "transplant_excess": 0.2,
+        "transplant_excess_low": 0.1,
+        "transplant_excess_high": 0.3,
+    }
     row = hostile_row(render_markdown(report))
-    assert row.endswith("| 0.75 [0.71, 0.79] | 0.40 [0.30, 0.50] |")
+    assert row.endswith("| 0.75 [0.71, 0.79] | 0.40 [0.30, 0.50] | 0.20 [0.10, 0.30] |")
     page = render_html(report, run_dir)
     summary = page[page.index("<h2>Summary</h2>") : page.index("</table>")]
-    assert "<td>0.75 [0.71, 0.79]</td><td>0.40 [0.30, 0.50]</td>" in summary
+    assert (
+        "<td>0.75 [0.71, 0.79]</td><td>0.40 [0.30, 0.50]</td><td>0.20 [0.10, 0.30]</td>"
+        in summary
+    )
     assert "<td>1.50 [1.25, 1.75]</td>" in page  # lift in the class card
     # The card's mass bars print their CI beside the bar, not only in the tooltip.
     assert 'font-size="11">0.62 [0.55, 0.69]</text>' in page

@@ -37,6 +37,8 @@ index = entry["class_index"]
 st.caption(f"Status: {status_text(entry)}, confidence {entry.get('confidence', 'normal')}")
 for reason in entry["reasons"]:
     st.text(reason)
+if entry.get("evidence"):
+    st.text(f"Evidence: {entry['evidence']}")
 
 
 view = entry["true_label"]

@@ -6,7 +6,14 @@ import streamlit as st
 
 from audit.analyse import SEVERITY_ORDER
 from audit.decisions import latest_decisions, model_line
-from audit.report import status_text, trust_lines, with_ci
+from audit.report import (
+    INCONCLUSIVE,
+    drives_text,
+    outcome_reason,
+    status_text,
+    trust_lines,
+    with_ci,
+)
 from dashboard.store import current_run, escape_markdown
 
 TWO_DIGITS = st.column_config.NumberColumn(format="%.2f")
@@ -19,7 +26,7 @@ def two_digits(table: pd.DataFrame) -> dict:
     return {
         column: TWO_DIGITS
         for column in table.columns
-        if column.startswith(("mass_", "bg_gap"))
+        if column.startswith(("mass_", "bg_gap", "transplant"))
         or column.removesuffix("_low").removesuffix("_high").endswith(RATES)
     }
 
@@ -27,6 +34,9 @@ def two_digits(table: pd.DataFrame) -> dict:
 store, run, result = current_run()
 st.title("Classes")
 st.caption(f"Run {escape_markdown(run)}: outcome {result['outcome']}")
+reason = outcome_reason(result)
+if reason:
+    st.warning(f"{INCONCLUSIVE}: nothing flagged, but {escape_markdown(reason)}.")
 spurious = [r["name"] for r in result["regions"] if r["role"] == "spurious"]
 trust = result.get("trust")
 with st.expander(f"Trust in the maps: {trust['verdict'] if trust else 'not checked'}"):
@@ -63,8 +73,14 @@ for entry in result["classes"]:
             name: (entry["interventions"] or {}).get(name)
             for name in ("bg_gap", "bg_gap_low", "bg_gap_high")
         },
+        **{
+            name: (entry["interventions"] or {}).get(name)
+            for name in ("transplant_excess", "transplant_excess_low", "transplant_excess_high")
+        },
         "q_value": min(q_values) if q_values else None,
         "effect_ci_low": max(effects) if effects else None,
+        # Every test of the class with its numbers, in one line (dataframe cells are text).
+        "evidence": entry.get("evidence"),
         "decision": getattr(decisions.get(entry["class_name"]), "decision", None),
         "zero_maps": side.get("n_zero_map"),
         "confidence": entry.get("confidence", "normal"),
@@ -93,6 +109,7 @@ st.dataframe(
     width="stretch",
     column_config={
         "status": st.column_config.TextColumn(width="medium"),  # "bias-driven" in full
+        "evidence": st.column_config.TextColumn(width="large"),
         "q_value": st.column_config.NumberColumn(format="%.1e"),
         "effect_ci_low": THREE_DIGITS,
     }
@@ -124,6 +141,8 @@ for region in spurious:
     st.altair_chart(bars + whiskers, width="stretch")
 
 st.subheader("Slices")
+for association in result["slices"].get("drives") or []:
+    st.error(escape_markdown(drives_text(association, str)))
 groups = pd.DataFrame(result["slices"]["groups"])
 if len(groups):
     slices = groups[groups["kind"] == "slice"]

@@ -6,7 +6,7 @@ import streamlit as st
 
 from audit.compare import compare_runs
 from audit.config import ConfigError
-from dashboard.store import list_runs, store_path
+from dashboard.store import escape_markdown, list_runs, store_path
 
 store = store_path()
 st.title("Compare runs")
@@ -24,7 +24,7 @@ except ConfigError as error:  # runs of other classes: nothing lines up
     st.error(str(error))
     st.stop()
 for note in result["notes"]:
-    st.warning(note.removeprefix("note: "))
+    st.warning(escape_markdown(note.removeprefix("note: ")))  # it may name classes
 left.metric("Outcome", result["old_outcome"])
 right.metric("Outcome", result["new_outcome"])
 for title, key in (

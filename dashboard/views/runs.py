@@ -4,6 +4,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from audit.report import INCONCLUSIVE
 from dashboard.store import escape_markdown, list_runs, report, selected_run, store_path
 
 store = store_path()
@@ -17,6 +18,12 @@ if not len(runs):
     st.stop()
 selected_run(store)
 st.dataframe(runs, hide_index=True, width="stretch")
+if (runs["outcome"] == INCONCLUSIVE).any():
+    st.warning(
+        f"{INCONCLUSIVE}: nothing flagged, but most classes with audited images had too few "
+        "images for any test (the `untested` column counts them): no evidence of health. "
+        "`--fail-on inconclusive` fails such a run."
+    )
 
 st.subheader("Spurious mass per class across runs of a model line")
 line = st.selectbox("Model line", sorted(runs["model_line"].unique()))
