@@ -120,8 +120,7 @@ def test_markdown_and_html_show_each_mean_with_its_ci(report, run_dir):
     page = render_html(report, run_dir)
     summary = page[page.index("<h2>Summary</h2>") : page.index("</table>")]
     assert (
-        "<td>0.75 [0.71, 0.79]</td><td>0.40 [0.30, 0.50]</td><td>0.20 [0.10, 0.30]</td>"
-        in summary
+        "<td>0.75 [0.71, 0.79]</td><td>0.40 [0.30, 0.50]</td><td>0.20 [0.10, 0.30]</td>" in summary
     )
     assert "<td>1.50 [1.25, 1.75]</td>" in page  # lift in the class card
     # The card's mass bars print their CI beside the bar, not only in the tooltip.
