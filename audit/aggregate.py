@@ -108,7 +108,10 @@ def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[f
     scale = 1 + z * z / trials
     centre = (rate + z * z / (2 * trials)) / scale
     half = z * np.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials)) / scale
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    # At 0 and n the bound is exactly 0 or 1 (rounding gives 3.5e-18 or 0.9999999999999998).
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)
+    high = 1.0 if successes >= trials else min(1.0, centre + half)
+    return float(low), float(high)
 
 
 def rate_with_ci(outcomes: np.ndarray, name: str) -> dict:

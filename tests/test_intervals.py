@@ -246,3 +246,13 @@ def coverage_table(replications: int = 2000) -> None:
 
 if __name__ == "__main__":
     coverage_table()
+
+
+def test_wilson_bounds_are_exact_at_zero_and_all():
+    from audit.aggregate import wilson_interval
+
+    for trials in (1, 7, 73, 100, 10_000):
+        assert wilson_interval(trials, trials)[1] == 1.0
+        assert wilson_interval(0, trials)[0] == 0.0
+        low, high = wilson_interval(trials // 2, trials)
+        assert 0.0 < low < high < 1.0
