@@ -291,6 +291,21 @@ def causal_evidence(
     return interventions, associations
 
 
+def forward_passes(interventions: pd.DataFrame) -> dict[str, int]:
+    """The forward passes each causal test spent (one per probed image and variant);
+    the slice associations read the audit pass's predictions and spend none."""
+
+    def total(column: str) -> int:
+        return int(interventions[column].fillna(0).sum()) if column in interventions else 0
+
+    return {
+        "mixed_rand": total("n_mixed_rand"),
+        "diagnostics": 2 * total("n_details"),  # object only and background only
+        "transplant": total("n_transplant"),
+        "associations": 0,
+    }
+
+
 def judge_slice_flags(flags: pd.DataFrame, associations: pd.DataFrame, policy) -> pd.DataFrame:
     """A flagged slice's severity from its associations: ``fail`` when it drives a class
     (its ``drives`` lists them), ``none`` when every class's risk difference is ruled

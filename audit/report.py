@@ -101,7 +101,13 @@ def _bounds(row: dict, name: str) -> tuple:
 
 def build_report(run_dir: Path) -> dict:
     """The report dict of a run with its analysis tables."""
-    from audit.analyse import SEVERITY_ORDER, class_verdicts, overall_severity, read_analysis
+    from audit.analyse import (
+        SEVERITY_ORDER,
+        class_verdicts,
+        forward_passes,
+        overall_severity,
+        read_analysis,
+    )
 
     run = RunStore(run_dir)
     manifest = run.manifest()
@@ -206,6 +212,8 @@ def build_report(run_dir: Path) -> dict:
             },
             "baseline": manifest.get("baseline"),
             "trust": analysis.trust,
+            # What the causal tests cost, in forward passes of the model.
+            "forward_passes": forward_passes(analysis.interventions),
         }
     )
 

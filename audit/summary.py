@@ -55,6 +55,13 @@ def format_summary(report: dict, manifest: dict) -> str:
             "mean [95% CI]):"
         )
         lines.append(class_table(report).to_string(index=False))
+    spent = report.get("forward_passes")
+    if spent:
+        lines.append(
+            "causal tests: "
+            + ", ".join(f"{name.replace('_', '-')} {count}" for name, count in spent.items())
+            + f" forward passes (the audit pass: {counts['ok']})"
+        )
     trust = report.get("trust")
     if trust:
         checks = ", ".join(

@@ -196,3 +196,16 @@ def test_a_flagged_slice_is_judged_by_what_it_drives():
         judged = judge_slice_flags(flags, table, policy).set_index("value")
         assert judged.loc["stripes", "severity"] == expected
         assert judged.loc["stripes", "drives"] == (["3"] if shortcut else [])
+
+
+def test_forward_passes_count_each_causal_test():
+    from audit.analyse import forward_passes
+
+    probe = probe_table(n_transplant=[80, 40, np.nan]).assign(n_details=[40, 0, np.nan])
+    assert forward_passes(probe) == {
+        "mixed_rand": 240,
+        "diagnostics": 80,
+        "transplant": 120,
+        "associations": 0,
+    }
+    assert forward_passes(pd.DataFrame())["transplant"] == 0
