@@ -302,6 +302,19 @@ def interventions_text(probe: dict) -> str:
     return head + swapped + f" Still {rates}"
 
 
+def transplant_text(probe: dict) -> str | None:
+    """The class card's sentence on the transplant test (None where it did not run)."""
+    if not probe.get("n_transplant"):
+        return None
+    return (
+        f"Transplant test on {probe['n_transplant']} images predicted as the class: with "
+        f"another class's object in place of theirs, still predicted as it "
+        f"{with_ci(**_ci(probe, 'transplant'))}, other classes' median "
+        f"{_fmt(probe.get('transplant_median_others'))}; excess "
+        f"{with_ci(**_ci(probe, 'transplant_excess'))}."
+    )
+
+
 def _rate(probe: dict, name: str) -> str:
     """A class's prediction rate under one intervention with its 95% CI (n/a where it
     did not run: the diagnostics run only for classes with a finding by default)."""
@@ -747,8 +760,10 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
             parts.append(f"<tr><td>{escape(region)}</td>{bars}<td>{lift}</td></tr>")
         parts.append("</table>")
         probe = entry["interventions"]
-        if probe:
+        if probe and probe.get("n_probe"):
             parts.append(f"<p>{escape(interventions_text(probe))}</p>")
+        if probe and transplant_text(probe):
+            parts.append(f"<p>{escape(transplant_text(probe))}</p>")
         main_map = main_map_text(entry["true_label"], expected + spurious)
         if main_map:
             parts.append(f"<p>{escape(main_map)}</p>")

@@ -134,6 +134,8 @@ def test_class_detail_gives_the_class_numbers_and_interventions_with_cis(store, 
     accuracy = f"{view['accuracy']:.2f} [{view['accuracy_low']:.2f}, {view['accuracy_high']:.2f}]"
     assert any(t.startswith(f"{view['n']} images, accuracy {accuracy}") for t in texts)
     assert any(t.startswith(f"Interventions on {probe['n_probe']} correct images") for t in texts)
+    assert any(t.startswith(f"Transplant test on {probe['n_transplant']} images") for t in texts)
+    assert f"Evidence: {entry['evidence']}" in texts  # every test of the class, in one line
     rates = page.dataframe[-1].value.set_index("intervention")
     swapped = rates.loc["background swapped (Mixed-Rand)"]
     assert swapped["still predicted"] == pytest.approx(probe["rate_mixed_rand"])

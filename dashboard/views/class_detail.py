@@ -12,6 +12,7 @@ from audit.report import (
     interventions_text,
     main_map_text,
     status_text,
+    transplant_text,
     unreadable_note,
     with_ci,
 )
@@ -143,7 +144,9 @@ else:
 
 st.subheader("Interventions")
 probe = entry["interventions"]
-if probe:
+if probe and transplant_text(probe):
+    st.text(transplant_text(probe))
+if probe and probe.get("n_probe"):
     st.text(interventions_text(probe))
     rates = [
         {
