@@ -193,19 +193,38 @@ def _interventions(probe, sample, flags, class_names, policy) -> pd.DataFrame:
         found = set(table["class_index"])
     else:
         found = set(table.loc[table["intervention_evidence"], "class_index"])
-        if len(flags):
-            heatmap = flags["flagged"] & flags["kind"].isin(["true", "pred"])
-            found |= set(flags.loc[heatmap, "class_index"].astype(int))
+        found |= _heatmap_flagged(flags)
     # The diagnostics describe, they decide nothing: a first look (40 images) suffices.
     first = outcomes.loc[outcomes["look"] == 0, "row"]
     chosen = sample[sample["label_index"].isin(found) & sample["row"].isin(first)]
-    if not len(chosen):
-        return table
-    details = probe(chosen, kinds=("object_only", "background_only"))
-    outcomes = outcomes.merge(
-        details.drop(columns=["label_index", "pred_original", "look"]), on="row", how="left"
+    extra = []
+    if len(chosen):
+        extra.append(probe(chosen, kinds=("object_only", "background_only")))
+    # A heatmap flag is judged by whether its class needs its *own* background: on a
+    # held-out set a swapped background is drawn like the own one, so a fragile (thin)
+    # object loses some correct predictions to any new background. Mixed-Same (the
+    # object on another image of its class, Xiao et al.) on the same images takes that
+    # out: BG-gap = rate(Mixed-Same) - rate(Mixed-Rand).
+    flagged = _heatmap_flagged(flags) - set(
+        table.loc[table["intervention_evidence"], "class_index"]
     )
-    return summarise_interventions(outcomes, class_names, policy)
+    probed = outcomes.loc[outcomes["pred_mixed_rand"].notna(), "row"]
+    judged = sample[sample["label_index"].isin(flagged) & sample["row"].isin(probed)]
+    if len(judged):
+        extra.append(probe(judged, kinds=("mixed_same",)))
+    for details in extra:
+        outcomes = outcomes.merge(
+            details.drop(columns=["label_index", "pred_original", "look"]), on="row", how="left"
+        )
+    return summarise_interventions(outcomes, class_names, policy) if extra else table
+
+
+def _heatmap_flagged(flags: pd.DataFrame) -> set[int]:
+    """The classes with a heatmap flag of their true or predicted group."""
+    if not len(flags):
+        return set()
+    heatmap = flags["flagged"].astype(bool) & flags["kind"].isin(["true", "pred"])
+    return set(flags.loc[heatmap, "class_index"].astype(int))
 
 
 def _transplants(probe, backgrounds, class_names, policy) -> pd.DataFrame:
@@ -475,6 +494,9 @@ def _evidence_chain(probe, heatmap_rows, driving) -> str:
                 probe, "Mixed-Rand BG-gap", "bg_gap", "n_mixed_rand", "mixed_rand_evidence"
             )
         )
+    if probe is not None and probe.get("n_bg_gap_same", 0) > 0:
+        gap = _interval(probe["bg_gap_same"], probe["bg_gap_same_low"], probe["bg_gap_same_high"])
+        parts.append(f"Mixed-Same minus Mixed-Rand {gap} (n={int(probe['n_bg_gap_same'])})")
     if probe is not None and probe.get("n_transplant", 0) > 0:
         label = f"transplant rate {probe['transplant']:.2f}"
         parts.append(
@@ -561,8 +583,13 @@ def class_verdicts(
                 f"images vs {row.accuracy_rest:.0%} of the others"
             )
         causal = mixed_rand or transplant or len(driving) > 0
+        # Mixed-Rand rules a shortcut out by its excess over the other classes' BG-gaps
+        # or, for a heatmap flag, by Mixed-Same's BG-gap on the same images.
         ruled_out = not causal and (
-            _ruled_out(probe, "n_mixed_rand", "bg_gap_excess_high", policy)
+            (
+                _ruled_out(probe, "n_mixed_rand", "bg_gap_excess_high", policy)
+                or _ruled_out(probe, "n_bg_gap_same", "bg_gap_same_high", policy)
+            )
             and _ruled_out(probe, "n_transplant", "transplant_excess_high", policy)
         )
         # A class whose groups were too small for any test has no evidence either way.
@@ -584,9 +611,10 @@ def class_verdicts(
             status, severity = "ok", "none"
             reasons.append(
                 "the heatmap flag is not a shortcut: neither swapping the background "
-                "(Mixed-Rand) nor transplanting other objects onto its backgrounds moves "
-                f"predictions by {policy['gap_floor']:.2f} or more (both excess CIs below "
-                "it); a thin object puts map mass around itself"
+                "(Mixed-Rand, against the other classes or against Mixed-Same) nor "
+                "transplanting other objects onto its backgrounds moves predictions by "
+                f"{policy['gap_floor']:.2f} or more (the CIs' upper bounds are below it); "
+                "a thin object puts map mass around itself"
             )
         elif heatmap:
             # Heatmap evidence alone: thin objects put mass around themselves with no

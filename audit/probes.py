@@ -56,7 +56,10 @@ from audit.aggregate import rate_with_ci
 from audit.config import PolicySection, RegionSection
 from audit.data import DECODE_THREADS, Entries, Preprocessor, load_batches
 
-INTERVENTIONS = ("original", "object_only", "background_only", "mixed_rand")
+INTERVENTIONS = ("original", "object_only", "background_only", "mixed_rand", "mixed_same")
+# What ``run_interventions`` probes unless told: Mixed-Same runs only where a heatmap
+# flag is to be judged (``audit.analyse._interventions``).
+DEFAULT_KINDS = ("object_only", "background_only", "mixed_rand")
 # Looks every class gets before it may stop; the other classes are compared with the
 # median of these (two looks of 40: 80 images a class, a reference precise enough to
 # keep the power of probing every image, in benchmarks/sim_interventions.py).
@@ -108,41 +111,60 @@ def _grow(objects: np.ndarray, pixels: int) -> np.ndarray:
     return binary_dilation(objects, structure=np.ones((1, 3, 3), bool), iterations=pixels)
 
 
+def _shifts(grown: np.ndarray) -> list[tuple[int, int]]:
+    """Candidate shifts for one image's removed object (``grown``, (H, W) bool): one and
+    two object widths and heights to each side (the nearest background, alike in
+    colour and texture), then ``FILL_SHIFTS`` of the image."""
+    height, width = grown.shape
+    ys, xs = np.nonzero(grown)
+    if not len(ys):
+        return []
+    tall, wide = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    near = [
+        (dy * step * tall, dx * step * wide)
+        for step in (1, 2)
+        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
+    ]
+    return near + [(round(dy * height), round(dx * width)) for dy, dx in FILL_SHIFTS]
+
+
 def fill_objects(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
     """Each image with its object removed: the ``background_only`` intervention, and the
     backgrounds of Mixed-Rand and the transplant test.
 
-    The object, grown by two pixels to take its anti-aliased rim, is filled with the
-    image's own background, copied from a shifted copy of the image (``FILL_SHIFTS``):
-    for each image the shifts are tried in the order of how well their copy continues
-    the background just around the object, and each fills what earlier ones could not
-    from background pixels. What no shift reaches (an object covering most of the
-    image) takes the mean background colour. A flat fill would keep the object's
-    silhouette (a filled stroke mask is the digit; a filled box looks like a "1"), and
-    a silhouette is a shape the model may read as a class.
+    The object, grown by three pixels to take its anti-aliased rim, is filled with the
+    image's own background, copied from a shifted copy of the image (``_shifts``: the
+    nearest background first, then further): for each image the shifts are tried in
+    the order of how well their copy continues the background just around the object,
+    and each fills what earlier ones could not from background pixels. What no shift
+    reaches (an object covering most of the image) takes the mean background colour.
+    A flat fill would keep the object's silhouette (a filled stroke mask is the digit;
+    a filled box looks like a "1"), and a silhouette is a shape the model may read as
+    a class.
     """
-    grown = _grow(objects, 2)
+    grown = _grow(objects, 3)
+    rims = _grow(grown, 2) & ~grown
     height, width = objects.shape[1:]
-    shifts = [(round(dy * height), round(dx * width)) for dy, dx in FILL_SHIFTS]
-    rim = _grow(grown, 2) & ~grown
-    # How well each shift's copy matches the image on the rim (where it is background).
-    errors = np.empty((len(images), len(shifts)))
-    for k, shift in enumerate(shifts):
-        moved = np.roll(images, shift, axis=(1, 2))
-        usable = rim & ~np.roll(grown, shift, axis=(1, 2))
-        squared = (((images - moved) ** 2).sum(axis=-1) * usable).sum(axis=(1, 2))
-        counts = usable.sum(axis=(1, 2))
-        errors[:, k] = np.inf
-        np.divide(squared, counts, out=errors[:, k], where=counts > 0)
     out = np.where(grown[..., None], _background_colours(images, objects), images)
     for index in range(len(images)):
-        todo = grown[index].copy()
-        for k in np.argsort(errors[index], kind="stable"):
-            if not todo.any():
+        image, mine, rim = images[index], grown[index], rims[index]
+        rim_y, rim_x = np.nonzero(rim)
+        errors = []
+        for dy, dx in (shifts := _shifts(mine)):
+            source_y, source_x = (rim_y - dy) % height, (rim_x - dx) % width
+            usable = ~mine[source_y, source_x]
+            difference = image[rim_y, rim_x] - image[source_y, source_x]
+            squared = (difference[usable] ** 2).sum(axis=-1)
+            errors.append(squared.mean() if len(squared) else np.inf)
+        todo_y, todo_x = np.nonzero(mine)
+        for k in np.argsort(errors, kind="stable"):
+            if not len(todo_y):
                 break
-            source = todo & ~np.roll(grown[index], shifts[k], axis=(0, 1))
-            out[index][source] = np.roll(images[index], shifts[k], axis=(0, 1))[source]
-            todo &= ~source
+            dy, dx = shifts[k]
+            source_y, source_x = (todo_y - dy) % height, (todo_x - dx) % width
+            found = ~mine[source_y, source_x]
+            out[index, todo_y[found], todo_x[found]] = image[source_y[found], source_x[found]]
+            todo_y, todo_x = todo_y[~found], todo_x[~found]
     return out
 
 
@@ -150,12 +172,14 @@ def intervene(
     images: np.ndarray,
     objects: np.ndarray,
     backgrounds: np.ndarray | None = None,
-    kinds: Sequence[str] = INTERVENTIONS,
+    kinds: Sequence[str] = ("original", *DEFAULT_KINDS),
+    same: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The intervened copies of a batch, only those of ``kinds`` (each is a full copy).
 
     ``objects``: (n, H, W) bool object masks; ``backgrounds``: for each image the
-    object-filled background of another class's image it is pasted onto (Mixed-Rand).
+    object-removed background of another class's image it is pasted onto (Mixed-Rand);
+    ``same``: that of another image of its own class (Mixed-Same).
     """
     mask = objects[..., None]
     out: dict[str, np.ndarray] = {}
@@ -170,6 +194,10 @@ def intervene(
         if backgrounds is None:
             raise ValueError("mixed_rand needs the backgrounds to paste the objects onto")
         out["mixed_rand"] = np.where(mask, images, backgrounds)
+    if "mixed_same" in kinds:
+        if same is None:
+            raise ValueError("mixed_same needs the backgrounds to paste the objects onto")
+        out["mixed_same"] = np.where(mask, images, same)
     return out
 
 
@@ -186,13 +214,19 @@ def _donor_rows(sample: pd.DataFrame, rng: np.random.Generator, count: int) -> l
     return round_robin(sample.iloc[rng.permutation(len(sample))], count)
 
 
-def _partners(labels: np.ndarray, donor_labels: np.ndarray, rng) -> np.ndarray:
-    """For each image a random donor of another class; -1 when there is none."""
+def _partners(
+    labels: np.ndarray, donor_labels: np.ndarray, rng, excluded: np.ndarray | None = None
+) -> np.ndarray:
+    """For each image a random donor of another class; -1 when there is none.
+    ``excluded``: (images, donors) bool, the donors each image may not take instead
+    (by default those of its own class)."""
+    if excluded is None:
+        excluded = donor_labels[None, :] == np.asarray(labels)[:, None]
     partners = np.full(len(labels), -1)
-    for index, label in enumerate(labels):
-        others = np.flatnonzero(donor_labels != label)
-        if len(others):
-            partners[index] = rng.choice(others)
+    for index in range(len(labels)):
+        allowed = np.flatnonzero(~excluded[index])
+        if len(allowed):
+            partners[index] = rng.choice(allowed)
     return partners
 
 
@@ -254,14 +288,12 @@ class _Loader:
 
     def donors(self, sample: pd.DataFrame, rng: np.random.Generator):
         """The donor bank: up to ``DONORS`` sampled (correctly predicted) rows spread
-        over the classes, as ``(images, objects, labels)``; ``None`` without rows."""
+        over the classes, as ``(images, objects, labels, rows)``; ``None`` without rows."""
         loaded = list(self.batches(_donor_rows(sample, rng, DONORS), DONORS))
         if not loaded:
             return None
-        return tuple(
-            np.concatenate(part)
-            for part in zip(*[(b.images, objects, b.labels) for b, objects in loaded], strict=True)
-        )
+        parts = [(b.images, objects, b.labels, np.asarray(b.rows)) for b, objects in loaded]
+        return tuple(np.concatenate(part) for part in zip(*parts, strict=True))
 
 
 def run_interventions(
@@ -274,7 +306,7 @@ def run_interventions(
     regions: Sequence[RegionSection],
     batch_size: int,
     seed: int,
-    kinds: Sequence[str] = INTERVENTIONS[1:],
+    kinds: Sequence[str] = DEFAULT_KINDS,
     look: int = 0,
     settled: Callable[[pd.DataFrame], set[int]] | None = None,
 ) -> pd.DataFrame:
@@ -290,23 +322,44 @@ def run_interventions(
     names = [name for name in INTERVENTIONS[1:] if name in kinds]
     with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
         loader = _Loader(entries, class_index, preprocessor, regions, pool)
-        # The Mixed-Rand backgrounds: a bank drawn from every class, loaded first.
-        donors = loader.donors(sample, rng) if "mixed_rand" in names else None
+        # The swapped backgrounds: a bank drawn from every class, loaded first.
+        swapped = "mixed_rand" in names or "mixed_same" in names
+        donors = loader.donors(sample, rng) if swapped else None
         donor_labels = np.zeros(0, int) if donors is None else donors[2]
         backgrounds = None if donors is None else fill_objects(donors[0], donors[1])
         order = sample.iloc[rng.permutation(len(sample))]
-        # Every row's background partner is drawn up front, so a row's outcome does not
-        # depend on the rounds it was probed in.
-        partners = _partners(order["label_index"].to_numpy(), donor_labels, rng)
-        partner_of = dict(zip(order["row"].astype(int), partners, strict=True))
+        # Every row's background partners are drawn up front, so a row's outcome does
+        # not depend on the rounds it was probed in: another class's image (Mixed-Rand)
+        # and another image of its own class (Mixed-Same, never the row itself).
+        labels, rows = order["label_index"].to_numpy(), order["row"].to_numpy(int)
+        partner_of = dict(zip(rows, _partners(labels, donor_labels, rng), strict=True))
+        same = np.full(len(order), -1)
+        if donors is not None:
+            others = (donor_labels[None, :] != labels[:, None]) | (
+                donors[3][None, :] == rows[:, None]
+            )
+            same = _partners(labels, donor_labels, rng, excluded=others)
+        same_of = dict(zip(rows, same, strict=True))
 
         def probe(positions: list[int]) -> list[dict]:
             records = []
             for batch, objects in loader.batches(positions, batch_size):
-                paired = np.array([partner_of[row] for row in batch.rows])
+                paired = {
+                    "mixed_rand": np.array([partner_of[row] for row in batch.rows]),
+                    "mixed_same": np.array([same_of[row] for row in batch.rows]),
+                }
                 # No partner (a single-class sample): any background, its result dropped.
-                pasted = batch.images if backgrounds is None else backgrounds[np.maximum(paired, 0)]
-                variants = intervene(batch.images, objects, pasted, kinds=names)
+                pasted = {
+                    name: batch.images if backgrounds is None else backgrounds[np.maximum(p, 0)]
+                    for name, p in paired.items()
+                }
+                variants = intervene(
+                    batch.images,
+                    objects,
+                    pasted["mixed_rand"],
+                    kinds=names,
+                    same=pasted["mixed_same"],
+                )
                 # The sample holds correctly predicted rows: the audit pass already knows
                 # the original prediction, so only the interventions cost a forward.
                 predictions = {"original": batch.labels}
@@ -316,8 +369,9 @@ def run_interventions(
                 for position, row in enumerate(batch.rows):
                     record = {"row": row, "label_index": int(batch.labels[position])}
                     record.update({f"pred_{n}": int(predictions[n][position]) for n in predictions})
-                    if "mixed_rand" in predictions and paired[position] < 0:
-                        record["pred_mixed_rand"] = None
+                    for name, partner in paired.items():
+                        if name in predictions and partner[position] < 0:
+                            record[f"pred_{name}"] = None
                     records.append(record)
             return records
 
@@ -370,7 +424,7 @@ def run_transplants(
         donors = loader.donors(sample, rng)
         if donors is None:
             return pd.DataFrame()
-        donor_images, donor_objects, donor_labels = donors
+        donor_images, donor_objects, donor_labels, _ = donors
         order = backgrounds.iloc[rng.permutation(len(backgrounds))]
         # Partners drawn up front: a row's outcome does not depend on its round.
         partners = _partners(order["pred"].to_numpy(), donor_labels, rng)
@@ -444,6 +498,14 @@ def summarise_interventions(
         # outcomes collapses at 0 and 1 and let clean classes look bias-driven.
         record["bg_gap_low"] = 1.0 - record["rate_mixed_rand_high"]
         record["bg_gap_high"] = 1.0 - record["rate_mixed_rand_low"]
+        both = group[group["pred_mixed_rand"].notna() & group["pred_mixed_same"].notna()]
+        record.update(
+            paired_gap(
+                (both["pred_mixed_same"] == label).to_numpy(),
+                (both["pred_mixed_rand"] == label).to_numpy(),
+                "bg_gap_same",
+            )
+        )
         rows.append(record)
     add_excess(rows, "bg_gap", reference, seed=policy.seed)
     table = pd.DataFrame(rows)
@@ -451,6 +513,26 @@ def summarise_interventions(
         table["n_mixed_rand"] >= min(policy.min_support, policy.intervention_samples)
     )
     return table
+
+
+def paired_gap(first: np.ndarray, second: np.ndarray, name: str) -> dict:
+    """``rate(first) - rate(second)`` over the same images (0/1 outcomes of each), with a
+    95% interval for a paired difference (Agresti and Min's: half an image added to each
+    discordant cell), and its count ``n_<name>``; NaN for no images."""
+    count = len(first)
+    if not count:
+        return {f"n_{name}": 0, name: np.nan, f"{name}_low": np.nan, f"{name}_high": np.nan}
+    gained = float((first & ~second).sum()) + 0.5
+    lost = float((~first & second).sum()) + 0.5
+    trials = count + 2
+    centre = (gained - lost) / trials
+    half = norm.ppf(0.975) * np.sqrt((gained + lost) - (gained - lost) ** 2 / trials) / trials
+    return {
+        f"n_{name}": count,
+        name: float(first.mean() - second.mean()),
+        f"{name}_low": max(-1.0, centre - half),
+        f"{name}_high": min(1.0, centre + half),
+    }
 
 
 def add_excess(

@@ -840,3 +840,28 @@ def test_transplants_paste_other_classes_objects_on_each_predicted_class_backgro
     for composite, record in zip(composites, first.itertuples(), strict=True):
         image, own = loaded[record.row]
         assert not np.allclose(composite[own], image[own])  # its own object is gone
+
+
+def test_mixed_same_pairs_each_image_with_its_own_class_and_gives_a_paired_gap(tmp_path):
+    from audit.probes import paired_gap, run_interventions, summarise_interventions
+
+    entries, sample, options = probe_set(tmp_path, {0: 30, 1: 30})
+
+    def always_zero(batch):
+        return np.tile(np.eye(10)[0], (len(batch), 1))
+
+    outcomes = run_interventions(
+        always_zero, entries, sample, kinds=("mixed_rand", "mixed_same"), **options
+    )
+    assert outcomes["pred_mixed_same"].notna().all()  # every image found a partner
+    table = summarise_interventions(outcomes, [str(c) for c in range(10)], PolicySection())
+    assert table["n_bg_gap_same"].tolist() == [30, 30]
+    assert table["bg_gap_same"].tolist() == [0.0, 0.0]  # same outcome both ways
+    # Paired difference: 12 of 40 kept only on their own class's background, 2 the
+    # other way; Agresti-Min's interval holds the plain difference 0.25.
+    first = np.array([True] * 12 + [False] * 2 + [True] * 10 + [False] * 16)
+    second = np.array([False] * 12 + [True] * 2 + [True] * 10 + [False] * 16)
+    gap = paired_gap(first, second, "gap")
+    assert gap["n_gap"] == 40 and gap["gap"] == pytest.approx(0.25)
+    assert 0.05 < gap["gap_low"] < 0.25 < gap["gap_high"] < 0.45
+    assert np.isnan(paired_gap(first[:0], second[:0], "gap")["gap"])
