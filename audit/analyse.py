@@ -319,6 +319,7 @@ def forward_passes(interventions: pd.DataFrame) -> dict[str, int]:
 
     return {
         "mixed_rand": total("n_mixed_rand"),
+        "mixed_same": total("n_bg_gap_same"),  # heatmap-flagged classes only
         "diagnostics": 2 * total("n_details"),  # object only and background only
         "transplant": total("n_transplant"),
         "associations": 0,

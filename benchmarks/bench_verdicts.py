@@ -94,7 +94,7 @@ def summarise(results: list[VerdictResult]) -> pd.DataFrame:
                 "clean not PASS": f"{sum(r.outcome != 'PASS' for r in clean)}/{len(clean)}",
                 **{
                     f"fwd {test}": round(sum(r.forward_passes[test] for r in mine) / len(mine))
-                    for test in ("mixed_rand", "diagnostics", "transplant")
+                    for test in ("mixed_rand", "mixed_same", "diagnostics", "transplant")
                 },
             }
         )

@@ -204,6 +204,7 @@ def test_forward_passes_count_each_causal_test():
     probe = probe_table(n_transplant=[80, 40, np.nan]).assign(n_details=[40, 0, np.nan])
     assert forward_passes(probe) == {
         "mixed_rand": 240,
+        "mixed_same": 0,
         "diagnostics": 80,
         "transplant": 120,
         "associations": 0,
