@@ -329,8 +329,8 @@ class PolicySection(_Section):
     intervention_look: int = Field(
         40,
         ge=0,
-        description="Sequential sampling: Mixed-Rand probes this many more images of each "
-        "class at a time and stops a class once it has min_support results and the CI "
+        description="Sequential sampling: Mixed-Rand (and the transplant test, by predicted "
+        "class) probes this many more images of each class at a time and stops a class once it has min_support results and the CI "
         "upper bound of its BG-gap's excess over the other classes' median is at most "
         "gap_floor (it cannot become evidence); with fewer than "
         f"{SEQUENTIAL_MIN_CLASSES} classes, or 0, every sampled image is probed.",
@@ -345,8 +345,11 @@ class PolicySection(_Section):
     gap_floor: float = Field(
         0.10,
         ge=0,
-        description="Interventions are evidence when the class's BG-gap exceeds the other "
-        "classes' median by this much (the CI lower bound of the excess).",
+        description="The causal tests' effect floor: Mixed-Rand's BG-gap and the transplant "
+        "rate are evidence when they exceed the other classes' median by this much, a "
+        "slice association when its false-positive difference or the class's accuracy "
+        "excess does (each on its CI's lower bound, with q < alpha); a test whose CI upper "
+        "bound is at most this rules a shortcut out.",
     )
 
 
