@@ -330,7 +330,8 @@ class PolicySection(_Section):
         40,
         ge=0,
         description="Sequential sampling: Mixed-Rand (and the transplant test, by predicted "
-        "class) probes this many more images of each class at a time and stops a class once it has min_support results and the CI "
+        "class) probes this many more images of each class at a time and stops a class "
+        "once it has min_support results and the CI "
         "upper bound of its BG-gap's excess over the other classes' median is at most "
         "gap_floor (it cannot become evidence); with fewer than "
         f"{SEQUENTIAL_MIN_CLASSES} classes, or 0, every sampled image is probed.",
