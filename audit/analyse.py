@@ -142,10 +142,8 @@ def analyse(
             policy,
         )
         interventions = _merge_classes(interventions, transplants)
-    associations = slice_associations(
-        images, slice_columns_of(images, manifest["dataset"].get("slice_columns", [])),
-        class_names, policy,
-    )  # fmt: skip
+    slice_columns = slice_columns_of(images, manifest["dataset"].get("slice_columns", []))
+    associations = slice_associations(images, slice_columns, class_names, policy)
     interventions, associations = causal_evidence(interventions, associations, policy)
     flags = judge_slice_flags(flags, associations, policy)
     strategies = find_strategies(

@@ -52,8 +52,9 @@ def mantel_haenszel(
     total = n1 + n0
     weights = n1 * n0 / total
     if not weights.sum():
-        return {"rate_slice": np.nan, "rate_rest": np.nan, "rd": np.nan, "rd_low": np.nan,
-                "rd_high": np.nan, "p_value": np.nan}  # fmt: skip
+        return dict.fromkeys(
+            ("rate_slice", "rate_rest", "rd", "rd_low", "rd_high", "p_value"), np.nan
+        )
     rate_slice = float((weights * a / n1).sum() / weights.sum())
     rate_rest = float((weights * c / n0).sum() / weights.sum())
     difference = rate_slice - rate_rest
@@ -86,8 +87,9 @@ def accuracy_excess(record: dict, others: dict) -> dict:
     steals predictions for another class lowers every class's accuracy on it, so an
     attribute's other values would all show a gain; the excess cancels that."""
     if not record["n_class_slice"] or not record["n_class_rest"] or np.isnan(others["rd"]):
-        return {"accuracy_excess": np.nan, "accuracy_excess_low": np.nan,
-                "accuracy_excess_high": np.nan}  # fmt: skip
+        return dict.fromkeys(
+            ("accuracy_excess", "accuracy_excess_low", "accuracy_excess_high"), np.nan
+        )
     mine, rest = record["accuracy_slice"], record["accuracy_rest"]
     gain = mine - rest
     gain_low = gain - np.hypot(
