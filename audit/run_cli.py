@@ -229,7 +229,7 @@ def _baseline(value: str | None, config: AuditConfig) -> Path | str | None:
 def format_gate(report: dict) -> str:
     """The short table printed at the end of a run: the outcome (PASS, INCONCLUSIVE with
     its reason, WARN or FAIL), then the flagged classes and slices."""
-    from audit.report import drives_text, outcome_reason, slice_flag_text, untested_note
+    from audit.report import outcome_reason, slice_flag_text, untested_note
 
     head = f"{report['outcome']}: " + ", ".join(
         f"{count} {status}" for status, count in report["status_counts"].items()
@@ -248,6 +248,4 @@ def format_gate(report: dict) -> str:
         if test.get("flagged"):
             level = {"fail": "FAIL", "warn": "WARN"}.get(test.get("severity"), "NOTE")
             lines.append(f"  {level:4s}  slice {slice_flag_text(test, str)}")
-    for association in report["slices"].get("drives") or []:
-        lines.append(f"  FAIL  slice {drives_text(association, str)}")
     return "\n".join(lines)
