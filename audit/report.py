@@ -429,7 +429,7 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
     untested = untested_note(report)
     if untested and not reason:  # an INCONCLUSIVE run says it under its title
         lines += ["", f"**Note:** {_md(untested)}."]
-    flagged = [e for e in report["classes"] if e["status"] != "ok" or e.get("ruled_out")]
+    flagged = [e for e in report["classes"] if e["status"] != "ok" or e["reasons"]]
     if flagged:
         lines += ["", "### Why"]
         for entry in flagged:
