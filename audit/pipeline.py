@@ -30,7 +30,7 @@ import pandas as pd
 import tensorflow as tf
 
 from audit.analyse import analyse
-from audit.config import AuditConfig, ConfigError
+from audit.config import AuditConfig, ConfigError, RegionSection
 from audit.data import (
     BOX_COLUMNS,
     DECODE_THREADS,
@@ -581,25 +581,58 @@ def _check_slice_columns(entries: Entries, config: AuditConfig) -> None:
         )
 
 
-def _check_regions_have_data(entries: Entries, regions, face_detector: bool = False) -> None:
-    """Fail fast when a region's source is absent from the whole dataset (every row
-    would be skipped for it, or a spurious face region empty on every row): a setup
-    error, not a bad row."""
+def _region_sources(entries: Entries, face_detector: bool = False) -> dict[str, bool]:
+    """Which region sources the dataset has on some row: masks, boxes, faces."""
     table = entries.table
 
     def filled(columns) -> bool:  # some row has all of these columns
         return all(c in table for c in columns) and table[list(columns)].notna().all(1).any()
 
-    has = {
+    return {
         "mask": filled(["mask_path"]) or filled(["mask_rle"]),
         "box": filled(BOX_COLUMNS),
         "face": face_detector or filled(FACE_COLUMNS) or filled(LANDMARK_COLUMNS),
     }
+
+
+def regions_for_data(config: AuditConfig, entries: Entries) -> tuple[AuditConfig, str | None]:
+    """The config with default regions that follow the data, and a sentence saying
+    which it chose (None when the config names its regions or the data has masks).
+
+    Without configured regions the object is the mask; a dataset without masks but with
+    boxes gets the box as its object, and one with only face boxes or landmarks the
+    face as the expected region (a face-attribute model: configure the face as
+    spurious for, say, an occupation model). The background is the rest either way.
+    """
+    if "regions" in config.model_fields_set:
+        return config, None
+    has = _region_sources(entries, face_detector=config.dataset.face_detector is not None)
+    if has["mask"] or not (has["box"] or has["face"]):
+        return config, None  # masks, or nothing: the default (and its clear error)
+    source = "box" if has["box"] else "face"
+    regions = (
+        RegionSection(name="object" if source == "box" else "face", source=source),
+        RegionSection(name="background", source="background", role="spurious"),
+    )
+    what = "boxes (x_min, y_min, x_max, y_max)" if source == "box" else "face boxes"
+    note = (
+        f"regions: the dataset has no masks, so the expected region is its {what}: "
+        f"'{regions[0].name}' ({source}, expected) and 'background' (the rest, spurious)"
+    )
+    return config.model_copy(update={"regions": regions}), note
+
+
+def _check_regions_have_data(entries: Entries, regions, face_detector: bool = False) -> None:
+    """Fail fast when a region's source is absent from the whole dataset (every row
+    would be skipped for it, or a spurious face region empty on every row): a setup
+    error, not a bad row."""
+    has = _region_sources(entries, face_detector)
     needs = {"mask": "object masks", "box": "boxes", "face": "face boxes"}
     fixes = {
         "mask": "a mask_path or mask_rle column in the manifest, a masks folder for class "
         "folders (dataset.masks, or --masks DIR with --data), COCO annotations or a tfds "
-        "mask_key",
+        "mask_key, or boxes (x_min, y_min, x_max, y_max columns), which the default "
+        "regions then use",
         "box": "the columns x_min, y_min, x_max, y_max in the manifest",
         "face": f"the columns {', '.join(FACE_COLUMNS)} or the five landmarks "
         f"({', '.join(LANDMARK_COLUMNS[::2])} and *_y) in the manifest, or "
@@ -611,7 +644,9 @@ def _check_regions_have_data(entries: Entries, regions, face_detector: bool = Fa
                 f"region {region.name!r} (source: {region.source}) needs "
                 f"{needs[region.source]} and the dataset ({entries.name}) has none: give "
                 f"{fixes[region.source]}, or configure regions the data has "
-                "(docs/config.md, regions)"
+                "(docs/config.md, regions). Without any object region an audit can give "
+                "accuracy per class and slice but no map metrics, flags or interventions, "
+                "so it is refused"
             )
 
 
@@ -664,6 +699,7 @@ def run_audit(
         config.model.class_names or entries.class_names,
         entries.class_folders,
     )
+    config, regions_note = regions_for_data(config, entries)
     _check_slice_columns(entries, config)
     _check_regions_have_data(
         entries, config.regions, face_detector=config.dataset.face_detector is not None
@@ -754,6 +790,8 @@ def run_audit(
                     },
                     "class_names": class_names,
                     "regions": [region.model_dump() for region in config.regions],
+                    # Why the regions are what they are, when they followed the data.
+                    "regions_note": regions_note,
                     "input_size": list(size),
                     "chunk_rows": chunk_rows,
                     "versions": _versions(),

@@ -21,6 +21,7 @@ EXIT_OK, EXIT_POLICY, EXIT_USAGE = 0, 1, 2
 # Config keys the flags set, so that an error about one names its flag too.
 FLAG_KEYS = (
     ("model.path", "--model"),
+    ("model.class_names", "--class-names"),
     ("model.layer", "--layer"),
     ("model.method", "--method"),
     ("model.target", "--target"),
@@ -52,6 +53,26 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def _class_names(value: str) -> list[str]:
+    """``--class-names``: a file with one name a line (blank lines left out), else a
+    comma list."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"--class-names {value}: cannot read the file: {error}") from None
+        names = [line.strip() for line in lines if line.strip()]
+    else:
+        names = [name.strip() for name in value.split(",")]
+    if not names or not all(names):
+        raise ConfigError(
+            f"--class-names {value!r}: give the names in output order as a comma list "
+            "without empty names (cat,dog) or a file with one name a line"
+        )
+    return names
+
+
 def overrides_from(args: argparse.Namespace) -> dict:
     """Flags as a nested config dict; paths made absolute (they are relative to the cwd)."""
     overrides: dict = {}
@@ -61,6 +82,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
             overrides.setdefault(section, {})[key] = value
 
     put("model", "path", args.model and _absolute(args.model))
+    put("model", "class_names", args.class_names and _class_names(args.class_names))
     put("model", "layer", args.layer)
     put("model", "method", args.method)
     put("model", "target", args.target)
@@ -104,6 +126,12 @@ def parser() -> argparse.ArgumentParser:
         "--out", help="run store folder (default: runs/ beside the config, or in the cwd)"
     )
     p.add_argument("--run-id", help="name of the run folder")
+    p.add_argument(
+        "--class-names",
+        metavar="NAMES",
+        help="the model's class names in output order: a comma list (cat,dog) or a file "
+        "with one name a line; the manifest's labels are these names (text labels)",
+    )
     p.add_argument("--layer", help="target layer name or path")
     p.add_argument("--method", help=f"CAM method: {', '.join(CAM_METHODS)} (default: gradcam)")
     p.add_argument("--target", choices=["true", "predicted"], help="class the maps explain")

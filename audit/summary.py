@@ -39,6 +39,8 @@ def format_summary(report: dict, manifest: dict) -> str:
         f"{manifest['model']['method']}, {manifest['timings']['total_seconds']:.1f} s "
         f"(audit pass {manifest['timings']['pass_seconds']:.1f} s)",
     ]
+    if manifest.get("regions_note"):
+        lines.append(f"  {manifest['regions_note']}")
     reasons = sorted(counts["skip_reasons"].items(), key=lambda item: -item[1])
     for reason, count in reasons[:SKIP_REASONS_SHOWN]:
         lines.append(f"  skipped {count:>5d} x {reason}")
