@@ -214,8 +214,40 @@ def build_report(run_dir: Path) -> dict:
             "trust": analysis.trust,
             # What the causal tests cost, in forward passes of the model.
             "forward_passes": forward_passes(analysis.interventions),
+            # The first skipped rows by name (every one is in images.parquet).
+            "skipped_rows": skipped_rows(images),
         }
     )
+
+
+SKIPPED_SHOWN = 50  # skipped rows named in report.json (all are in images.parquet)
+
+
+def skipped_rows(images: pd.DataFrame, limit: int = SKIPPED_SHOWN) -> list[dict]:
+    """The first ``limit`` skipped rows: row, path (None when the row had none), reason."""
+    skipped = images[images["status"] == "skipped"].head(limit)
+    paths = skipped["path"] if "path" in skipped else pd.Series(None, index=skipped.index)
+    return [
+        {"row": int(row), "path": None if pd.isna(path) else str(path), "reason": reason}
+        for row, path, reason in zip(skipped["row"], paths, skipped["skip_reason"], strict=True)
+    ]
+
+
+def _skipped_markdown(report: dict, shown: int = 20) -> list[str]:
+    rows = report.get("skipped_rows") or []
+    if not rows:
+        return []
+    kinds = report["counts"].get("skip_reasons", {})
+    lines = ["", "### Skipped rows", ""]
+    lines += [f"- {count} x {_md(kind)}" for kind, count in kinds.items()]
+    lines += ["", "| row | path | reason |", "|---:|---|---|"]
+    lines += [
+        f"| {r['row']} | {_md(r['path'] or '(none)')} | {_md(r['reason'])} |" for r in rows[:shown]
+    ]
+    rest = report["counts"].get("skipped", len(rows)) - min(shown, len(rows))
+    if rest > 0:
+        lines.append(f"\n… and {rest} more: every row's reason is in images.parquet.")
+    return lines
 
 
 def _worst_examples(
@@ -451,6 +483,7 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
     if drives:
         lines += ["", "### Slices that drive a class"]
         lines += [f"- {drives_text(association, _md)}" for association in drives]
+    lines += _skipped_markdown(report)
     lines += _trust_markdown(report.get("trust"))
     policy = report["policy"]
     lines += [
@@ -774,6 +807,28 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
         if strategies:
             parts.append("<h4>Strategies (CAM clusters)</h4>" + "".join(strategies))
         parts.append("</div>")
+    skipped = report.get("skipped_rows") or []
+    if skipped:
+        parts.append(
+            f"<h2>Skipped rows ({report['counts'].get('skipped', len(skipped))})</h2><ul>"
+            + "".join(
+                f"<li>{count} x {escape(kind)}</li>"
+                for kind, count in report["counts"].get("skip_reasons", {}).items()
+            )
+            + "</ul><table class='numbers'><tr><th>row</th><th>path</th><th>reason</th></tr>"
+            + "".join(
+                f"<tr><td>{r['row']}</td><td>{escape(r['path'] or '(none)')}</td>"
+                f"<td>{escape(r['reason'])}</td></tr>"
+                for r in skipped
+            )
+            + "</table>"
+            + (
+                "<p class='note'>The first "
+                f"{len(skipped)} are named; every row's reason is in images.parquet.</p>"
+                if report["counts"].get("skipped", 0) > len(skipped)
+                else ""
+            )
+        )
     trust = report.get("trust")
     parts.append(
         "<h2>Trust in the maps</h2><ul>"

@@ -7,6 +7,7 @@ import pandas as pd
 from audit.report import with_ci
 
 SKIP_REASONS_SHOWN = 8  # the most frequent skip reasons listed; the rest are counted
+SKIPPED_PATHS_SHOWN = 5  # skipped rows named with their paths
 
 
 def class_table(report: dict) -> pd.DataFrame:
@@ -44,6 +45,14 @@ def format_summary(report: dict, manifest: dict) -> str:
     reasons = sorted(counts["skip_reasons"].items(), key=lambda item: -item[1])
     for reason, count in reasons[:SKIP_REASONS_SHOWN]:
         lines.append(f"  skipped {count:>5d} x {reason}")
+    named = report.get("skipped_rows") or []
+    for entry in named[:SKIPPED_PATHS_SHOWN]:
+        lines.append(f"    row {entry['row']}: {entry['path'] or '(no path)'}: {entry['reason']}")
+    if counts["skipped"] > min(len(named), SKIPPED_PATHS_SHOWN):
+        lines.append(
+            f"    (the first {min(len(named), SKIPPED_PATHS_SHOWN)} of {counts['skipped']} "
+            "skipped rows; the reports name more, images.parquet has them all)"
+        )
     if len(reasons) > SKIP_REASONS_SHOWN:
         rest = reasons[SKIP_REASONS_SHOWN:]
         lines.append(

@@ -129,7 +129,7 @@ def test_a_run_id_that_is_a_path_is_refused_before_anything_is_written(data, tmp
     assert not (tmp_path / "store").exists()
 
 
-def test_bad_cells_and_files_are_skipped_rows_and_the_audit_goes_on(data, tmp_path):
+def test_bad_cells_and_files_are_skipped_rows_and_the_audit_goes_on(data, tmp_path, capsys):
     import numpy as np
     from PIL import Image
     from test_data import _bomb_png
@@ -158,6 +158,19 @@ def test_bad_cells_and_files_are_skipped_rows_and_the_audit_goes_on(data, tmp_pa
     assert images.loc[11, "status"] == "ok"
     assert images.loc[11, "pred"] == images.loc[0, "pred"]
     assert images.loc[11, "mass_object"] == pytest.approx(images.loc[0, "mass_object"], abs=0.02)
+    # The skipped rows are named, with their paths and reasons, in the CLI's summary and
+    # in the reports, and counted by kind.
+    printed = capsys.readouterr().out
+    assert "    row 8: images/bomb.png: image too large: " in printed
+    assert "    row 9: (no path): the manifest row has no path" in printed
+    report = json.loads((store / "bad" / "report.json").read_text())
+    assert [r["row"] for r in report["skipped_rows"]] == [8, 9, 10]
+    assert report["skipped_rows"][2]["path"] == table.path[1]
+    markdown = (store / "bad" / "report.md").read_text()
+    assert "### Skipped rows" in markdown and "| 10 | " in markdown
+    assert "- 1 x the manifest row has no path" in markdown
+    page = (store / "bad" / "report.html").read_text()
+    assert "<h2>Skipped rows (3)</h2>" in page and "images/bomb.png</td>" in page
 
 
 def test_preprocess_size_with_a_flexible_model_and_against_a_fixed_one(data, tmp_path, capsys):
