@@ -53,6 +53,25 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def check_inputs_exist(config: AuditConfig) -> None:
+    """The model file and the dataset's files exist, or a ``ConfigError`` naming the key
+    and the flag."""
+    wanted = [("model.path (--model)", config.model.path, "model file")]
+    dataset = config.dataset
+    for key, kind in (
+        ("manifest", "manifest"),
+        ("folders", "class-folder root"),
+        ("masks", "masks folder"),
+        ("coco", "COCO file"),
+        ("coco_images", "COCO image folder"),
+    ):
+        flag = {"manifest": " (--data)", "folders": " (--data)", "masks": " (--masks)"}
+        wanted.append((f"dataset.{key}{flag.get(key, '')}", getattr(dataset, key), kind))
+    for key, path, kind in wanted:
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{key}: {kind} not found: {path}")
+
+
 def _class_names(value: str) -> list[str]:
     """``--class-names``: a file with one name a line (blank lines left out), else a
     comma list."""
@@ -176,6 +195,7 @@ def main(argv: list[str]) -> int:
                 config = build_config(overrides, "(command line)")
         except ConfigError as error:
             raise ConfigError(_name_flags(str(error), args)) from None
+        check_inputs_exist(config)  # before Keras is imported: a typo fails in a second
         from audit.models import ModelStructureError
         from audit.pipeline import run_audit
         from audit.summary import format_summary

@@ -73,3 +73,28 @@ def test_masks_missing_everywhere_says_what_the_data_needs(biased_demo, tmp_path
     error = capsys.readouterr().err
     assert "needs object masks" in error and "x_min, y_min, x_max, y_max" in error
     assert "no map metrics, flags or interventions" in error
+
+
+def test_a_missing_model_or_manifest_exits_2_in_a_second_before_keras(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "d.csv").write_text("path,label\na.png,0\n")
+    (tmp_path / "m.keras").write_text("")
+    cases = {
+        "model.path (--model): model file not found": ["--model", str(tmp_path / "no.keras")],
+        "dataset.manifest (--data): manifest not found": ["--data", str(tmp_path / "no.csv")],
+    }
+    for message, flags in cases.items():
+        argv = ["--model", str(tmp_path / "m.keras"), "--data", str(tmp_path / "d.csv"), *flags]
+        code = (
+            "import sys\nfrom audit.cli import main\n"
+            f"code = main(['run', *{argv!r}])\n"
+            "assert 'keras' not in sys.modules, 'Keras was imported'\nsys.exit(code)\n"
+        )
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr
+        assert time.perf_counter() - started < 5  # about 0.7 s here; Keras alone takes 5
