@@ -20,15 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
-import pandas as pd
-from PIL import Image
-
-from audit.overlay import stored_overlay
-from audit.pipeline import run_audit
-from audit.run_cli import format_gate
-from audit.summary import format_summary
 from pipelines.demo_data import IMAGE_SIZE, DemoSet, make_demo_set
+
+# Keras, pandas and the audit are imported where they are used: `bias-audit demo
+# --help` answers at once.
 
 SHORTCUTS = {3: "stripes", 7: "checker"}
 CLASS_NAMES = [str(digit) for digit in range(10)]
@@ -43,8 +38,10 @@ class DemoFiles:
     manifest: Path
 
 
-def demo_model(num_classes: int = 10) -> keras.Model:
+def demo_model(num_classes: int = 10):
     """A small CNN whose last conv layer gives 12x12 maps on 48x48 images."""
+    import keras
+
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="image")
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
     x = keras.layers.MaxPooling2D(name="pool1")(x)
@@ -56,20 +53,36 @@ def demo_model(num_classes: int = 10) -> keras.Model:
     return keras.Model(inputs, outputs, name="demo_digits_cnn")
 
 
-def train_demo_model(
-    train: DemoSet, *, epochs: int = 10, seed: int = 0, verbose: int = 0
-) -> keras.Model:
+def train_demo_model(train: DemoSet, *, epochs: int = 10, seed: int = 0, progress: bool = False):
+    """The demo's model trained on ``train``; ``progress`` prints a line per epoch."""
+    import keras
+
     keras.utils.set_random_seed(seed)
     model = demo_model()
     model.compile(
         keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
     )
-    model.fit(train.images, train.labels, epochs=epochs, batch_size=64, verbose=verbose)
+    callbacks = []
+    if progress:
+        callbacks.append(
+            keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: print(
+                    f"  epoch {epoch + 1}/{epochs}: training accuracy {logs['accuracy']:.2f}",
+                    flush=True,
+                )
+            )
+        )
+    model.fit(
+        train.images, train.labels, epochs=epochs, batch_size=64, verbose=0, callbacks=callbacks
+    )
     return model
 
 
 def write_dataset(dataset: DemoSet, root: Path) -> Path:
     """Write images and masks as PNGs and a manifest CSV (paths relative to it)."""
+    import pandas as pd
+    from PIL import Image
+
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -92,12 +105,19 @@ def write_dataset(dataset: DemoSet, root: Path) -> Path:
 
 
 def prepare_demo(
-    root: Path, *, seed: int = 0, train_size: int = 4000, audit_size: int = 1000, epochs: int = 10
+    root: Path,
+    *,
+    seed: int = 0,
+    train_size: int = 4000,
+    audit_size: int = 1000,
+    epochs: int = 10,
+    progress: bool = False,
 ) -> DemoFiles:
-    """Generate the biased training set, train and save the model, write the audit set."""
+    """Generate the biased training set, train and save the model (``progress``: a
+    line per epoch), write the audit set."""
     root.mkdir(parents=True, exist_ok=True)
     train = make_demo_set(train_size, seed=seed, shortcut_classes=SHORTCUTS, shortcut_rate=0.95)
-    model = train_demo_model(train, epochs=epochs, seed=seed)
+    model = train_demo_model(train, epochs=epochs, seed=seed, progress=progress)
     model_path = root / "demo_model.keras"
     model.save(model_path)
     audit_set = make_demo_set(audit_size, seed=seed + 1)
@@ -120,6 +140,7 @@ def demo_config(files: DemoFiles, store: Path):
 
 def write_overlays(run_dir: Path, out: Path, per_class: int = 3) -> int:
     """Overlays of the stored CAMs for the first images of each class (reads the store)."""
+    from audit.overlay import stored_overlay
     from audit.store import RunStore
 
     run = RunStore(run_dir)
@@ -142,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="bias-audit demo", description="Train a biased digits model and audit it."
     )
     parser.add_argument("--out", type=Path, default=Path("demo-runs"), help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     args = parser.parse_args(argv)
+    from audit.pipeline import run_audit
+    from audit.run_cli import format_gate
+    from audit.summary import format_summary
 
     started = time.perf_counter()
     print(f"Building the biased demo data and training a small CNN in {args.out} ...")
-    files = prepare_demo(args.out, seed=args.seed, epochs=args.epochs)
+    files = prepare_demo(args.out, seed=args.seed, epochs=args.epochs, progress=True)
     print(f"  model: {files.model}\n  audit manifest: {files.manifest}")
     print("Auditing the model on the audit set (uniformly drawn backgrounds) ...")
     result = run_audit(demo_config(files, args.out / "runs"), progress=True)

@@ -98,3 +98,17 @@ def test_a_missing_model_or_manifest_exits_2_in_a_second_before_keras(tmp_path):
         assert done.returncode == 2, done.stderr
         assert message in done.stderr
         assert time.perf_counter() - started < 5  # about 0.7 s here; Keras alone takes 5
+
+
+def test_demo_help_answers_without_importing_keras():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom audit.cli import main\n"
+        "try:\n    main(['demo', '--help'])\nexcept SystemExit as done:\n    code = done.code\n"
+        "assert 'keras' not in sys.modules, 'Keras was imported'\nsys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--epochs EPOCHS  training epochs" in done.stdout
