@@ -202,6 +202,16 @@ class DatasetSection(_Section):
     label_key: str = "label"
     mask_key: str | None = Field(None, description="With tfds: the mask feature, if any.")
     limit: int | None = Field(None, ge=1, description="Audit only the first N entries.")
+    root: Path | None = Field(
+        None,
+        description="With manifest: where relative path and mask_path values start (default: "
+        "the manifest's folder). Absolute paths are used as they are.",
+    )
+    confine: bool = Field(
+        False,
+        description="Refuse (skip) rows whose files lie outside the dataset root (absolute "
+        "paths elsewhere, '..', symlinks out): for shared servers and manifests from others.",
+    )
     face_detector: Literal["mtcnn"] | None = Field(
         None,
         description="Detect face boxes with MTCNN before the audit (cached per dataset) "

@@ -78,6 +78,7 @@ class Entries:
     # Class folders, sorted as Keras numbers them: the model's order when there is one
     # folder per output (a subset of the classes cannot tell the order).
     class_folders: list[str] | None = None
+    confine: bool = False  # refuse files outside the root (dataset.confine)
 
     @property
     def mask_base(self) -> Path:
@@ -236,7 +237,11 @@ def read_entries(dataset: DatasetSection) -> Entries:
         raise ConfigError("read_entries handles manifest, folders and coco sources")
     if dataset.limit is not None:
         entries = replace(entries, table=entries.table.iloc[: dataset.limit].copy())
-    return entries
+    if dataset.root is not None and dataset.manifest is not None:
+        if not dataset.root.is_dir():
+            raise ConfigError(f"dataset.root (--root): folder not found: {dataset.root}")
+        entries = replace(entries, root=dataset.root)
+    return replace(entries, confine=dataset.confine)
 
 
 def class_names_for(
@@ -415,12 +420,15 @@ def build_regions(
 # ------------------------------------------------------------------ loading
 
 
-def _inside(root: Path, relative: str, column: str = "path") -> Path:
-    """``root / relative`` with symlinks resolved; refused when it leaves ``root``.
+def _inside(root: Path, relative: str, column: str = "path", confine: bool = True) -> Path:
+    """``root / relative`` (an absolute ``relative`` as it is); with ``confine``, symlinks
+    resolved and refused when it leaves ``root``.
 
     ``column``: the entries column the value came from, named in the refusal.
     """
     joined = os.path.join(root, relative)
+    if not confine:
+        return Path(joined)
     folder, name = os.path.split(joined)
     if name in ("", ".", "..") or os.path.islink(joined):
         path = Path(os.path.realpath(joined))
@@ -428,8 +436,8 @@ def _inside(root: Path, relative: str, column: str = "path") -> Path:
         path = Path(_real_folder(folder), name)
     if not path.is_relative_to(_real_folder(str(root))):
         raise SkipRow(
-            f"{column} {relative!r} escapes the dataset root {root}; refused: keep the "
-            "files under the root"
+            f"{column} {relative!r} escapes the dataset root {root}; refused "
+            "(dataset.confine: true): keep the files under the root, or set dataset.root"
         )
     return path
 
@@ -537,11 +545,16 @@ def load_row(
             "the manifest row has no path; fill in the image file (relative to the "
             "manifest's folder) or remove the row"
         )
-    pixels = _read_image(_inside(entries.root, row["path"]), grey=preprocessor.channels == 1)
+    pixels = _read_image(
+        _inside(entries.root, row["path"], confine=entries.confine),
+        grey=preprocessor.channels == 1,
+    )
     height, width = pixels.shape[:2]
     mask = None
     if _present(row.get("mask_path")):
-        mask = _read_mask(_inside(entries.mask_base, row["mask_path"], "mask_path"))
+        mask = _read_mask(
+            _inside(entries.mask_base, row["mask_path"], "mask_path", confine=entries.confine)
+        )
     elif _present(row.get("mask_rle")):
         try:
             mask = _decode_rle(row["mask_rle"])

@@ -117,13 +117,13 @@ def _best_box(faces: list[dict], min_confidence: float):
     return (float(x), float(y), float(x + width), float(y + height))
 
 
-def _read_rgb(root: Path, relative: str) -> np.ndarray | None:
+def _read_rgb(root: Path, relative: str, confine: bool) -> np.ndarray | None:
     """An image's RGB pixels, or None when it cannot or may not be read (outside the
     dataset root): the audit then skips its row with the reason."""
     from audit.data import SkipRow, _inside  # data imports this module
 
     try:
-        with Image.open(_inside(root, relative)) as image:
+        with Image.open(_inside(root, relative, confine=confine)) as image:
             return np.asarray(image.convert("RGB"))
     except (SkipRow, OSError, ValueError, Image.DecompressionBombError):
         return None
@@ -145,7 +145,7 @@ def with_detected_faces(entries, cache_dir: Path, fingerprint: str, progress: bo
         with tqdm(total=len(paths), desc="faces", unit="img", disable=not progress) as bar:
             for start in range(0, len(paths), DETECT_BATCH):
                 chunk_paths = paths[start : start + DETECT_BATCH]
-                pixels = [_read_rgb(entries.root, path) for path in chunk_paths]
+                pixels = [_read_rgb(entries.root, path, entries.confine) for path in chunk_paths]
                 readable = [index for index, image in enumerate(pixels) if image is not None]
                 found = detect_faces([pixels[i] for i in readable], detector=detector)
                 chunk: list = [None] * len(pixels)  # the audit records a bad image

@@ -30,6 +30,7 @@ FLAG_KEYS = (
     ("dataset.manifest", "--data"),
     ("dataset.folders", "--data"),
     ("dataset.masks", "--masks"),
+    ("dataset.root", "--root"),
     ("dataset.limit", "--limit"),
     ("preprocess.size", "--size"),
     ("batch_size", "--batch-size"),
@@ -62,10 +63,16 @@ def check_inputs_exist(config: AuditConfig) -> None:
         ("manifest", "manifest"),
         ("folders", "class-folder root"),
         ("masks", "masks folder"),
+        ("root", "dataset root folder"),
         ("coco", "COCO file"),
         ("coco_images", "COCO image folder"),
     ):
-        flag = {"manifest": " (--data)", "folders": " (--data)", "masks": " (--masks)"}
+        flag = {
+            "manifest": " (--data)",
+            "folders": " (--data)",
+            "masks": " (--masks)",
+            "root": " (--root)",
+        }
         wanted.append((f"dataset.{key}{flag.get(key, '')}", getattr(dataset, key), kind))
     for key, path, kind in wanted:
         if path is not None and not Path(path).exists():
@@ -116,6 +123,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
             cleared["masks"] = None
         overrides["dataset"] = cleared | source
     put("dataset", "masks", args.masks and _absolute(args.masks))
+    put("dataset", "root", args.root and _absolute(args.root))
     put("dataset", "limit", args.limit)
     put("output", "store", args.out and _absolute(args.out))
     put("output", "run_id", args.run_id)
@@ -143,6 +151,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out", help="run store folder (default: runs/ beside the config, or in the cwd)"
+    )
+    p.add_argument(
+        "--root",
+        metavar="DIR",
+        help="with a manifest: where its relative paths start (default: the manifest's "
+        "folder); absolute paths are used as they are",
     )
     p.add_argument("--run-id", help="name of the run folder")
     p.add_argument(

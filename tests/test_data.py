@@ -238,7 +238,7 @@ def _load(table, root, regions=None):
     """load_entry for every row of a manifest table: (skip reason or None, loaded) each."""
     from audit.data import Entries, load_entry
 
-    entries = Entries(table, root, "test")
+    entries = Entries(table, root, "test", confine=True)
     regions = regions or [
         RegionSection(name="object", source="mask"),
         RegionSection(name="background", source="background", role="spurious"),

@@ -131,10 +131,14 @@ def test_mtcnn_finds_the_astronauts_face_and_detections_are_cached(tmp_path, mon
     Image.fromarray(photo).save(tmp_path / "photos" / "astronaut.png")
     Image.fromarray(np.full((64, 64, 3), 200, "uint8")).save(tmp_path / "photos" / "wall.png")
     Image.fromarray(photo).save(tmp_path / "outside.png")
-    # Batched by size: two sizes, and a path outside the root that is never read.
+    # Batched by size: two sizes, and a path outside the root that is never read (the
+    # dataset confines its files to the root, dataset.confine).
     names = ["astronaut.png", "wall.png", "../outside.png", "astronaut.png"]
     entries = Entries(
-        pd.DataFrame({"path": names, "label": ["a", "b", "a", "a"]}), tmp_path / "photos", "photos"
+        pd.DataFrame({"path": names, "label": ["a", "b", "a", "a"]}),
+        tmp_path / "photos",
+        "photos",
+        confine=True,
     )
     found = with_detected_faces(entries, tmp_path / "cache", "abc123")
     assert found.table.loc[0, "face_x_min"] == pytest.approx(x_min)

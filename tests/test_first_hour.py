@@ -112,3 +112,35 @@ def test_demo_help_answers_without_importing_keras():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "--epochs EPOCHS  training epochs" in done.stdout
+
+
+@pytest.mark.slow
+def test_absolute_paths_outside_the_manifest_folder_and_a_root_flag(biased_demo, tmp_path):
+    files, _, _ = biased_demo
+    images = files.manifest.parent
+    table = pd.read_csv(files.manifest).head(60)
+    # A catalogue export kept apart from the images: absolute paths elsewhere.
+    absolute = table.assign(
+        path=[str(images / p) for p in table["path"]],
+        mask_path=[str(images / p) for p in table["mask_path"]],
+    )
+    (tmp_path / "exports").mkdir()
+    absolute.to_csv(tmp_path / "exports" / "absolute.csv", index=False)
+    # Relative paths kept apart from the images: --root says where they start.
+    table.to_csv(tmp_path / "exports" / "relative.csv", index=False)
+    base = ["run", "--model", str(files.model), "--no-progress", "--limit", "60"]
+    for name, extra in (("absolute", []), ("relative", ["--root", str(images)])):
+        data = ["--data", str(tmp_path / "exports" / f"{name}.csv")]
+        out = ["--out", str(tmp_path / name)]
+        assert main([*base, *data, *out, *extra]) == 0
+        (run_dir,) = (p.parent for p in (tmp_path / name).glob("*/manifest.json"))
+        report = json.loads((run_dir / "report.json").read_text())
+        assert report["counts"]["ok"] == 60, report["skipped_rows"][:2]
+    # Confinement is an opt-in: with it, the absolute paths outside the folder are skipped.
+    confined = tmp_path / "confined.yaml"
+    confined.write_text(
+        f"model: {{path: {files.model}}}\n"
+        f"dataset: {{manifest: {tmp_path / 'exports' / 'absolute.csv'}, confine: true}}\n"
+        f"output: {{store: {tmp_path / 'confined'}}}\n"
+    )
+    assert main(["run", str(confined), "--no-progress"]) == 2  # every row skipped
