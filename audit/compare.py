@@ -134,6 +134,23 @@ def _comparable(old: dict, new: dict) -> list[str]:
         )
     if baseline_mismatch(new, regions=old.get("regions")):
         notes.append("note: the runs measured different regions; only shared ones compare")
+    settings = {
+        "CAM method": lambda run: run.get("model", {}).get("method"),
+        "layer": lambda run: run.get("model", {}).get("layer"),
+        "preprocessing": lambda run: run.get("config", {}).get("preprocess"),
+    }
+    differ = [
+        f"{name} {read(old)!r} vs {read(new)!r}" if name != "preprocessing" else name
+        for name, read in settings.items()
+        if read(old) != read(new)
+    ]
+    if differ:
+        notes.append(
+            "warning: the runs were made with different settings ("
+            + "; ".join(differ)
+            + "): their maps differ by construction, so the deltas and resolved flags mix "
+            "a change of model with a change of method"
+        )
     return notes
 
 

@@ -96,6 +96,10 @@ def _list_runs(store: str, stamps: tuple) -> pd.DataFrame:
                 # Classes with audited images that no test could judge: INCONCLUSIVE's why.
                 "untested": _untested(report) if complete else None,
                 "model": Path(manifest["model"]["path"]).name,
+                # How the maps were made: runs of another method or layer differ by
+                # construction (the Compare page warns).
+                "method": manifest["model"].get("method"),
+                "layer": manifest["model"].get("layer"),
                 "model_line": model_line(manifest["model"]["path"]),
                 "dataset": manifest["dataset"]["source"],
                 "images": manifest.get("counts", {}).get("ok", 0),

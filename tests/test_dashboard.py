@@ -154,6 +154,9 @@ def test_compare_page_shows_deltas(store, monkeypatch):
     deltas = page.dataframe[-1].value  # after the new, resolved and eased flags
     assert set(deltas["class_name"]) == {str(d) for d in range(10)}
     assert len(page.metric) == 2
+    # The store's two runs are Grad-CAM and HiResCAM of one model: said, not mixed silently.
+    warnings = " ".join(w.value for w in page.warning)
+    assert "different settings" in warnings and "'hirescam'" in warnings
 
 
 def test_a_decision_is_persisted_and_shown_after_a_reload(store, monkeypatch):

@@ -56,10 +56,14 @@ for entry in result["classes"]:
     q_values = [t["q_value"] for t in tests if t.get("q_value") is not None]
     effects = [t["effect_low"] for t in tests if t.get("effect_low") is not None]
     rate = "accuracy" if key == "true_label" else "precision"
-    # The columns a reviewer reads first come first: the table is wider than a page.
+    # The columns a reviewer reads first come first (status, evidence, decision): the
+    # table is wider than a page.
     row = {
         "class": entry["class_name"],
         "status": status_text(entry),
+        # Every test of the class with its numbers, in one line (dataframe cells are text).
+        "evidence": entry.get("evidence"),
+        "decision": getattr(decisions.get(entry["class_name"]), "decision", None),
         "n": side["n"],
         **{name: side.get(name) for name in (rate, f"{rate}_low", f"{rate}_high")},
     }
@@ -79,9 +83,6 @@ for entry in result["classes"]:
         },
         "q_value": min(q_values) if q_values else None,
         "effect_ci_low": max(effects) if effects else None,
-        # Every test of the class with its numbers, in one line (dataframe cells are text).
-        "evidence": entry.get("evidence"),
-        "decision": getattr(decisions.get(entry["class_name"]), "decision", None),
         "zero_maps": side.get("n_zero_map"),
         "confidence": entry.get("confidence", "normal"),
         **{name: side.get(name) for name in ("loc_error", "loc_error_low", "loc_error_high")},
