@@ -269,13 +269,17 @@ def _md(text) -> str:
 
     GitHub turns ``:smile:`` into an emoji and ``me@host.org`` / ``www.host.org`` into
     links after parsing, where escapes are gone: an invisible word joiner (U+2060)
-    after each colon and at-sign, and an escaped dot, stop them.
+    after a colon that touches a word (not the colon of "q=1e-06): the class") and
+    after each at-sign, and an escaped dot after a letter (a host name, not "0.739"),
+    stop them. So the text stays readable in a terminal and a CI comment.
     """
     escaped = html.escape(str(text), quote=False)
-    for char in "\\|`*_[]<>#~$.":  # "." breaks www. autolinks
+    for char in "\\|`*_[]<>#~$":
         escaped = escaped.replace(char, "\\" + char)
-    # A word joiner after ":" and "@" stops emoji shortcodes and e-mail autolinks.
-    return escaped.replace(":", ":\u2060").replace("@", "@\u2060")
+    escaped = re.sub(r"(?<=[A-Za-z])\.", r"\\.", escaped)  # breaks www. and host autolinks
+    # A word joiner stops emoji shortcodes (":smile:", "https:") and e-mail autolinks.
+    escaped = re.sub(r":(?=[^\s])", ":\u2060", escaped)
+    return escaped.replace("@", "@\u2060")
 
 
 def _code(text) -> str:
