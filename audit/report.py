@@ -37,7 +37,7 @@ NO_IMAGES = "NO IMAGES AUDITED"  # no verdict: every row was skipped
 # `--fail-on warn` keeps passing it and `--fail-on inconclusive` is the strict level.
 OUTCOME_ORDER = ("PASS", INCONCLUSIVE, "WARN", "FAIL")
 FAIL_ON_LEVELS = tuple(outcome.lower() for outcome in OUTCOME_ORDER[1:])
-THUMBNAIL = 96
+THUMBNAIL = 160  # px: the report's overlays and Guided Grad-CAM pictures
 
 
 def untested_classes(classes: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -641,8 +641,10 @@ def _example_thumbnails(
         picture = stored_overlay(
             manifest["dataset"], example["path"], example.get("mask_path"), cam_of[row], THUMBNAIL
         )
+        # Captioned by file name (the row number is in the tooltip).
+        name = html.escape(Path(str(example["path"])).name)
         if picture is not None:  # an unreadable image is counted in the report's note
-            caption = f"row {row}: predicted {example.get('pred_label')}, " + ", ".join(
+            caption = f"predicted {example.get('pred_label')}, " + ", ".join(
                 f"{k} {v:.2f}"
                 for k, v in example.items()
                 if k.startswith("mass_") and v is not None
@@ -651,8 +653,9 @@ def _example_thumbnails(
                 # Shown at the thumbnail width, like the Guided Grad-CAM beside it,
                 # whatever the image's own (smaller) size.
                 f'<figure><img src="{_png_data_uri(picture)}" width="{THUMBNAIL}" '
-                f'alt="{html.escape(caption)}">'
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                f'alt="{html.escape(caption)}" title="row {row}">'
+                f"<figcaption class='overlay'>{name}: {html.escape(caption)}</figcaption>"
+                "</figure>"
             )
         # Stored in the run folder: shown even when the dataset image cannot be read.
         guided = run_dir / "guided" / f"{row}.png"
@@ -660,8 +663,9 @@ def _example_thumbnails(
             with Image.open(guided) as stored:
                 picture = stored.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR)
             thumbnails.append(
-                f'<figure><img src="{_png_data_uri(picture)}" alt="Guided Grad-CAM, row {row}">'
-                f"<figcaption>row {row}: Guided Grad-CAM</figcaption></figure>"
+                f'<figure><img src="{_png_data_uri(picture)}" alt="Guided Grad-CAM, row {row}" '
+                f"title=\"row {row}\"><figcaption class='guided'>{name}: Guided Grad-CAM"
+                "</figcaption></figure>"
             )
     return thumbnails
 
@@ -701,7 +705,9 @@ table.numbers td:nth-child(n+3){text-align:right;font-variant-numeric:tabular-nu
 .bias-driven{border-left:6px solid #c0392b}.suspected{border-left:6px solid #e67e22}
 .ok{border-left:6px solid #27ae60}.muted{color:#888}
 .note{background:#fff4e5;border:1px solid #e67e22;padding:.5rem 1rem}
-figure{display:inline-block;vertical-align:top;margin:4px;font-size:11px;max-width:140px}
+figure{display:inline-block;vertical-align:top;margin:4px;font-size:11px;max-width:170px}
+td.status.bias-driven{color:#c0392b;font-weight:bold}td.status.suspected{color:#e67e22}
+details.card>summary{cursor:pointer;font-weight:bold}
 pre{background:#f6f6f6;padding:1rem;overflow:auto}
 .outcome{padding:0 .4em;border-radius:4px;color:#fff}
 .outcome.pass{background:#27ae60}.outcome.warn{background:#e67e22}
@@ -761,7 +767,8 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
     for entry in report["classes"]:
         probe = entry["interventions"]
         parts.append(
-            f"<tr><td>{escape(entry['class_name'])}</td><td>{escape(status_text(entry))}</td>"
+            f"<tr><td>{escape(entry['class_name'])}</td>"
+            f"<td class='status {escape(entry['status'])}'>{escape(status_text(entry))}</td>"
             f"<td>{_support(entry)}</td><td>{with_ci(**_ci(entry, 'accuracy'))}</td>"
             + "".join(f"<td>{with_ci(**entry['mass'][r])}</td>" for r in spurious)
             + f"<td>{_bg_gap(probe)}</td><td>{_transplant(probe)}</td></tr>"
@@ -771,9 +778,16 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
     if untested and not reason:
         parts.append(f"<p class='note'>{escape(untested)}.</p>")
     for entry in report["classes"]:
-        parts.append(f"<div class='card {escape(entry['status'])}'>")
+        # A class with nothing to say is collapsed: the flagged ones lead the page.
+        title = f"{escape(entry['class_name'])}: {escape(status_text(entry))}"
+        if entry["status"] == "ok" and not entry["reasons"]:
+            tag = "details"
+            parts.append(f"<details class='card ok'><summary>{title}</summary>")
+        else:
+            tag = "div"
+            parts.append(f"<div class='card {escape(entry['status'])}'><h3>{title}</h3>")
         parts.append(
-            f"<h3>{escape(entry['class_name'])}: {escape(status_text(entry))}</h3><ul>"
+            "<ul>"
             + "".join(f"<li>{escape(reason)}</li>" for reason in entry["reasons"])
             + (f"<li><b>{escape(_decision_text(entry))}</b></li>" if entry.get("decision") else "")
             + "</ul>"
@@ -810,7 +824,7 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
         strategies = _strategy_maps(all_strategies, entry["class_index"])
         if strategies:
             parts.append("<h4>Strategies (CAM clusters)</h4>" + "".join(strategies))
-        parts.append("</div>")
+        parts.append(f"</{tag}>")
     skipped = report.get("skipped_rows") or []
     if skipped:
         parts.append(

@@ -216,7 +216,7 @@ def test_zero_maps_are_shown_next_to_the_class_count(report, run_dir):
 def test_unreadable_dataset_images_are_noted_and_guided_pictures_kept(report, run_dir):
     page = render_html(report, run_dir)
     guided = page.count("Guided Grad-CAM, row")
-    overlays = page.count("<figcaption>row ") - page.count(": Guided Grad-CAM</figcaption>")
+    overlays = page.count("<figcaption class='overlay'>")
     assert guided and overlays and "could not be read" not in page
     assert "could not be read" not in render_markdown(report)
     root = Path(report["dataset"]["root"])
@@ -230,7 +230,8 @@ def test_unreadable_dataset_images_are_noted_and_guided_pictures_kept(report, ru
     note = f"{examples} example images could not be read from {root}"
     assert f"<p class='note'>{note}: " in page
     assert page.count("Guided Grad-CAM, row") == guided  # stored in the run folder
-    assert page.count("<figcaption>row ") == guided  # only the guided pictures are left
+    assert page.count("<figcaption class='overlay'>") == 0  # only the guided pictures are left
+    assert page.count("<figcaption class='guided'>") == guided
     assert f"**Note:** {note}: report.html shows no overlay" in unescaped(markdown)
 
 
