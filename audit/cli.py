@@ -26,7 +26,9 @@ def _report(argv: list[str]) -> int:
         prog="bias-audit report", description="Write a run's report from its store."
     )
     parser.add_argument("run", help="a run folder (STORE/<run_id>)")
-    parser.add_argument("--format", choices=["html", "md", "json"], default="html")
+    parser.add_argument(
+        "--format", choices=["html", "md", "json"], default="html", help="which report to write"
+    )
     args = parser.parse_args(argv)
     from pathlib import Path
 
@@ -80,7 +82,7 @@ def _dashboard(argv: list[str]) -> int:
         prog="bias-audit dashboard", description="Review runs in a Streamlit dashboard."
     )
     parser.add_argument("--store", default="runs", help="the run store folder (default: runs)")
-    parser.add_argument("--port", type=int, default=8501)
+    parser.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
     parser.add_argument("--address", default="localhost", help="interface to listen on")
     args = parser.parse_args(argv)
     import os
@@ -135,7 +137,7 @@ def _history(argv: list[str]) -> int:
         description="List the runs in a store with their status and, once complete, their "
         "verdict and flags (one line each, with the decision in force).",
     )
-    parser.add_argument("--store", default="runs")
+    parser.add_argument("--store", default="runs", help="the run store folder (default: runs)")
     parser.add_argument("--model-line", help="only this model line")
     args = parser.parse_args(argv)
     from pathlib import Path

@@ -168,8 +168,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", help="target layer name or path")
     p.add_argument("--method", help=f"CAM method: {', '.join(CAM_METHODS)} (default: gradcam)")
     p.add_argument("--target", choices=["true", "predicted"], help="class the maps explain")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"))
+    p.add_argument("--batch-size", type=int, help="images per compiled step (default 32)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("HEIGHT", "WIDTH"),
+        help="resize images to this input size (default: the model's own input size)",
+    )
     p.add_argument("--limit", type=int, help="audit only the first N entries")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument(
