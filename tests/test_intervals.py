@@ -257,3 +257,19 @@ def test_wilson_bounds_are_exact_at_zero_and_all():
         if trials > 1:
             low, high = wilson_interval(trials // 2, trials)
             assert 0.0 < low < high < 1.0
+
+
+def test_median_rate_and_paired_gap_intervals_at_the_edges():
+    from audit.probes import median_rate_interval, paired_gap
+
+    assert median_rate_interval([]) == (0.0, 0.0, 0.0)  # nothing to compare with
+    for counts in ([(0, 40)] * 5, [(40, 40)] * 5, [(0, 1), (1, 1)], [(7, 40), (9, 80)]):
+        median, low, high = median_rate_interval(counts)
+        assert 0.0 <= low <= median <= high <= 1.0
+    # No failure in 40 images is no certainty: the interval still reaches above 0.
+    assert median_rate_interval([(0, 40)] * 5)[2] > 0.0
+    for first, second in (([True] * 30, [True] * 30), ([True] * 30, [False] * 30)):
+        gap = paired_gap(np.array(first), np.array(second), "gap")
+        assert -1.0 <= gap["gap_low"] <= gap["gap"] <= gap["gap_high"] <= 1.0
+    same = paired_gap(np.ones(30, bool), np.ones(30, bool), "gap")
+    assert same["gap"] == 0.0 and same["gap_low"] < 0.0 < same["gap_high"]  # not certain
