@@ -84,16 +84,19 @@ FILL_SHIFTS = (
 )
 
 
+def _per_class(rows: pd.DataFrame, by: str, per_class: int, seed: int) -> pd.DataFrame:
+    """Up to ``per_class`` of ``rows`` for each value of column ``by``, seeded, in row order."""
+    picks = [
+        group.sample(n=min(per_class, len(group)), random_state=seed)
+        for _, group in rows.groupby(by)
+    ]
+    return pd.concat(picks).sort_values("row", kind="stable") if picks else rows.iloc[:0]
+
+
 def sample_rows(images: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
     """Up to ``per_class`` correctly predicted ok rows of each true class, seeded."""
     ok = images[(images["status"] == "ok") & images["correct"].astype(bool)]
-    picks = [
-        group.sample(n=min(per_class, len(group)), random_state=seed)
-        for _, group in ok.groupby("label_index")
-    ]
-    if not picks:
-        return ok.iloc[:0]
-    return pd.concat(picks).sort_values("row", kind="stable")
+    return _per_class(ok, "label_index", per_class, seed)
 
 
 def _background_colours(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
@@ -383,14 +386,7 @@ def predicted_rows(images: pd.DataFrame, per_class: int, seed: int) -> pd.DataFr
     """Up to ``per_class`` ok rows predicted as each class, right or wrong, seeded: the
     transplant test's backgrounds (``row``, ``pred``)."""
     ok = images[images["status"] == "ok"]
-    picks = [
-        group.sample(n=min(per_class, len(group)), random_state=seed)
-        for _, group in ok.groupby("pred")
-    ]
-    if not picks:
-        return ok.iloc[:0][["row", "pred"]]
-    table = pd.concat(picks).sort_values("row", kind="stable")
-    return table[["row", "pred"]].astype(int)
+    return _per_class(ok, "pred", per_class, seed)[["row", "pred"]].astype(int)
 
 
 def run_transplants(
