@@ -245,11 +245,24 @@ def _merge_classes(interventions: pd.DataFrame, transplants: pd.DataFrame) -> pd
     return merged.sort_values("class_index", kind="stable").reset_index(drop=True)
 
 
-# The causal tests of a class: (p-value column, CI-gated evidence column, its own
-# evidence column after the run's Benjamini-Hochberg correction, q-value column).
+# The causal tests of a class: (p-value column, its images' count column, CI-gated
+# evidence column, its own evidence column after the run's Benjamini-Hochberg
+# correction, q-value column).
 CAUSAL_TESTS = (
-    ("bg_gap_p_value", "intervention_evidence", "mixed_rand_evidence", "bg_gap_q_value"),
-    ("transplant_p_value", "transplant_evidence", "transplant_evidence", "transplant_q_value"),
+    (
+        "bg_gap_p_value",
+        "n_mixed_rand",
+        "intervention_evidence",
+        "mixed_rand_evidence",
+        "bg_gap_q_value",
+    ),
+    (
+        "transplant_p_value",
+        "n_transplant",
+        "transplant_evidence",
+        "transplant_evidence",
+        "transplant_q_value",
+    ),
 )
 
 
@@ -270,9 +283,8 @@ def causal_evidence(
     interventions, associations = interventions.copy(), associations.copy()
     support = min(policy.min_support, policy.intervention_samples)
     parts = []  # (table, p-value column, eligible rows)
-    for p_column, gate, _, _ in CAUSAL_TESTS:
+    for p_column, count, _, _, _ in CAUSAL_TESTS:
         if p_column in interventions:
-            count = "n_mixed_rand" if gate == "intervention_evidence" else "n_transplant"
             parts.append((interventions, p_column, interventions[count].fillna(0) >= support))
     if len(associations):
         parts.append((associations, "p_value", associations["p_value"].notna()))
@@ -285,7 +297,7 @@ def causal_evidence(
         table[column.replace("p_value", "q_value")] = q_values[start : start + len(table)]
         start += len(table)
     if len(interventions):
-        for _, gate, name, q_column in CAUSAL_TESTS:
+        for _, _, gate, name, q_column in CAUSAL_TESTS:
             if gate in interventions:
                 passed = interventions[gate].fillna(False).astype(bool)
                 interventions[name] = passed & (interventions[q_column] < policy.alpha)
