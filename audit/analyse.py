@@ -159,7 +159,7 @@ def analyse(
     trust = None
     if config.trust.samples > 0:
         trust = _trust_checks(model, cam, config, load, images, len(class_names))
-    if config.trust.guided_examples:
+    if guided_note(config.trust.model_dump(), manifest["input_size"]) is None:
         rows = [
             int(row)
             for index in range(len(class_names))
@@ -389,6 +389,25 @@ def _trust_checks(model, cam, config: AuditConfig, load, images: pd.DataFrame, n
     )
     result["rows"] = [row for row, _ in loaded]
     return result
+
+
+def guided_note(trust: dict, input_size) -> str | None:
+    """Why the run draws no Guided Grad-CAM pictures (``None``: it draws them).
+
+    Guided backpropagation shows pixel-level edges; on a small input those edges are a
+    few pixels each and the picture reads as noise, so below ``trust.guided_min_side``
+    the report says so instead of showing it."""
+    if not trust.get("guided_examples", True):
+        return "Guided Grad-CAM pictures were not drawn (trust.guided_examples: false)."
+    height, width = input_size
+    least = trust.get("guided_min_side", 0)
+    if min(height, width) < least:
+        return (
+            f"Guided Grad-CAM pictures were not drawn: the model's input is {height}x{width} "
+            f"px, under trust.guided_min_side ({least} px), where they read as noise rather "
+            "than as an image. Set trust.guided_min_side: 0 to draw them anyway."
+        )
+    return None
 
 
 def _write_guided(run: RunStore, model, cam, loaded) -> None:

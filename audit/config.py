@@ -407,6 +407,13 @@ class TrustSection(_Section):
     guided_examples: bool = Field(
         True, description="Guided Grad-CAM pictures for the report's example images."
     )
+    guided_min_side: int = Field(
+        64,
+        ge=0,
+        description="Draw Guided Grad-CAM only when the model's input is at least this many "
+        "pixels on its shorter side: below it the pictures read as noise, not as an image. "
+        "0 draws them at any size.",
+    )
 
 
 class OutputSection(_Section):

@@ -105,6 +105,7 @@ def build_report(run_dir: Path) -> dict:
         SEVERITY_ORDER,
         class_verdicts,
         forward_passes,
+        guided_note,
         overall_severity,
         read_analysis,
     )
@@ -212,6 +213,8 @@ def build_report(run_dir: Path) -> dict:
             },
             "baseline": manifest.get("baseline"),
             "trust": analysis.trust,
+            # Why there are no Guided Grad-CAM pictures (None: they are drawn).
+            "guided_note": guided_note(manifest["config"].get("trust", {}), manifest["input_size"]),
             # What the causal tests cost, in forward passes of the model.
             "forward_passes": forward_passes(analysis.interventions),
             # The first skipped rows by name (every one is in images.parquet).
@@ -488,7 +491,7 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
         lines += ["", "### Slices that drive a class"]
         lines += [f"- {drives_text(association, _md)}" for association in drives]
     lines += _skipped_markdown(report)
-    lines += _trust_markdown(report.get("trust"))
+    lines += _trust_markdown(report.get("trust"), report.get("guided_note"))
     policy = report["policy"]
     lines += [
         "",
@@ -592,11 +595,13 @@ def main_map_text(view: dict, regions: list[str]) -> str:
     return " ".join(parts)
 
 
-def _trust_markdown(trust: dict | None) -> list[str]:
+def _trust_markdown(trust: dict | None, guided: str | None) -> list[str]:
     lines = ["", "### Trust in the maps"]
     lines += [f"- {_md(line)}" for line in trust_lines(trust)]
     if trust and trust["verdict"] == "untrusted":
         lines.append("- **Every heatmap flag above has low confidence.**")
+    if guided:
+        lines.append(f"- {_md(guided)}")
     return lines
 
 
@@ -856,6 +861,7 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
             if trust and trust["verdict"] == "untrusted"
             else ""
         )
+        + (f"<li>{escape(report['guided_note'])}</li>" if report.get("guided_note") else "")
         + "</ul>"
     )
     slice_groups = [g for g in report["slices"]["groups"] if g["kind"] == "slice"]

@@ -136,6 +136,9 @@ def test_class_detail_gives_the_class_numbers_and_interventions_with_cis(store, 
     assert any(t.startswith(f"Interventions on {probe['n_probe']} correct images") for t in texts)
     assert any(t.startswith(f"Transplant test on {probe['n_transplant']} images") for t in texts)
     assert f"Evidence: {entry['evidence']}" in texts  # every test of the class, in one line
+    # 48 px: no Guided Grad-CAM pictures, and the page says why.
+    assert not any(s.value.startswith("Guided Grad-CAM") for s in page.subheader)
+    assert escape_markdown(report["guided_note"]) in [c.value for c in page.caption]
     rates = page.dataframe[-1].value.set_index("intervention")
     swapped = rates.loc["background swapped (Mixed-Rand)"]
     assert swapped["still predicted"] == pytest.approx(probe["rate_mixed_rand"])

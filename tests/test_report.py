@@ -47,6 +47,8 @@ def hostile_run(root: Path) -> Path:
                 {"name": REGION, "source": "background", "role": "spurious"},
             ],
             "policy": {"intervention_samples": 10, "min_support": 5},
+            # A 48 px model: Guided Grad-CAM only when asked for below 64 px.
+            "trust": {"guided_min_side": 0},
         }
     )
     return run_audit(config, progress=False).run_dir
@@ -211,6 +213,14 @@ def test_zero_maps_are_shown_next_to_the_class_count(report, run_dir):
     row = f"| {entry['n']} (3 zero maps among the correct) |"
     assert row in render_markdown(report)
     assert f"<td>{entry['n']} (3 zero maps among the correct)</td>" in render_html(report, run_dir)
+
+
+def test_guided_pictures_are_the_examples_when_asked_for_below_the_readable_size(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["guided_note"] is None  # trust.guided_min_side: 0
+    examples = {e["row"] for entry in report["classes"] for e in entry["examples"]}
+    pictures = {int(path.stem) for path in (run_dir / "guided").glob("*.png")}
+    assert examples and pictures == examples
 
 
 def test_unreadable_dataset_images_are_noted_and_guided_pictures_kept(report, run_dir):

@@ -122,6 +122,8 @@ if guided:
         caption=[f"row {row}" for row, _ in guided],
         width=160,
     )
+elif result.get("guided_note"):
+    st.caption(escape_markdown(result["guided_note"]))
 
 st.subheader("Strategies (CAM clusters)")
 if len(strategies):
