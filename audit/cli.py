@@ -1,10 +1,13 @@
 """The ``bias-audit`` command line (also ``python -m audit``).
 
-Exit codes, for every command:
+Exit codes, for every command (``audit.errors``):
   0  ok (`run`, `schedule run`: the outcome is below the --fail-on / schedule.fail_on level)
   1  the policy failed: the outcome reached that level (PASS < INCONCLUSIVE < WARN < FAIL;
      `--fail-on inconclusive` is the strict level), or `compare` found a new flag
   2  usage or configuration error, or no image could be audited (no verdict)
+  3  the command stopped on an error (a bug, the disk full, a store it cannot write);
+     no verdict; the run is marked failed and `--resume` continues it
+  130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_OK, EXIT_POLICY, EXIT_USAGE = 0, 1, 2
+from audit.errors import EXIT_OK, EXIT_POLICY, EXIT_USAGE, guarded
 
 
 def _run(argv: list[str]) -> int:
@@ -192,8 +195,30 @@ COMMANDS = {
 }
 
 
+def _short_warnings() -> None:
+    """The tool's own warnings as one line each (``bias-audit: warning: ...``), without
+    the source line Python shows under them; other libraries' keep their format."""
+    import warnings
+    from pathlib import Path
+
+    ours = Path(__file__).resolve().parent.parent
+    default = warnings.formatwarning
+    if getattr(default, "bias_audit", False):  # main() ran before in this process
+        return
+
+    def format_warning(message, category, filename, lineno, line=None):
+        path = Path(filename).resolve()
+        if path.is_relative_to(ours / "audit") or path.is_relative_to(ours / "pipelines"):
+            return f"bias-audit: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    format_warning.bias_audit = True
+    warnings.formatwarning = format_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _short_warnings()
     parser = argparse.ArgumentParser(
         prog="bias-audit",
         description="Grad-CAM dataset-bias audits for Keras image classifiers.",
@@ -215,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_USAGE
     handler, _ = COMMANDS[argv[0]]
-    return handler(argv[1:])
+    return guarded(argv[0], lambda: handler(argv[1:]))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,12 @@ class GradCAM:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if any(isinstance(part, keras.layers.TFSMLayer) for part in model.layers):
+            raise ModelStructureError(
+                f"model {model.name!r} wraps a TensorFlow SavedModel, whose layers Keras 3 "
+                "cannot see, so there is no feature map to explain. Re-save the model in the "
+                ".keras format (model.save('model.keras')) from the code that built it"
+            )
         self.model = model
         self.method = method
         self.batch_size = batch_size

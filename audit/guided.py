@@ -86,7 +86,19 @@ def _is_relu(activation) -> bool:
     return getattr(activation, "__name__", "") in _RELU_ACTIVATIONS
 
 
+def _takes_the_rule(layer) -> bool:
+    """A ReLU-family layer, or a layer with a ReLU-family ``activation``."""
+    return isinstance(layer, keras.layers.ReLU | keras.layers.LeakyReLU) or _is_relu(
+        getattr(layer, "activation", None)
+    )
+
+
 def _clone_layer(layer):
+    if not layer.weights and not _takes_the_rule(layer):
+        # Nothing to copy and nothing to change: the clone calls the layer itself. So a
+        # Lambda's code is never deserialised a second time; the model's safe mode was
+        # decided once, when it was loaded.
+        return layer
     clone = layer.__class__.from_config(layer.get_config())
     if isinstance(clone, keras.layers.ReLU | keras.layers.LeakyReLU):
         clone.call = _guided(clone.call)

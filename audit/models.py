@@ -23,6 +23,7 @@ with "graph disconnected".
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,16 @@ def load_model(path: str | os.PathLike, *, safe_mode: bool = True) -> keras.Mode
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except (ValueError, TypeError) as error:  # TypeError: an unknown custom layer class
-        if "safe_mode" in str(error) or "Lambda" in str(error):
+        missing = re.search(r"Could not locate function '([^']+)'", str(error))
+        if missing:  # a named function: the file holds its name, not its code
+            raise ModelStructureError(
+                f"cannot read model {path}: a Lambda layer calls the Python function "
+                f"{missing.group(1)!r}, and a .keras file stores only its name, not its "
+                "code. Load it in Python after defining the function, decorated with "
+                "@keras.saving.register_keras_serializable(), or save the model with that "
+                "function as a lambda (which the file stores, and --unsafe-model loads)."
+            ) from error
+        if safe_mode and ("safe_mode" in str(error) or "Lambda" in str(error)):
             raise ModelStructureError(
                 f"{path} contains code (a Lambda layer) and was refused in safe mode. "
                 "Only if you trust this file, load it with safe_mode=False "
@@ -279,16 +289,21 @@ def resolve_layer_path(model: keras.Model, layer: str | None = None) -> list[str
         return path
     paths = _all_layer_paths(graph)
     wanted = tuple(layer.split(PATH_SEPARATOR))
-    if wanted in paths:
-        return list(wanted)
-    matches = [p for p in paths if p[-len(wanted) :] == wanted]
+    spatial = ", ".join([PATH_SEPARATOR.join(p) for p, rank in paths.items() if rank == 4][-8:])
+    matches = [wanted] if wanted in paths else [p for p in paths if p[-len(wanted) :] == wanted]
     if len(matches) == 1:
+        rank = paths[matches[0]]
+        if rank not in (None, 4):  # a Dense or pooled layer: no map, whatever the paths
+            raise ModelStructureError(
+                f"layer {PATH_SEPARATOR.join(matches[0])!r} outputs a {rank}-D tensor; "
+                "Grad-CAM needs a 4-D (batch, height, width, channels) feature map. The "
+                f"last layers with one are: {spatial}"
+            )
         return list(matches[0])
     if not matches:
         raise ModelStructureError(
             f"no layer {layer!r} in model {model.name!r}; the last layers with 4-D "
-            "outputs are: "
-            + ", ".join([PATH_SEPARATOR.join(p) for p, rank in paths.items() if rank == 4][-8:])
+            f"outputs are: {spatial}"
         )
     raise ModelStructureError(
         f"layer name {layer!r} is ambiguous in model {model.name!r}; use one of the paths: "

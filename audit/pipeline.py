@@ -9,10 +9,12 @@ resumes at the first missing chunk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
 import math
+import os
 import platform
 import re
 import time
@@ -378,6 +380,38 @@ def _input_channels(cam: GradCAM, config: AuditConfig) -> int:
     return channels
 
 
+@contextlib.contextmanager
+def _failed_on_error(run: RunStore):
+    """A run that stops on an error ends ``failed`` with the reason in its manifest
+    (``bias-audit history``, the dashboard and ``--resume`` show it), and the error goes
+    on up naming the run (``audit.errors.failed_run``). A Ctrl-C leaves it ``running``:
+    no process holds it, so it shows as interrupted. Where even the manifest cannot be
+    written (the disk full), it shows as interrupted too."""
+    try:
+        yield
+    except Exception as error:
+        if run.exists():
+            failure = {
+                "error": type(error).__name__,
+                "message": str(error),
+                "at": datetime.now(timezone.utc).isoformat(),
+            }
+            with contextlib.suppress(AttributeError):  # an exception class with __slots__
+                error.failed_run = run.root
+            with contextlib.suppress(OSError, ValueError):
+                run.update_manifest(status="failed", failure=failure)
+                index_run(run.root.parent, run.root)
+        raise
+
+
+def _remove_temporaries(run_dir: Path) -> None:
+    """The temporary files of writes a killed process left (``atomic_write``'s
+    ``.<name>.*.tmp``): the run's lock is held, so no write of it is under way."""
+    for temporary in run_dir.rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+
+
 def _open_run(config: AuditConfig, run_key: str, resume: bool) -> tuple[RunStore, bool]:
     store_root = Path(config.output.store)
     if config.output.run_id:
@@ -547,13 +581,19 @@ def skip_kind(reason: str) -> str:
 
 
 def _check_store_path(store: Path) -> None:
-    """The run store must be (or become) a folder: a file in its place is a usage error."""
+    """The run store must be (or become) a folder this user can write: a file in its
+    place, or a read-only folder, is a usage error."""
     for path in (store, *store.parents):
         if path.exists():
             if not path.is_dir():
                 raise ConfigError(
                     f"the run store {store} (output.store, --out) must be a folder, but "
                     f"{path} is a file; give a folder path"
+                )
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"the run store {store} (output.store, --out) cannot be written: {path} "
+                    "is read-only for this user; give a folder you can write to"
                 )
             return
 
@@ -758,9 +798,20 @@ def run_audit(
             f"run {run.root} is being computed by another process{holder}: wait for it to "
             "finish, or stop it and resume again"
         ) from None
-    with lock:
+    with lock, _failed_on_error(run):
         if reopened:
-            run.update_manifest(process=this_process())
+            # Computed by this process now; a failure's reason is history (the run's
+            # status says it is running again).
+            manifest = run.manifest() | {"status": "running", "process": this_process()}
+            failure = manifest.pop("failure", None)
+            if failure:
+                warnings.warn(
+                    f"continuing run {run.root}, which failed on {failure['at']}: "
+                    f"{failure['error']}: {failure['message']}",
+                    stacklevel=3,
+                )
+            run.write_manifest(manifest)
+            _remove_temporaries(run.root)
         else:
             run.write_manifest(
                 {

@@ -274,9 +274,11 @@ def _md(text) -> str:
     links after parsing, where escapes are gone: an invisible word joiner (U+2060)
     after a colon that touches a word (not the colon of "q=1e-06): the class") and
     after each at-sign, and an escaped dot after a letter (a host name, not "0.739"),
-    stop them. So the text stays readable in a terminal and a CI comment.
+    stop them. So the text stays readable in a terminal and a CI comment. Line breaks
+    become spaces.
     """
-    escaped = html.escape(str(text), quote=False)
+    # A line break would end the table row (or the heading): one line, spaces between.
+    escaped = html.escape(" ".join(str(text).splitlines()), quote=False)
     for char in "\\|`*_[]<>#~$":
         escaped = escaped.replace(char, "\\" + char)
     escaped = re.sub(r"(?<=[A-Za-z])\.", r"\\.", escaped)  # breaks www. and host autolinks

@@ -9,15 +9,17 @@ import typing
 from pathlib import Path
 
 from audit.config import AuditConfig, ConfigError, ModelSection, build_config, load_config
+
+# 0: the outcome is below --fail-on (or no --fail-on); 1 (policy): it reaches it;
+# 2 (usage): a config or data error, or no image could be audited (no verdict); 3: the
+# run stopped on an error (`bias-audit` catches it: audit.errors.guarded).
+from audit.errors import EXIT_OK, EXIT_POLICY, EXIT_USAGE
 from audit.report import FAIL_ON_LEVELS
 
 # The methods the config accepts (audit.cam_methods registers the same; a test keeps
 # them equal), read without importing Keras, so a config error fails in a moment.
 CAM_METHODS = typing.get_args(ModelSection.model_fields["method"].annotation)
 
-# 0: the outcome is below --fail-on (or no --fail-on); 1 (policy): it reaches it;
-# 2 (usage): a config or data error, or no image could be audited (no verdict).
-EXIT_OK, EXIT_POLICY, EXIT_USAGE = 0, 1, 2
 # Config keys the flags set, so that an error about one names its flag too.
 FLAG_KEYS = (
     ("model.path", "--model"),

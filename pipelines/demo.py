@@ -191,4 +191,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from audit.errors import guarded
+
+    raise SystemExit(guarded("demo", main))

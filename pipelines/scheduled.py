@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="bias-audit schedule run",
         description="Audit every model version not yet audited and compare each with the one "
         "before; exit 1 when the newest version's outcome reaches fail_on, 2 when none of its "
-        "images could be audited or a version cannot be read.",
+        "images could be audited or a version cannot be read, 3 when an audit stopped on an "
+        "error (the run is marked failed; running this again continues it).",
     )
     parser.add_argument("config", help="YAML audit config with a schedule: section")
     parser.add_argument(
@@ -164,4 +165,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from audit.errors import guarded
+
+    raise SystemExit(guarded("schedule", main))
