@@ -171,10 +171,12 @@ def _history(argv: list[str]) -> int:
     table = runs[columns].astype(object).where(runs[columns].notna(), "n/a")
     header, *rows = table.to_string(index=False).splitlines()
     print(header)
-    for row, flags in zip(rows, runs["flags"], strict=True):
+    for row, flags, failure in zip(rows, runs["flags"], runs["failure"], strict=True):
         print(row)
         for flag in flags:  # in full, one a line under its run
             print(f"    {flag}")
+        if failure:  # a failed run: why it stopped (--resume continues it)
+            print(f"    stopped on an error: {failure}")
     return EXIT_OK
 
 

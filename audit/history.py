@@ -6,19 +6,22 @@ decisions in force, so that ``bias-audit history`` and scheduled audits answer "
 happened to this model line" without opening every report. It is an index, brought
 in line with the run folders whenever it is read (``index_store``: new runs and
 status changes added, deleted runs dropped); the runs themselves stay the records.
+A folder whose ``manifest.json`` is not a JSON object (torn, hand-edited) is left out
+with a warning naming it.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import warnings
 from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
 
 from audit.decisions import model_line, read_decisions
-from audit.store import run_state
+from audit.store import MANIFEST, read_json, run_manifests, run_state
 
 HISTORY = "history.sqlite"
 # Raised whenever the tables, or what fills them, change: an index of another version
@@ -50,11 +53,12 @@ def _connect(store: Path) -> sqlite3.Connection:
     return connection
 
 
-def index_run(store: Path, run_dir: Path) -> None:
+def index_run(store: Path, run_dir: Path, manifest: dict | None = None) -> None:
     """Add (or refresh) one run in the index: its status, and its verdict and flags
     once it is complete (a run killed after writing its reports has no verdict yet)."""
     run_dir = Path(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    if manifest is None:
+        manifest = read_json(run_dir / MANIFEST)
     status = run_state(run_dir, manifest)
     report_path = run_dir / "report.json"
     report = {}
@@ -101,25 +105,28 @@ def index_run(store: Path, run_dir: Path) -> None:
 
 def index_store(store: Path) -> int:
     """Bring the index in line with the run folders: index runs that are new or whose
-    status changed, drop runs whose folder is gone; returns how many were (re)indexed."""
+    status changed, drop runs whose folder is gone or whose manifest cannot be read
+    (with a warning naming it); returns how many were (re)indexed."""
     store = Path(store)
     with closing(_connect(store)) as connection:
         indexed = dict(connection.execute("SELECT run_id, status FROM runs"))
-    folders = sorted(path.parent for path in store.glob("*/manifest.json"))
-    names = {folder.name for folder in folders}
+    manifests, unreadable = run_manifests(store)
+    for folder, why in unreadable.items():
+        warnings.warn(f"{folder / MANIFEST}: skipped, not a run's manifest ({why})", stacklevel=2)
+    names = {folder.name for folder in manifests}
     gone = [(run_id,) for run_id in indexed if run_id not in names]
     if gone:
         with closing(_connect(store)) as connection, connection:
             connection.executemany("DELETE FROM runs WHERE run_id = ?", gone)
             connection.executemany("DELETE FROM flags WHERE run_id = ?", gone)
     refreshed = 0
-    for run_dir in folders:
+    for run_dir, manifest in manifests.items():
         try:
-            status = run_state(run_dir)
+            status = run_state(run_dir, manifest)
             if run_dir.name in indexed and indexed[run_dir.name] == status:
                 continue
-            index_run(store, run_dir)
-        except (OSError, ValueError):  # deleted meanwhile, or not a run's manifest
+            index_run(store, run_dir, manifest)
+        except (OSError, ValueError):  # deleted meanwhile, or its report is unreadable
             continue
         refreshed += 1
     return refreshed
@@ -148,4 +155,20 @@ def history(store: Path, line: str | None = None) -> pd.DataFrame:
                     text += f" -> {decision.decision} by {decision.reviewer}"
             items.append(text)
         summaries.append(items)
-    return runs.assign(flags=pd.Series(summaries, index=runs.index, dtype=object))
+    failures = [
+        _failure(store / run.run_id) if run.status == "failed" else None
+        for run in runs.itertuples()
+    ]
+    return runs.assign(
+        flags=pd.Series(summaries, index=runs.index, dtype=object),
+        failure=pd.Series(failures, index=runs.index, dtype=object),
+    )
+
+
+def _failure(run_dir: Path) -> str | None:
+    """Why a failed run stopped (its manifest's ``failure``), as one line."""
+    try:
+        failure = read_json(run_dir / MANIFEST)["failure"]
+        return f"{failure['error']}: {failure['message']}"
+    except (OSError, ValueError, LookupError, TypeError):  # not a failure this version wrote
+        return None

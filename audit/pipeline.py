@@ -550,7 +550,7 @@ def measure_local(work: PassWork, step: AuditStep) -> float:
 def latest_baseline(config: AuditConfig, fingerprint: str, class_names: list[str]) -> Path:
     """The newest complete run in the store that audited this dataset with the same
     regions and class names: the runs a baseline comparison means something against."""
-    from audit.store import MANIFEST, baseline_mismatch, latest_run, read_json
+    from audit.store import baseline_mismatch, latest_run, run_manifests
 
     store = Path(config.output.store)
     regions = [region.model_dump() for region in config.regions]
@@ -558,7 +558,7 @@ def latest_baseline(config: AuditConfig, fingerprint: str, class_names: list[str
     found = latest_run(store, complete=True, **wanted)
     if found is not None:
         return found
-    finished = [read_json(path) for path in store.glob(f"*/{MANIFEST}")]
+    finished = run_manifests(store)[0].values()  # latest_run warned of unreadable ones
     differ = Counter(
         baseline_mismatch(run, **wanted) for run in finished if run.get("status") == "complete"
     )

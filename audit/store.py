@@ -1,7 +1,8 @@
 """The run store: one folder per run, written atomically, resumable, never pickled.
 
     STORE/<run_id>/manifest.json     config, model hash, dataset fingerprint, versions,
-                                     timings, status (running | complete), the process
+                                     timings, status (running | complete | failed,
+                                     with the reason in ``failure``), the process
                                      that last computed it (for messages)
     STORE/<run_id>/.lock             held (flock) while a process computes the run: a
                                      running run that none holds shows as interrupted
@@ -23,6 +24,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,6 +168,26 @@ def baseline_mismatch(
     return None
 
 
+def run_manifests(store: Path) -> tuple[dict[Path, dict], dict[Path, str]]:
+    """Every run folder in ``store`` with its manifest, and the folders whose
+    ``manifest.json`` is not a JSON object (torn, hand-edited) with why, each in
+    folder order."""
+    manifests, unreadable = {}, {}
+    for path in sorted(Path(store).glob(f"*/{MANIFEST}")):
+        try:
+            manifest = read_json(path)
+        except FileNotFoundError:
+            continue  # deleted meanwhile
+        except (OSError, ValueError) as error:
+            unreadable[path.parent] = str(error)
+            continue
+        if isinstance(manifest, dict):
+            manifests[path.parent] = manifest
+        else:
+            unreadable[path.parent] = f"JSON of type {type(manifest).__name__}, not an object"
+    return manifests, unreadable
+
+
 def latest_run(
     store: Path,
     key: str | None = None,
@@ -186,10 +208,15 @@ def latest_run(
     ``fingerprint``, ``regions`` and ``class_names``, when given, keep only runs that
     audited the same dataset with the same regions and classes (``baseline_mismatch``):
     the runs a baseline comparison is meaningful against.
+
+    A folder whose manifest cannot be read as a JSON object (a disk filled up, a hand
+    edit) is skipped with a warning naming it: one broken folder never blocks new runs.
     """
     runs = []
-    for manifest in Path(store).glob(f"*/{MANIFEST}"):
-        payload = read_json(manifest)
+    manifests, unreadable = run_manifests(store)
+    for folder, why in unreadable.items():
+        warnings.warn(f"{folder / MANIFEST}: skipped, not a run's manifest ({why})", stacklevel=2)
+    for folder, payload in manifests.items():
         if complete and (
             payload.get("status") != "complete" or payload.get("counts", {}).get("ok") == 0
         ):
@@ -199,7 +226,7 @@ def latest_run(
         wanted = {"fingerprint": fingerprint, "regions": regions, "class_names": class_names}
         if baseline_mismatch(payload, **wanted) is None:
             finished = prefer_complete and payload.get("status") == "complete"
-            runs.append((finished, payload.get("started", ""), manifest.parent))
+            runs.append((finished, payload.get("started", ""), folder))
     return max(runs)[-1] if runs else None
 
 
@@ -263,7 +290,8 @@ def run_locked(run_dir: Path) -> bool | None:
 
 
 def run_state(run_dir: Path, manifest: dict | None = None) -> str | None:
-    """The run's status as shown: its manifest's (``running`` or ``complete``), except
+    """The run's status as shown: its manifest's (``running``, ``complete``, or
+    ``failed``: stopped on an error, the reason in its ``failure``), except
     ``interrupted`` for a running run that no process holds (killed: ``--resume``
     continues it)."""
     if manifest is None:

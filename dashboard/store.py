@@ -4,6 +4,11 @@ The dashboard never recomputes an audit: it reads manifests, reports, the Parque
 tables and the stored CAMs. The only thing it writes is the decisions log. Cached
 reads are keyed on the files' modification stamps, so new runs, rewritten reports
 and status changes show on the next rerun, without a restart.
+
+A run's id is its folder's name, never what its manifest says, and only a plain name
+(``run_path``) is joined to the store path: a copied, renamed or planted run folder
+cannot point the pages elsewhere. A folder whose manifest cannot be read is left out
+of the list and named (``unreadable_runs``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from PIL import Image
 from audit.decisions import model_line
 from audit.overlay import stored_overlay
 from audit.report import untested_classes
-from audit.store import RunStore, run_state
+from audit.store import RunStore, run_manifests, run_state
 
 STORE_VARIABLE = "BIAS_AUDIT_STORE"
 THUMBNAIL = 128
@@ -58,60 +63,121 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return status.st_mtime_ns, status.st_size
 
 
-def list_runs(store: str) -> pd.DataFrame:
-    """Every run in the store with its model, dataset, date, status and flag count."""
+def plain_run_id(run_id) -> bool:
+    """Whether a run id is a plain folder name: text without a path separator or
+    ``..``, not hidden; only such an id is joined to the store path."""
+    return (
+        isinstance(run_id, str)
+        and bool(run_id)
+        and not run_id.startswith(".")
+        and ".." not in run_id
+        and not any(char in run_id for char in "/\\\0")
+    )
+
+
+def run_path(store, run_id: str) -> Path:
+    """The run's folder in the store; a run id that is not a plain folder name is refused
+    (ValueError), so no id leads outside the store."""
+    if not plain_run_id(run_id):
+        raise ValueError(f"not a run id (a folder name in the store): {run_id!r}")
+    return Path(store) / run_id
+
+
+def _listing(store: str) -> tuple[pd.DataFrame, tuple[str, ...]]:
     root = Path(store)
     stamps = tuple(
         (str(path), _stamp(path))
         for manifest in sorted(root.glob("*/manifest.json"))
         for path in (manifest, manifest.parent / "report.json")
     )
-    table = _list_runs(store, stamps)
+    return _list_runs(store, stamps)
+
+
+def list_runs(store: str) -> pd.DataFrame:
+    """Every run in the store with its model, dataset, date, status and flag count."""
+    table, _ = _listing(store)
     if len(table):  # a running run's process may end without its manifest changing
         table = table.assign(
             status=[
-                run_state(root / run_id) if status == "running" else status
+                run_state(run_path(store, run_id), {"status": status})
                 for run_id, status in zip(table["run_id"], table["status"], strict=True)
             ]
         )
     return table
 
 
+def unreadable_runs(store: str) -> list[str]:
+    """The folders left out of ``list_runs``: a manifest that is not a run's (not a JSON
+    object, or without its model and dataset) or a name that is no plain run id."""
+    return list(_listing(store)[1])
+
+
 @st.cache_data(show_spinner=False)
-def _list_runs(store: str, stamps: tuple) -> pd.DataFrame:
+def _list_runs(store: str, stamps: tuple) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    manifests, unreadable = run_manifests(Path(store))
+    skipped = [folder.name for folder in unreadable]
     rows = []
-    for manifest_path in sorted(Path(store).glob("*/manifest.json")):
-        manifest = json.loads(manifest_path.read_text())
-        report_path = manifest_path.parent / "report.json"
-        report = json.loads(report_path.read_text()) if report_path.exists() else {}
-        counts = report.get("status_counts", {})
-        complete = manifest.get("status") == "complete"
-        rows.append(
-            {
-                "run_id": manifest["run_id"],
-                "started": manifest.get("started", "")[:19].replace("T", " "),
-                "status": manifest.get("status"),
-                # A verdict once complete: a run killed after its reports has none yet.
-                "outcome": report.get("outcome", "n/a") if complete else "n/a",
-                # Classes with audited images that no test could judge: INCONCLUSIVE's why.
-                "untested": _untested(report) if complete else None,
-                "model": Path(manifest["model"]["path"]).name,
-                # How the maps were made: runs of another method or layer differ by
-                # construction (the Compare page warns).
-                "method": manifest["model"].get("method"),
-                "layer": manifest["model"].get("layer"),
-                "model_line": model_line(manifest["model"]["path"]),
-                "dataset": manifest["dataset"]["source"],
-                "images": manifest.get("counts", {}).get("ok", 0),
-                "bias_driven": counts.get("bias-driven", 0),
-                "suspected": counts.get("suspected", 0),
-                "flagged_slices": sum(
-                    1 for t in report.get("slices", {}).get("tests", []) if t.get("flagged")
-                ),
-            }
-        )
+    for folder, manifest in manifests.items():
+        if not plain_run_id(folder.name):
+            skipped.append(folder.name)  # hidden, or a name no page may join to the store
+            continue
+        try:
+            rows.append(_run_row(folder, manifest))
+        except (KeyError, TypeError, AttributeError):  # a JSON object, not a run's manifest
+            skipped.append(folder.name)
     table = pd.DataFrame(rows)
-    return table.sort_values("started", ascending=False) if len(table) else table
+    table = table.sort_values("started", ascending=False) if len(table) else table
+    return table, tuple(sorted(skipped))
+
+
+def _run_row(folder: Path, manifest: dict) -> dict:
+    """A run's line in the list; KeyError, TypeError or AttributeError if its manifest
+    is not a run's."""
+    report = _report_or_nothing(folder / "report.json")
+    counts = report.get("status_counts", {})
+    complete = manifest.get("status") == "complete"
+    return {
+        "run_id": folder.name,  # the folder, wherever it was copied or renamed to
+        "started": manifest.get("started", "")[:19].replace("T", " "),
+        "status": manifest.get("status"),
+        # A verdict once complete: a run killed after its reports has none yet.
+        "outcome": report.get("outcome", "n/a") if complete else "n/a",
+        # Classes with audited images that no test could judge: INCONCLUSIVE's why.
+        "untested": _untested(report) if complete else None,
+        "model": Path(manifest["model"]["path"]).name,
+        # How the maps were made: runs of another method or layer differ by
+        # construction (the Compare page warns).
+        "method": manifest["model"].get("method"),
+        "layer": manifest["model"].get("layer"),
+        "model_line": model_line(manifest["model"]["path"]),
+        "dataset": manifest["dataset"]["source"],
+        "images": manifest.get("counts", {}).get("ok", 0),
+        "bias_driven": counts.get("bias-driven", 0),
+        "suspected": counts.get("suspected", 0),
+        "flagged_slices": sum(
+            1 for t in report.get("slices", {}).get("tests", []) if t.get("flagged")
+        ),
+        # Why a failed run stopped (its manifest's ``failure``): no verdict, say why.
+        "failure": failure_text(manifest),
+    }
+
+
+def failure_text(manifest: dict) -> str | None:
+    """A failed run's reason as one line (``RuntimeError: ...``), else None."""
+    failure = manifest.get("failure") if manifest.get("status") == "failed" else None
+    if not isinstance(failure, dict):
+        return None
+    return f"{failure.get('error', 'error')}: {failure.get('message', '')}"
+
+
+def _report_or_nothing(path: Path) -> dict:
+    """A run's report for the list; nothing (no verdict) when it is missing or unreadable
+    (the pages that open the run say why)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 def _untested(report: dict) -> str | None:
@@ -124,7 +190,7 @@ def _untested(report: dict) -> str | None:
 
 def report(store: str, run_id: str) -> dict:
     """A run's ``report.json`` (read again once the file changes)."""
-    path = Path(store) / run_id / "report.json"
+    path = run_path(store, run_id) / "report.json"
     return _read_json(str(path), _stamp(path))
 
 
@@ -135,7 +201,7 @@ def _read_json(path: str, stamp: tuple[int, int] | None) -> dict:
 
 def table(store: str, run_id: str, name: str) -> pd.DataFrame:
     """A run's ``<name>.parquet``, empty if missing (read again once the file changes)."""
-    path = Path(store) / run_id / f"{name}.parquet"
+    path = run_path(store, run_id) / f"{name}.parquet"
     return _read_table(str(path), _stamp(path))
 
 
@@ -146,12 +212,12 @@ def _read_table(path: str, stamp: tuple[int, int] | None) -> pd.DataFrame:
 
 def cams(store: str, run_id: str) -> dict[int, np.ndarray]:
     # images.parquet is written after the last CAM chunk: its stamp keys the CAMs.
-    return _cams(store, run_id, _stamp(Path(store) / run_id / "images.parquet"))
+    return _cams(store, run_id, _stamp(run_path(store, run_id) / "images.parquet"))
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def _cams(store: str, run_id: str, stamp: tuple[int, int] | None) -> dict[int, np.ndarray]:
-    rows, maps = RunStore(Path(store) / run_id).cams()
+    rows, maps = RunStore(run_path(store, run_id)).cams()
     return dict(zip(rows.tolist(), maps, strict=True))
 
 
@@ -165,7 +231,7 @@ def thumbnail(
     moved back) is read again.
     """
     stamps = (
-        _stamp(Path(store) / run_id / "images.parquet"),
+        _stamp(run_path(store, run_id) / "images.parquet"),
         _stamp(Path(dataset["root"]) / path),
     )
     return _thumbnail(store, run_id, dataset, row, path, mask_path, stamps)
@@ -203,9 +269,16 @@ def current_run() -> tuple[Path, str, dict]:
             "`bias-audit demo`."
         )
         st.stop()
-    path = store / run / "report.json"
+    path = run_path(store, run) / "report.json"
     runs = list_runs(str(store)).set_index("run_id")
     # A run killed after writing its reports is not complete: no verdict, as in history.
+    if runs.at[run, "status"] == "failed":
+        st.warning(
+            f"Run {escape_markdown(run)} stopped on an error and has no report: "
+            f"{escape_markdown(runs.at[run, 'failure'])}. Continue it with the command that "
+            "started it and `--resume`, or choose a finished run in the sidebar."
+        )
+        st.stop()
     if runs.at[run, "status"] != "complete" or not path.is_file():
         st.warning(
             f"Run {escape_markdown(run)} is still running or was interrupted (status "
@@ -218,6 +291,6 @@ def current_run() -> tuple[Path, str, dict]:
     except (OSError, ValueError) as error:
         st.error(
             f"Cannot read {escape_markdown(path)} ({escape_markdown(error)}): rewrite it "
-            f"with `bias-audit report` on {escape_markdown(store / run)}."
+            f"with `bias-audit report` on {escape_markdown(path.parent)}."
         )
         st.stop()

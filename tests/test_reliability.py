@@ -13,6 +13,7 @@ import keras
 import pandas as pd
 import pytest
 from conftest import ink_model
+from test_dashboard import app
 
 from audit import cli
 from audit.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
@@ -75,9 +76,19 @@ def test_an_internal_error_exits_3_marks_the_run_failed_and_resume_finishes_it(
     assert manifest["failure"]["error"] == "RuntimeError"
     assert manifest["failure"]["message"] == "planted fault in the analysis"
     assert f"The run {stopped.root} is marked failed" in error
-    # The history lists it as failed.
+    # The history and the dashboard say it failed, and why.
     assert cli.main(["history", "--store", str(tmp_path)]) == 0
-    assert "failed" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert " failed " in listing
+    assert "    stopped on an error: RuntimeError: planted fault in the analysis" in listing
+    page = app(tmp_path, monkeypatch)
+    [row] = page.dataframe[0].value.to_dict("records")
+    assert row["status"] == "failed"
+    assert row["failure"] == "RuntimeError: planted fault in the analysis"
+    page.switch_page("views/classes.py").run()
+    assert "stopped on an error and has no report: RuntimeError: planted fault" in (
+        page.warning[0].value.replace("\\", "").replace("\u2060", "")
+    )
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="continuing run .* which failed on .*planted fault"):
         assert run(*inputs, tmp_path, "--resume") in (0, 1)
@@ -112,7 +123,8 @@ def test_a_full_or_read_only_disk_mid_run_says_how_to_continue_and_loses_nothing
     assert stopped.manifest()["status"] == "failed"
     assert stopped.done_chunks() == {0}  # the chunk written before the fault is kept
     monkeypatch.undo()
-    assert run(*inputs, tmp_path, "--resume") in (0, 1)
+    with pytest.warns(UserWarning, match="continuing run .* which failed"):
+        assert run(*inputs, tmp_path, "--resume") in (0, 1)
     assert stopped.manifest()["status"] == "complete"
     assert_same_rows(stopped.images(), clean_rows)
 
@@ -170,7 +182,8 @@ def test_a_resumed_run_leaves_no_temporary_files(inputs, clean_rows, tmp_path, m
     for path in planted_files:
         path.write_bytes(b"torn")
     monkeypatch.undo()
-    assert run(*inputs, tmp_path, "--resume") in (0, 1)
+    with pytest.warns(UserWarning, match="continuing run .* which failed"):
+        assert run(*inputs, tmp_path, "--resume") in (0, 1)
     assert not [path for path in planted_files if path.exists()]
     assert not list(stopped.root.rglob("*.tmp"))
     assert_same_rows(stopped.images(), clean_rows)

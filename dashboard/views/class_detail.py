@@ -16,7 +16,7 @@ from audit.report import (
     unreadable_note,
     with_ci,
 )
-from dashboard.store import current_run, escape_markdown, table, thumbnail
+from dashboard.store import current_run, escape_markdown, run_path, table, thumbnail
 
 PAGE_SIZE = 12
 
@@ -113,7 +113,8 @@ if unreadable:
 if pictures:
     st.image(pictures, caption=captions, width=160)
 
-guided = [(e["row"], store / run / "guided" / f"{e['row']}.png") for e in entry["examples"]]
+guided_folder = run_path(store, run) / "guided"
+guided = [(e["row"], guided_folder / f"{e['row']}.png") for e in entry["examples"]]
 guided = [(row, path) for row, path in guided if path.exists()]
 if guided:
     st.subheader("Guided Grad-CAM (the report's examples)")

@@ -1,12 +1,10 @@
 """Compare: two runs side by side, new and resolved flags, per-class deltas."""
 
-from pathlib import Path
-
 import streamlit as st
 
 from audit.compare import compare_runs
 from audit.config import ConfigError
-from dashboard.store import escape_markdown, list_runs, store_path
+from dashboard.store import escape_markdown, list_runs, run_path, store_path
 
 store = store_path()
 st.title("Compare runs")
@@ -19,7 +17,7 @@ left, right = st.columns(2)
 old = left.selectbox("Earlier run", complete, index=1)
 new = right.selectbox("Later run", complete, index=0)
 try:
-    result = compare_runs(Path(store) / old, Path(store) / new)
+    result = compare_runs(run_path(store, old), run_path(store, new))
 except ConfigError as error:  # runs of other classes: nothing lines up
     st.error(str(error))
     st.stop()

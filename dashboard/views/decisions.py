@@ -10,7 +10,7 @@ from audit.decisions import (
     DECISIONS,
     Decision,
     model_line,
-    read_decisions,
+    read_decision_log,
     record_decision,
 )
 from dashboard.store import current_run, escape_markdown
@@ -66,7 +66,17 @@ else:
     st.success("No flagged class in this run.")
 
 st.subheader("Decisions for this model line")
-decisions = read_decisions(store, line)
+log = read_decision_log(store, line)
+if log.skipped:
+    numbers = ", ".join(str(number) for number, _ in log.skipped[:10])
+    numbers += ", ..." if len(log.skipped) > 10 else ""
+    st.warning(
+        f"Skipped {len(log.skipped)} line(s) of {escape_markdown(store / DECISIONS)} that are "
+        "not a decision (torn by a killed writer, or edited by hand): line(s) "
+        f"{escape_markdown(numbers)}. Every other decision is shown; correct or delete "
+        "those lines to clear this warning."
+    )
+decisions = log.decisions
 if decisions:
     st.dataframe(
         pd.DataFrame([asdict(d) for d in reversed(decisions)]), hide_index=True, width="stretch"

@@ -5,11 +5,25 @@ import pandas as pd
 import streamlit as st
 
 from audit.report import INCONCLUSIVE
-from dashboard.store import escape_markdown, list_runs, report, selected_run, store_path
+from dashboard.store import (
+    escape_markdown,
+    list_runs,
+    report,
+    selected_run,
+    store_path,
+    unreadable_runs,
+)
 
 store = store_path()
 st.title("Runs")
 runs = list_runs(str(store))
+unreadable = unreadable_runs(str(store))
+if unreadable:
+    st.warning(
+        f"Left out {len(unreadable)} folder(s) whose manifest.json is not a run's (torn, "
+        f"edited by hand, or a name no page may open): {escape_markdown(', '.join(unreadable))}. "
+        "Restore or remove them."
+    )
 if not len(runs):
     st.info(
         f"No audit runs in {escape_markdown(store)} yet: run `bias-audit run` or "
