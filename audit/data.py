@@ -10,10 +10,13 @@ records it and goes on; nothing is dropped silently.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import os
+import stat
+import threading
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -64,6 +67,17 @@ class SkipRow(Exception):
 # while it decodes and resamples, so threads scale with the cores (4 on 2 cores, as
 # before; 32 at most on a large machine).
 DECODE_THREADS = max(4, min(32, 2 * (os.cpu_count() or 2)))
+# Pixels that the decode threads hold at once, all together, at the size they are
+# decoded (before the resize to the model's input): 128 Mi pixels, about 0.5 GB as
+# Pillow's 4-byte RGB. Ordinary images never wait (32 threads of 2048 x 2048 images
+# fit); an image larger than the whole budget (12000 x 12000) is decoded alone.
+DECODE_PIXEL_BUDGET = 2**27
+# An image at least twice this many times the model's input on both sides is shrunk
+# while it is decoded: JPEG's DCT scaling (Pillow's draft), then reduce() by an integer
+# factor that leaves at least this many times the input for the bilinear resize, which
+# keeps the result close to resizing from full size (Pillow's reducing_gap). Smaller
+# images are decoded and resized exactly as before.
+REDUCING_GAP = 2
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,8 @@ def read_manifest(path: Path) -> Entries:
         raise ConfigError(f"dataset manifest not found: {path}")
     try:
         table = pd.read_parquet(path) if path.suffix == ".parquet" else _read_csv(path)
+    except ConfigError:
+        raise
     except Exception as error:  # pandas raises many types for unreadable files
         raise ConfigError(f"cannot read manifest {path}: {error}") from None
     missing = [c for c in ("path", "label") if c not in table.columns]
@@ -146,14 +162,64 @@ def read_manifest(path: Path) -> Entries:
 def _read_csv(path: Path) -> pd.DataFrame:
     """A CSV manifest as text: only an empty cell is missing (a label or slice value such
     as ``NA`` or ``None`` is kept as written) and ``007`` stays ``007``; the box columns
-    become numbers when every filled-in cell is one (else a bad cell skips its row)."""
-    table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    become numbers when every filled-in cell is one (else a bad cell skips its row).
+
+    Fields past the header's last column must be empty (a trailing comma): they are
+    dropped, as is a column without a name and without a value (a trailing comma on
+    the header line too); a filled-in one is a ``ConfigError`` naming its line.
+    """
+    read = functools.partial(
+        pd.read_csv, path, dtype=str, keep_default_na=False, na_values=[""], index_col=False
+    )
+    # index_col=False: pandas would take the first column as the index when every data
+    # line has one field more than the header; it drops one empty trailing field quietly,
+    # and warns or fails for the rest, which are looked at line by line.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            table = read()
+        except (pd.errors.ParserWarning, pd.errors.ParserError):
+            columns = _check_extra_fields(path)
+            if columns is None:
+                raise
+            table = read(usecols=range(columns))
+    unnamed = [c for c in table.columns if c.startswith("Unnamed: ") and table[c].isna().all()]
+    table = table.drop(columns=unnamed)
     for column in (*BOX_COLUMNS, *FACE_COLUMNS, *LANDMARK_COLUMNS):
         if column in table:
             numbers = pd.to_numeric(table[column], errors="coerce")
             if numbers.notna().sum() == table[column].notna().sum():
                 table[column] = numbers
     return table
+
+
+def _check_extra_fields(path: Path) -> int | None:
+    """The header's number of fields when some data line has more, all of them empty;
+    ``ConfigError`` for a line with a filled-in field past the header; None when no line
+    has more fields than the header (the CSV's trouble is another)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
+        reader = csv.reader(file)
+        header, longer, end = None, False, 0
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not record:
+                continue  # a blank line
+            if header is None:
+                header = record
+            elif len(record) > len(header):
+                longer = True
+                extra = [field for field in record[len(header) :] if field.strip()]
+                if extra:
+                    raise ConfigError(
+                        f"manifest {path}: line {start} has {len(record)} fields but the "
+                        f"header has {len(header)} ({', '.join(header[:8])}); the extra "
+                        f"value(s) {', '.join(repr(f) for f in extra[:3])} belong to no "
+                        "column: remove them, quote a value that contains a comma, or name "
+                        "the column in the header"
+                    )
+    return len(header) if longer and header is not None else None
 
 
 def _csv_line(path: Path, row: int) -> int:
@@ -342,6 +408,23 @@ class Preprocessor:
         resized = Image.fromarray(mask.astype("uint8") * 255).resize((width, height), Image.NEAREST)
         return np.asarray(resized) > 127
 
+    def box(self, box: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
+        """A pixel box of an image of ``shape`` (h, w) -> bool (H, W): the pixels that
+        ``mask`` gives for the box drawn at full size, without drawing it there (a
+        12000 x 12000 mask takes 144 MB)."""
+        rows = _nearest_indices(shape[0], self.size[0])
+        cols = _nearest_indices(shape[1], self.size[1])
+        x_min, y_min, x_max, y_max = (max(int(round(v)), 0) for v in box)  # as _box_mask
+        return ((rows >= y_min) & (rows < y_max))[:, None] & ((cols >= x_min) & (cols < x_max))
+
+
+@functools.lru_cache(maxsize=256)
+def _nearest_indices(source: int, target: int) -> np.ndarray:
+    """The pixels along a side of ``source`` pixels that Pillow's nearest-neighbour
+    resize to ``target`` pixels picks (it picks along each side apart)."""
+    positions = Image.fromarray(np.arange(source, dtype="int32")[None, :])
+    return np.asarray(positions.resize((target, 1), Image.NEAREST))[0]
+
 
 # ------------------------------------------------------------------ regions
 
@@ -459,23 +542,118 @@ def forget_resolved_paths() -> None:
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def _grey_to_8bit(image: Image.Image, path: Path) -> np.ndarray:
+class PixelBudget:
+    """Bounds the pixels that threads decode at once: ``hold(n)`` waits until ``n``
+    pixels of the budget are free; an image larger than the whole budget waits for all
+    of it. (A waiting large image is not overtaken for ever: ``load_batches`` waits for
+    its rows in order and submits no more meanwhile.)"""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self._free = pixels
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.pixels)
+        with self._changed:
+            self._changed.wait_for(lambda: self._free >= pixels)
+            self._free -= pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += pixels
+                self._changed.notify_all()
+
+
+DECODING = PixelBudget(DECODE_PIXEL_BUDGET)
+
+# Pillow allocates an image in blocks of 16 MiB. glibc's malloc keeps such blocks, once
+# freed, in the arena of the thread that decoded them, so each decode thread could keep
+# a large image's worth; blocks above 32 MiB are mapped and handed back to the system
+# when freed. Small images take one block of their own size as before. PILLOW_BLOCK_SIZE
+# set by the user wins.
+if "PILLOW_BLOCK_SIZE" not in os.environ:
+    Image.core.set_block_size(max(Image.core.get_block_size(), 64 * 2**20))
+
+
+def _much_larger(image_size: tuple[int, int], size: tuple[int, int] | None) -> bool:
+    """Whether an image of ``image_size`` (width, height) is shrunk while it is decoded
+    for the model's input ``size`` (height, width): see ``REDUCING_GAP``."""
+    if size is None:
+        return False
+    (width, height), (rows, cols) = image_size, size
+    return min(width // cols, height // rows) >= 2 * REDUCING_GAP
+
+
+def _shrunk(image: Image.Image, size: tuple[int, int], box=None) -> Image.Image:
+    """Bilinear to ``size`` (height, width) as ``Preprocessor.image`` resizes, reduced
+    first by an integer factor (``REDUCING_GAP``); ``box``: the part of ``image`` that
+    is the whole picture (a JPEG decoded at a reduced scale may have a partial edge)."""
+    height, width = size
+    return image.resize((width, height), Image.BILINEAR, box=box, reducing_gap=REDUCING_GAP)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISDIR: "a folder",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a file")
+
+
+@contextlib.contextmanager
+def _opened(path: Path, what: str) -> Iterator[Image.Image]:
+    """The image file at ``path`` with its header read (size, mode), or ``SkipRow``.
+
+    Only a regular file is opened: reading a FIFO or a device would wait for ever.
+    ``what``: "image" or "mask", named in the reasons.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise SkipRow(
+                f"{what} {path} is not a regular file ({_file_kind(mode)}); only files "
+                f"are read: point the row at the {what} file or remove the row"
+            )
+        image = Image.open(path)
+    except FileNotFoundError:
+        raise SkipRow(f"{what} file not found: {path}") from None
+    except Image.DecompressionBombError:
+        raise _too_large(what, path) from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise SkipRow(f"corrupt or unreadable {what} {path}: {error}") from None
+    with image:
+        yield image
+
+
+def _grey_to_8bit(image: Image.Image, path: Path, size: tuple[int, int] | None) -> np.ndarray:
     """A wide greyscale image as uint8 (h, w): 16-bit values / 257 (65535 -> 255),
     32-bit integers as 16-bit values (0..65535), floats as 0..1; other ranges are
-    refused rather than guessed."""
-    values = np.asarray(image, dtype="float64")
+    refused rather than guessed. With ``size``, shrunk to it (``_shrunk``); the range is
+    the whole image's."""
+    values = np.asarray(image)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
-        values = values / 257
-    elif image.mode == "F" and low >= 0 and high <= 1:
-        values = values * 255
-    else:
+    sixteen_bit = image.mode.startswith("I;16") or (
+        image.mode == "I" and low >= 0 and high <= 65535
+    )
+    if not sixteen_bit and not (image.mode == "F" and low >= 0 and high <= 1):
         kind = "floating-point" if image.mode == "F" else "32-bit integer"
         accepted = "0..1" if image.mode == "F" else "0..65535"
         raise SkipRow(
             f"image {path} has {kind} pixels in [{low:g}, {high:g}], outside {accepted}; "
             "save it as an 8-bit or 16-bit image"
         )
+    if size is not None:  # Pillow resizes 16-bit images only as 32-bit ones
+        del values  # the full-size copy goes before the resize
+        wide = image.convert("I") if image.mode.startswith("I;16") else image
+        values = np.asarray(_shrunk(wide, size))
+    values = values.astype("float64")
+    values = values / 257 if sixteen_bit else values * 255
     return np.rint(values).astype("uint8")
 
 
@@ -486,27 +664,47 @@ def _too_large(what: str, path: Path) -> SkipRow:
     )
 
 
-def _read_image(path: Path, grey: bool = False) -> np.ndarray:
+def _image_pixels(
+    image: Image.Image, path: Path, grey: bool, size: tuple[int, int] | None
+) -> np.ndarray:
     """uint8 (h, w, 3), grey repeated over the channels, alpha dropped; with ``grey``
-    uint8 (h, w), colour as Pillow's luma ("L": 0.299 R + 0.587 G + 0.114 B)."""
+    uint8 (h, w), colour as Pillow's luma ("L": 0.299 R + 0.587 G + 0.114 B).
+
+    An image much larger than the model's input ``size`` (height, width; see
+    ``REDUCING_GAP``) comes at ``size``: a JPEG decoded at a reduced scale, any format
+    reduced right after decoding. The decoded pixels count against ``DECODING``.
+    """
+    mode = "L" if grey else "RGB"
+    shrink = _much_larger(image.size, size)
+    box = None
+    if shrink:
+        rows, cols = size
+        drafted = image.draft(None, (cols * REDUCING_GAP, rows * REDUCING_GAP))  # JPEG only
+        box = drafted[1] if drafted is not None else None
     try:
-        with Image.open(path) as image:
+        with DECODING.hold(image.width * image.height):
             if image.mode in WIDE_MODES:
-                pixels = _grey_to_8bit(image, path)
+                pixels = _grey_to_8bit(image, path, size if shrink else None)
                 return pixels if grey else np.repeat(pixels[..., None], 3, axis=-1)
-            return np.asarray(image.convert("L" if grey else "RGB"))
-    except FileNotFoundError:
-        raise SkipRow(f"image file not found: {path}") from None
-    except Image.DecompressionBombError:
-        raise _too_large("image", path) from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+            if shrink:
+                # A palette index cannot be averaged, and alpha is dropped, not
+                # premultiplied as resize would: those convert first.
+                converted = image if image.mode in ("L", "RGB") else image.convert(mode)
+                image = _shrunk(converted, size, box)
+            return np.asarray(image.convert(mode))
+    except (OSError, ValueError) as error:
         raise SkipRow(f"corrupt or unreadable image {path}: {error}") from None
 
 
-def _read_mask(path: Path) -> np.ndarray:
-    """bool (h, w): every pixel > 0 is object."""
+def _mask_pixels(image: Image.Image, path: Path, size: tuple[int, int] | None) -> np.ndarray:
+    """bool (h, w): every pixel > 0 is object. A mask much larger than the model's input
+    ``size`` comes at ``size``, by the nearest neighbour as ``Preprocessor.mask`` resizes
+    (it picks pixels, so the same ones are object)."""
     try:
-        with Image.open(path) as image:
+        with DECODING.hold(image.width * image.height):
+            if _much_larger(image.size, size):
+                rows, cols = size
+                image = image.resize((cols, rows), Image.NEAREST)
             if image.mode in WIDE_MODES:  # convert("L") would round 0.4 to 0
                 return np.asarray(image) > 0
             if image.mode in ("1", "L", "LA"):
@@ -514,12 +712,20 @@ def _read_mask(path: Path) -> np.ndarray:
             # Colour (class-id or palette) masks: any channel, so that a dark colour such
             # as (0, 0, 1) is object too (its grey level rounds to 0).
             return np.asarray(image.convert("RGB")).any(axis=-1)
-    except FileNotFoundError:
-        raise SkipRow(f"mask file not found: {path}") from None
-    except Image.DecompressionBombError:
-        raise _too_large("mask", path) from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (OSError, ValueError) as error:
         raise SkipRow(f"corrupt or unreadable mask {path}: {error}") from None
+
+
+def _read_image(path: Path, grey: bool = False, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One image file's pixels (``_image_pixels``)."""
+    with _opened(path, "image") as image:
+        return _image_pixels(image, path, grey, size)
+
+
+def _read_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One mask file's object pixels (``_mask_pixels``)."""
+    with _opened(path, "mask") as image:
+        return _mask_pixels(image, path, size)
 
 
 def _decode_rle(value: str) -> np.ndarray:
@@ -545,16 +751,20 @@ def load_row(
             "the manifest row has no path; fill in the image file (relative to the "
             "manifest's folder) or remove the row"
         )
-    pixels = _read_image(
-        _inside(entries.root, row["path"], confine=entries.confine),
-        grey=preprocessor.channels == 1,
-    )
-    height, width = pixels.shape[:2]
+    # Pixels of a large image (and of its mask) come at the model's input size; its
+    # full size places the mask check, the box and the face boxes.
+    image_path = _inside(entries.root, row["path"], confine=entries.confine)
+    with _opened(image_path, "image") as image:
+        height, width = image.height, image.width
+        pixels = _image_pixels(image, image_path, preprocessor.channels == 1, preprocessor.size)
     mask = None
     if _present(row.get("mask_path")):
-        mask = _read_mask(
-            _inside(entries.mask_base, row["mask_path"], "mask_path", confine=entries.confine)
+        mask_path = _inside(
+            entries.mask_base, row["mask_path"], "mask_path", confine=entries.confine
         )
+        with _opened(mask_path, "mask") as image:
+            _check_mask_size((image.height, image.width), (height, width))
+            mask = _mask_pixels(image, mask_path, preprocessor.size)
     elif _present(row.get("mask_rle")):
         try:
             mask = _decode_rle(row["mask_rle"])
@@ -562,16 +772,11 @@ def load_row(
             raise SkipRow(
                 f"mask_rle is not a COCO RLE JSON object with size and counts: {error}"
             ) from None
-    if mask is not None and mask.shape != (height, width):
-        raise SkipRow(
-            f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height} "
-            "(width x height); masks must match their image"
-        )
+        _check_mask_size(mask.shape, (height, width))
     sources = {region.source for region in regions}
     box = None  # checked only when a region uses it: an unused bad box skips nothing
     if "box" in sources and all(_present(row.get(c)) for c in BOX_COLUMNS):
-        values = _box_values(row, BOX_COLUMNS, "box")
-        box = preprocessor.mask(_box_mask(values, (height, width)))
+        box = preprocessor.box(_box_values(row, BOX_COLUMNS, "box"), (height, width))
     faces = {}
     face_box, drawn_from = None, ""
     if "face" in sources and all(_present(row.get(c)) for c in FACE_COLUMNS):
@@ -599,6 +804,15 @@ def load_row(
         regions, None if mask is None else preprocessor.mask(mask), box, preprocessor.size, faces
     )
     return LoadedRow(image=preprocessor.image(pixels), regions=preprocessor.coverage(stack))
+
+
+def _check_mask_size(mask: tuple[int, int], image: tuple[int, int]) -> None:
+    """``SkipRow`` unless a mask's (height, width) is its image's."""
+    if mask != image:
+        raise SkipRow(
+            f"mask is {mask[1]}x{mask[0]} but the image is {image[1]}x{image[0]} "
+            "(width x height); masks must match their image"
+        )
 
 
 def _numbers(row: dict, columns: Sequence[str], what: str) -> list[float]:

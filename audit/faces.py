@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from audit.store import atomic_write
 
@@ -120,12 +119,11 @@ def _best_box(faces: list[dict], min_confidence: float):
 def _read_rgb(root: Path, relative: str, confine: bool) -> np.ndarray | None:
     """An image's RGB pixels, or None when it cannot or may not be read (outside the
     dataset root): the audit then skips its row with the reason."""
-    from audit.data import SkipRow, _inside  # data imports this module
+    from audit.data import SkipRow, _inside, _read_image  # data imports this module
 
-    try:
-        with Image.open(_inside(root, relative, confine=confine)) as image:
-            return np.asarray(image.convert("RGB"))
-    except (SkipRow, OSError, ValueError, Image.DecompressionBombError):
+    try:  # as the audit reads it: regular files only, within the decoding budget
+        return _read_image(_inside(root, relative, confine=confine))
+    except SkipRow:
         return None
 
 
