@@ -13,14 +13,14 @@ import importlib as _importlib
 # The public API, imported on first use (PEP 562): ``bias-audit --help``, ``history``
 # and ``report`` need no TensorFlow, which takes seconds to import.
 _EXPORTS = {
-    "audit.cam_methods": ("CAM_METHODS", "get_cam_method"),
-    "audit.compare": ("compare_runs",),
+    "audit.engine.cam_methods": ("CAM_METHODS", "get_cam_method"),
+    "audit.runs.compare": ("compare_runs",),
     "audit.config": ("AuditConfig", "ConfigError", "build_config", "load_config"),
-    "audit.decisions": ("Decision", "read_decisions", "record_decision"),
-    "audit.explain": ("PREDICTED", "Explanation", "GradCAM", "zero_maps"),
-    "audit.guided": ("GuidedGradCAM", "guided_model"),
+    "audit.runs.decisions": ("Decision", "read_decisions", "record_decision"),
+    "audit.engine.explain": ("PREDICTED", "Explanation", "GradCAM", "zero_maps"),
+    "audit.engine.guided": ("GuidedGradCAM", "guided_model"),
     "audit.metrics": ("region_metrics",),
-    "audit.models": ("ModelCut", "ModelStructureError", "cut_model", "load_model"),
+    "audit.engine.models": ("ModelCut", "ModelStructureError", "cut_model", "load_model"),
     "audit.pipeline": ("AuditResult", "run_audit"),
     "audit.report": ("write_reports",),
     "audit.sources": ("export_tf_dataset",),

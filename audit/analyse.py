@@ -41,7 +41,7 @@ from audit.probes import (
     summarise_interventions,
     summarise_transplants,
 )
-from audit.store import RunStore, atomic_write
+from audit.runs.store import RunStore, atomic_write
 
 SEVERITY_ORDER = {"none": 0, "warn": 1, "fail": 2}
 EXAMPLES_PER_CLASS = 4
@@ -85,7 +85,7 @@ def analyse(
     baseline: Path | None = None,
 ) -> Analysis:
     """Run every analysis stage on a stored run and write its tables."""
-    from audit.explain import GradCAM
+    from audit.engine.explain import GradCAM
     from audit.strategies import find_strategies
 
     images = run.images()
@@ -414,7 +414,7 @@ def _write_guided(run: RunStore, model, cam, loaded) -> None:
     """Guided Grad-CAM of each example row as ``guided/<row>.png`` (grey, input size)."""
     from PIL import Image
 
-    from audit.guided import GuidedGradCAM, guided_picture
+    from audit.engine.guided import GuidedGradCAM, guided_picture
 
     if not loaded:
         return

@@ -36,7 +36,7 @@ def _report(argv: list[str]) -> int:
     from pathlib import Path
 
     from audit.report import write_reports
-    from audit.store import IMAGES, RunStore, run_state
+    from audit.runs.store import IMAGES, RunStore, run_state
 
     run_dir = Path(args.run)
     run = RunStore(run_dir)
@@ -68,8 +68,8 @@ def _compare(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from audit.compare import compare_runs, format_comparison
     from audit.config import ConfigError
+    from audit.runs.compare import compare_runs, format_comparison
 
     try:
         result = compare_runs(Path(args.old), Path(args.new))
@@ -145,7 +145,7 @@ def _history(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from audit.history import history
+    from audit.runs.history import history
 
     store = Path(args.store)
     if not store.is_dir():

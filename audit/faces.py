@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from audit.store import atomic_write
+from audit.runs.store import atomic_write
 
 FACE_COLUMNS = ("face_x_min", "face_y_min", "face_x_max", "face_y_max")
 # Five face landmarks, named as in CelebA's landmark files (the points MTCNN finds).

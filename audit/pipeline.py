@@ -45,13 +45,13 @@ from audit.data import (
     load_batches,
     read_entries,
 )
-from audit.explain import PREDICTED, GradCAM, area_downscale, pad_batch, upsample
+from audit.engine.explain import PREDICTED, GradCAM, area_downscale, pad_batch, upsample
+from audit.engine.models import load_model
 from audit.faces import FACE_COLUMNS, LANDMARK_COLUMNS
-from audit.history import index_run
 from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
-from audit.models import load_model
 from audit.report import write_reports
-from audit.store import RunBusyError, RunStore, file_sha256, hold_run, latest_run, this_process
+from audit.runs.history import index_run
+from audit.runs.store import RunBusyError, RunStore, file_sha256, hold_run, latest_run, this_process
 
 # Rows per stored chunk, in batches: the unit of resume and of memory.
 BATCHES_PER_CHUNK = 4
@@ -550,7 +550,7 @@ def measure_local(work: PassWork, step: AuditStep) -> float:
 def latest_baseline(config: AuditConfig, fingerprint: str, class_names: list[str]) -> Path:
     """The newest complete run in the store that audited this dataset with the same
     regions and class names: the runs a baseline comparison means something against."""
-    from audit.store import baseline_mismatch, latest_run, run_manifests
+    from audit.runs.store import baseline_mismatch, latest_run, run_manifests
 
     store = Path(config.output.store)
     regions = [region.model_dump() for region in config.regions]
@@ -711,7 +711,7 @@ def run_audit(
     """
     started = time.perf_counter()
     if config.output.mlflow:
-        from audit.mlflow_log import require_mlflow
+        from audit.runs.mlflow_log import require_mlflow
 
         try:
             require_mlflow()
@@ -776,7 +776,7 @@ def run_audit(
                 stacklevel=2,
             )
         if config.output.mlflow:  # a run first made without MLflow logging gets logged
-            from audit.mlflow_log import log_run
+            from audit.runs.mlflow_log import log_run
 
             log_run(run.root, once=True)
         return AuditResult(run.root, run.images(), existing, reused=True)
@@ -933,7 +933,7 @@ def run_audit(
         )
         index_run(run.root.parent, run.root)
         if config.output.mlflow:
-            from audit.mlflow_log import log_run
+            from audit.runs.mlflow_log import log_run
 
             log_run(run.root)
         return AuditResult(run.root, images, manifest)

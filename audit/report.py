@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from audit.decisions import CHOICES, latest_decisions, model_line
 from audit.overlay import colorize, stored_overlay
-from audit.store import RunStore, atomic_write, write_json
+from audit.runs.decisions import CHOICES, latest_decisions, model_line
+from audit.runs.store import RunStore, atomic_write, write_json
 
 SCHEMA_VERSION = 1
 OUTCOMES = {"none": "PASS", "warn": "WARN", "fail": "FAIL"}

@@ -16,7 +16,7 @@ from audit.config import AuditConfig, ConfigError, ModelSection, build_config, l
 from audit.errors import EXIT_OK, EXIT_POLICY, EXIT_USAGE
 from audit.report import FAIL_ON_LEVELS
 
-# The methods the config accepts (audit.cam_methods registers the same; a test keeps
+# The methods the config accepts (audit.engine.cam_methods registers the same; a test keeps
 # them equal), read without importing Keras, so a config error fails in a moment.
 CAM_METHODS = typing.get_args(ModelSection.model_fields["method"].annotation)
 
@@ -218,7 +218,7 @@ def main(argv: list[str]) -> int:
         except ConfigError as error:
             raise ConfigError(_name_flags(str(error), args)) from None
         check_inputs_exist(config)  # before Keras is imported: a typo fails in a second
-        from audit.models import ModelStructureError
+        from audit.engine.models import ModelStructureError
         from audit.pipeline import run_audit
         from audit.summary import format_summary
 

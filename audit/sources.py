@@ -28,7 +28,7 @@ from PIL import Image
 
 from audit.config import ConfigError, DatasetSection
 from audit.data import EXPORT_MANIFEST, EXPORT_MARKER, Entries, read_manifest
-from audit.store import atomic_write
+from audit.runs.store import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from sklearn.cluster import SpectralClustering
 from sklearn.neighbors import kneighbors_graph
 
 from audit.aggregate import mean_with_ci, rate_with_ci
-from audit.store import RunStore
+from audit.runs.store import RunStore
 
 MIN_CLASS_SIZE = 12
 # Spectral clustering is O(n^3) in the maps of a class: cluster a seeded sample.

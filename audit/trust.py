@@ -31,8 +31,8 @@ import pandas as pd
 from scipy import integrate, ndimage, stats
 
 from audit.aggregate import bootstrap_mean_ci
-from audit.cam_methods import class_agnostic, get_cam_method
-from audit.explain import GradCAM
+from audit.engine.cam_methods import class_agnostic, get_cam_method
+from audit.engine.explain import GradCAM
 from audit.probes import round_robin
 
 

@@ -58,10 +58,10 @@ from PIL import Image  # noqa: E402
 import audit.pipeline as pipeline  # noqa: E402
 from audit.config import AuditConfig, build_config  # noqa: E402
 from audit.data import Preprocessor, class_names_for, load_batches, read_entries  # noqa: E402
-from audit.explain import PREDICTED, GradCAM, pad_batch  # noqa: E402
+from audit.engine.explain import PREDICTED, GradCAM, pad_batch  # noqa: E402
+from audit.engine.models import load_model  # noqa: E402
 from audit.metrics import region_metrics  # noqa: E402
-from audit.models import load_model  # noqa: E402
-from audit.store import RunStore  # noqa: E402
+from audit.runs.store import RunStore  # noqa: E402
 from benchmarks.timing import interleaved_rates  # noqa: E402
 from pipelines.demo import demo_model, write_dataset  # noqa: E402
 from pipelines.demo_data import DemoSet, make_demo_set  # noqa: E402

@@ -43,8 +43,8 @@ import tensorflow as tf  # noqa: E402
 import audit.analyse as analyse_module  # noqa: E402
 import audit.pipeline as pipeline  # noqa: E402
 import audit.strategies as strategies_module  # noqa: E402
-from audit.explain import GradCAM  # noqa: E402
-from audit.models import load_model  # noqa: E402
+from audit.engine.explain import GradCAM  # noqa: E402
+from audit.engine.models import load_model  # noqa: E402
 from benchmarks.bench_audit import (  # noqa: E402
     WEIGHTS,
     Loader,

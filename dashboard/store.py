@@ -23,10 +23,10 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from audit.decisions import model_line
 from audit.overlay import stored_overlay
 from audit.report import untested_classes
-from audit.store import RunStore, run_manifests, run_state
+from audit.runs.decisions import model_line
+from audit.runs.store import RunStore, run_manifests, run_state
 
 STORE_VARIABLE = "BIAS_AUDIT_STORE"
 THUMBNAIL = 128

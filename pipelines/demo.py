@@ -141,7 +141,7 @@ def demo_config(files: DemoFiles, store: Path):
 def write_overlays(run_dir: Path, out: Path, per_class: int = 3) -> int:
     """Overlays of the stored CAMs for the first images of each class (reads the store)."""
     from audit.overlay import stored_overlay
-    from audit.store import RunStore
+    from audit.runs.store import RunStore
 
     run = RunStore(run_dir)
     images = run.images()

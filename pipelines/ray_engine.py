@@ -26,7 +26,7 @@ import numpy as np
 
 from audit.config import AuditConfig, ConfigError
 from audit.data import Batch, forget_resolved_paths, load_entry
-from audit.explain import GradCAM
+from audit.engine.explain import GradCAM
 from audit.pipeline import AuditStep, PassWork, localisation_iou
 
 
@@ -73,7 +73,7 @@ class _Measure:
     def __init__(self, config_json: str, size: tuple[int, int], backend: str) -> None:
         import keras
 
-        from audit.models import load_model
+        from audit.engine.models import load_model
 
         if keras.backend.backend() != backend:  # runtime_env below sets it; say if not
             raise RuntimeError(

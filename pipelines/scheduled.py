@@ -87,7 +87,7 @@ def run_schedule(config: AuditConfig, *, progress: bool = False) -> list[Version
     resolved. The comparison with the previous version is ``compare_runs``'s.
     """
     # Here, not at the top: a config error is reported before Keras is imported.
-    from audit.models import ModelStructureError
+    from audit.engine.models import ModelStructureError
     from audit.pipeline import run_audit
 
     results: list[VersionResult] = []
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as error:
         print(f"bias-audit schedule: {error}", file=sys.stderr)
         return 2
-    from audit.compare import compare_runs, format_comparison
+    from audit.runs.compare import compare_runs, format_comparison
 
     fail_on = args.fail_on or (config.schedule.fail_on or "never")
     for index, result in enumerate(results):

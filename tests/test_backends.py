@@ -21,7 +21,7 @@ import pytest
 from conftest import small_cnn
 
 from audit import GradCAM
-from audit.store import RunStore
+from audit.runs.store import RunStore
 
 OTHER_BACKENDS = [
     pytest.param(
@@ -55,7 +55,7 @@ CHILD = textwrap.dedent(
     out["scorecam_top8"] = GradCAM(model, method="scorecam", score_channels=8).explain(
         images, targets
     )
-    from audit.guided import GuidedGradCAM
+    from audit.engine.guided import GuidedGradCAM
     out["guided"] = GuidedGradCAM(model, batch_size=4).explain(images, targets)
     details = GradCAM(model).explain_details(images)
     out["predicted_maps"], out["predictions"] = details.maps, details.predictions
@@ -79,7 +79,7 @@ CHILD = textwrap.dedent(
     for name, value in region_metrics(maps, regions, pointing_tolerance=1).items():
         out["metric_" + name] = keras.ops.convert_to_numpy(value)
     # The stored CAMs' area downscaling (maps larger than metrics.cam_size).
-    from audit.explain import area_downscale
+    from audit.engine.explain import area_downscale
     out["area"] = keras.ops.convert_to_numpy(area_downscale(maps, (5, 7)))
     np.savez(out_path, **out)
     """

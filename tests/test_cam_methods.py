@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from audit import CAM_METHODS, GradCAM, get_cam_method
-from audit.cam_methods import ScoreCAM, needs_forward
+from audit.engine.cam_methods import ScoreCAM, needs_forward
 
 GRADIENT_METHODS = [name for name, method in CAM_METHODS.items() if not needs_forward(method)]
 

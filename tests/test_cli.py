@@ -55,7 +55,7 @@ def test_schedule_help_describes_its_subcommand_and_exits_0(capsys):
 
 def test_method_help_lists_every_registered_method():
     from audit import run_cli
-    from audit.cam_methods import CAM_METHODS
+    from audit.engine.cam_methods import CAM_METHODS
     from audit.run_cli import parser
 
     text = " ".join(parser().format_help().split())

@@ -13,9 +13,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_report import HOSTILE, REGION, assert_inert, hostile_run
 
-from audit.decisions import Decision, model_line, read_decisions, record_decision
 from audit.pipeline import run_audit
 from audit.report import unreadable_note
+from audit.runs.decisions import Decision, model_line, read_decisions, record_decision
 from dashboard.store import escape_markdown
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -340,7 +340,7 @@ def test_a_read_only_store_gives_a_clear_error(store, tmp_path, monkeypatch):
     def read_only(store, decision):
         raise PermissionError(13, "Permission denied", str(store / "decisions.jsonl"))
 
-    monkeypatch.setattr("audit.decisions.record_decision", read_only)
+    monkeypatch.setattr("audit.runs.decisions.record_decision", read_only)
     page = app(copied(store, tmp_path), monkeypatch, "decisions")
     page.text_input[0].input("Bob")
     page.text_area[0].input("rebalance")

@@ -536,7 +536,7 @@ def test_single_values_have_no_ci_and_small_slices_no_worst_group():
 
 
 def test_a_class_that_eases_is_not_a_new_flag():
-    from audit.compare import _flag_changes, _flag_set
+    from audit.runs.compare import _flag_changes, _flag_set
 
     def report(statuses, slice_flagged=False):
         severity = {"ok": "none", "suspected": "warn", "bias-driven": "fail"}

@@ -5,7 +5,7 @@ import shutil
 import sqlite3
 
 from audit.cli import main
-from audit.history import HISTORY, history
+from audit.runs.history import HISTORY, history
 
 LONG = "a background texture value long enough that a table cell would cut it short"
 
@@ -118,7 +118,7 @@ def test_the_history_command_prints_statuses_and_every_flag_in_full(tmp_path, ca
 
 
 def test_a_running_run_that_no_process_holds_shows_as_interrupted(tmp_path):
-    from audit.store import LOCK, hold_run
+    from audit.runs.store import LOCK, hold_run
 
     for day, run_id in enumerate(("killed", "live", "older"), start=1):
         write_run(tmp_path, run_id, f"2026-01-0{day}", status="running", report=False)

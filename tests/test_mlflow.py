@@ -62,7 +62,7 @@ def test_a_run_is_logged_to_mlflow_when_asked(tmp_path, monkeypatch):
 
 def test_asking_for_mlflow_without_it_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError
-    from audit.mlflow_log import log_run
+    from audit.runs.mlflow_log import log_run
 
     with pytest.raises(ImportError, match="pip install mlflow"):
         log_run(tmp_path)

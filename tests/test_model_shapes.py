@@ -113,7 +113,7 @@ def test_a_softmax_operation_is_bypassed_and_survives_saving(softmax, tmp_path):
     """``keras.ops.softmax(x)`` in a functional model is an operation, not a layer; it is
     skipped like a Softmax layer, also nested in a wrapper and after a safe-mode load. A
     log-softmax too: its outputs are log-probabilities."""
-    from audit.models import load_model
+    from audit.engine.models import load_model
 
     keras.utils.set_random_seed(8)
     inputs, features = two_convs()

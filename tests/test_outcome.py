@@ -14,7 +14,6 @@ from test_dashboard import APP
 from test_report import HOSTILE, assert_inert, unescaped
 
 from audit.cli import main
-from audit.compare import compare_runs, format_comparison
 from audit.config import ScheduleSection, load_config
 from audit.pipeline import run_audit
 from audit.report import (
@@ -28,6 +27,7 @@ from audit.report import (
     run_outcome,
 )
 from audit.run_cli import EXIT_OK, EXIT_POLICY, format_gate, parser
+from audit.runs.compare import compare_runs, format_comparison
 from dashboard.store import escape_markdown
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set

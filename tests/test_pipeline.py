@@ -13,7 +13,7 @@ from conftest import ink_model
 from audit.cli import main as cli_main
 from audit.config import ConfigError, build_config
 from audit.pipeline import AuditStep, run_audit
-from audit.store import RunStore, run_state
+from audit.runs.store import RunStore, run_state
 from pipelines.demo import SHORTCUTS, write_dataset
 from pipelines.demo_data import make_demo_set
 
@@ -195,7 +195,7 @@ def test_a_region_the_dataset_has_no_data_for_fails_fast(small_dataset, tmp_path
 
 HOLD_SCRIPT = """
 import sys, time
-from audit.store import hold_run
+from audit.runs.store import hold_run
 with hold_run(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
@@ -397,7 +397,7 @@ def test_a_run_is_never_resumed_on_another_keras_backend(small_dataset, tmp_path
 
 
 def test_the_pointing_tolerance_is_counted_in_grid_cells_per_axis(tmp_path):
-    from audit.explain import GradCAM
+    from audit.engine.explain import GradCAM
 
     inputs = keras.Input((224, 112, 3))
     x = keras.layers.Conv2D(4, 3, strides=16, activation="relu", name="conv")(inputs)

@@ -18,7 +18,7 @@ from test_dashboard import app
 from audit import cli
 from audit.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
 from audit.report import render_markdown
-from audit.store import RunStore, run_state
+from audit.runs.store import RunStore, run_state
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set
 
@@ -153,12 +153,12 @@ def test_ctrl_c_exits_130_and_leaves_the_run_resumable(inputs, tmp_path, monkeyp
 
 
 def test_every_command_exits_3_on_an_internal_error(monkeypatch, tmp_path, capsys):
-    import audit.history
+    import audit.runs.history
 
     def planted(*args, **kwargs):
         raise ValueError("planted")
 
-    monkeypatch.setattr(audit.history, "history", planted)
+    monkeypatch.setattr(audit.runs.history, "history", planted)
     assert cli.main(["history", "--store", str(tmp_path)]) == EXIT_ERROR
     assert "bias-audit history: internal error: ValueError: planted" in capsys.readouterr().err
 

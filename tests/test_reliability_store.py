@@ -11,9 +11,15 @@ from test_history import write_run
 from test_report import hostile_run
 
 from audit.cli import main
-from audit.decisions import DECISIONS, Decision, read_decision_log, read_decisions, record_decision
-from audit.history import history
-from audit.store import latest_run
+from audit.runs.decisions import (
+    DECISIONS,
+    Decision,
+    read_decision_log,
+    read_decisions,
+    record_decision,
+)
+from audit.runs.history import history
+from audit.runs.store import latest_run
 from dashboard.store import escape_markdown, list_runs, report, run_path, unreadable_runs
 
 # A writer killed in the middle of "é": the line ends on the first of its two bytes.

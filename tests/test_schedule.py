@@ -12,10 +12,10 @@ from conftest import ink_model
 
 from audit.cli import main as cli_main
 from audit.config import ConfigError, build_config, load_config
-from audit.decisions import Decision, model_line, record_decision
-from audit.history import history
 from audit.pipeline import run_audit
-from audit.store import file_sha256
+from audit.runs.decisions import Decision, model_line, record_decision
+from audit.runs.history import history
+from audit.runs.store import file_sha256
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set
 from pipelines.scheduled import model_versions, run_schedule

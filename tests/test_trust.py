@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 from audit.analyse import Analysis, class_verdicts
-from audit.explain import GradCAM
-from audit.guided import GuidedGradCAM, guided_model, guided_picture
+from audit.engine.explain import GradCAM
+from audit.engine.guided import GuidedGradCAM, guided_model, guided_picture
 from audit.trust import (
     _baseline,
     deletion_insertion,

@@ -5,7 +5,6 @@ import pandas as pd
 import streamlit as st
 
 from audit.analyse import SEVERITY_ORDER
-from audit.decisions import latest_decisions, model_line
 from audit.report import (
     INCONCLUSIVE,
     drives_text,
@@ -14,6 +13,7 @@ from audit.report import (
     trust_lines,
     with_ci,
 )
+from audit.runs.decisions import latest_decisions, model_line
 from dashboard.store import current_run, escape_markdown
 
 TWO_DIGITS = st.column_config.NumberColumn(format="%.2f")

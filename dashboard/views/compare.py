@@ -2,8 +2,8 @@
 
 import streamlit as st
 
-from audit.compare import compare_runs
 from audit.config import ConfigError
+from audit.runs.compare import compare_runs
 from dashboard.store import escape_markdown, list_runs, run_path, store_path
 
 store = store_path()

@@ -5,7 +5,7 @@ from dataclasses import asdict
 import pandas as pd
 import streamlit as st
 
-from audit.decisions import (
+from audit.runs.decisions import (
     CHOICES,
     DECISIONS,
     Decision,

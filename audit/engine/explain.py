@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit.cam_methods import get_cam_method, gradcam, needs_forward, uses_gradients
-from audit.models import ModelCut, ModelStructureError, cut_model
+from audit.engine.cam_methods import get_cam_method, gradcam, needs_forward, uses_gradients
+from audit.engine.models import ModelCut, ModelStructureError, cut_model
 
 # Target value meaning "the class the model predicts" inside the compiled step.
 PREDICTED = -1
@@ -280,9 +280,9 @@ class GradCAM:
         metrics), so it runs on device inside the same compiled program: a
         ``tf.function`` with ``tf.GradientTape`` on TensorFlow, one ``jax.jit`` of a
         stateless call with ``jax.vjp`` through the head on JAX, autograd through the
-        head on PyTorch (``audit.backends``). Traced once per input shape.
+        head on PyTorch (``audit.engine.backends``). Traced once per input shape.
         """
-        from audit import backends
+        from audit.engine import backends
 
         cut = self._ensure_cut(None)
         backend = backends.running_backend()
@@ -334,7 +334,7 @@ class GradCAM:
         if uses_gradients(self._cam):
             return self.explain_details(images).probabilities
         if self._forward is None:
-            from audit.backends import compiled_forward
+            from audit.engine.backends import compiled_forward
 
             self._forward = compiled_forward(self._ensure_cut(images.shape[1:]))
         out = []

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from audit.decisions import model_line, read_decisions
-from audit.store import MANIFEST, read_json, run_manifests, run_state
+from audit.runs.decisions import model_line, read_decisions
+from audit.runs.store import MANIFEST, read_json, run_manifests, run_state
 
 HISTORY = "history.sqlite"
 # Raised whenever the tables, or what fills them, change: an index of another version

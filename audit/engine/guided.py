@@ -18,9 +18,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from audit.backends import input_gradients, running_backend
-from audit.explain import GradCAM, _as_image_batch, pad_batch
-from audit.models import cut_model
+from audit.engine.backends import input_gradients, running_backend
+from audit.engine.explain import GradCAM, _as_image_batch, pad_batch
+from audit.engine.models import cut_model
 
 _RELU_ACTIVATIONS = {"relu", "relu6", "leaky_relu"}
 

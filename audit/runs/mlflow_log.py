@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from audit.store import atomic_write
+from audit.runs.store import atomic_write
 
 ARTIFACTS = ("report.json", "report.md", "report.html", "classes.parquet", "flags.parquet")
 # Written into the run folder once the run is logged: a reused run is logged only once.

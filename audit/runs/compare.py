@@ -12,7 +12,7 @@ from scipy.stats import mannwhitneyu
 from audit.config import ConfigError
 from audit.flags import benjamini_hochberg, bootstrap_difference_ci
 from audit.report import INCONCLUSIVE, outcome_reason
-from audit.store import RunStore, baseline_mismatch
+from audit.runs.store import RunStore, baseline_mismatch
 
 
 def _report(run_dir: Path) -> dict:
