@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from audit.analyse import analyse
+from audit.analysis.analyse import analyse
 from audit.config import AuditConfig, ConfigError, RegionSection
 from audit.data import (
     BOX_COLUMNS,

@@ -5,7 +5,7 @@ text (class names, paths, slice values, reasons) is escaped in HTML and Markdown
 
 The run's outcome and its gate order are defined here once (``run_outcome``,
 ``OUTCOME_ORDER``, ``reaches``); the CLI, scheduled audits, history, compare and the
-dashboard read them. audit.analyse (and with it Keras) is imported only where a
+dashboard read them. audit.analysis.analyse (and with it Keras) is imported only where a
 report is built, so that those readers start without Keras.
 """
 
@@ -101,13 +101,13 @@ def _bounds(row: dict, name: str) -> tuple:
 
 def build_report(run_dir: Path) -> dict:
     """The report dict of a run with its analysis tables."""
-    from audit.analyse import (
+    from audit.analysis.examples import guided_note
+    from audit.analysis.tables import read_analysis
+    from audit.analysis.verdicts import (
         SEVERITY_ORDER,
         class_verdicts,
         forward_passes,
-        guided_note,
         overall_severity,
-        read_analysis,
     )
 
     run = RunStore(run_dir)
@@ -257,7 +257,7 @@ def _worst_examples(
     images: pd.DataFrame, index: int, regions: list[str], manifest: dict
 ) -> list[dict]:
     """The class's audited rows with the most spurious mass."""
-    from audit.analyse import worst_examples
+    from audit.analysis.examples import worst_examples
 
     rows = worst_examples(images, index, manifest)
     keep = ["row", "path", "mask_path", "pred_label", "correct", *(f"mass_{r}" for r in regions)]
@@ -731,7 +731,7 @@ def _outcome_class(outcome: str) -> str:
 
 def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> str:
     """``unreadable``: ``unreadable_examples(report)`` when the caller has it already."""
-    from audit.analyse import read_analysis
+    from audit.analysis.tables import read_analysis
 
     run = RunStore(run_dir)
     manifest = run.manifest()

@@ -361,14 +361,18 @@ class Timings:
         self.wrap(RunStore, "assemble", "store: assemble images.parquet")
         # After the measuring pass (present in newer versions of run_audit).
         self.wrap(pipeline, "analyse", "analyse (all of it)")
-        analysis = "audit.analyse"
+        analysis = "audit.analysis.analyse"
         self.wrap(analysis, "build_aggregator", "  (in analyse) build_aggregator", nested=True)
-        aggregator = getattr(importlib.import_module("audit.aggregate"), "Aggregator", None)
+        aggregator = getattr(
+            importlib.import_module("audit.analysis.aggregate"), "Aggregator", None
+        )
         if aggregator is not None:
             self.wrap(aggregator, "finalize", "  (in analyse) Aggregator.finalize", nested=True)
         self.wrap(analysis, "evaluate_flags", "  (in analyse) evaluate_flags", nested=True)
         self.wrap(analysis, "run_interventions", "  (in analyse) run_interventions", nested=True)
-        self.wrap("audit.strategies", "find_strategies", "  (in analyse) find_strategies", True)
+        self.wrap(
+            "audit.analysis.strategies", "find_strategies", "  (in analyse) find_strategies", True
+        )
         self.wrap(analysis, "write_analysis", "  (in analyse) write_analysis", nested=True)
         self.wrap(analysis, "_trust_checks", "  (in analyse) trust checks", nested=True)
         self.wrap(analysis, "_write_guided", "  (in analyse) Guided Grad-CAM examples", True)

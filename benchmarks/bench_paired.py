@@ -40,9 +40,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import audit.analyse as analyse_module  # noqa: E402
+import audit.analysis.analyse as analyse_module  # noqa: E402
+import audit.analysis.strategies as strategies_module  # noqa: E402
 import audit.pipeline as pipeline  # noqa: E402
-import audit.strategies as strategies_module  # noqa: E402
 from audit.engine.explain import GradCAM  # noqa: E402
 from audit.engine.models import load_model  # noqa: E402
 from benchmarks.bench_audit import (  # noqa: E402
@@ -131,7 +131,7 @@ class Pauses:
 
 
 class StageTimes:
-    """Times the analysis stages that run after the pass (``audit.analyse``) and counts
+    """Times the analysis stages that run after the pass (``audit.analysis.analyse``) and counts
     the images its forward passes see (``GradCAM.probabilities``: the interventions and
     the trust checks' deletion and insertion curves)."""
 

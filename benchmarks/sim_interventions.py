@@ -22,8 +22,9 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
+from audit.analysis.probe_stats import settled_classes, summarise_interventions
+from audit.analysis.probes import probe_in_rounds
 from audit.config import PolicySection
-from audit.probes import probe_in_rounds, settled_classes, summarise_interventions
 
 
 def decide(order, flipped, look, policy, names):

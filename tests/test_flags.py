@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 from scipy.stats import bootstrap
 
-from audit.aggregate import Aggregator, bootstrap_mean_ci
+from audit.analysis.aggregate import Aggregator, bootstrap_mean_ci
+from audit.analysis.fill import fill_objects, intervene
+from audit.analysis.flags import benjamini_hochberg, bootstrap_difference_ci, evaluate_flags
+from audit.analysis.strategies import cluster_maps, eigengap_clusters
 from audit.config import PolicySection
-from audit.flags import benjamini_hochberg, bootstrap_difference_ci, evaluate_flags
-from audit.probes import fill_objects, intervene
-from audit.strategies import cluster_maps, eigengap_clusters
 
 
 def test_benjamini_hochberg_on_fixed_numbers():
@@ -90,7 +90,7 @@ def test_small_samples_get_t_intervals_that_cover():
     assert np.mean(covered) > 0.92
     assert np.isnan(bootstrap_difference_ci(pair[:1], pair, resamples=100, seed=0)[0])
     # A share's interval stays within [0, 1], a lift's above 0.
-    from audit.aggregate import mean_with_ci
+    from audit.analysis.aggregate import mean_with_ci
 
     spread = np.array([0.02, 0.9, 0.05])
     share = mean_with_ci(spread, "mass_background", resamples=100, seed=0)
@@ -104,7 +104,7 @@ def test_small_samples_get_t_intervals_that_cover():
 def test_a_slice_with_one_image_per_class_gets_an_honest_effect_ci():
     """A rare slice spread one image per class: a within-class bootstrap saw no spread
     (its 95% CI covered 28%); the pooled within-class variance covers."""
-    from audit.flags import _Sample, _within_classes
+    from audit.analysis.flags import _Sample, _within_classes
 
     rng = np.random.default_rng(3)
     classes, per_class = 20, 30
@@ -131,7 +131,7 @@ def test_bg_gap_has_a_rate_interval_and_a_clean_model_no_evidence():
     """BG-gap is 1 - the Mixed-Rand rate: its CI is Wilson's. With a percentile bootstrap
     a class with every decision flipped had the CI [1, 1], and ten classes sharing one
     true BG-gap of 0.85 gave some class intervention evidence in 27% of runs."""
-    from audit.probes import summarise_interventions
+    from audit.analysis.probe_stats import summarise_interventions
 
     rng = np.random.default_rng(5)
     names = [str(c) for c in range(10)]
@@ -189,7 +189,7 @@ def aggregator_of(images, chunks=1):
 def test_wilson_interval_agrees_with_scipy():
     from scipy.stats import binomtest
 
-    from audit.aggregate import wilson_interval
+    from audit.analysis.aggregate import wilson_interval
 
     for successes, trials in ((0, 1), (0, 30), (3, 30), (15, 30), (30, 30), (612, 1000)):
         expected = binomtest(successes, trials).proportion_ci(method="wilson")
@@ -360,7 +360,7 @@ def test_eigengap_and_a_minority_strategy_cluster():
 
 
 def test_a_minority_strategy_needs_its_ci_above_the_class_not_one_odd_map():
-    from audit.strategies import cluster_records
+    from audit.analysis.strategies import cluster_records
 
     rng = np.random.default_rng(1)
     labels = np.array([0] * 50 + [1] * 9 + [2])  # most, a corner 15%, one odd map
@@ -501,7 +501,7 @@ def test_a_slice_is_compared_within_classes_not_across_a_different_class_mix():
 def test_van_elteren_with_one_stratum_is_mann_whitney():
     from scipy.stats import mannwhitneyu
 
-    from audit.flags import van_elteren_greater
+    from audit.analysis.flags import van_elteren_greater
 
     rng = np.random.default_rng(5)
     group, reference = rng.normal(0.1, 1, 40).round(1), rng.normal(0, 1, 70).round(1)  # ties
@@ -597,8 +597,9 @@ def probe_set(tmp_path, counts):
 def test_every_mixed_rand_image_gets_another_class_background(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
+    from audit.analysis.probe_stats import summarise_interventions
+    from audit.analysis.probes import run_interventions
     from audit.data import load_batches
-    from audit.probes import run_interventions, summarise_interventions
 
     # 60 images of class 0, 3 of class 1: most batches hold class 0 alone.
     entries, sample, options = probe_set(tmp_path, {0: 60, 1: 3})
@@ -641,8 +642,8 @@ def test_every_mixed_rand_image_gets_another_class_background(tmp_path):
 def test_the_two_diagnostic_interventions_run_where_there_is_a_finding(tmp_path):
     from functools import partial
 
-    from audit.analyse import _interventions
-    from audit.probes import run_interventions
+    from audit.analysis.analyse import _interventions
+    from audit.analysis.probes import run_interventions
 
     entries, sample, options = probe_set(tmp_path, {0: 30, 1: 30})
     calls = []
@@ -675,8 +676,8 @@ def test_the_two_diagnostic_interventions_run_where_there_is_a_finding(tmp_path)
 
 
 def test_sequential_mixed_rand_stops_classes_that_cannot_become_evidence(tmp_path):
-    from audit.analyse import _interventions
-    from audit.probes import run_interventions
+    from audit.analysis.analyse import _interventions
+    from audit.analysis.probes import run_interventions
 
     entries, sample, options = probe_set(tmp_path, {0: 80, 1: 100, 2: 100, 3: 90, 4: 90})
     names = [str(c) for c in range(10)]
@@ -727,7 +728,8 @@ def test_sequential_sampling_keeps_the_fixed_samples_decisions_in_simulation():
     """Ten classes, 200 correct images each: sequential looks of 40 find a planted BG-gap
     as often as probing all 200, raise no false alarm on clean classes, and cost a
     fraction of the forward passes (``probe_in_rounds`` with simulated outcomes)."""
-    from audit.probes import probe_in_rounds, settled_classes, summarise_interventions
+    from audit.analysis.probe_stats import settled_classes, summarise_interventions
+    from audit.analysis.probes import probe_in_rounds
 
     names = [str(c) for c in range(10)]
     policy = PolicySection()
@@ -773,7 +775,7 @@ def test_the_median_of_other_classes_carries_its_own_interval():
     """The reference BG-gap is the median of the other classes' first looks (40 images
     each): its 95% interval covers the true median about 95% of the time, and one class
     with no failure out of 40 is not an exact 0."""
-    from audit.probes import median_rate_interval
+    from audit.analysis.probe_stats import median_rate_interval
 
     rng = np.random.default_rng(3)
     for classes, rate in ((1, 0.3), (3, 0.1), (9, 0.2)):
@@ -790,8 +792,8 @@ def test_the_median_of_other_classes_carries_its_own_interval():
 
 
 def test_transplants_paste_other_classes_objects_on_each_predicted_class_backgrounds(tmp_path):
-    from audit.analyse import _transplants
-    from audit.probes import run_transplants
+    from audit.analysis.analyse import _transplants
+    from audit.analysis.probes import run_transplants
 
     entries, sample, options = probe_set(tmp_path, {0: 30, 1: 30, 2: 30, 3: 30, 4: 30})
     seen = []
@@ -843,7 +845,8 @@ def test_transplants_paste_other_classes_objects_on_each_predicted_class_backgro
 
 
 def test_mixed_same_pairs_each_image_with_its_own_class_and_gives_a_paired_gap(tmp_path):
-    from audit.probes import paired_gap, run_interventions, summarise_interventions
+    from audit.analysis.probe_stats import paired_gap, summarise_interventions
+    from audit.analysis.probes import run_interventions
 
     entries, sample, options = probe_set(tmp_path, {0: 30, 1: 30})
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from audit.aggregate import bootstrap_mean_ci, resampled_moments
-from audit.flags import bootstrap_difference_ci
+from audit.analysis.aggregate import bootstrap_mean_ci, resampled_moments
+from audit.analysis.flags import bootstrap_difference_ci
 
 Draw = Callable[[np.random.Generator, int], np.ndarray]
 
@@ -249,7 +249,7 @@ if __name__ == "__main__":
 
 
 def test_wilson_bounds_are_exact_at_zero_and_all():
-    from audit.aggregate import wilson_interval
+    from audit.analysis.aggregate import wilson_interval
 
     for trials in (1, 7, 73, 100, 10_000):
         assert wilson_interval(trials, trials)[1] == 1.0
@@ -260,7 +260,7 @@ def test_wilson_bounds_are_exact_at_zero_and_all():
 
 
 def test_median_rate_and_paired_gap_intervals_at_the_edges():
-    from audit.probes import median_rate_interval, paired_gap
+    from audit.analysis.probe_stats import median_rate_interval, paired_gap
 
     assert median_rate_interval([]) == (0.0, 0.0, 0.0)  # nothing to compare with
     for counts in ([(0, 40)] * 5, [(40, 40)] * 5, [(0, 1), (1, 1)], [(7, 40), (9, 80)]):

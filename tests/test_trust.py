@@ -9,16 +9,17 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from audit.analyse import Analysis, class_verdicts
-from audit.engine.explain import GradCAM
-from audit.engine.guided import GuidedGradCAM, guided_model, guided_picture
-from audit.trust import (
+from audit.analysis.tables import Analysis
+from audit.analysis.trust import (
     _baseline,
     deletion_insertion,
     randomisation_check,
     spearman_rows,
     trust_verdict,
 )
+from audit.analysis.verdicts import class_verdicts
+from audit.engine.explain import GradCAM
+from audit.engine.guided import GuidedGradCAM, guided_model, guided_picture
 
 
 def _tiny_relu_net():

@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from audit.analyse import Analysis, causal_evidence, class_verdicts, judge_slice_flags
-from audit.associations import mantel_haenszel, slice_associations
+from audit.analysis.associations import mantel_haenszel, slice_associations
+from audit.analysis.tables import Analysis
+from audit.analysis.verdicts import causal_evidence, class_verdicts, judge_slice_flags
 from audit.config import PolicySection
 
 NAMES = [str(c) for c in range(5)]
@@ -199,7 +200,7 @@ def test_a_flagged_slice_is_judged_by_what_it_drives():
 
 
 def test_forward_passes_count_each_causal_test():
-    from audit.analyse import forward_passes
+    from audit.analysis.verdicts import forward_passes
 
     probe = probe_table(n_transplant=[80, 40, np.nan]).assign(n_details=[40, 0, np.nan])
     assert forward_passes(probe) == {

@@ -10,7 +10,7 @@ import pandas as pd
 from scipy.stats import mannwhitneyu
 
 from audit.config import ConfigError
-from audit.flags import benjamini_hochberg, bootstrap_difference_ci
+from audit.analysis.flags import benjamini_hochberg, bootstrap_difference_ci
 from audit.report import INCONCLUSIVE, outcome_reason
 from audit.runs.store import RunStore, baseline_mismatch
 

@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from audit.analyse import SEVERITY_ORDER
+from audit.analysis.verdicts import SEVERITY_ORDER
 from audit.overlay import colorize
 from audit.report import (
     interventions_text,

@@ -4,7 +4,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from audit.analyse import SEVERITY_ORDER
+from audit.analysis.verdicts import SEVERITY_ORDER
 from audit.report import (
     INCONCLUSIVE,
     drives_text,

@@ -32,7 +32,7 @@ original prediction comes from the audit pass), so both run for every class, not
 only for heatmap suspects. Each class's BG-gap and transplant rate are compared with
 the median of the other classes' (``add_excess``): an excess whose CI lower bound
 exceeds ``policy.gap_floor`` is evidence once the run's Benjamini-Hochberg correction
-(``audit.analyse.causal_evidence``) agrees.
+(``audit.analysis.verdicts.causal_evidence``) agrees.
 
 Both sample sequentially (``policy.intervention_look``): every class gets
 ``REFERENCE_LOOKS`` looks of that many images, and goes on a look at a time only while
@@ -50,16 +50,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 
-from audit.aggregate import rate_with_ci
-from audit.config import PolicySection, RegionSection
+from audit.analysis.fill import DEFAULT_KINDS, INTERVENTIONS, fill_objects, intervene
+from audit.config import RegionSection
 from audit.data import DECODE_THREADS, Entries, Preprocessor, load_batches
 
-INTERVENTIONS = ("original", "object_only", "background_only", "mixed_rand", "mixed_same")
-# What ``run_interventions`` probes unless told: Mixed-Same runs only where a heatmap
-# flag is to be judged (``audit.analyse._interventions``).
-DEFAULT_KINDS = ("object_only", "background_only", "mixed_rand")
 # Looks every class gets before it may stop; the other classes are compared with the
 # median of these (two looks of 40: 80 images a class, a reference precise enough to
 # keep the power of probing every image, in benchmarks/sim_interventions.py).
@@ -67,21 +62,6 @@ REFERENCE_LOOKS = 2
 # Donor images kept for Mixed-Rand's backgrounds and the transplant test's objects
 # (memory: this many preprocessed images).
 DONORS = 64
-# Shifts (fractions of the image's height and width) whose copies of an image fill its
-# removed object (``fill_objects``).
-FILL_SHIFTS = (
-    (0.0, 0.5),
-    (0.5, 0.0),
-    (0.5, 0.5),
-    (0.0, 0.25),
-    (0.25, 0.0),
-    (0.0, 0.75),
-    (0.75, 0.0),
-    (0.25, 0.25),
-    (0.75, 0.75),
-    (0.25, 0.75),
-    (0.75, 0.25),
-)
 
 
 def _per_class(rows: pd.DataFrame, by: str, per_class: int, seed: int) -> pd.DataFrame:
@@ -97,111 +77,6 @@ def sample_rows(images: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame
     """Up to ``per_class`` correctly predicted ok rows of each true class, seeded."""
     ok = images[(images["status"] == "ok") & images["correct"].astype(bool)]
     return _per_class(ok, "label_index", per_class, seed)
-
-
-def _background_colours(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
-    """Each image's mean colour outside its object (``(n, H, W)`` bool): ``(n, 1, 1, C)``."""
-    background = ~objects
-    counts = np.maximum(background.sum(axis=(1, 2)), 1)[:, None]
-    sums = np.einsum("nhwc,nhw->nc", images, background.astype(images.dtype))
-    return (sums / counts).astype(images.dtype)[:, None, None, :]
-
-
-def _grow(objects: np.ndarray, pixels: int) -> np.ndarray:
-    """``(n, H, W)`` masks grown by ``pixels`` in each image's plane."""
-    from scipy.ndimage import binary_dilation
-
-    return binary_dilation(objects, structure=np.ones((1, 3, 3), bool), iterations=pixels)
-
-
-def _shifts(grown: np.ndarray) -> list[tuple[int, int]]:
-    """Candidate shifts for one image's removed object (``grown``, (H, W) bool): one and
-    two object widths and heights to each side (the nearest background, alike in
-    colour and texture), then ``FILL_SHIFTS`` of the image."""
-    height, width = grown.shape
-    ys, xs = np.nonzero(grown)
-    if not len(ys):
-        return []
-    tall, wide = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    near = [
-        (dy * step * tall, dx * step * wide)
-        for step in (1, 2)
-        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
-    ]
-    return near + [(round(dy * height), round(dx * width)) for dy, dx in FILL_SHIFTS]
-
-
-def fill_objects(images: np.ndarray, objects: np.ndarray) -> np.ndarray:
-    """Each image with its object removed: the ``background_only`` intervention, and the
-    backgrounds of Mixed-Rand and the transplant test.
-
-    The object, grown by three pixels to take its anti-aliased rim, is filled with the
-    image's own background, copied from a shifted copy of the image (``_shifts``: the
-    nearest background first, then further): for each image the shifts are tried in
-    the order of how well their copy continues the background just around the object,
-    and each fills what earlier ones could not from background pixels. What no shift
-    reaches (an object covering most of the image) takes the mean background colour.
-    A flat fill would keep the object's silhouette (a filled stroke mask is the digit;
-    a filled box looks like a "1"), and a silhouette is a shape the model may read as
-    a class.
-    """
-    grown = _grow(objects, 3)
-    rims = _grow(grown, 2) & ~grown
-    height, width = objects.shape[1:]
-    out = np.where(grown[..., None], _background_colours(images, objects), images)
-    for index in range(len(images)):
-        image, mine, rim = images[index], grown[index], rims[index]
-        rim_y, rim_x = np.nonzero(rim)
-        errors = []
-        for dy, dx in (shifts := _shifts(mine)):
-            source_y, source_x = (rim_y - dy) % height, (rim_x - dx) % width
-            usable = ~mine[source_y, source_x]
-            difference = image[rim_y, rim_x] - image[source_y, source_x]
-            squared = (difference[usable] ** 2).sum(axis=-1)
-            errors.append(squared.mean() if len(squared) else np.inf)
-        todo_y, todo_x = np.nonzero(mine)
-        for k in np.argsort(errors, kind="stable"):
-            if not len(todo_y):
-                break
-            dy, dx = shifts[k]
-            source_y, source_x = (todo_y - dy) % height, (todo_x - dx) % width
-            found = ~mine[source_y, source_x]
-            out[index, todo_y[found], todo_x[found]] = image[source_y[found], source_x[found]]
-            todo_y, todo_x = todo_y[~found], todo_x[~found]
-    return out
-
-
-def intervene(
-    images: np.ndarray,
-    objects: np.ndarray,
-    backgrounds: np.ndarray | None = None,
-    kinds: Sequence[str] = ("original", *DEFAULT_KINDS),
-    same: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """The intervened copies of a batch, only those of ``kinds`` (each is a full copy).
-
-    ``objects``: (n, H, W) bool object masks; ``backgrounds``: for each image the
-    object-removed background of another class's image it is pasted onto (Mixed-Rand);
-    ``same``: that of another image of its own class (Mixed-Same).
-    """
-    mask = objects[..., None]
-    out: dict[str, np.ndarray] = {}
-    if "original" in kinds:
-        out["original"] = images
-    if "object_only" in kinds:
-        # Everything but the object is one flat colour, the mean background colour.
-        out["object_only"] = np.where(mask, images, _background_colours(images, objects))
-    if "background_only" in kinds:
-        out["background_only"] = fill_objects(images, objects)
-    if "mixed_rand" in kinds:
-        if backgrounds is None:
-            raise ValueError("mixed_rand needs the backgrounds to paste the objects onto")
-        out["mixed_rand"] = np.where(mask, images, backgrounds)
-    if "mixed_same" in kinds:
-        if same is None:
-            raise ValueError("mixed_same needs the backgrounds to paste the objects onto")
-        out["mixed_same"] = np.where(mask, images, same)
-    return out
 
 
 def round_robin(shuffled: pd.DataFrame, count: int) -> list[int]:
@@ -452,202 +327,3 @@ def run_transplants(
 
         records = probe_in_rounds(order, probe, look=look, settled=settled, by="pred")
     return pd.DataFrame(records)
-
-
-def summarise_interventions(
-    outcomes: pd.DataFrame, class_names: Sequence[str], policy: PolicySection
-) -> pd.DataFrame:
-    """Per class: prediction rate under each intervention, BG-gap with CI, evidence."""
-    rows = []
-    if not len(outcomes):
-        return pd.DataFrame(rows)
-    gaps, reference = {}, {}
-    outcomes = outcomes.reindex(
-        columns=[
-            *outcomes.columns,
-            *(f"pred_{n}" for n in INTERVENTIONS if f"pred_{n}" not in outcomes),
-        ]
-    )
-    for label, group in outcomes.groupby("label_index"):
-        # Only the interventions a row went through count (none: NaN); rows without a
-        # Mixed-Rand partner have no swapped-background result.
-        kept = {
-            name: (group[f"pred_{name}"].dropna() == label).to_numpy(float)
-            for name in INTERVENTIONS
-        }
-        paired = group[group["pred_mixed_rand"].notna()]
-        gaps[int(label)] = 1.0 - kept["mixed_rand"]  # the original is right on every row
-        record = {"class_index": int(label), "class_name": class_names[int(label)]}
-        record["n_probe"] = len(group)
-        record["n_mixed_rand"] = len(paired)
-        record["n_details"] = int(group["pred_object_only"].notna().sum())
-        for name in INTERVENTIONS:
-            record.update(rate_with_ci(kept[name], f"rate_{name}"))
-        record["bg_gap"] = float(gaps[int(label)].mean()) if len(paired) else np.nan
-        # The other classes are compared with each class's reference looks alone:
-        # sequential sampling stops classes whose gap happens to look small, so their
-        # final gaps lean low, and a median of them would make every other class stand
-        # out more.
-        first = paired[paired["look"] < REFERENCE_LOOKS] if "look" in paired else paired
-        reference[int(label)] = (int((first["pred_mixed_rand"] != label).sum()), len(first))
-        # A rate's interval (Wilson's, of the Mixed-Rand rate): a bootstrap of 0/1
-        # outcomes collapses at 0 and 1 and let clean classes look bias-driven.
-        record["bg_gap_low"] = 1.0 - record["rate_mixed_rand_high"]
-        record["bg_gap_high"] = 1.0 - record["rate_mixed_rand_low"]
-        both = group[group["pred_mixed_rand"].notna() & group["pred_mixed_same"].notna()]
-        record.update(
-            paired_gap(
-                (both["pred_mixed_same"] == label).to_numpy(),
-                (both["pred_mixed_rand"] == label).to_numpy(),
-                "bg_gap_same",
-            )
-        )
-        rows.append(record)
-    add_excess(rows, "bg_gap", reference, seed=policy.seed)
-    table = pd.DataFrame(rows)
-    table["intervention_evidence"] = (table["bg_gap_excess_low"] > policy.gap_floor) & (
-        table["n_mixed_rand"] >= min(policy.min_support, policy.intervention_samples)
-    )
-    return table
-
-
-def paired_gap(first: np.ndarray, second: np.ndarray, name: str) -> dict:
-    """``rate(first) - rate(second)`` over the same images (0/1 outcomes of each), with a
-    95% interval for a paired difference (Agresti and Min's: half an image added to each
-    discordant cell), and its count ``n_<name>``; NaN for no images."""
-    count = len(first)
-    if not count:
-        return {f"n_{name}": 0, name: np.nan, f"{name}_low": np.nan, f"{name}_high": np.nan}
-    gained = float((first & ~second).sum()) + 0.5
-    lost = float((~first & second).sum()) + 0.5
-    trials = count + 2
-    centre = (gained - lost) / trials
-    half = norm.ppf(0.975) * np.sqrt((gained + lost) - (gained - lost) ** 2 / trials) / trials
-    return {
-        f"n_{name}": count,
-        name: float(first.mean() - second.mean()),
-        f"{name}_low": max(-1.0, centre - half),
-        f"{name}_high": min(1.0, centre + half),
-    }
-
-
-def add_excess(
-    records: list[dict], name: str, reference: dict[int, tuple[int, int]], *, seed: int
-) -> None:
-    """Each record's ``name`` (a rate with ``name_low``/``name_high``) against the median
-    of the other classes' reference counts (``class_index -> (events, trials)``), in place:
-    ``name_median_others``, ``name_excess`` with its 95% interval (``_low``, ``_high``)
-    and the one-sided p-value of excess > 0 (``name_p_value``).
-
-    The interval combines the class's own with the median's (MOVER, Newcombe's method
-    for a difference): with two or three classes the median is one or two classes'
-    looks, far from exact. The p-value reads the interval's lower reach as 1.96
-    standard errors (normal approximation).
-    """
-    for record in records:
-        others = [
-            counts
-            for index, counts in reference.items()
-            if index != record["class_index"] and counts[1] > 0
-        ]
-        median, low, high = median_rate_interval(others, seed=seed)
-        value = record[name]
-        difference = value - median
-        below = np.hypot(value - record[f"{name}_low"], high - median)
-        record[f"{name}_median_others"] = median
-        record[f"{name}_excess"] = difference
-        record[f"{name}_excess_low"] = difference - below
-        record[f"{name}_excess_high"] = difference + np.hypot(
-            record[f"{name}_high"] - value, median - low
-        )
-        if not np.isfinite(difference):
-            p_value = np.nan
-        elif below > 0:
-            p_value = float(norm.sf(difference / (below / norm.ppf(0.975))))
-        else:
-            p_value = float(difference <= 0)
-        record[f"{name}_p_value"] = p_value
-
-
-def summarise_transplants(
-    outcomes: pd.DataFrame, class_names: Sequence[str], policy: PolicySection
-) -> pd.DataFrame:
-    """Per predicted class c: the rate at which transplanted composites (another class's
-    object on a background of an image predicted as c) are predicted as c, with its
-    Wilson interval, its excess over the other classes' median (``add_excess``) and the
-    CI-gated evidence (before the run's Benjamini-Hochberg correction)."""
-    if not len(outcomes):
-        return pd.DataFrame()
-    rows, reference = [], {}
-    for label, group in outcomes.groupby("pred"):
-        label = int(label)
-        paired = group[group["pred_transplant"].notna()]
-        hits = (paired["pred_transplant"] == label).to_numpy(float)
-        record = {"class_index": label, "class_name": class_names[label]}
-        record["n_transplant"] = len(paired)
-        record.update(rate_with_ci(hits, "transplant"))
-        # Against the others' reference looks alone, as for Mixed-Rand.
-        first = paired[paired["look"] < REFERENCE_LOOKS] if "look" in paired else paired
-        reference[label] = (int((first["pred_transplant"] == label).sum()), len(first))
-        rows.append(record)
-    add_excess(rows, "transplant", reference, seed=policy.seed)
-    table = pd.DataFrame(rows)
-    table["transplant_evidence"] = (table["transplant_excess_low"] > policy.gap_floor) & (
-        table["n_transplant"] >= min(policy.min_support, policy.intervention_samples)
-    )
-    return table
-
-
-def median_rate_interval(
-    counts: Sequence[tuple[int, int]], *, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float, float]:
-    """The median of several rates, each ``(events, trials)``, with a 95% interval.
-
-    A parametric bootstrap: each count is redrawn from its Agresti-Coull rate
-    (``(events + 2) / (trials + 4)``, so a rate of 0 of 40 still varies), and the
-    interval's reach below and above comes from the redrawn medians around their own
-    median. No rates: the median is 0, exactly (nothing to compare with).
-    """
-    if not counts:
-        return 0.0, 0.0, 0.0
-    events = np.array([c[0] for c in counts], dtype="float64")
-    trials = np.array([c[1] for c in counts], dtype="float64")
-    median = float(np.median(events / trials))
-    rng = np.random.default_rng(seed)
-    adjusted = (events + 2) / (trials + 4)
-    draws = np.median(
-        rng.binomial(trials.astype(int), adjusted, (resamples, len(counts))) / trials, axis=1
-    )
-    centre = np.median(draws)
-    low, high = np.quantile(draws, [0.025, 0.975])
-    return median, max(0.0, median - (centre - low)), min(1.0, median + (high - centre))
-
-
-def _settled(table: pd.DataFrame, count: str, excess_high: str, policy: PolicySection) -> set[int]:
-    """Classes with at least ``min_support`` results whose excess has a CI upper bound of
-    at most ``gap_floor`` (more images could hardly make them evidence), and classes
-    with no result at all (no partner class)."""
-    if not len(table):
-        return set()
-    futile = (table[count] >= policy.min_support) & (table[excess_high] <= policy.gap_floor)
-    return set(table.loc[futile | (table[count] == 0), "class_index"].astype(int))
-
-
-def settled_classes(
-    outcomes: pd.DataFrame, class_names: Sequence[str], policy: PolicySection
-) -> set[int]:
-    """The classes sequential Mixed-Rand sampling stops probing (``_settled`` on the
-    excess BG-gap over the other classes' median). Classes that may be bias-driven go
-    on up to ``intervention_samples``.
-    """
-    table = summarise_interventions(outcomes, class_names, policy)
-    return _settled(table, "n_mixed_rand", "bg_gap_excess_high", policy)
-
-
-def settled_transplants(
-    outcomes: pd.DataFrame, class_names: Sequence[str], policy: PolicySection
-) -> set[int]:
-    """The predicted classes sequential transplant sampling stops probing (``_settled``
-    on the excess transplant rate)."""
-    table = summarise_transplants(outcomes, class_names, policy)
-    return _settled(table, "n_transplant", "transplant_excess_high", policy)

@@ -20,7 +20,7 @@ it, and every class c:
   is shown, not tested: the same artefact makes it differ on the rest.
 
 No forward pass is spent: the audit pass's predictions suffice. The tests join the
-interventions' in the run's Benjamini-Hochberg correction (``audit.analyse``); an
+interventions' in the run's Benjamini-Hochberg correction (``audit.analysis.analyse``); an
 association is evidence for c when its q-value is below ``alpha`` and its risk
 difference's lower bound exceeds ``gap_floor``.
 """
@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from audit.aggregate import wilson_interval
+from audit.analysis.aggregate import wilson_interval
 from audit.config import PolicySection
 
 EXAMPLES_PER_ASSOCIATION = 5

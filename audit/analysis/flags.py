@@ -23,7 +23,7 @@ class mix (the reference re-weighted to that mix), its CI a stratified bootstrap
 Classes the other values do not have cannot be compared and are left out.
 
 A flag is heatmap evidence only: it makes a class "suspected" (severity warn) until
-the interventions confirm it (``audit.analyse.class_verdicts``).
+the interventions confirm it (``audit.analysis.verdicts.class_verdicts``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control, mannwhitneyu, norm, rankdata, wilcoxon
 
-from audit.aggregate import (
+from audit.analysis.aggregate import (
     SMALL_SAMPLE,
     Aggregator,
     bootstrap_mean_ci,
