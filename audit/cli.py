@@ -35,7 +35,7 @@ def _report(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from audit.report import write_reports
+    from audit.report.write import write_reports
     from audit.runs.store import IMAGES, RunStore, run_state
 
     run_dir = Path(args.run)

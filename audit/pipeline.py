@@ -49,7 +49,7 @@ from audit.engine.explain import PREDICTED, GradCAM, area_downscale, pad_batch, 
 from audit.engine.models import load_model
 from audit.faces import FACE_COLUMNS, LANDMARK_COLUMNS
 from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
-from audit.report import write_reports
+from audit.report.write import write_reports
 from audit.runs.history import index_run
 from audit.runs.store import RunBusyError, RunStore, file_sha256, hold_run, latest_run, this_process
 

@@ -14,7 +14,7 @@ from audit.config import AuditConfig, ConfigError, ModelSection, build_config, l
 # 2 (usage): a config or data error, or no image could be audited (no verdict); 3: the
 # run stopped on an error (`bias-audit` catches it: audit.errors.guarded).
 from audit.errors import EXIT_OK, EXIT_POLICY, EXIT_USAGE
-from audit.report import FAIL_ON_LEVELS
+from audit.report.outcome import FAIL_ON_LEVELS
 
 # The methods the config accepts (audit.engine.cam_methods registers the same; a test keeps
 # them equal), read without importing Keras, so a config error fails in a moment.
@@ -220,7 +220,7 @@ def main(argv: list[str]) -> int:
         check_inputs_exist(config)  # before Keras is imported: a typo fails in a second
         from audit.engine.models import ModelStructureError
         from audit.pipeline import run_audit
-        from audit.summary import format_summary
+        from audit.report.summary import format_summary
 
         try:
             baseline = _baseline(args.baseline, config)
@@ -256,7 +256,7 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     print(format_gate(report))
     print(f"stored in {result.run_dir} (report.html, report.md, report.json)")
-    from audit.report import reaches
+    from audit.report.outcome import reaches
 
     if reaches(report["outcome"], args.fail_on):
         return EXIT_POLICY
@@ -299,7 +299,7 @@ def _baseline(value: str | None, config: AuditConfig) -> Path | str | None:
 def format_gate(report: dict) -> str:
     """The short table printed at the end of a run: the outcome (PASS, INCONCLUSIVE with
     its reason, WARN or FAIL), then the flagged classes and slices."""
-    from audit.report import outcome_reason, slice_flag_text, untested_note
+    from audit.report.text import outcome_reason, slice_flag_text, untested_note
 
     head = f"{report['outcome']}: " + ", ".join(
         f"{count} {status}" for status, count in report["status_counts"].items()

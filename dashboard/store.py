@@ -23,8 +23,8 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from audit.overlay import stored_overlay
-from audit.report import untested_classes
+from audit.report.outcome import untested_classes
+from audit.report.overlay import stored_overlay
 from audit.runs.decisions import model_line
 from audit.runs.store import RunStore, run_manifests, run_state
 

@@ -140,7 +140,7 @@ def demo_config(files: DemoFiles, store: Path):
 
 def write_overlays(run_dir: Path, out: Path, per_class: int = 3) -> int:
     """Overlays of the stored CAMs for the first images of each class (reads the store)."""
-    from audit.overlay import stored_overlay
+    from audit.report.overlay import stored_overlay
     from audit.runs.store import RunStore
 
     run = RunStore(run_dir)
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     args = parser.parse_args(argv)
     from audit.pipeline import run_audit
+    from audit.report.summary import format_summary
     from audit.run_cli import format_gate
-    from audit.summary import format_summary
 
     started = time.perf_counter()
     print(f"Building the biased demo data and training a small CNN in {args.out} ...")

@@ -13,7 +13,7 @@ run is in the store's history index.
 The exit code is the gate, and it is a function of the store, not of what this
 invocation happened to compute, so a retried task gives the same answer: 1 when the
 newest version's outcome reaches ``schedule.fail_on`` (in the order PASS <
-INCONCLUSIVE < WARN < FAIL of ``audit.report.OUTCOME_ORDER``), 2 when none of the
+INCONCLUSIVE < WARN < FAIL of ``audit.report.outcome.OUTCOME_ORDER``), 2 when none of the
 newest version's images could be audited (a data problem, not a verdict) or a
 version's model file cannot be read, else 0.
 
@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from audit.config import AuditConfig, ConfigError, load_config
-from audit.report import FAIL_ON_LEVELS, NO_IMAGES, outcome_reason, reaches
+from audit.report.outcome import FAIL_ON_LEVELS, NO_IMAGES, reaches
+from audit.report.text import outcome_reason
 
 
 def _natural_key(path: Path) -> tuple[list, str]:

@@ -11,7 +11,8 @@ from conftest import ink_model
 from audit.cli import main as cli_main
 from audit.config import ConfigError, build_config
 from audit.pipeline import run_audit
-from audit.report import render_markdown, write_reports
+from audit.report.markdown import render_markdown
+from audit.report.write import write_reports
 from audit.runs.compare import compare_runs
 from pipelines.demo import SHORTCUTS, train_demo_model, write_dataset
 from pipelines.demo_data import make_demo_set

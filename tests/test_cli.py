@@ -119,7 +119,7 @@ def test_history_says_when_no_run_matches_the_model_line(tmp_path, capsys):
 
 
 def test_the_summary_lists_the_commonest_skip_reasons_and_counts_the_rest():
-    from audit.summary import format_summary
+    from audit.report.summary import format_summary
 
     reasons = {f"reason {index}": 20 - index for index in range(11)}
     manifest = {

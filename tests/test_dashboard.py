@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 from test_report import HOSTILE, REGION, assert_inert, hostile_run
 
 from audit.pipeline import run_audit
-from audit.report import unreadable_note
+from audit.report.text import unreadable_note
 from audit.runs.decisions import Decision, model_line, read_decisions, record_decision
 from dashboard.store import escape_markdown
 

@@ -16,14 +16,14 @@ from test_report import HOSTILE, assert_inert, unescaped
 from audit.cli import main
 from audit.config import ScheduleSection, load_config
 from audit.pipeline import run_audit
-from audit.report import (
+from audit.report.html import render_html
+from audit.report.markdown import render_markdown
+from audit.report.outcome import (
     FAIL_ON_LEVELS,
     INCONCLUSIVE,
     NO_IMAGES,
     OUTCOME_ORDER,
     reaches,
-    render_html,
-    render_markdown,
     run_outcome,
 )
 from audit.run_cli import EXIT_OK, EXIT_POLICY, format_gate, parser

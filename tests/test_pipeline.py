@@ -541,7 +541,7 @@ def test_classes_too_small_for_any_test_are_shown_untested(small_dataset, tmp_pa
     the gate say so."""
     import json
 
-    from audit.report import render_markdown
+    from audit.report.markdown import render_markdown
     from audit.run_cli import format_gate
 
     manifest, model_path = small_dataset

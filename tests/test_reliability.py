@@ -17,7 +17,7 @@ from test_dashboard import app
 
 from audit import cli
 from audit.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
-from audit.report import render_markdown
+from audit.report.markdown import render_markdown
 from audit.runs.store import RunStore, run_state
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set

@@ -12,7 +12,8 @@ from conftest import ink_model
 
 from audit.config import build_config
 from audit.pipeline import run_audit
-from audit.report import render_html, render_markdown
+from audit.report.html import render_html
+from audit.report.markdown import render_markdown
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set
 
@@ -188,7 +189,7 @@ def test_accuracy_and_flagged_slices_come_with_their_intervals(report, run_dir):
 
 
 def test_the_run_summary_gives_each_class_number_with_its_ci(report):
-    from audit.summary import class_table
+    from audit.report.summary import class_table
 
     table = class_table(report).set_index("class")
     for entry in report["classes"]:

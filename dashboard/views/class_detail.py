@@ -7,8 +7,8 @@ import streamlit as st
 from PIL import Image
 
 from audit.analysis.verdicts import SEVERITY_ORDER
-from audit.overlay import colorize
-from audit.report import (
+from audit.report.overlay import colorize
+from audit.report.text import (
     interventions_text,
     main_map_text,
     status_text,

@@ -5,14 +5,8 @@ import pandas as pd
 import streamlit as st
 
 from audit.analysis.verdicts import SEVERITY_ORDER
-from audit.report import (
-    INCONCLUSIVE,
-    drives_text,
-    outcome_reason,
-    status_text,
-    trust_lines,
-    with_ci,
-)
+from audit.report.outcome import INCONCLUSIVE
+from audit.report.text import drives_text, outcome_reason, status_text, trust_lines, with_ci
 from audit.runs.decisions import latest_decisions, model_line
 from dashboard.store import current_run, escape_markdown
 

@@ -4,7 +4,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from audit.report import INCONCLUSIVE
+from audit.report.outcome import INCONCLUSIVE
 from dashboard.store import (
     escape_markdown,
     list_runs,

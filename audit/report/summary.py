@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from audit.report import with_ci
+from audit.report.text import with_ci
 
 SKIP_REASONS_SHOWN = 8  # the most frequent skip reasons listed; the rest are counted
 SKIPPED_PATHS_SHOWN = 5  # skipped rows named with their paths
