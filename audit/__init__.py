@@ -23,7 +23,7 @@ _EXPORTS = {
     "audit.engine.models": ("ModelCut", "ModelStructureError", "cut_model", "load_model"),
     "audit.pipeline": ("AuditResult", "run_audit"),
     "audit.report.write": ("write_reports",),
-    "audit.sources": ("export_tf_dataset",),
+    "audit.data.sources": ("export_tf_dataset",),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -33,21 +33,19 @@ import tensorflow as tf
 
 from audit.analysis.analyse import analyse
 from audit.config import AuditConfig, ConfigError, RegionSection
-from audit.data import (
+from audit.data.decode import DECODE_THREADS, forget_resolved_paths
+from audit.data.faces import FACE_COLUMNS, LANDMARK_COLUMNS
+from audit.data.loader import Batch, load_batches
+from audit.data.manifest import (
     BOX_COLUMNS,
-    DECODE_THREADS,
     RESERVED_COLUMNS,
-    Batch,
     Entries,
-    Preprocessor,
     class_names_for,
-    forget_resolved_paths,
-    load_batches,
     read_entries,
 )
+from audit.data.preprocess import Preprocessor
 from audit.engine.explain import PREDICTED, GradCAM, area_downscale, pad_batch, upsample
 from audit.engine.models import load_model
-from audit.faces import FACE_COLUMNS, LANDMARK_COLUMNS
 from audit.metrics import METRICS, hot_mask, region_mass, region_metrics
 from audit.report.write import write_reports
 from audit.runs.history import index_run
@@ -726,7 +724,7 @@ def run_audit(
     model = load_model(config.model.path, safe_mode=config.model.safe_mode)
     cam = GradCAM.for_config(model, config)
     if config.dataset.tfds is not None:
-        from audit.sources import read_tfds
+        from audit.data.sources import read_tfds
 
         entries = read_tfds(config.dataset)
     else:
@@ -749,7 +747,7 @@ def run_audit(
     model_hash = file_sha256(Path(config.model.path))
     data_hash, data_version = dataset_fingerprint(entries)
     if config.dataset.face_detector is not None:
-        from audit.faces import with_detected_faces
+        from audit.data.faces import with_detected_faces
 
         cache = Path(config.output.store) / ".cache"
         entries = with_detected_faces(entries, cache, data_version, progress=progress)

@@ -4,7 +4,7 @@ Throughput: a PNG dataset with object masks and a manifest is written to a tempo
 folder; in one process, in interleaved rounds, it times
 
 * the plain compiled forward pass of the same model over the same images, fed by the
-  same loader (``audit.data.load_batches`` with the same preprocessing, batch size and
+  same loader (``audit.data.loader.load_batches`` with the same preprocessing, batch size and
   the audit's decode threads) reading what a forward pass reads: the images, not the
   masks; so image decoding is included on both sides,
 * the whole audit, ``audit.pipeline.run_audit``, writing a fresh run each round, and
@@ -57,7 +57,9 @@ from PIL import Image  # noqa: E402
 
 import audit.pipeline as pipeline  # noqa: E402
 from audit.config import AuditConfig, build_config  # noqa: E402
-from audit.data import Preprocessor, class_names_for, load_batches, read_entries  # noqa: E402
+from audit.data.loader import load_batches  # noqa: E402
+from audit.data.manifest import class_names_for, read_entries  # noqa: E402
+from audit.data.preprocess import Preprocessor  # noqa: E402
 from audit.engine.explain import PREDICTED, GradCAM, pad_batch  # noqa: E402
 from audit.engine.models import load_model  # noqa: E402
 from audit.metrics import region_metrics  # noqa: E402

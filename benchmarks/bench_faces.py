@@ -15,7 +15,7 @@ import statistics
 
 import numpy as np
 
-from audit.faces import DETECT_BATCH, _detector, detect_faces
+from audit.data.faces import DETECT_BATCH, _detector, detect_faces
 from benchmarks.timing import interleaved_rates
 
 

@@ -88,7 +88,10 @@ def write_data(folder: Path, count: int) -> None:
 def child(manifest: Path, size: int, regions: str, batch_size: int) -> None:
     """Load every row of ``manifest`` in this (fresh) process; print one JSON line."""
     from audit.config import PreprocessSection, RegionSection
-    from audit.data import DECODE_THREADS, Preprocessor, load_batches, read_manifest
+    from audit.data.decode import DECODE_THREADS
+    from audit.data.loader import load_batches
+    from audit.data.manifest import read_manifest
+    from audit.data.preprocess import Preprocessor
 
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # 144 Mpx is on purpose
     entries = read_manifest(manifest)

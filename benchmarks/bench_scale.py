@@ -84,7 +84,7 @@ def box_coverage(box: tuple, grid: tuple[int, int]) -> np.ndarray:
     """(2, *grid) float32: the object box and the background as coverage fractions of
     the measuring grid (the audit's own area averaging, ``Preprocessor.coverage``)."""
     from audit.config import PreprocessSection
-    from audit.data import Preprocessor
+    from audit.data.preprocess import Preprocessor
 
     mask = np.zeros((SIZE, SIZE), bool)
     y0, x0, y1, x1 = box
@@ -262,7 +262,7 @@ def audit_step(cam, batch: int):
 
 
 def audit_batch(start: int, images, regions, labels):
-    from audit.data import Batch
+    from audit.data.loader import Batch
 
     rows = list(range(start, start + len(images)))
     return Batch(rows=rows, images=images, regions=regions, labels=labels)

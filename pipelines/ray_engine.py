@@ -25,7 +25,8 @@ import keras
 import numpy as np
 
 from audit.config import AuditConfig, ConfigError
-from audit.data import Batch, forget_resolved_paths, load_entry
+from audit.data.decode import forget_resolved_paths
+from audit.data.loader import Batch, load_entry
 from audit.engine.explain import GradCAM
 from audit.pipeline import AuditStep, PassWork, localisation_iou
 

@@ -7,15 +7,11 @@ import pytest
 from PIL import Image
 
 from audit.config import ConfigError, PreprocessSection, RegionSection
-from audit.data import (
-    Preprocessor,
-    SkipRow,
-    build_regions,
-    class_names_for,
-    load_row,
-    read_folders,
-    read_manifest,
-)
+from audit.data.decode import SkipRow
+from audit.data.loader import load_row
+from audit.data.manifest import class_names_for, read_folders, read_manifest
+from audit.data.preprocess import Preprocessor
+from audit.data.regions import build_regions
 
 
 def test_preprocessing_scale_mean_std_and_keras_preprocess():
@@ -105,7 +101,7 @@ def test_missing_label_names_the_csv_line_past_blank_and_multiline_rows(tmp_path
 
 
 def test_an_infinite_box_skips_its_row():
-    from audit.data import _box_values
+    from audit.data.loader import _box_values
 
     row = {"x_min": 2, "y_min": 2, "x_max": float("inf"), "y_max": 20}
     with pytest.raises(SkipRow, match="not four finite numbers"):
@@ -146,7 +142,7 @@ def test_class_folders_with_parallel_masks(tmp_path):
 
 
 def test_colour_masks_count_every_non_black_pixel(tmp_path):
-    from audit.data import _read_mask
+    from audit.data.decode import _read_mask
 
     pixels = np.zeros((2, 3, 3), "uint8")
     pixels[0, 0] = (0, 0, 1)  # a dark class-id colour: grey level 0
@@ -174,7 +170,7 @@ def test_manifest_errors_name_the_file_and_the_fix(tmp_path):
 
 
 def test_paths_that_leave_the_dataset_root_are_refused_symlinks_included(tmp_path):
-    from audit.data import SkipRow, _inside
+    from audit.data.decode import SkipRow, _inside
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "images").mkdir(parents=True)
@@ -199,7 +195,7 @@ def test_paths_that_leave_the_dataset_root_are_refused_symlinks_included(tmp_pat
 
 
 def test_a_swapped_root_symlink_is_resolved_afresh_by_the_next_pass(tmp_path):
-    from audit.data import _inside, forget_resolved_paths
+    from audit.data.decode import _inside, forget_resolved_paths
 
     for version in ("v1", "v2"):
         (tmp_path / version).mkdir()
@@ -236,7 +232,8 @@ def _bomb_png(path, side=20000):
 
 def _load(table, root, regions=None):
     """load_entry for every row of a manifest table: (skip reason or None, loaded) each."""
-    from audit.data import Entries, load_entry
+    from audit.data.loader import load_entry
+    from audit.data.manifest import Entries
 
     entries = Entries(table, root, "test", confine=True)
     regions = regions or [
@@ -273,7 +270,7 @@ def test_an_image_or_mask_too_large_to_open_is_a_skipped_row(tmp_path):
 def test_sixteen_bit_and_float_greyscale_images_keep_their_values(tmp_path):
     import pandas as pd
 
-    from audit.data import _read_image, _read_mask
+    from audit.data.decode import _read_image, _read_mask
 
     levels = np.array([[0, 10, 128, 255]], "uint16")
     Image.fromarray(levels * 257).save(tmp_path / "grey16.png")  # 0 .. 65535

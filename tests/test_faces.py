@@ -6,8 +6,8 @@ import pytest
 from conftest import ink_model
 
 from audit.config import ConfigError, RegionSection, build_config
-from audit.data import SkipRow, build_regions
-from audit.faces import (
+from audit.data.decode import SkipRow
+from audit.data.faces import (
     FACE_COLUMNS,
     LANDMARK_COLUMNS,
     detect_faces,
@@ -15,6 +15,7 @@ from audit.faces import (
     landmark_box,
     with_detected_faces,
 )
+from audit.data.regions import build_regions
 from audit.pipeline import box_iou, run_audit
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set
@@ -125,7 +126,7 @@ def test_mtcnn_finds_the_astronauts_face_and_detections_are_cached(tmp_path, mon
 
     from PIL import Image
 
-    from audit.data import Entries
+    from audit.data.manifest import Entries
 
     (tmp_path / "photos").mkdir()
     Image.fromarray(photo).save(tmp_path / "photos" / "astronaut.png")
@@ -148,7 +149,7 @@ def test_mtcnn_finds_the_astronauts_face_and_detections_are_cached(tmp_path, mon
     def no_detector(images, **kwargs):
         raise AssertionError("the cache should answer")
 
-    monkeypatch.setattr("audit.faces.detect_faces", no_detector)
+    monkeypatch.setattr("audit.data.faces.detect_faces", no_detector)
     again = with_detected_faces(entries, tmp_path / "cache", "abc123")
     pd.testing.assert_frame_equal(again.table, found.table)
 
@@ -156,7 +157,7 @@ def test_mtcnn_finds_the_astronauts_face_and_detections_are_cached(tmp_path, mon
 def test_the_detector_pass_records_an_oversized_image_as_faceless(tmp_path):
     from PIL import Image
 
-    from audit.data import Entries
+    from audit.data.manifest import Entries
 
     Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # a decompression bomb
     entries = Entries(pd.DataFrame({"path": ["bomb.png"], "label": ["a"]}), tmp_path, "test")

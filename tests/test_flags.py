@@ -573,7 +573,8 @@ def test_a_class_that_eases_is_not_a_new_flag():
 def probe_set(tmp_path, counts):
     """Demo PNGs + masks with the given number of images per class (rows in label order)."""
     from audit.config import build_config
-    from audit.data import Preprocessor, read_entries
+    from audit.data.manifest import read_entries
+    from audit.data.preprocess import Preprocessor
     from pipelines.demo import write_dataset
     from pipelines.demo_data import DemoSet, make_demo_set
 
@@ -599,7 +600,7 @@ def test_every_mixed_rand_image_gets_another_class_background(tmp_path):
 
     from audit.analysis.probe_stats import summarise_interventions
     from audit.analysis.probes import run_interventions
-    from audit.data import load_batches
+    from audit.data.loader import load_batches
 
     # 60 images of class 0, 3 of class 1: most batches hold class 0 alone.
     entries, sample, options = probe_set(tmp_path, {0: 60, 1: 3})
@@ -821,7 +822,7 @@ def test_transplants_paste_other_classes_objects_on_each_predicted_class_backgro
     # class's object pasted): the image's own object pixels are not there.
     from concurrent.futures import ThreadPoolExecutor
 
-    from audit.data import load_batches
+    from audit.data.loader import load_batches
 
     composites = np.concatenate(seen[:1])
     first = outcomes.iloc[: len(composites)]

@@ -13,9 +13,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from audit import data
 from audit.config import ConfigError, PreprocessSection, RegionSection
-from audit.data import Entries, PixelBudget, Preprocessor, load_batches, load_entry
+from audit.data import decode, manifest
+from audit.data.decode import PixelBudget
+from audit.data.loader import load_batches, load_entry
+from audit.data.manifest import Entries
+from audit.data.preprocess import Preprocessor
 
 OBJECT_REGIONS = [
     RegionSection(name="object", source="mask"),
@@ -51,13 +54,13 @@ def _load_all(table: pd.DataFrame, root, size=(48, 48), regions=OBJECT_REGIONS):
 def held_pixels(monkeypatch):
     """The pixel counts the decoders hold the budget for: the size they decode at."""
     held = []
-    hold = data.DECODING.hold
+    hold = decode.DECODING.hold
 
     def recording(pixels):
         held.append(pixels)
         return hold(pixels)
 
-    monkeypatch.setattr(data.DECODING, "hold", recording)
+    monkeypatch.setattr(decode.DECODING, "hold", recording)
     return held
 
 
@@ -65,7 +68,7 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_stays_close(tmp_path, he
     pixels, _ = _scene(1203, 1601)  # odd sides: the reduced scale leaves a partial edge
     Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=95)
     full = Image.open(tmp_path / "big.jpg").convert("RGB").resize((48, 48), Image.BILINEAR)
-    shrunk = data._read_image(tmp_path / "big.jpg", size=(48, 48))
+    shrunk = decode._read_image(tmp_path / "big.jpg", size=(48, 48))
     # DCT scaling by 8 (the most JPEG offers; 1601 / 8 still >= 2 x 48): 201 x 151 pixels.
     assert held_pixels == [201 * 151]
     assert shrunk.shape == (48, 48, 3)
@@ -85,16 +88,16 @@ def test_a_large_png_is_reduced_right_after_decoding(tmp_path, monkeypatch):
         return reduce(image, factor, box)
 
     monkeypatch.setattr(Image.Image, "reduce", recording)
-    shrunk = data._read_image(tmp_path / "big.png", size=(48, 48))
+    shrunk = decode._read_image(tmp_path / "big.png", size=(48, 48))
     # Per side, the largest factor that leaves at least twice the input: 1203 / 96 -> 12,
     # 997 / 96 -> 10.
     assert reduced == [("RGB", (1203, 997), (12, 10))]
     full = np.asarray(Image.fromarray(pixels).resize((48, 48), Image.BILINEAR))
     difference = np.abs(shrunk.astype(float) - full)
     assert difference.mean() < 0.75 and difference.max() <= 16
-    palette = data._read_image(tmp_path / "palette.png", size=(48, 48))
+    palette = decode._read_image(tmp_path / "palette.png", size=(48, 48))
     assert reduced[-1][0] == "RGB" and palette.shape == (48, 48, 3)
-    grey = data._read_image(tmp_path / "big.png", grey=True, size=(48, 48))
+    grey = decode._read_image(tmp_path / "big.png", grey=True, size=(48, 48))
     expected = np.asarray(Image.fromarray(pixels).convert("L").resize((48, 48), Image.BILINEAR))
     assert grey.shape == (48, 48) and np.abs(grey.astype(float) - expected).mean() < 1.0
 
@@ -103,7 +106,7 @@ def test_a_large_sixteen_bit_image_is_reduced_and_keeps_its_levels(tmp_path):
     levels = np.full((800, 600), 100 * 257, "uint16")
     levels[:, 300:] = 200 * 257
     Image.fromarray(levels).save(tmp_path / "grey16.png")
-    shrunk = data._read_image(tmp_path / "grey16.png", size=(40, 40))
+    shrunk = decode._read_image(tmp_path / "grey16.png", size=(40, 40))
     assert shrunk.shape == (40, 40, 3)
     assert (shrunk[:, :19] == 100).all() and (shrunk[:, 21:] == 200).all()
 
@@ -113,10 +116,10 @@ def test_images_under_four_times_the_input_are_decoded_as_before(tmp_path, held_
     for name in ("ordinary.png", "ordinary.jpg"):
         Image.fromarray(pixels).save(tmp_path / name)
         before = np.asarray(Image.open(tmp_path / name).convert("RGB"))
-        np.testing.assert_array_equal(data._read_image(tmp_path / name, size=(48, 48)), before)
+        np.testing.assert_array_equal(decode._read_image(tmp_path / name, size=(48, 48)), before)
     assert held_pixels == [191 * 300, 191 * 300]  # decoded at full size, JPEG included
     Image.fromarray(_scene(192, 300)[0]).save(tmp_path / "four_times.png")
-    assert data._read_image(tmp_path / "four_times.png", size=(48, 48)).shape == (48, 48, 3)
+    assert decode._read_image(tmp_path / "four_times.png", size=(48, 48)).shape == (48, 48, 3)
 
 
 def test_a_large_image_keeps_its_mask_and_box_aligned(tmp_path):
@@ -158,7 +161,7 @@ def test_a_large_image_keeps_its_mask_and_box_aligned(tmp_path):
 
 
 def test_a_box_is_drawn_at_the_input_size_as_if_drawn_at_full_size_and_resized():
-    from audit.data import _box_mask
+    from audit.data.regions import _box_mask
 
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -200,7 +203,7 @@ def test_the_loader_bounds_the_pixels_it_decodes_at_once(tmp_path, monkeypatch, 
         Image.new("RGB", (40, 40), (index * 20, 0, 0)).save(tmp_path / f"{index}.png")
     table = pd.DataFrame({"path": [f"{i}.png" for i in range(8)], "label": ["a"] * 8})
     watched = _Watched(budget)
-    monkeypatch.setattr(data, "DECODING", watched)
+    monkeypatch.setattr(decode, "DECODING", watched)
     with ThreadPoolExecutor(4) as pool:
         batches = list(
             load_batches(
@@ -295,7 +298,7 @@ def test_a_fifo_or_folder_as_image_or_mask_is_a_skipped_row(tmp_path):
 
 def _manifest(tmp_path, text: str, name: str = "m.csv"):
     (tmp_path / name).write_text(text)
-    return data.read_manifest(tmp_path / name).table
+    return manifest.read_manifest(tmp_path / name).table
 
 
 def test_a_trailing_comma_reads_the_same_rows_as_without(tmp_path):

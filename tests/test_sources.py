@@ -11,9 +11,10 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from audit.config import ConfigError, DatasetSection, build_config
-from audit.data import _decode_rle, class_names_for, read_entries, read_manifest
+from audit.data.decode import _decode_rle
+from audit.data.manifest import class_names_for, read_entries, read_manifest
+from audit.data.sources import export_tf_dataset, read_coco, read_tfds, tfds_cache_folder
 from audit.pipeline import run_audit
-from audit.sources import export_tf_dataset, read_coco, read_tfds, tfds_cache_folder
 
 HEIGHT, WIDTH = 24, 32
 

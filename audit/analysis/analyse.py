@@ -42,7 +42,9 @@ from audit.analysis.probes import predicted_rows, run_interventions, run_transpl
 from audit.analysis.tables import Analysis, write_analysis
 from audit.analysis.verdicts import causal_evidence, judge_slice_flags
 from audit.config import SEQUENTIAL_MIN_CLASSES, AuditConfig
-from audit.data import Entries, Preprocessor, load_entry
+from audit.data.loader import load_entry
+from audit.data.manifest import Entries
+from audit.data.preprocess import Preprocessor
 from audit.runs.store import RunStore
 
 # The analysis explains small samples (16 trust images, the examples of each class):

@@ -53,7 +53,10 @@ import pandas as pd
 
 from audit.analysis.fill import DEFAULT_KINDS, INTERVENTIONS, fill_objects, intervene
 from audit.config import RegionSection
-from audit.data import DECODE_THREADS, Entries, Preprocessor, load_batches
+from audit.data.decode import DECODE_THREADS
+from audit.data.loader import load_batches
+from audit.data.manifest import Entries
+from audit.data.preprocess import Preprocessor
 
 # Looks every class gets before it may stop; the other classes are compared with the
 # median of these (two looks of 40: 80 images a class, a reference precise enough to

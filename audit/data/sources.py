@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from audit.config import ConfigError, DatasetSection
-from audit.data import EXPORT_MANIFEST, EXPORT_MARKER, Entries, read_manifest
+from audit.data.manifest import EXPORT_MANIFEST, EXPORT_MARKER, Entries, read_manifest
 from audit.runs.store import atomic_write
 
 log = logging.getLogger(__name__)

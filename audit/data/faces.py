@@ -119,7 +119,7 @@ def _best_box(faces: list[dict], min_confidence: float):
 def _read_rgb(root: Path, relative: str, confine: bool) -> np.ndarray | None:
     """An image's RGB pixels, or None when it cannot or may not be read (outside the
     dataset root): the audit then skips its row with the reason."""
-    from audit.data import SkipRow, _inside, _read_image  # data imports this module
+    from audit.data.decode import SkipRow, _inside, _read_image
 
     try:  # as the audit reads it: regular files only, within the decoding budget
         return _read_image(_inside(root, relative, confine=confine))
