@@ -19,9 +19,9 @@ _EXPORTS = {
     "audit.runs.decisions": ("Decision", "read_decisions", "record_decision"),
     "audit.engine.explain": ("PREDICTED", "Explanation", "GradCAM", "zero_maps"),
     "audit.engine.guided": ("GuidedGradCAM", "guided_model"),
-    "audit.metrics": ("region_metrics",),
+    "audit.measure.metrics": ("region_metrics",),
     "audit.engine.models": ("ModelCut", "ModelStructureError", "cut_model", "load_model"),
-    "audit.pipeline": ("AuditResult", "run_audit"),
+    "audit.run": ("AuditResult", "run_audit"),
     "audit.report.write": ("write_reports",),
     "audit.data.sources": ("export_tf_dataset",),
 }

@@ -219,8 +219,8 @@ def main(argv: list[str]) -> int:
             raise ConfigError(_name_flags(str(error), args)) from None
         check_inputs_exist(config)  # before Keras is imported: a typo fails in a second
         from audit.engine.models import ModelStructureError
-        from audit.pipeline import run_audit
         from audit.report.summary import format_summary
+        from audit.run import run_audit
 
         try:
             baseline = _baseline(args.baseline, config)

@@ -7,7 +7,7 @@ folder; in one process, in interleaved rounds, it times
   same loader (``audit.data.loader.load_batches`` with the same preprocessing, batch size and
   the audit's decode threads) reading what a forward pass reads: the images, not the
   masks; so image decoding is included on both sides,
-* the whole audit, ``audit.pipeline.run_audit``, writing a fresh run each round, and
+* the whole audit, ``audit.run.run_audit``, writing a fresh run each round, and
 * the same forward pass as a job of its own (load the model, compile, run), to set
   beside the audit pass, which also loads and compiles,
 
@@ -55,14 +55,14 @@ import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import audit.pipeline as pipeline  # noqa: E402
+import audit.run as pipeline  # noqa: E402
 from audit.config import AuditConfig, build_config  # noqa: E402
 from audit.data.loader import load_batches  # noqa: E402
 from audit.data.manifest import class_names_for, read_entries  # noqa: E402
 from audit.data.preprocess import Preprocessor  # noqa: E402
 from audit.engine.explain import PREDICTED, GradCAM, pad_batch  # noqa: E402
 from audit.engine.models import load_model  # noqa: E402
-from audit.metrics import region_metrics  # noqa: E402
+from audit.measure.metrics import region_metrics  # noqa: E402
 from audit.runs.store import RunStore  # noqa: E402
 from benchmarks.timing import interleaved_rates  # noqa: E402
 from pipelines.demo import demo_model, write_dataset  # noqa: E402
@@ -358,7 +358,7 @@ class Timings:
         self.wrap(RunStore, "write_manifest", "store: manifest json")
         self.wrap_generator(pipeline, "load_batches", "load_batches (waiting on decode)")
         self.wrap_step()
-        self.wrap(pipeline, "_chunk_records", "_chunk_records (pandas rows)")
+        self.wrap(pipeline, "chunk_records", "chunk_records (pandas rows)")
         self.wrap(RunStore, "write_chunk", "store: write_chunk (npz + parquet)")
         self.wrap(RunStore, "assemble", "store: assemble images.parquet")
         # After the measuring pass (present in newer versions of run_audit).
@@ -437,8 +437,8 @@ def piece_rates(config: AuditConfig, model: keras.Model, loader: Loader) -> list
     names = list(loader.class_index)
     pairs = list(zip(batches, outs, strict=True))
     tables = timed(
-        "_chunk_records only",
-        lambda: [pipeline._chunk_records([pair], {}, entries, names, config) for pair in pairs],
+        "chunk_records only",
+        lambda: [pipeline.chunk_records([pair], {}, entries, names, config) for pair in pairs],
     )
 
     per_chunk = pipeline.BATCHES_PER_CHUNK

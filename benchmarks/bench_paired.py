@@ -42,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 
 import audit.analysis.analyse as analyse_module  # noqa: E402
 import audit.analysis.strategies as strategies_module  # noqa: E402
-import audit.pipeline as pipeline  # noqa: E402
+import audit.run as pipeline  # noqa: E402
 from audit.engine.explain import GradCAM  # noqa: E402
 from audit.engine.models import load_model  # noqa: E402
 from benchmarks.bench_audit import (  # noqa: E402

@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from audit.config import build_config  # noqa: E402
-from audit.pipeline import run_audit  # noqa: E402
+from audit.run import run_audit  # noqa: E402
 from pipelines.demo import demo_model, write_dataset  # noqa: E402
 from pipelines.demo_data import make_demo_set  # noqa: E402
 

@@ -12,7 +12,7 @@ It prints images/s for
 * forward: the plain forward pass alone (``tf.function``, ``jax.jit`` of a stateless
   call, or ``torch.no_grad``), on already-decoded batches;
 * grad-cam step: the engine's bare compiled step alone (forward + head backward + CAM);
-* audit step: the dataset audit's own step (``audit.pipeline.AuditStep``: the true and
+* audit step: the dataset audit's own step (``audit.measure.step.AuditStep``: the true and
   the predicted class's maps, the counterfactual map, every region metric of the
   object box and the background on the measuring grid, weak localisation);
 * whole: decode workers (JPEG + the box's coverage grid) feeding the audit step
@@ -245,7 +245,7 @@ WHOLE = "whole (decode -> audit step -> write)"
 def audit_step(cam, batch: int):
     """The dataset audit's step for ResNet-50 with an object box and the background."""
     from audit.config import build_config
-    from audit.pipeline import AuditStep
+    from audit.measure.step import AuditStep
 
     config = build_config(
         {

@@ -52,7 +52,7 @@ class VerdictResult:
 
 def audit_scenario(name: str, seed: int, clean: bool, workdir: Path, **policy) -> VerdictResult:
     """Build (train) one scenario's model and audit set, audit it, read its verdicts."""
-    from audit.pipeline import run_audit
+    from audit.run import run_audit
     from pipelines.scenarios import build_scenario, scenario_config
 
     started = time.perf_counter()

@@ -7,7 +7,7 @@ scikit-learn's digits:
    95% of the time (a planted background shortcut) and an audit set with uniformly
    drawn backgrounds, written as PNGs with object masks and a manifest CSV;
 2. trains a small CNN (10 epochs, 10-20 s on two CPU cores) and saves it as ``.keras``;
-3. audits the model on that set (``audit.pipeline.run_audit``: the same run as
+3. audits the model on that set (``audit.run.run_audit``: the same run as
    ``bias-audit run configs/demo.yaml``), prints per class how much of the
    Grad-CAM mass falls on the digit and on the background, and writes overlays.
 """
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     args = parser.parse_args(argv)
-    from audit.pipeline import run_audit
     from audit.report.summary import format_summary
+    from audit.run import run_audit
     from audit.run_cli import format_gate
 
     started = time.perf_counter()

@@ -89,7 +89,7 @@ def run_schedule(config: AuditConfig, *, progress: bool = False) -> list[Version
     """
     # Here, not at the top: a config error is reported before Keras is imported.
     from audit.engine.models import ModelStructureError
-    from audit.pipeline import run_audit
+    from audit.run import run_audit
 
     results: list[VersionResult] = []
     for version in model_versions(config):

@@ -59,7 +59,7 @@ def trained_cnn(digits_images):
 def biased_demo(tmp_path_factory):
     """The demo's biased model and audit set, audited once (about 25 s)."""
     from audit.config import build_config
-    from audit.pipeline import run_audit
+    from audit.run import run_audit
     from pipelines.demo import CLASS_NAMES, prepare_demo
 
     root = tmp_path_factory.mktemp("biased_demo")

@@ -10,9 +10,9 @@ from conftest import ink_model
 
 from audit.cli import main as cli_main
 from audit.config import ConfigError, build_config
-from audit.pipeline import run_audit
 from audit.report.markdown import render_markdown
 from audit.report.write import write_reports
+from audit.run import run_audit
 from audit.runs.compare import compare_runs
 from pipelines.demo import SHORTCUTS, train_demo_model, write_dataset
 from pipelines.demo_data import make_demo_set

@@ -69,7 +69,7 @@ CHILD = textwrap.dedent(
     out["closed_form"] = closed
     # The on-device region metrics on hand-made arrays with many ties, a zero map and
     # an empty region (rank_acc needs the same stable sort on every backend).
-    from audit.metrics import region_metrics
+    from audit.measure.metrics import region_metrics
     rng = np.random.default_rng(0)
     maps = rng.integers(0, 4, (6, 9, 9)).astype("float32")
     maps[0] = 0.0
@@ -260,7 +260,7 @@ AUDIT_CHILD = textwrap.dedent(
     """
     import json, sys
     from audit.config import build_config
-    from audit.pipeline import run_audit
+    from audit.run import run_audit
 
     result = run_audit(build_config(json.loads(sys.argv[1])), progress=False)
     print("RUN", result.run_dir)

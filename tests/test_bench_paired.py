@@ -4,7 +4,7 @@ through the forward pass, exactly once (its timings are printed, never asserted)
 import pandas as pd
 import pytest
 
-import audit.pipeline as pipeline
+import audit.run as pipeline
 from benchmarks import bench_paired
 
 

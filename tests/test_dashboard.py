@@ -13,8 +13,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_report import HOSTILE, REGION, assert_inert, hostile_run
 
-from audit.pipeline import run_audit
 from audit.report.text import unreadable_note
+from audit.run import run_audit
 from audit.runs.decisions import Decision, model_line, read_decisions, record_decision
 from dashboard.store import escape_markdown
 

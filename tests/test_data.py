@@ -328,7 +328,7 @@ def test_empty_path_and_mask_path_cells_in_a_manifest(tmp_path):
     reason, (label, loaded) = _load(entries.table, entries.root, boxes)[2]
     assert reason is None and label == 1 and loaded.regions[0].sum() == 16
     # The dataset fingerprint (read before any row) copes with the empty cells too.
-    from audit.pipeline import dataset_fingerprint
+    from audit.runs.open import dataset_fingerprint
 
     before, version = dataset_fingerprint(entries)
     assert len(before) == 64

@@ -6,7 +6,7 @@ import keras
 import pytest
 
 from audit.config import build_config
-from audit.pipeline import run_audit
+from audit.run import run_audit
 from pipelines.demo import demo_model
 from pipelines.face_data import CLASS_NAMES, make_portraits, write_portraits
 

@@ -16,7 +16,8 @@ from audit.data.faces import (
     with_detected_faces,
 )
 from audit.data.regions import build_regions
-from audit.pipeline import box_iou, run_audit
+from audit.measure.localisation import box_iou
+from audit.run import run_audit
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set
 

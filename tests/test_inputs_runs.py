@@ -106,7 +106,7 @@ def test_class_folders_with_masks_and_a_matching_latest_baseline(data, tmp_path,
     # A run flagged against a baseline is never reused for one without: resuming the
     # same config returns the plain run, not the newer baseline-relative one.
     from audit.config import load_config
-    from audit.pipeline import run_audit
+    from audit.run import run_audit
 
     plain = load_config(config, {"output": {"store": str(store)}})
     resumed = run_audit(plain, resume=True, progress=False)

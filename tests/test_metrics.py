@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from audit.metrics import region_metrics
+from audit.measure.metrics import region_metrics
 
 
 def run(maps, regions, **kwargs):
@@ -126,7 +126,7 @@ def test_coverage_fractions_weigh_mass_and_area():
 
 
 def test_weak_localisation_takes_the_largest_component_and_compares_boxes():
-    from audit.pipeline import box_iou, localisation_iou
+    from audit.measure.localisation import box_iou, localisation_iou
 
     hot = np.zeros((3, 10, 10), bool)
     hot[0, 2:6, 2:6] = True  # the object's box exactly ...

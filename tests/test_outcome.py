@@ -15,7 +15,6 @@ from test_report import HOSTILE, assert_inert, unescaped
 
 from audit.cli import main
 from audit.config import ScheduleSection, load_config
-from audit.pipeline import run_audit
 from audit.report.html import render_html
 from audit.report.markdown import render_markdown
 from audit.report.outcome import (
@@ -26,6 +25,7 @@ from audit.report.outcome import (
     reaches,
     run_outcome,
 )
+from audit.run import run_audit
 from audit.run_cli import EXIT_OK, EXIT_POLICY, format_gate, parser
 from audit.runs.compare import compare_runs, format_comparison
 from dashboard.store import escape_markdown

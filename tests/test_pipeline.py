@@ -12,7 +12,8 @@ from conftest import ink_model
 
 from audit.cli import main as cli_main
 from audit.config import ConfigError, build_config
-from audit.pipeline import AuditStep, run_audit
+from audit.measure.step import AuditStep
+from audit.run import run_audit
 from audit.runs.store import RunStore, run_state
 from pipelines.demo import SHORTCUTS, write_dataset
 from pipelines.demo_data import make_demo_set
@@ -224,11 +225,11 @@ def test_a_killed_run_resumes_to_identical_results(small_dataset, tmp_path, monk
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"
     assert RunStore(run_dir).done_chunks() == {0}
     # Starting over without --resume says that --resume would continue it.
-    from audit.pipeline import _open_run
+    from audit.runs.open import open_run
 
     key = json.loads((run_dir / "manifest.json").read_text())["run_key"]
     with pytest.warns(UserWarning, match="unfinished run .*--resume would have continued it"):
-        assert _open_run(config, key, resume=False)[0].root != run_dir
+        assert open_run(config, key, resume=False)[0].root != run_dir
 
     # Cut short, the run is held by no process: it shows as interrupted.
     assert run_state(run_dir) == "interrupted"

@@ -6,7 +6,7 @@ import pytest
 from conftest import ink_model
 
 from audit.config import build_config
-from audit.pipeline import run_audit
+from audit.run import run_audit
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set
 
@@ -56,7 +56,7 @@ def test_a_ray_address_nobody_answers_is_a_usage_error_at_once():
     import socket
 
     from audit.config import ConfigError
-    from pipelines.ray_engine import check_ray_address
+    from audit.engines.ray import check_ray_address
 
     with socket.socket() as probe:  # a free port, closed again: nothing listens there
         probe.bind(("127.0.0.1", 0))

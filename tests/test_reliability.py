@@ -60,12 +60,12 @@ def assert_same_rows(ours: pd.DataFrame, clean: pd.DataFrame) -> None:
 def test_an_internal_error_exits_3_marks_the_run_failed_and_resume_finishes_it(
     inputs, clean_rows, tmp_path, monkeypatch, capsys
 ):
-    import audit.pipeline
+    import audit.run
 
     def planted(*args, **kwargs):
         raise RuntimeError("planted fault in the analysis")
 
-    monkeypatch.setattr(audit.pipeline, "analyse", planted)
+    monkeypatch.setattr(audit.run, "analyse", planted)
     assert run(*inputs, tmp_path) == EXIT_ERROR  # not 1, the policy's code
     error = capsys.readouterr().err
     assert "internal error: RuntimeError: planted fault in the analysis" in error
@@ -130,23 +130,23 @@ def test_a_full_or_read_only_disk_mid_run_says_how_to_continue_and_loses_nothing
 
 
 def test_a_store_that_cannot_be_written_is_a_usage_error(inputs, tmp_path, monkeypatch, capsys):
-    import audit.pipeline
+    import audit.checks
 
     # Root ignores permission bits, so the check (os.access, as on a read-only mount)
     # is told so.
-    monkeypatch.setattr(audit.pipeline.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(audit.checks.os, "access", lambda path, mode: False)
     assert run(*inputs, tmp_path / "runs") == EXIT_USAGE
     assert "cannot be written" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
 def test_ctrl_c_exits_130_and_leaves_the_run_resumable(inputs, tmp_path, monkeypatch, capsys):
-    import audit.pipeline
+    import audit.run
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(audit.pipeline, "analyse", interrupt)
+    monkeypatch.setattr(audit.run, "analyse", interrupt)
     assert run(*inputs, tmp_path) == EXIT_INTERRUPTED
     assert "--resume" in capsys.readouterr().err
     assert run_state(only_run(tmp_path).root) == "interrupted"  # no process holds it
@@ -164,12 +164,12 @@ def test_every_command_exits_3_on_an_internal_error(monkeypatch, tmp_path, capsy
 
 
 def test_a_resumed_run_leaves_no_temporary_files(inputs, clean_rows, tmp_path, monkeypatch):
-    import audit.pipeline
+    import audit.run
 
     def planted(*args, **kwargs):
         raise RuntimeError("planted")
 
-    monkeypatch.setattr(audit.pipeline, "analyse", planted)
+    monkeypatch.setattr(audit.run, "analyse", planted)
     assert run(*inputs, tmp_path) == EXIT_ERROR
     stopped = only_run(tmp_path)
     # What writes killed mid-file leave (atomic_write's temporary names).

@@ -11,9 +11,9 @@ import pytest
 from conftest import ink_model
 
 from audit.config import build_config
-from audit.pipeline import run_audit
 from audit.report.html import render_html
 from audit.report.markdown import render_markdown
+from audit.run import run_audit
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set
 

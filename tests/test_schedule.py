@@ -12,7 +12,7 @@ from conftest import ink_model
 
 from audit.cli import main as cli_main
 from audit.config import ConfigError, build_config, load_config
-from audit.pipeline import run_audit
+from audit.run import run_audit
 from audit.runs.decisions import Decision, model_line, record_decision
 from audit.runs.history import history
 from audit.runs.store import file_sha256
@@ -202,7 +202,7 @@ def test_a_complete_run_is_reused_when_a_newer_run_of_it_was_killed(tmp_path, mo
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr("audit.pipeline.write_reports", killed)
+        patch.setattr("audit.run.write_reports", killed)
         with pytest.raises(KeyboardInterrupt):
             run_audit(versioned, progress=False)
     store = tmp_path / "runs"

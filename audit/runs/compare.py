@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
-from audit.config import ConfigError
 from audit.analysis.flags import benjamini_hochberg, bootstrap_difference_ci
+from audit.config import ConfigError
 from audit.report.outcome import INCONCLUSIVE
 from audit.report.text import outcome_reason
 from audit.runs.store import RunStore, baseline_mismatch

@@ -28,7 +28,9 @@ from audit.config import AuditConfig, ConfigError
 from audit.data.decode import forget_resolved_paths
 from audit.data.loader import Batch, load_entry
 from audit.engine.explain import GradCAM
-from audit.pipeline import AuditStep, PassWork, localisation_iou
+from audit.engines.local import PassWork
+from audit.measure.localisation import localisation_iou
+from audit.measure.step import AuditStep
 
 
 class _Decode:
@@ -125,8 +127,9 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
         ) from None
 
 
-def measure_ray(work: PassWork, *, ray_address: str | None = None) -> float:
-    """Run the audit pass on Ray Data and write the run's chunks; returns wall seconds."""
+def measure_ray(work: PassWork, step=None, ray_address: str | None = None) -> float:
+    """Run the audit pass on Ray Data and write the run's chunks; returns wall seconds.
+    (``step``: the actors compile their own.)"""
     try:
         import ray
     except ImportError:
