@@ -53,6 +53,7 @@ from audit.runs.open import (
     remove_temporaries,
 )
 from audit.runs.store import RunBusyError, file_sha256, hold_run, this_process
+from audit.timing import stage
 
 # Rows per stored chunk, in batches: the unit of resume and of memory.
 BATCHES_PER_CHUNK = 4
@@ -98,14 +99,17 @@ def run_audit(
     engines.check(engine, ray_address)  # before any run folder: a usage error
     check_store_path(Path(config.output.store))
     forget_resolved_paths()
-    model = load_model(config.model.path, safe_mode=config.model.safe_mode)
-    cam = GradCAM.for_config(model, config)
-    if config.dataset.tfds is not None:
-        from audit.data.sources import read_tfds
+    with stage("setup: load model"):
+        model = load_model(config.model.path, safe_mode=config.model.safe_mode)
+    with stage("setup: cut model"):
+        cam = GradCAM.for_config(model, config)
+    with stage("setup: read dataset"):
+        if config.dataset.tfds is not None:
+            from audit.data.sources import read_tfds
 
-        entries = read_tfds(config.dataset)
-    else:
-        entries = read_entries(config.dataset)
+            entries = read_tfds(config.dataset)
+        else:
+            entries = read_entries(config.dataset)
     if entries.table.empty:
         raise ConfigError(f"the dataset ({entries.name}) has no rows: there is nothing to audit")
     class_names = class_names_for(
@@ -121,8 +125,10 @@ def run_audit(
     )
     size = input_size(model, config)
     channels = input_channels(cam, config)
-    model_hash = file_sha256(Path(config.model.path))
-    data_hash, data_version = dataset_fingerprint(entries)
+    with stage("setup: model hash"):
+        model_hash = file_sha256(Path(config.model.path))
+    with stage("setup: dataset fingerprint"):
+        data_hash, data_version = dataset_fingerprint(entries)
     if config.dataset.face_detector is not None:
         from audit.data.faces import with_detected_faces
 
@@ -252,22 +258,26 @@ def run_audit(
         )
         # Ray's actors compile their own steps; locally the step compiles before the loop.
         compiles = engines.engine(engine).compiles_step
-        trace_seconds = None if compiles else step.warm_up() if todo else 0.0
+        with stage("pass: compile the step"):
+            trace_seconds = None if compiles else step.warm_up() if todo else 0.0
         tick = time.perf_counter()
-        compute_seconds = engines.measure(engine, work, step, ray_address)
+        with stage("pass: measure"):
+            compute_seconds = engines.measure(engine, work, step, ray_address)
         measure_seconds = time.perf_counter() - tick
-        images = run.assemble()
+        with stage("pass: assemble images.parquet"):
+            images = run.assemble()
         pass_seconds = time.perf_counter() - started
-        analyse(
-            run,
-            config,
-            model=model,
-            entries=entries,
-            # Without region_size: full-resolution masks.
-            preprocessor=Preprocessor(size, config.preprocess, channels=channels),
-            class_index=class_index,
-            baseline=baseline,
-        )
+        with stage("analysis"):
+            analyse(
+                run,
+                config,
+                model=model,
+                entries=entries,
+                # Without region_size: full-resolution masks.
+                preprocessor=Preprocessor(size, config.preprocess, channels=channels),
+                class_index=class_index,
+                baseline=baseline,
+            )
         reasons = Counter(
             skip_kind(reason) for reason in images.loc[images["status"] == "skipped", "skip_reason"]
         )
@@ -291,7 +301,8 @@ def run_audit(
             },
             baseline=None if baseline is None else str(baseline),
         )
-        write_reports(run.root)
+        with stage("reports"):
+            write_reports(run.root)
         # Complete only once its reports exist: a run killed before this point is resumed,
         # never shown as finished without a report.
         manifest = run.update_manifest(

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import io
 import json
 import os
@@ -55,15 +54,17 @@ import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import audit.run as pipeline  # noqa: E402
 from audit.config import AuditConfig, build_config  # noqa: E402
+from audit.data.decode import DECODE_THREADS  # noqa: E402
 from audit.data.loader import load_batches  # noqa: E402
 from audit.data.manifest import class_names_for, read_entries  # noqa: E402
 from audit.data.preprocess import Preprocessor  # noqa: E402
 from audit.engine.explain import PREDICTED, GradCAM, pad_batch  # noqa: E402
 from audit.engine.models import load_model  # noqa: E402
 from audit.measure.metrics import region_metrics  # noqa: E402
-from audit.runs.store import RunStore  # noqa: E402
+from audit.measure.step import AuditStep, chunk_records  # noqa: E402
+from audit.run import BATCHES_PER_CHUNK, run_audit  # noqa: E402
+from audit.timing import listen  # noqa: E402
 from benchmarks.timing import interleaved_rates  # noqa: E402
 from pipelines.demo import demo_model, write_dataset  # noqa: E402
 from pipelines.demo_data import DemoSet, make_demo_set  # noqa: E402
@@ -143,7 +144,7 @@ def fit_probe_head(model: keras.Model, root: Path, size: int) -> None:
     features = keras.Model(model.input, head.input)
     loader = Loader(config, model, images_only=True)
     pooled, labels = [], []
-    with ThreadPoolExecutor(max_workers=pipeline.DECODE_THREADS) as pool:
+    with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
         for batch in loader.batches(pool):
             if not batch.rows:  # a chunk boundary can yield an empty batch
                 continue
@@ -198,7 +199,7 @@ class Loader:
             self.regions = []
             self.preprocessor = Preprocessor(self.size, config.preprocess)
         else:  # regions on the step's measuring grid, as run_audit decodes them
-            grid = pipeline.AuditStep(cam, config, self.size).metric_size
+            grid = AuditStep(cam, config, self.size).metric_size
             self.preprocessor = Preprocessor(self.size, config.preprocess, region_size=grid)
 
     def batches(self, pool, positions=None):
@@ -226,7 +227,7 @@ def forward_runner(model: keras.Model, loader: Loader):
 
     def run(positions=None) -> int:
         count = 0
-        with ThreadPoolExecutor(max_workers=pipeline.DECODE_THREADS) as pool:
+        with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
             for batch in loader.batches(pool, positions):
                 real = len(batch.rows)
                 if real:  # a chunk boundary can yield an empty batch
@@ -257,7 +258,7 @@ def audit_runner(config: AuditConfig, tag: str):
     runs = iter(range(1_000_000))
 
     def run() -> int:
-        result = pipeline.run_audit(with_run_id(config, f"{tag}-{next(runs)}"), progress=False)
+        result = run_audit(with_run_id(config, f"{tag}-{next(runs)}"), progress=False)
         timings = result.manifest["timings"]
         PASS_RATES.append(len(result.images) / timings["pass_seconds"])
         LOOP_RATES.append(timings["measured_rows"] / timings["measure_seconds"])
@@ -268,128 +269,56 @@ def audit_runner(config: AuditConfig, tag: str):
 
 
 class Timings:
-    """Wall seconds per phase of one instrumented ``run_audit`` (module attributes patched)."""
+    """Wall seconds per stage of one ``run_audit``, as the library reports them
+    (``audit.timing``); with ``track_memory``, how much each stage raised the peak RSS
+    (VmHWM)."""
 
     def __init__(self, track_memory: bool = False) -> None:
         self.track_memory = track_memory
-        self.raised: dict[str, int] = defaultdict(int)  # KiB the phase raised VmHWM by
+        self.raised: dict[str, int] = defaultdict(int)  # KiB the stage raised VmHWM by
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self._undo: list[tuple[object, str, object]] = []
-        self.chunk_starts: list[float] = []  # when run_audit asked for each chunk's batches
-        self.last_write = 0.0
-        self.nested: set[str] = set()  # phases inside another timed phase
+        self.nested: set[str] = set()  # stages inside another timed stage
+        self._peaks: dict[str, list[int]] = defaultdict(list)  # VmHWM at each open start
+        self.writes: list[tuple[float, int]] = []  # (when, rows) of each chunk written
+        self._listening = listen(self.heard)
 
-    def mark(self) -> tuple[float, int]:
-        return time.perf_counter(), _kib("VmHWM") if self.track_memory else 0
-
-    def add(self, key: str, mark: tuple[float, int]) -> None:
-        start, peak = mark
-        self.seconds[key] += time.perf_counter() - start
-        self.calls[key] += 1
-        if self.track_memory:
-            self.raised[key] += _kib("VmHWM") - peak
-
-    def wrap(self, owner, name: str, key: str, nested: bool = False) -> None:
-        """Time calls of ``owner.name`` (a module or class; skipped if it has none)."""
-        if isinstance(owner, str):
-            try:
-                owner = importlib.import_module(owner)
-            except ImportError:
-                return
-        original = getattr(owner, name, None)
-        if original is None:
-            return
-        if nested:
-            self.nested.add(key)
-
-        def timed(*args, **kwargs):
-            start = self.mark()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.add(key, start)
-                if name == "write_chunk":
-                    self.last_write = time.perf_counter()
-
-        self._undo.append((owner, name, original))
-        setattr(owner, name, timed)
-
-    def wrap_generator(self, owner, name: str, key: str) -> None:
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            self.chunk_starts.append(time.perf_counter())
-            items = original(*args, **kwargs)
-            while True:
-                start = self.mark()
-                try:
-                    item = next(items)
-                except StopIteration:
-                    self.add(key, start)
-                    return
-                self.add(key, start)
-                yield item
-
-        self._undo.append((owner, name, original))
-        setattr(owner, name, timed)
-
-    def wrap_step(self) -> None:
-        original = pipeline.AuditStep.__call__
-
-        def timed(step, batch):
-            key = "step: later calls" if getattr(step, "_bench_traced", False) else None
-            start = self.mark()
-            try:
-                return original(step, batch)
-            finally:
-                self.add(key or "step: first call (traces)", start)
-                step._bench_traced = True
-
-        self._undo.append((pipeline.AuditStep, "__call__", original))
-        pipeline.AuditStep.__call__ = timed
+    def heard(self, event: str, name: str, value: float) -> None:
+        if name.startswith(NESTED_STAGES):
+            self.nested.add(name)
+        if event == "start":
+            self._peaks[name].append(_kib("VmHWM") if self.track_memory else 0)
+        elif event == "end":
+            self.seconds[name] += value
+            self.calls[name] += 1
+            peak = self._peaks[name].pop() if self._peaks[name] else 0
+            if self.track_memory:
+                self.raised[name] += _kib("VmHWM") - peak
+        elif event == "count" and name == "rows written":
+            self.writes.append((time.perf_counter(), int(value)))
 
     def __enter__(self) -> Timings:
-        self.wrap(pipeline, "load_model", "setup: load_model")
-        self.wrap(pipeline.GradCAM, "for_config", "setup: GradCAM (cut model)")
-        self.wrap(pipeline, "read_entries", "setup: read manifest")
-        self.wrap(pipeline, "file_sha256", "setup: model sha256")
-        self.wrap(pipeline, "dataset_fingerprint", "setup: dataset fingerprint (stat)")
-        self.wrap(RunStore, "write_manifest", "store: manifest json")
-        self.wrap_generator(pipeline, "load_batches", "load_batches (waiting on decode)")
-        self.wrap_step()
-        self.wrap(pipeline, "chunk_records", "chunk_records (pandas rows)")
-        self.wrap(RunStore, "write_chunk", "store: write_chunk (npz + parquet)")
-        self.wrap(RunStore, "assemble", "store: assemble images.parquet")
-        # After the measuring pass (present in newer versions of run_audit).
-        self.wrap(pipeline, "analyse", "analyse (all of it)")
-        analysis = "audit.analysis.analyse"
-        self.wrap(analysis, "build_aggregator", "  (in analyse) build_aggregator", nested=True)
-        aggregator = getattr(
-            importlib.import_module("audit.analysis.aggregate"), "Aggregator", None
-        )
-        if aggregator is not None:
-            self.wrap(aggregator, "finalize", "  (in analyse) Aggregator.finalize", nested=True)
-        self.wrap(analysis, "evaluate_flags", "  (in analyse) evaluate_flags", nested=True)
-        self.wrap(analysis, "run_interventions", "  (in analyse) run_interventions", nested=True)
-        self.wrap(
-            "audit.analysis.strategies", "find_strategies", "  (in analyse) find_strategies", True
-        )
-        self.wrap(analysis, "write_analysis", "  (in analyse) write_analysis", nested=True)
-        self.wrap(analysis, "_trust_checks", "  (in analyse) trust checks", nested=True)
-        self.wrap(analysis, "_write_guided", "  (in analyse) Guided Grad-CAM examples", True)
-        self.wrap(pipeline, "write_reports", "write_reports (json, md, html)")
+        self._listening.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for owner, name, original in reversed(self._undo):
-            setattr(owner, name, original)
+        self._listening.__exit__(*exc)
+
+
+# Stages inside another reported stage ("pass: measure", "analysis"): not added twice.
+NESTED_STAGES = (
+    "pass: wait for decoded batches",
+    "pass: step",
+    "pass: chunk records",
+    "pass: write chunk",
+    "analysis: ",
+)
 
 
 def instrumented_audit(config: AuditConfig) -> tuple[float, Timings]:
     with Timings() as timings:
         start = time.perf_counter()
-        pipeline.run_audit(config, progress=False)
+        run_audit(config, progress=False)
         total = time.perf_counter() - start
     return total, timings
 
@@ -407,7 +336,7 @@ def piece_rates(config: AuditConfig, model: keras.Model, loader: Loader) -> list
         rows.append((name, count / seconds, seconds, note))
         return result
 
-    with ThreadPoolExecutor(max_workers=pipeline.DECODE_THREADS) as pool:
+    with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
         batches = timed(
             "decode: load_batches (images + masks)",
             lambda: list(loader.batches(pool)),
@@ -426,7 +355,7 @@ def piece_rates(config: AuditConfig, model: keras.Model, loader: Loader) -> list
 
     cam = GradCAM(model, config.model.layer, config.model.method, batch_size=size)
     start = time.perf_counter()
-    step = pipeline.AuditStep(cam, config, loader.size)
+    step = AuditStep(cam, config, loader.size)
     step(batches[0])
     trace = time.perf_counter() - start
     outs = timed("compute: AuditStep only (decoded)", lambda: [step(b) for b in batches])
@@ -438,10 +367,10 @@ def piece_rates(config: AuditConfig, model: keras.Model, loader: Loader) -> list
     pairs = list(zip(batches, outs, strict=True))
     tables = timed(
         "chunk_records only",
-        lambda: [pipeline.chunk_records([pair], {}, entries, names, config) for pair in pairs],
+        lambda: [chunk_records([pair], {}, entries, names, config) for pair in pairs],
     )
 
-    per_chunk = pipeline.BATCHES_PER_CHUNK
+    per_chunk = BATCHES_PER_CHUNK
     groups = [
         (tables[i : i + per_chunk], outs[i : i + per_chunk])
         for i in range(0, len(tables), per_chunk)
@@ -629,14 +558,14 @@ def throughput(args, work: Path) -> None:
     fixed = sum(
         seconds
         for key, seconds in timings.seconds.items()
-        if key.startswith("setup:") or key == "step: first call (traces)"
+        if key.startswith("setup:") or key == "pass: compile the step"
     )
     print(f"per-run fixed costs (setup + tracing the step): {fixed:.2f} s")
-    chunk_rows = config.batch_size * pipeline.BATCHES_PER_CHUNK
-    if len(timings.chunk_starts) > 1:  # chunks 2..n: no tracing, no setup
-        steady = (count - chunk_rows) / (timings.last_write - timings.chunk_starts[1])
+    if len(timings.writes) > 1:  # chunks 2..n: no tracing, no setup
+        (first, _), (last, _) = timings.writes[0], timings.writes[-1]
+        steady = sum(rows for _, rows in timings.writes[1:]) / (last - first)
         print(
-            f"chunks 2..{len(timings.chunk_starts)} alone (steady state, load + step + records "
+            f"chunks 2..{len(timings.writes)} alone (steady state, load + step + records "
             f"+ writes): {steady:.0f} img/s = {steady / base:.2f}x forward"
         )
 
@@ -669,7 +598,7 @@ def memory_child(args) -> None:
     before = _kib("VmRSS")
     start = time.perf_counter()
     with Timings(track_memory=True) as timings:
-        result = pipeline.run_audit(config, progress=False)
+        result = run_audit(config, progress=False)
     seconds = time.perf_counter() - start
     report = {
         "rows": len(result.images),

@@ -40,11 +40,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import audit.analysis.analyse as analyse_module  # noqa: E402
-import audit.analysis.strategies as strategies_module  # noqa: E402
+import audit.engines.local as local_engine  # noqa: E402
 import audit.run as pipeline  # noqa: E402
-from audit.engine.explain import GradCAM  # noqa: E402
 from audit.engine.models import load_model  # noqa: E402
+from audit.timing import listen  # noqa: E402
 from benchmarks.bench_audit import (  # noqa: E402
     WEIGHTS,
     Loader,
@@ -73,7 +72,7 @@ def wait_quiet() -> tuple[float, bool]:
 
 
 class Pauses:
-    """Patches ``pipeline.ChunkWriter`` so ``run_audit`` pauses for the forward pass every
+    """Patches ``local_engine.ChunkWriter`` so ``run_audit`` pauses for the forward pass every
     ``slice_rows`` rows (at a chunk boundary) and once more when its last chunk is in."""
 
     def __init__(self, forward: Callable[[list[int]], int], slice_rows: int) -> None:
@@ -105,7 +104,7 @@ class Pauses:
         self.last = end
 
     def __enter__(self) -> Pauses:
-        writer = pipeline.ChunkWriter
+        writer = local_engine.ChunkWriter
         self.undo = (writer.submit, writer.close)
         submit, close = self.undo
         pauses = self
@@ -127,52 +126,41 @@ class Pauses:
         return self
 
     def __exit__(self, *exc) -> None:
-        pipeline.ChunkWriter.submit, pipeline.ChunkWriter.close = self.undo
+        local_engine.ChunkWriter.submit, local_engine.ChunkWriter.close = self.undo
 
 
 class StageTimes:
-    """Times the analysis stages that run after the pass (``audit.analysis.analyse``) and counts
-    the images its forward passes see (``GradCAM.probabilities``: the interventions and
-    the trust checks' deletion and insertion curves)."""
+    """Seconds of the analysis stages that run after the pass and the images their
+    forward passes see (the interventions, the transplant test and the trust checks'
+    deletion and insertion curves), as the library reports them (``audit.timing``)."""
 
     STAGES = {
-        "interventions": (analyse_module, "_interventions"),
-        "trust checks": (analyse_module, "_trust_checks"),
-        "guided examples": (analyse_module, "_write_guided"),
-        "strategy clusters": (strategies_module, "find_strategies"),
-        "probabilities": (GradCAM, "probabilities"),
+        "interventions": ("analysis: interventions", "analysis: transplant test"),
+        "trust checks": ("analysis: trust checks",),
+        "guided examples": ("analysis: guided examples",),
+        "strategy clusters": ("analysis: strategy clusters",),
+        "probabilities": ("forward passes",),
     }
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(self.STAGES, 0.0)
         self.forward_images = 0
-        self.undo: list = []
+        self._listening = listen(self.heard)
+
+    def heard(self, event: str, name: str, value: float) -> None:
+        if event == "count" and name == "forward images":
+            self.forward_images += int(value)
+        elif event == "end":
+            for stage, names in self.STAGES.items():
+                if name in names:
+                    self.seconds[stage] += value
 
     def __enter__(self) -> StageTimes:
-        try:
-            for stage, (owner, name) in self.STAGES.items():
-                original = getattr(owner, name)
-
-                def timed(*args, _original=original, _stage=stage, **kwargs):
-                    start = time.perf_counter()
-                    try:
-                        result = _original(*args, **kwargs)
-                    finally:
-                        self.seconds[_stage] += time.perf_counter() - start
-                    if _stage == "probabilities":
-                        self.forward_images += len(result)  # one row per image
-                    return result
-
-                setattr(owner, name, timed)
-                self.undo.append((owner, name, original))
-        except BaseException:
-            self.__exit__()
-            raise
+        self._listening.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for owner, name, original in self.undo:
-            setattr(owner, name, original)
+        self._listening.__exit__(*exc)
 
     def line(self) -> str:
         stages = ", ".join(

@@ -4,7 +4,7 @@ through the forward pass, exactly once (its timings are printed, never asserted)
 import pandas as pd
 import pytest
 
-import audit.run as pipeline
+import audit.engines.local as local_engine
 from benchmarks import bench_paired
 
 
@@ -12,10 +12,7 @@ from benchmarks import bench_paired
 def test_pauses_cover_every_row_once_and_leave_the_pipeline_as_it_was(
     tmp_path, capsys, monkeypatch
 ):
-    submit, close = pipeline.ChunkWriter.submit, pipeline.ChunkWriter.close
-    stage_functions = [
-        getattr(owner, name) for owner, name in bench_paired.StageTimes.STAGES.values()
-    ]
+    submit, close = local_engine.ChunkWriter.submit, local_engine.ChunkWriter.close
     seen = []
     forward_runner = bench_paired.forward_runner
 
@@ -47,15 +44,14 @@ def test_pauses_cover_every_row_once_and_leave_the_pipeline_as_it_was(
     assert [len(rows) for rows in pauses] == [128, 128, 44]
     assert sorted(row for rows in pauses for row in rows) == list(range(300))
     assert "paused 3 times" in out and "whole audit / forward = " in out
-    assert (pipeline.ChunkWriter.submit, pipeline.ChunkWriter.close) == (submit, close)
+    assert (local_engine.ChunkWriter.submit, local_engine.ChunkWriter.close) == (submit, close)
     # Every analysis stage ran and was timed (the interventions and the trust checks ran
-    # forward passes), then unpatched.
+    # forward passes), as the library reports them.
     (stages,) = timed
-    assert all(seconds > 0 for seconds in stages.seconds.values()), stages.seconds
+    # (Not the Guided Grad-CAM examples: a 48 px model is under trust.guided_min_side.)
+    timed_stages = {k: v for k, v in stages.seconds.items() if k != "guided examples"}
+    assert all(seconds > 0 for seconds in timed_stages.values()), stages.seconds
     assert stages.forward_images > 0 and "analysis stages: interventions" in out
-    assert [
-        getattr(owner, name) for owner, name in bench_paired.StageTimes.STAGES.values()
-    ] == stage_functions
     (run,) = [path for path in (tmp_path / "runs").iterdir() if path.is_dir()]
     images = pd.read_parquet(run / "images.parquet")
     assert len(images) == 300 and (images["status"] == "ok").all()

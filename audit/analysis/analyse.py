@@ -46,6 +46,7 @@ from audit.data.loader import load_entry
 from audit.data.manifest import Entries
 from audit.data.preprocess import Preprocessor
 from audit.runs.store import RunStore
+from audit.timing import stage
 
 # The analysis explains small samples (16 trust images, the examples of each class):
 # its engine pads every call to at most this many images, one compiled shape for all.
@@ -79,23 +80,26 @@ def analyse(
     # examples.
     cam = GradCAM.for_config(model, config, batch_size=min(config.batch_size, ANALYSIS_BATCH))
     class_names = manifest["class_names"]
-    aggregator = aggregator_for(images, manifest)
-    groups = aggregator.finalize(
-        class_names,
-        resamples=policy.bootstrap_resamples,
-        seed=policy.seed,
-        min_support=policy.min_support,
-    )
-    baseline_aggregator, paired = None, False
-    if baseline is not None:
-        baseline_run = RunStore(baseline)
-        baseline_manifest = baseline_run.manifest()
-        baseline_aggregator = aggregator_for(baseline_run.images(), baseline_manifest)
-        # The same dataset (rows and file sizes): its slices are compared image by image.
-        paired = baseline_manifest["dataset"]["fingerprint"] == manifest["dataset"]["fingerprint"]
-    flags = evaluate_flags(
-        aggregator, class_names, spurious_regions(manifest), policy, baseline_aggregator, paired
-    )
+    with stage("analysis: aggregation"):
+        aggregator = aggregator_for(images, manifest)
+        groups = aggregator.finalize(
+            class_names,
+            resamples=policy.bootstrap_resamples,
+            seed=policy.seed,
+            min_support=policy.min_support,
+        )
+        baseline_aggregator, paired = None, False
+        if baseline is not None:
+            baseline_run = RunStore(baseline)
+            baseline_manifest = baseline_run.manifest()
+            baseline_aggregator = aggregator_for(baseline_run.images(), baseline_manifest)
+            # The same dataset (rows and file sizes): its slices are compared image by image.
+            fingerprint = manifest["dataset"]["fingerprint"]
+            paired = baseline_manifest["dataset"]["fingerprint"] == fingerprint
+    with stage("analysis: flags"):
+        flags = evaluate_flags(
+            aggregator, class_names, spurious_regions(manifest), policy, baseline_aggregator, paired
+        )
     interventions = pd.DataFrame()
     if policy.intervention_samples > 0 and any(r.role == "expected" for r in config.regions):
         sample = sample_rows(images, policy.intervention_samples, policy.seed)
@@ -106,27 +110,31 @@ def analyse(
             "batch_size": config.batch_size,
             "seed": policy.seed,
         }
-        interventions = _interventions(
-            partial(run_interventions, cam.probabilities, entries, **options),
-            sample,
-            flags,
-            class_names,
-            policy,
-        )
-        transplants = _transplants(
-            partial(run_transplants, cam.probabilities, entries, sample, **options),
-            predicted_rows(images, policy.intervention_samples, policy.seed),
-            class_names,
-            policy,
-        )
+        with stage("analysis: interventions"):
+            interventions = _interventions(
+                partial(run_interventions, cam.probabilities, entries, **options),
+                sample,
+                flags,
+                class_names,
+                policy,
+            )
+        with stage("analysis: transplant test"):
+            transplants = _transplants(
+                partial(run_transplants, cam.probabilities, entries, sample, **options),
+                predicted_rows(images, policy.intervention_samples, policy.seed),
+                class_names,
+                policy,
+            )
         interventions = _merge_classes(interventions, transplants)
-    slice_columns = slice_columns_of(images, manifest["dataset"].get("slice_columns", []))
-    associations = slice_associations(images, slice_columns, class_names, policy)
-    interventions, associations = causal_evidence(interventions, associations, policy)
-    flags = judge_slice_flags(flags, associations, policy)
-    strategies = find_strategies(
-        run, images, manifest, seed=policy.seed, resamples=policy.bootstrap_resamples
-    )
+    with stage("analysis: slice associations and verdicts"):
+        slice_columns = slice_columns_of(images, manifest["dataset"].get("slice_columns", []))
+        associations = slice_associations(images, slice_columns, class_names, policy)
+        interventions, associations = causal_evidence(interventions, associations, policy)
+        flags = judge_slice_flags(flags, associations, policy)
+    with stage("analysis: strategy clusters"):
+        strategies = find_strategies(
+            run, images, manifest, seed=policy.seed, resamples=policy.bootstrap_resamples
+        )
 
     def load(rows):
         loaded = [
@@ -136,16 +144,19 @@ def analyse(
 
     trust = None
     if config.trust.samples > 0:
-        trust = _trust_checks(model, cam, config, load, images, len(class_names))
+        with stage("analysis: trust checks"):
+            trust = _trust_checks(model, cam, config, load, images, len(class_names))
     if guided_note(config.trust.model_dump(), manifest["input_size"]) is None:
         rows = [
             int(row)
             for index in range(len(class_names))
             for row in worst_examples(images, index, manifest)["row"]
         ]
-        _write_guided(run, model, cam, load(rows))
+        with stage("analysis: guided examples"):
+            _write_guided(run, model, cam, load(rows))
     analysis = Analysis(groups, flags, interventions, strategies, trust, associations)
-    write_analysis(run, analysis)
+    with stage("analysis: write tables"):
+        write_analysis(run, analysis)
     return analysis
 
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from audit.engine.cam_methods import get_cam_method, gradcam, needs_forward, uses_gradients
 from audit.engine.models import ModelCut, ModelStructureError, cut_model
+from audit.timing import count, stage
 
 # Target value meaning "the class the model predicts" inside the compiled step.
 PREDICTED = -1
@@ -330,7 +331,14 @@ class GradCAM:
         compiled program serves maps and predictions, and the maps cost only a backward
         pass through the head. Eigen-CAM and Score-CAM, whose maps cost more than a
         forward pass, use a compiled forward of their own, padded to ``batch_size``.
+        The images are counted as ``"forward images"``, the time as ``"forward passes"``
+        (``audit.timing``).
         """
+        count("forward images", len(images))
+        with stage("forward passes"):
+            return self._probabilities(images)
+
+    def _probabilities(self, images: np.ndarray) -> np.ndarray:
         if uses_gradients(self._cam):
             return self.explain_details(images).probabilities
         if self._forward is None:

@@ -20,6 +20,7 @@ from audit.data.manifest import (
 from audit.data.preprocess import Preprocessor
 from audit.measure.step import AuditStep, chunk_records
 from audit.runs.store import RunStore
+from audit.timing import count, stage
 
 
 @dataclass
@@ -50,11 +51,14 @@ class PassWork:
 
     def write_chunk(self, chunk: int, measured, skipped: dict[int, str]) -> None:
         """Records and CAMs of one whole chunk, in row order (the same for every engine)."""
-        rows = chunk_records(measured, skipped, self.entries, self.class_names, self.config)
+        with stage("pass: chunk records"):
+            rows = chunk_records(measured, skipped, self.entries, self.class_names, self.config)
         cam_rows = [row for batch, _ in measured for row in batch.rows]
         cams = [out["cams"] for _, out in measured]
         maps = np.concatenate(cams) if cams else np.zeros((0, 1, 1), "float16")
-        self.run.write_chunk(chunk, rows, cam_rows, maps)
+        with stage("pass: write chunk"):
+            self.run.write_chunk(chunk, rows, cam_rows, maps)
+        count("rows written", len(rows))
 
 
 class ChunkWriter:
@@ -95,7 +99,7 @@ def measure_local(work: PassWork, step: AuditStep, address: str | None = None) -
     writer = ChunkWriter(work)
     try:
         with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
-            for batch in load_batches(
+            batches = load_batches(
                 work.entries,
                 work.positions,
                 class_index=work.class_index,
@@ -104,9 +108,15 @@ def measure_local(work: PassWork, step: AuditStep, address: str | None = None) -
                 batch_size=work.config.batch_size,
                 pool=pool,
                 chunk_rows=work.chunk_rows,
-            ):
+            )
+            while True:
+                with stage("pass: wait for decoded batches"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 tick = time.perf_counter()
-                out = step(batch) if batch.rows else None
+                with stage("pass: step"):
+                    out = step(batch) if batch.rows else None
                 compute_seconds += time.perf_counter() - tick
                 if out is not None:  # the writer needs the rows and labels, not the pixels
                     measured.append((replace(batch, images=None, regions=None), out))
