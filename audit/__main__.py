@@ -1,5 +1,5 @@
 """``python -m audit`` is the ``bias-audit`` command."""
 
-from audit.cli import main
+from audit.cli.main import main
 
 raise SystemExit(main())

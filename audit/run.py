@@ -35,9 +35,9 @@ from audit.config import AuditConfig, ConfigError
 from audit.data.decode import forget_resolved_paths
 from audit.data.manifest import (
     class_names_for,
-    read_entries,
 )
 from audit.data.preprocess import Preprocessor
+from audit.data.sources import read_entries
 from audit.engine.explain import GradCAM
 from audit.engine.models import load_model
 from audit.engines.local import PassWork
@@ -104,12 +104,7 @@ def run_audit(
     with stage("setup: cut model"):
         cam = GradCAM.for_config(model, config)
     with stage("setup: read dataset"):
-        if config.dataset.tfds is not None:
-            from audit.data.sources import read_tfds
-
-            entries = read_tfds(config.dataset)
-        else:
-            entries = read_entries(config.dataset)
+        entries = read_entries(config.dataset)
     if entries.table.empty:
         raise ConfigError(f"the dataset ({entries.name}) has no rows: there is nothing to audit")
     class_names = class_names_for(

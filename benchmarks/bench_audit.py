@@ -57,8 +57,9 @@ from PIL import Image  # noqa: E402
 from audit.config import AuditConfig, build_config  # noqa: E402
 from audit.data.decode import DECODE_THREADS  # noqa: E402
 from audit.data.loader import load_batches  # noqa: E402
-from audit.data.manifest import class_names_for, read_entries  # noqa: E402
+from audit.data.manifest import class_names_for  # noqa: E402
 from audit.data.preprocess import Preprocessor  # noqa: E402
+from audit.data.sources import read_entries  # noqa: E402
 from audit.engine.explain import PREDICTED, GradCAM, pad_batch  # noqa: E402
 from audit.engine.models import load_model  # noqa: E402
 from audit.measure.metrics import region_metrics  # noqa: E402

@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     args = parser.parse_args(argv)
+    from audit.cli.run import format_gate
     from audit.report.summary import format_summary
     from audit.run import run_audit
-    from audit.run_cli import format_gate
 
     started = time.perf_counter()
     print(f"Building the biased demo data and training a small CNN in {args.out} ...")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import ink_model
 
-from audit.cli import main as cli_main
+from audit.cli.main import main as cli_main
 from audit.config import ConfigError, build_config
 from audit.report.markdown import render_markdown
 from audit.report.write import write_reports

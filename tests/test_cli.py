@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from audit.cli import main
+from audit.cli.main import main
 
 
 def test_unknown_command_is_a_usage_error(capsys):
@@ -54,9 +54,9 @@ def test_schedule_help_describes_its_subcommand_and_exits_0(capsys):
 
 
 def test_method_help_lists_every_registered_method():
-    from audit import run_cli
+    from audit.cli import run as run_cli
+    from audit.cli.run import parser
     from audit.engine.cam_methods import CAM_METHODS
-    from audit.run_cli import parser
 
     text = " ".join(parser().format_help().split())
     assert len(CAM_METHODS) == 7
@@ -147,8 +147,8 @@ def _config_with_folders(tmp_path):
 
 
 def test_data_keeps_a_masks_tree_for_a_new_folder_root_and_masks_sets_one(tmp_path):
+    from audit.cli.run import overrides_from, parser
     from audit.config import load_config
-    from audit.run_cli import overrides_from, parser
 
     config_path = _config_with_folders(tmp_path)
     (tmp_path / "other").mkdir()
@@ -199,7 +199,7 @@ def test_config_errors_are_reported_before_keras_is_imported(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {path: m.keras}\ndataset: {manifest: a.csv}\nbatch_sise: 8\n")
     script = (
-        "import sys\nfrom audit.cli import main\n"
+        "import sys\nfrom audit.cli.main import main\n"
         f"codes = [main(['run', {str(bad)!r}]), main(['schedule', 'run', {str(bad)!r}])]\n"
         "print(codes, 'keras' in sys.modules)\n"
     )

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from audit.cli import main
+from audit.cli.main import main
 from audit.config import (
     DEFAULT_REGIONS,
     AuditConfig,

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from audit.cli import main
+from audit.cli.main import main
+from audit.cli.run import _class_names
 from audit.config import ConfigError
-from audit.run_cli import _class_names
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -89,7 +89,7 @@ def test_a_missing_model_or_manifest_exits_2_in_a_second_before_keras(tmp_path):
     for message, flags in cases.items():
         argv = ["--model", str(tmp_path / "m.keras"), "--data", str(tmp_path / "d.csv"), *flags]
         code = (
-            "import sys\nfrom audit.cli import main\n"
+            "import sys\nfrom audit.cli.main import main\n"
             f"code = main(['run', *{argv!r}])\n"
             "assert 'keras' not in sys.modules, 'Keras was imported'\nsys.exit(code)\n"
         )
@@ -105,7 +105,7 @@ def test_demo_help_answers_without_importing_keras():
     import sys
 
     code = (
-        "import sys\nfrom audit.cli import main\n"
+        "import sys\nfrom audit.cli.main import main\n"
         "try:\n    main(['demo', '--help'])\nexcept SystemExit as done:\n    code = done.code\n"
         "assert 'keras' not in sys.modules, 'Keras was imported'\nsys.exit(code)\n"
     )

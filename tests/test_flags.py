@@ -573,8 +573,8 @@ def test_a_class_that_eases_is_not_a_new_flag():
 def probe_set(tmp_path, counts):
     """Demo PNGs + masks with the given number of images per class (rows in label order)."""
     from audit.config import build_config
-    from audit.data.manifest import read_entries
     from audit.data.preprocess import Preprocessor
+    from audit.data.sources import read_entries
     from pipelines.demo import write_dataset
     from pipelines.demo_data import DemoSet, make_demo_set
 

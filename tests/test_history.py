@@ -4,7 +4,7 @@ import json
 import shutil
 import sqlite3
 
-from audit.cli import main
+from audit.cli.main import main
 from audit.runs.history import HISTORY, history
 
 LONG = "a background texture value long enough that a table cell would cut it short"

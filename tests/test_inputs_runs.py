@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from conftest import ink_model
 
-from audit.cli import main
+from audit.cli.main import main
 from audit.runs.store import baseline_mismatch, latest_run
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set

@@ -70,7 +70,7 @@ def test_asking_for_mlflow_without_it_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_mlflow_missing_fails_before_the_audit(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mlflow", None)
-    from audit.cli import main as cli_main
+    from audit.cli.main import main as cli_main
 
     manifest = write_dataset(make_demo_set(8, seed=9), tmp_path / "data")
     ink_model().save(tmp_path / "ink.keras")

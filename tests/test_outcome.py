@@ -13,7 +13,8 @@ from streamlit.testing.v1 import AppTest
 from test_dashboard import APP
 from test_report import HOSTILE, assert_inert, unescaped
 
-from audit.cli import main
+from audit.cli.main import main
+from audit.cli.run import EXIT_OK, EXIT_POLICY, format_gate, parser
 from audit.config import ScheduleSection, load_config
 from audit.report.html import render_html
 from audit.report.markdown import render_markdown
@@ -26,7 +27,6 @@ from audit.report.outcome import (
     run_outcome,
 )
 from audit.run import run_audit
-from audit.run_cli import EXIT_OK, EXIT_POLICY, format_gate, parser
 from audit.runs.compare import compare_runs, format_comparison
 from dashboard.store import escape_markdown
 from pipelines.demo import write_dataset

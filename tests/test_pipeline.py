@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import ink_model
 
-from audit.cli import main as cli_main
+from audit.cli.main import main as cli_main
 from audit.config import ConfigError, build_config
 from audit.measure.step import AuditStep
 from audit.run import run_audit
@@ -542,8 +542,8 @@ def test_classes_too_small_for_any_test_are_shown_untested(small_dataset, tmp_pa
     the gate say so."""
     import json
 
+    from audit.cli.run import format_gate
     from audit.report.markdown import render_markdown
-    from audit.run_cli import format_gate
 
     manifest, model_path = small_dataset
     config = config_for(manifest, model_path, tmp_path, dataset={"limit": 24})

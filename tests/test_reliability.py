@@ -15,7 +15,7 @@ import pytest
 from conftest import ink_model
 from test_dashboard import app
 
-from audit import cli
+from audit.cli import main as cli
 from audit.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
 from audit.report.markdown import render_markdown
 from audit.runs.store import RunStore, run_state

@@ -10,7 +10,7 @@ from test_dashboard import app
 from test_history import write_run
 from test_report import hostile_run
 
-from audit.cli import main
+from audit.cli.main import main
 from audit.runs.decisions import (
     DECISIONS,
     Decision,

@@ -10,15 +10,15 @@ import pytest
 import yaml
 from conftest import ink_model
 
-from audit.cli import main as cli_main
+from audit.cli.main import main as cli_main
 from audit.config import ConfigError, build_config, load_config
 from audit.run import run_audit
 from audit.runs.decisions import Decision, model_line, record_decision
 from audit.runs.history import history
+from audit.runs.schedule import model_versions, run_schedule
 from audit.runs.store import file_sha256
 from pipelines.demo import write_dataset
 from pipelines.demo_data import make_demo_set
-from pipelines.scheduled import model_versions, run_schedule
 
 
 def save_version(folder, name, scale):

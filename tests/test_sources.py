@@ -12,8 +12,14 @@ from pycocotools import mask as coco_mask
 
 from audit.config import ConfigError, DatasetSection, build_config
 from audit.data.decode import _decode_rle
-from audit.data.manifest import class_names_for, read_entries, read_manifest
-from audit.data.sources import export_tf_dataset, read_coco, read_tfds, tfds_cache_folder
+from audit.data.manifest import class_names_for, read_manifest
+from audit.data.sources import (
+    export_tf_dataset,
+    read_coco,
+    read_entries,
+    read_tfds,
+    tfds_cache_folder,
+)
 from audit.run import run_audit
 
 HEIGHT, WIDTH = 24, 32

@@ -13,12 +13,12 @@ import functools
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from audit.config import ConfigError, DatasetSection
+from audit.config import ConfigError
 from audit.data.faces import FACE_COLUMNS, LANDMARK_COLUMNS
 
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
@@ -263,27 +263,6 @@ def read_folders(root: Path, masks: Path | None = None) -> Entries:
     return Entries(
         pd.DataFrame(rows), root, f"folders:{root.name}", mask_root=masks, class_folders=classes
     )
-
-
-def read_entries(dataset: DatasetSection) -> Entries:
-    """The entries table of a file-based source."""
-    if dataset.manifest is not None:
-        entries = read_manifest(dataset.manifest)
-    elif dataset.folders is not None:
-        entries = read_folders(dataset.folders, dataset.masks)
-    elif dataset.coco is not None:
-        from audit.data.sources import read_coco
-
-        entries = read_coco(dataset.coco, dataset.coco_images)
-    else:
-        raise ConfigError("read_entries handles manifest, folders and coco sources")
-    if dataset.limit is not None:
-        entries = replace(entries, table=entries.table.iloc[: dataset.limit].copy())
-    if dataset.root is not None and dataset.manifest is not None:
-        if not dataset.root.is_dir():
-            raise ConfigError(f"dataset.root (--root): folder not found: {dataset.root}")
-        entries = replace(entries, root=dataset.root)
-    return replace(entries, confine=dataset.confine)
 
 
 def class_names_for(

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,13 @@ import pandas as pd
 from PIL import Image
 
 from audit.config import ConfigError, DatasetSection
-from audit.data.manifest import EXPORT_MANIFEST, EXPORT_MARKER, Entries, read_manifest
+from audit.data.manifest import (
+    EXPORT_MANIFEST,
+    EXPORT_MARKER,
+    Entries,
+    read_folders,
+    read_manifest,
+)
 from audit.runs.store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -425,3 +432,25 @@ def _save_png(pixels: np.ndarray, path: Path) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda temporary: temporary.write_text(text))
+
+
+def read_entries(dataset: DatasetSection) -> Entries:
+    """The entries table of the configured source (a manifest, class folders, a COCO file
+    or a TensorFlow dataset)."""
+    if dataset.tfds is not None:
+        return read_tfds(dataset)
+    if dataset.manifest is not None:
+        entries = read_manifest(dataset.manifest)
+    elif dataset.folders is not None:
+        entries = read_folders(dataset.folders, dataset.masks)
+    elif dataset.coco is not None:
+        entries = read_coco(dataset.coco, dataset.coco_images)
+    else:
+        raise ConfigError("the dataset section names no source (manifest, folders, coco or tfds)")
+    if dataset.limit is not None:
+        entries = replace(entries, table=entries.table.iloc[: dataset.limit].copy())
+    if dataset.root is not None and dataset.manifest is not None:
+        if not dataset.root.is_dir():
+            raise ConfigError(f"dataset.root (--root): folder not found: {dataset.root}")
+        entries = replace(entries, root=dataset.root)
+    return replace(entries, confine=dataset.confine)

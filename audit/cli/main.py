@@ -19,7 +19,7 @@ from audit.errors import EXIT_OK, EXIT_POLICY, EXIT_USAGE, guarded
 
 
 def _run(argv: list[str]) -> int:
-    from audit.run_cli import main as run_main
+    from audit.cli.run import main as run_main
 
     return run_main(argv)
 
@@ -129,7 +129,7 @@ def _schedule(argv: list[str]) -> int:
     if not argv or argv[0] != "run":
         print(SCHEDULE_HELP, end="", file=sys.stderr)
         return EXIT_USAGE
-    from pipelines.scheduled import main as schedule_main
+    from audit.runs.schedule import main as schedule_main
 
     return schedule_main(argv[1:])
 
@@ -180,10 +180,25 @@ def _history(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def _demo(argv: list[str]) -> int:
-    from pipelines.demo import main as demo_main
+def _plugin(name: str):
+    """A command that an application of the distribution provides (``pipelines/``),
+    found through the ``bias_audit.commands`` entry points that ``pip install`` records
+    (pyproject.toml): the library itself never imports the applications."""
 
-    return demo_main(argv)
+    def handler(argv: list[str]) -> int:
+        from importlib.metadata import entry_points
+
+        found = entry_points(group="bias_audit.commands", name=name)
+        if not found:
+            print(
+                f"bias-audit {name}: this command comes with the bias-audit distribution's "
+                "applications; install it from its source folder (pip install -e .)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        return next(iter(found)).load()(argv)
+
+    return handler
 
 
 COMMANDS = {
@@ -193,7 +208,7 @@ COMMANDS = {
     "dashboard": (_dashboard, "review runs and record decisions in a Streamlit dashboard"),
     "schedule": (_schedule, "'schedule run CONFIG': audit every new model version, gate"),
     "history": (_history, "list the store's runs, flags and decisions"),
-    "demo": (_demo, "train a small biased model on generated digits and audit it"),
+    "demo": (_plugin("demo"), "train a small biased model on generated digits and audit it"),
 }
 
 
