@@ -95,7 +95,7 @@ def _dashboard(argv: list[str]) -> int:
     if not store.is_dir():
         print(f"bias-audit dashboard: store folder not found: {store}", file=sys.stderr)
         return EXIT_USAGE
-    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    app = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
     command = [
         sys.executable, "-m", "streamlit", "run", str(app),
         "--server.port", str(args.port), "--server.address", args.address,
@@ -218,7 +218,7 @@ def _short_warnings() -> None:
     import warnings
     from pathlib import Path
 
-    ours = Path(__file__).resolve().parent.parent
+    ours = Path(__file__).resolve().parents[2]  # the folder that holds audit/
     default = warnings.formatwarning
     if getattr(default, "bias_audit", False):  # main() ran before in this process
         return
