@@ -79,12 +79,11 @@ class ModelSection(_Section):
     layer: str | None = Field(
         None, description="Target layer name or path (outer/inner); null = automatic."
     )
-    method: Literal[
-        "gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "eigencam", "scorecam"
-    ] = Field(
+    method: str = Field(
         "gradcam",
-        description="The CAM method (docs/metrics.md); eigencam is class-agnostic, scorecam "
-        "costs one forward pass per scored channel.",
+        description="The CAM method, one of the registered ones (audit.engine.registry; "
+        "built in: gradcam, hirescam, gradcam++, xgradcam, layercam, eigencam, scorecam); "
+        "eigencam is class-agnostic, scorecam costs one forward pass per scored channel.",
     )
     score_channels: int | None = Field(
         32, ge=1, description="With scorecam: channels scored per image (null = all)."
@@ -92,6 +91,14 @@ class ModelSection(_Section):
     target: Literal["true", "predicted"] = Field(
         "true", description="Which class the main map explains; the other is kept as pred_*."
     )
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        # The registry names the methods without importing Keras.
+        from audit.engine.registry import canonical_name
+
+        return canonical_name(value)
 
     @field_validator("target", mode="before")
     @classmethod

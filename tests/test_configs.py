@@ -117,6 +117,13 @@ def test_config_doc_lists_every_key():
     assert not missing, f"docs/config.md does not list {missing}"
 
 
+def test_config_doc_lists_every_built_in_cam_method():
+    from audit.engine.registry import built_in_names
+
+    text = CONFIG_DOC.read_text()
+    assert all(f"`{name}`" in text for name in built_in_names())
+
+
 def test_config_doc_lists_every_choice():
     text = CONFIG_DOC.read_text()
     for key, annotation in config_keys().items():

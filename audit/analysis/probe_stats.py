@@ -66,10 +66,16 @@ def summarise_interventions(
         )
         rows.append(record)
     add_excess(rows, "bg_gap", reference, seed=policy.seed)
-    table = pd.DataFrame(rows)
-    table["intervention_evidence"] = (table["bg_gap_excess_low"] > policy.gap_floor) & (
-        table["n_mixed_rand"] >= min(policy.min_support, policy.intervention_samples)
+    return _with_evidence(
+        pd.DataFrame(rows), "intervention_evidence", "bg_gap", "n_mixed_rand", policy
     )
+
+
+def _with_evidence(table, column: str, name: str, count: str, policy: PolicySection):
+    """``table`` with ``column``: the excess's CI lower bound is above ``gap_floor`` on
+    enough images (before the run's Benjamini-Hochberg correction)."""
+    enough = table[count] >= min(policy.min_support, policy.intervention_samples)
+    table[column] = (table[f"{name}_excess_low"] > policy.gap_floor) & enough
     return table
 
 
@@ -153,11 +159,9 @@ def summarise_transplants(
         reference[label] = (int((first["pred_transplant"] == label).sum()), len(first))
         rows.append(record)
     add_excess(rows, "transplant", reference, seed=policy.seed)
-    table = pd.DataFrame(rows)
-    table["transplant_evidence"] = (table["transplant_excess_low"] > policy.gap_floor) & (
-        table["n_transplant"] >= min(policy.min_support, policy.intervention_samples)
+    return _with_evidence(
+        pd.DataFrame(rows), "transplant_evidence", "transplant", "n_transplant", policy
     )
-    return table
 
 
 def median_rate_interval(

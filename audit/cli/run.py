@@ -5,20 +5,16 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import typing
 from pathlib import Path
 
-from audit.config import AuditConfig, ConfigError, ModelSection, build_config, load_config
+from audit.config import AuditConfig, ConfigError, build_config, load_config
 
 # 0: the outcome is below --fail-on (or no --fail-on); 1 (policy): it reaches it;
 # 2 (usage): a config or data error, or no image could be audited (no verdict); 3: the
 # run stopped on an error (`bias-audit` catches it: audit.errors.guarded).
+from audit.engine.registry import method_names
 from audit.errors import EXIT_OK, EXIT_POLICY, EXIT_USAGE
 from audit.report.outcome import FAIL_ON_LEVELS
-
-# The methods the config accepts (audit.engine.cam_methods registers the same; a test keeps
-# them equal), read without importing Keras, so a config error fails in a moment.
-CAM_METHODS = typing.get_args(ModelSection.model_fields["method"].annotation)
 
 # Config keys the flags set, so that an error about one names its flag too.
 FLAG_KEYS = (
@@ -168,7 +164,9 @@ def parser() -> argparse.ArgumentParser:
         "with one name a line; the manifest's labels are these names (text labels)",
     )
     p.add_argument("--layer", help="target layer name or path")
-    p.add_argument("--method", help=f"CAM method: {', '.join(CAM_METHODS)} (default: gradcam)")
+    # The registry names the methods without importing Keras: --help stays quick.
+    methods = ", ".join(method_names())
+    p.add_argument("--method", help=f"CAM method: {methods} (default: gradcam)")
     p.add_argument("--target", choices=["true", "predicted"], help="class the maps explain")
     p.add_argument("--batch-size", type=int, help="images per compiled step (default 32)")
     p.add_argument(

@@ -7,7 +7,8 @@ gradients ``G`` of the per-sample target logit with respect to ``A``, both shape
 ``(batch, height, width)``, already passed through ReLU and never normalised,
 so maps stay comparable across images and classes.
 
-Adding a method is one function here plus one entry in ``CAM_METHODS``.
+Adding a method is one function decorated with ``@cam_method(name)``
+(``audit.engine.registry``: the decorator records what the method needs).
 
 Two opt-in methods cost more or ignore the gradients (docs/metrics.md lists the costs):
 
@@ -28,6 +29,8 @@ from collections.abc import Callable
 import keras
 from keras import ops
 
+from audit.engine.registry import built_in_names, cam_method, cam_spec, spec_of
+
 CamMethod = Callable[..., object]
 
 # Guards divisions by sums that are legitimately zero (a dead channel).
@@ -39,12 +42,14 @@ def _weighted_sum(weights, activations):
     return ops.relu(ops.einsum("bc,bhwc->bhw", weights, activations))
 
 
+@cam_method("gradcam")
 def gradcam(activations, gradients):
     """Grad-CAM (Selvaraju et al. 2017): alpha_k = mean_ij G_k; L = ReLU(sum_k alpha_k A_k)."""
     weights = ops.mean(gradients, axis=(1, 2))
     return _weighted_sum(weights, activations)
 
 
+@cam_method("hirescam")
 def hirescam(activations, gradients):
     """HiResCAM (Draelos & Carin 2020): L = ReLU(sum_k G_k * A_k), element-wise.
 
@@ -54,6 +59,7 @@ def hirescam(activations, gradients):
     return ops.relu(ops.sum(gradients * activations, axis=-1))
 
 
+@cam_method("gradcam++", aliases=("gradcampp",))
 def gradcam_plus_plus(activations, gradients):
     """Grad-CAM++ (Chattopadhay et al. 2018), in its usual closed form.
 
@@ -71,6 +77,7 @@ def gradcam_plus_plus(activations, gradients):
     return _weighted_sum(weights, activations)
 
 
+@cam_method("xgradcam")
 def xgradcam(activations, gradients):
     """XGrad-CAM (Fu et al. 2020): w_k = sum_ij G_k A_k / (sum_ij A_k); L = ReLU(sum_k w_k A_k)."""
     activation_sums = ops.sum(activations, axis=(1, 2))
@@ -78,6 +85,7 @@ def xgradcam(activations, gradients):
     return _weighted_sum(weights, activations)
 
 
+@cam_method("layercam")
 def layercam(activations, gradients):
     """LayerCAM (Jiang et al. 2021): L = ReLU(sum_k ReLU(G_k) * A_k).
 
@@ -86,6 +94,7 @@ def layercam(activations, gradients):
     return ops.relu(ops.sum(ops.relu(gradients) * activations, axis=-1))
 
 
+@cam_method("eigencam", gradients=False, class_agnostic=True)
 def eigencam(activations, gradients):
     """Eigen-CAM: the centred activations ``(h*w, channels)`` projected on their first
     principal component. The gradients are ignored (the map is class-agnostic).
@@ -118,6 +127,12 @@ def _map_indices(function, count: int):
     return ops.map(function, ops.arange(count, dtype="int32"))
 
 
+@cam_method(
+    "scorecam",
+    gradients=False,
+    forward_passes=True,
+    configure=lambda score_channels=32, **_: ScoreCAM(score_channels),
+)
 class ScoreCAM:
     """Score-CAM: channel weights from the model's own response to masked inputs.
 
@@ -129,8 +144,6 @@ class ScoreCAM:
     None uses every channel (one forward pass per channel: for 1280 channels, 1280x
     a plain pass).
     """
-
-    needs_forward = True
 
     def __init__(self, channels: int | None = 32) -> None:
         if channels is not None and channels < 1:
@@ -165,43 +178,30 @@ class ScoreCAM:
         return _weighted_sum(ops.transpose(scores), activations)
 
 
-CAM_METHODS: dict[str, CamMethod] = {
-    "gradcam": gradcam,
-    "hirescam": hirescam,
-    "gradcam++": gradcam_plus_plus,
-    "xgradcam": xgradcam,
-    "layercam": layercam,
-    "eigencam": eigencam,
-    "scorecam": ScoreCAM(),
-}
-
-
 def get_cam_method(name: str, *, score_channels: int | None = 32) -> CamMethod:
-    """Return the CAM function registered under ``name`` (case-insensitive).
+    """Return the CAM method registered under ``name`` (case, dashes and underscores
+    ignored; ``audit.engine.registry``).
 
     ``score_channels``: for ``scorecam``, how many channels to score (None = all).
     """
-    key = name.lower().replace("_", "").replace("-", "")
-    aliases = {k.replace("-", ""): k for k in CAM_METHODS} | {"gradcampp": "gradcam++"}
-    if key not in aliases:
-        known = ", ".join(CAM_METHODS)
-        raise ValueError(f"unknown CAM method {name!r}; choose one of: {known}")
-    if aliases[key] == "scorecam":
-        return ScoreCAM(score_channels)
-    return CAM_METHODS[aliases[key]]
+    return cam_spec(name).build(score_channels=score_channels)
 
 
 def needs_forward(method: CamMethod) -> bool:
     """Whether the method scores masked forward passes (Score-CAM) instead of gradients."""
-    return bool(getattr(method, "needs_forward", False))
+    return spec_of(method).forward_passes
 
 
 def uses_gradients(method: CamMethod) -> bool:
     """False for the methods that ignore the gradients (Eigen-CAM, Score-CAM): they have
     no counterfactual form."""
-    return method is not eigencam and not needs_forward(method)
+    return spec_of(method).gradients and not spec_of(method).forward_passes
 
 
 def class_agnostic(method: CamMethod) -> bool:
     """True when the map does not depend on the explained class (Eigen-CAM)."""
-    return method is eigencam
+    return spec_of(method).class_agnostic
+
+
+# The built-in methods by name (Score-CAM with its default 32 channels).
+CAM_METHODS: dict[str, CamMethod] = {name: get_cam_method(name) for name in built_in_names()}
