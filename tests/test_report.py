@@ -252,3 +252,26 @@ def test_a_relative_dataset_root_is_named_as_such(report, tmp_path, monkeypatch)
     report["dataset"]["root"] = "data"
     markdown = unescaped(render_markdown(report))
     assert f"could not be read from data (a relative path, looked up from {tmp_path})" in markdown
+
+
+def test_verdicts_are_stored_once_and_reports_read_them(run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    verdicts = pd.read_parquet(copy / "verdicts.parquet")
+    assert len(verdicts) == 10 and set(verdicts["status"]) <= {"ok", "suspected", "bias-driven"}
+    # A verdict changed in the table shows in the report: it is read, not recomputed.
+    verdicts.loc[verdicts["class_index"] == 0, "status"] = "suspected"
+    verdicts.to_parquet(copy / "verdicts.parquet")
+    code = (
+        "import sys; from pathlib import Path; import dashboard.store; "
+        "from audit.report.build import build_report; "
+        f"report = build_report(Path({str(copy)!r})); "
+        "print([c['status'] for c in report['classes'] if c['class_index'] == 0][0], "
+        "'keras' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # The reports and the dashboard's reads need no Keras.
+    assert out.stdout.split() == ["suspected", "False"], out.stderr[-2000:]

@@ -9,13 +9,17 @@ Reads ``images.parquet`` and writes, next to it:
                            the transplant test, and each causal test's q-value and evidence
     associations.parquet   per slice value x class: does the slice drive the class?
     strategies.parquet     per class CAM clusters (SpRAy)
+    verdicts.parquet       per class: status, severity, reasons, evidence (computed once)
     trust.json             the trust checks of the maps (docs/trust.md)
     guided/<row>.png       Guided Grad-CAM pictures of the report's example images
-    report.json            the verdicts: the source of truth for every other report
+
+``report.json``, the source of truth for every other report, is built from these
+(``audit.report.build``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +44,7 @@ from audit.analysis.probe_stats import (
 )
 from audit.analysis.probes import predicted_rows, run_interventions, run_transplants, sample_rows
 from audit.analysis.tables import Analysis, write_analysis
-from audit.analysis.verdicts import causal_evidence, judge_slice_flags
+from audit.analysis.verdicts import causal_evidence, class_verdicts, judge_slice_flags
 from audit.config import SEQUENTIAL_MIN_CLASSES, AuditConfig
 from audit.data.loader import load_entry
 from audit.data.manifest import Entries
@@ -72,9 +76,7 @@ def analyse(
     policy = config.policy
     if not (images["status"] == "ok").any():  # every row skipped: nothing to analyse
         empty = pd.DataFrame()
-        analysis = Analysis(empty, empty, empty, empty, None)
-        write_analysis(run, analysis)
-        return analysis
+        return _judged(run, Analysis(empty, empty, empty, empty, None), manifest, config)
     # One engine for every stage after the pass: its compiled step (maps of any size,
     # predictions) is shared by the interventions, the trust checks and the guided
     # examples.
@@ -155,6 +157,15 @@ def analyse(
         with stage("analysis: guided examples"):
             _write_guided(run, model, cam, load(rows))
     analysis = Analysis(groups, flags, interventions, strategies, trust, associations)
+    return _judged(run, analysis, manifest, config)
+
+
+def _judged(run: RunStore, analysis: Analysis, manifest: dict, config: AuditConfig) -> Analysis:
+    """The analysis with its class verdicts, written to the run's tables."""
+    with stage("analysis: verdicts"):
+        policy = config.policy.model_dump(mode="json")
+        verdicts = pd.DataFrame(class_verdicts(analysis, manifest["class_names"], policy))
+        analysis = replace(analysis, verdicts=verdicts)
     with stage("analysis: write tables"):
         write_analysis(run, analysis)
     return analysis

@@ -1,5 +1,6 @@
 """The analysis tables of a run (``Analysis``), written next to ``images.parquet`` and
-read back by the reports and the dashboard (no Keras needed).
+read back by the reports and the dashboard (no Keras needed); ``verdicts.parquet``
+holds the class verdicts, computed once.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from audit.runs.store import RunStore, atomic_write
@@ -21,6 +23,9 @@ class Analysis:
     strategies: pd.DataFrame
     trust: dict | None = field(default=None)
     associations: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # One row per class: its status, severity, reasons and evidence (verdicts.py),
+    # computed once by the analysis and read by every report.
+    verdicts: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def write_analysis(run: RunStore, analysis: Analysis) -> None:
@@ -30,6 +35,7 @@ def write_analysis(run: RunStore, analysis: Analysis) -> None:
         ("interventions", analysis.interventions),
         ("strategies", analysis.strategies),
         ("associations", analysis.associations),
+        ("verdicts", analysis.verdicts),
     ):
         table = _parquet_safe(table)
         atomic_write(run.root / f"{name}.parquet", lambda tmp, t=table: t.to_parquet(tmp))
@@ -67,4 +73,23 @@ def read_analysis(run_dir: Path) -> Analysis:
         read("strategies"),
         trust,
         read("associations"),
+        read("verdicts"),
     )
+
+
+def stored_verdicts(analysis: Analysis) -> list[dict] | None:
+    """The verdicts the analysis stored, as ``class_verdicts`` returns them; None for a
+    run analysed before they were stored."""
+    if not len(analysis.verdicts):
+        return None
+    return [
+        {key: _plain(value) for key, value in record.items()}
+        for record in analysis.verdicts.to_dict("records")
+    ]
+
+
+def _plain(value):
+    """Parquet's numpy values as Python's (a list column reads back as an array)."""
+    if isinstance(value, np.ndarray):
+        return [_plain(item) for item in value]
+    return value.item() if isinstance(value, np.generic) else value

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from audit.analysis.examples import guided_note, worst_examples
-from audit.analysis.tables import read_analysis
+from audit.analysis.tables import read_analysis, stored_verdicts
 from audit.analysis.verdicts import SEVERITY_ORDER, class_verdicts, forward_passes, overall_severity
 from audit.report.outcome import run_outcome
 from audit.runs.decisions import latest_decisions, model_line
@@ -57,7 +57,10 @@ def build_report(run_dir: Path) -> dict:
     analysis = read_analysis(run_dir)
     images = run.images()
     class_names = manifest["class_names"]
-    verdicts = class_verdicts(analysis, class_names, manifest["config"].get("policy"))
+    # Computed once by the analysis; a run analysed before they were stored gets them now.
+    verdicts = stored_verdicts(analysis) or class_verdicts(
+        analysis, class_names, manifest["config"].get("policy")
+    )
     groups = analysis.groups
     regions = [region["name"] for region in manifest["regions"]]
     decisions = latest_decisions(run_dir.parent, model_line(manifest["model"]["path"]))
