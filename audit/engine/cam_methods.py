@@ -17,9 +17,9 @@ Two opt-in methods cost more or ignore the gradients (docs/metrics.md lists the 
   ``(h*w, channels)`` matrix per image).
 * ``scorecam`` (Wang et al. 2020) needs forward passes, not gradients: one masked
   forward per channel and image (``score_channels`` channels of highest spatial
-  variance, as in Faster Score-CAM, or all of them). It is a ``ScoreCAM`` object with
-  ``needs_forward = True``; the engine passes it the images, the targets and the
-  model's forward function (images -> probabilities).
+  variance, as in Faster Score-CAM, or all of them). It is a ``ScoreCAM`` object,
+  registered with ``forward_passes=True``; the engine passes it the images, the
+  targets and the model's forward function (images -> probabilities).
 """
 
 from __future__ import annotations
