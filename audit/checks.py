@@ -11,7 +11,8 @@ from pathlib import Path
 
 import keras
 
-from audit.config import AuditConfig, ConfigError, RegionSection
+from audit.config import AuditConfig, ConfigError
+from audit.config.sections import RegionSection
 from audit.data.faces import FACE_COLUMNS, LANDMARK_COLUMNS
 from audit.data.manifest import (
     BOX_COLUMNS,

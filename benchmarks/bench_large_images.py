@@ -87,7 +87,7 @@ def write_data(folder: Path, count: int) -> None:
 
 def child(manifest: Path, size: int, regions: str, batch_size: int) -> None:
     """Load every row of ``manifest`` in this (fresh) process; print one JSON line."""
-    from audit.config import PreprocessSection, RegionSection
+    from audit.config.sections import PreprocessSection, RegionSection
     from audit.data.decode import DECODE_THREADS
     from audit.data.loader import load_batches
     from audit.data.manifest import read_manifest

@@ -83,7 +83,7 @@ def decode_opencv(path: Path) -> np.ndarray:
 def box_coverage(box: tuple, grid: tuple[int, int]) -> np.ndarray:
     """(2, *grid) float32: the object box and the background as coverage fractions of
     the measuring grid (the audit's own area averaging, ``Preprocessor.coverage``)."""
-    from audit.config import PreprocessSection
+    from audit.config.sections import PreprocessSection
     from audit.data.preprocess import Preprocessor
 
     mask = np.zeros((SIZE, SIZE), bool)

@@ -9,15 +9,8 @@ import yaml
 from pydantic import BaseModel
 
 from audit.cli.main import main
-from audit.config import (
-    DEFAULT_REGIONS,
-    AuditConfig,
-    ConfigError,
-    RegionSection,
-    build_config,
-    load_config,
-    merge,
-)
+from audit.config import AuditConfig, ConfigError, build_config, load_config, merge
+from audit.config.sections import DEFAULT_REGIONS, RegionSection
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

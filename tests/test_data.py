@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from audit.config import ConfigError, PreprocessSection, RegionSection
+from audit.config import ConfigError
+from audit.config.sections import PreprocessSection, RegionSection
 from audit.data.decode import SkipRow
 from audit.data.loader import load_row
 from audit.data.manifest import class_names_for, read_folders, read_manifest

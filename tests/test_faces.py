@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from conftest import ink_model
 
-from audit.config import ConfigError, RegionSection, build_config
+from audit.config import ConfigError, build_config
+from audit.config.sections import RegionSection
 from audit.data.decode import SkipRow
 from audit.data.faces import (
     FACE_COLUMNS,

@@ -11,7 +11,7 @@ from audit.analysis.aggregate import Aggregator, bootstrap_mean_ci
 from audit.analysis.fill import fill_objects, intervene
 from audit.analysis.flags import benjamini_hochberg, bootstrap_difference_ci, evaluate_flags
 from audit.analysis.strategies import cluster_maps, eigengap_clusters
-from audit.config import PolicySection
+from audit.config.sections import PolicySection
 
 
 def test_benjamini_hochberg_on_fixed_numbers():

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from audit.config import ConfigError, PreprocessSection, RegionSection
+from audit.config import ConfigError
+from audit.config.sections import PreprocessSection, RegionSection
 from audit.data import decode, manifest
 from audit.data.decode import PixelBudget
 from audit.data.loader import load_batches, load_entry

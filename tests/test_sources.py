@@ -10,7 +10,8 @@ import tensorflow as tf
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from audit.config import ConfigError, DatasetSection, build_config
+from audit.config import ConfigError, build_config
+from audit.config.sections import DatasetSection
 from audit.data.decode import _decode_rle
 from audit.data.manifest import class_names_for, read_manifest
 from audit.data.sources import (

@@ -34,7 +34,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from audit.analysis.aggregate import wilson_interval
-from audit.config import PolicySection
+from audit.config.sections import PolicySection
 
 EXAMPLES_PER_ASSOCIATION = 5
 

@@ -42,7 +42,7 @@ from audit.analysis.aggregate import (
     studentized_interval,
     t_interval,
 )
-from audit.config import PolicySection
+from audit.config.sections import PolicySection
 
 EXAMPLES_PER_FLAG = 5
 

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from audit.analysis.fill import DEFAULT_KINDS, INTERVENTIONS, fill_objects, intervene
-from audit.config import RegionSection
+from audit.config.sections import RegionSection
 from audit.data.decode import DECODE_THREADS
 from audit.data.loader import load_batches
 from audit.data.manifest import Entries

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from audit.config import RegionSection
+from audit.config.sections import RegionSection
 from audit.data.decode import (
     SkipRow,
     _decode_rle,

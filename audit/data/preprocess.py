@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from audit.config import PreprocessSection
+from audit.config.sections import PreprocessSection
 
 # ------------------------------------------------------------ preprocessing
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from audit.config import RegionSection
+from audit.config.sections import RegionSection
 from audit.data.decode import SkipRow
 
 # ------------------------------------------------------------------ regions

@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from audit.config import ConfigError, DatasetSection
+from audit.config import ConfigError
+from audit.config.sections import DatasetSection
 from audit.data.manifest import (
     EXPORT_MANIFEST,
     EXPORT_MARKER,

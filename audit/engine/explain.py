@@ -13,7 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 from audit.engine.cam_methods import get_cam_method, gradcam, needs_forward, uses_gradients
-from audit.engine.models import ModelCut, ModelStructureError, cut_model
+from audit.engine.cut import ModelCut, cut_model
+from audit.engine.models import ModelStructureError
 from audit.timing import count, stage
 
 # Target value meaning "the class the model predicts" inside the compiled step.

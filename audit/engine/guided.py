@@ -19,8 +19,8 @@ import keras
 import numpy as np
 
 from audit.engine.backends import input_gradients, running_backend
+from audit.engine.cut import cut_model
 from audit.engine.explain import GradCAM, _as_image_batch, pad_batch
-from audit.engine.models import cut_model
 
 _RELU_ACTIVATIONS = {"relu", "relu6", "leaky_relu"}
 

@@ -1,35 +1,25 @@
-"""The audit configuration: one pydantic model, built from YAML or from Python.
-
-Every key is documented in ``docs/config.md``; unknown keys and bad values fail
-fast with the key's path and a hint (``ConfigError``; the CLI exits with 2).
+"""The config's sections (pydantic models): every key with its type, default, check
+and the description docs/config.md shows.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import types
 import typing
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     FiniteFloat,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key and the fix."""
-
-
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @field_validator("*", mode="before")
@@ -70,7 +60,7 @@ def _number_kind(annotation) -> str | None:
     return None
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     path: Path | None = Field(
         None,
         description="The classifier: a .keras or .h5 file (required unless schedule.models "
@@ -125,7 +115,7 @@ class ModelSection(_Section):
         return names
 
 
-class PreprocessSection(_Section):
+class PreprocessSection(Section):
     size: tuple[int, int] | None = Field(
         None, description="Resize images to (height, width); default: the model's input size."
     )
@@ -193,7 +183,7 @@ class PreprocessSection(_Section):
         return name
 
 
-class DatasetSection(_Section):
+class DatasetSection(Section):
     manifest: Path | None = Field(
         None, description="CSV or Parquet: path, label, optional mask_path / box / slices."
     )
@@ -240,7 +230,7 @@ class DatasetSection(_Section):
         return self
 
 
-class RegionSection(_Section):
+class RegionSection(Section):
     name: str = Field(description="Column suffix in images.parquet: mass_<name>, ...")
     source: Literal["mask", "box", "face", "background", "border"] = Field(
         description="mask: the object mask; box: the bounding box; face: the face box (manifest "
@@ -295,7 +285,7 @@ DEFAULT_REGIONS = (
 )
 
 
-class MetricsSection(_Section):
+class MetricsSection(Section):
     iou_threshold: float = Field(0.5, gt=0, lt=1, description="IoU binarises at t * max.")
     pointing_tolerance: int = Field(0, ge=0, description="Pointing-game tolerance in pixels.")
     loc_threshold: float = Field(
@@ -322,7 +312,7 @@ class MetricsSection(_Section):
 SEQUENTIAL_MIN_CLASSES = 5
 
 
-class PolicySection(_Section):
+class PolicySection(Section):
     """When a class or slice is flagged (docs/flags.md)."""
 
     statistic: Literal["mass", "lift"] = Field(
@@ -371,7 +361,7 @@ class PolicySection(_Section):
     )
 
 
-class ScheduleSection(_Section):
+class ScheduleSection(Section):
     """Which model versions a scheduled audit covers (``bias-audit schedule run``)."""
 
     models: Path | list[Path] = Field(
@@ -387,7 +377,7 @@ class ScheduleSection(_Section):
     )
 
 
-class TrustSection(_Section):
+class TrustSection(Section):
     """Checks of the maps themselves, run per audit on a sample (docs/trust.md)."""
 
     samples: int = Field(
@@ -423,7 +413,7 @@ class TrustSection(_Section):
     )
 
 
-class OutputSection(_Section):
+class OutputSection(Section):
     store: Path = Field(Path("runs"), description="The run store folder.")
     run_id: str | None = Field(None, description="Name the run; default: time + config hash.")
     mlflow: bool = Field(
@@ -443,143 +433,3 @@ class OutputSection(_Section):
                 "output.store: no '/' or '\\', not '.' or '..' (e.g. products-v2)"
             )
         return run_id
-
-
-class AuditConfig(_Section):
-    """A whole audit: what to explain, on which data, measured how, stored where."""
-
-    model: ModelSection = ModelSection()  # a schedule needs no model section
-    dataset: DatasetSection
-    preprocess: PreprocessSection = PreprocessSection()
-    regions: tuple[RegionSection, ...] = DEFAULT_REGIONS
-    metrics: MetricsSection = MetricsSection()
-    policy: PolicySection = PolicySection()
-    trust: TrustSection = TrustSection()
-    output: OutputSection = OutputSection()
-    schedule: ScheduleSection | None = None
-    batch_size: int = Field(32, ge=1, le=4096)
-
-    @field_validator("regions")
-    @classmethod
-    def _regions_make_sense(cls, regions: tuple[RegionSection, ...]):
-        names = [region.name for region in regions]
-        if len(set(names)) != len(names):
-            raise ValueError(f"region names must be unique, got {names}")
-        if not any(region.role == "expected" for region in regions):
-            raise ValueError(
-                "at least one region needs role: expected (where the evidence should be)"
-            )
-        return regions
-
-    @model_validator(mode="after")
-    def _model_or_schedule(self) -> AuditConfig:
-        if self.model.path is None and self.schedule is None:
-            raise ValueError("model.path is required (or schedule.models for scheduled audits)")
-        return self
-
-    def fingerprint(self) -> str:
-        """A hash of the audit's settings: what changes the numbers, not where the files
-        are. The run key adds the model file's hash and the dataset's (its rows, with
-        paths relative to the dataset's folder, and its files), so a moved audit folder
-        or a renamed model file is the same audit, and output and schedule (where runs
-        are stored, which versions to audit) change no result."""
-        payload = self.model_dump(mode="json", exclude={"output", "schedule"})
-        del payload["model"]["path"]
-        for key in DATASET_PATHS:  # which kind of source, not where it is
-            payload["dataset"][key] = payload["dataset"][key] is not None
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-DATASET_PATHS = ("manifest", "folders", "masks", "coco", "coco_images")
-
-
-def _format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"invalid audit config {source}:"]
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
-        if item["type"] == "value_error":  # our validators' messages, without pydantic's prefix
-            message = message.removeprefix("Value error, ")
-        elif item["type"] == "extra_forbidden":
-            message = "unknown key; check the spelling against docs/config.md"
-        elif item["type"] == "missing" and isinstance(item["loc"][-1], int):
-            # A fixed-length list (size: [h, w]) given too few values.
-            key = ".".join(str(part) for part in item["loc"][:-1])
-            message = f"too few values (item {item['loc'][-1]} is missing); see docs/config.md"
-        elif item["type"] == "missing":
-            message = "required key is missing"
-        lines.append(f"  {key}: {message}")
-    return "\n".join(lines)
-
-
-def build_config(data: dict, source: str = "(python)", base_dir: Path | None = None) -> AuditConfig:
-    """Validate a config dict; relative paths are resolved against ``base_dir``."""
-    try:
-        config = AuditConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(_format_errors(error, source)) from None
-    if base_dir is None:
-        return config
-    return _resolve_paths(config, base_dir)
-
-
-def _resolve_paths(config: AuditConfig, base_dir: Path) -> AuditConfig:
-    def resolve(path: Path | None) -> Path | None:
-        if path is None:
-            return None
-        path = path.expanduser()
-        return path if path.is_absolute() else base_dir / path
-
-    dataset = config.dataset
-    schedule = config.schedule
-    if schedule is not None:
-        models = schedule.models
-        models = [resolve(m) for m in models] if isinstance(models, list) else resolve(models)
-        schedule = schedule.model_copy(update={"models": models})
-    return config.model_copy(
-        update={
-            "schedule": schedule,
-            "model": config.model.model_copy(update={"path": resolve(config.model.path)}),
-            "dataset": dataset.model_copy(
-                update={
-                    key: resolve(getattr(dataset, key))
-                    for key in DATASET_PATHS
-                    if getattr(dataset, key) is not None
-                }
-            ),
-            "output": config.output.model_copy(update={"store": resolve(config.output.store)}),
-        }
-    )
-
-
-def load_config(path: str | Path, overrides: dict | None = None) -> AuditConfig:
-    """Read a YAML config; ``overrides`` (nested dicts) win over the file's values."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder; give the config's YAML file") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
-        ) from None
-    except OSError as error:
-        raise ConfigError(f"cannot read the config file {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, ...)")
-    return build_config(merge(data, overrides or {}), str(path), path.parent)
-
-
-def merge(base: dict, overrides: dict) -> dict:
-    """Recursively merge ``overrides`` into a copy of ``base``."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
