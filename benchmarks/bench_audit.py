@@ -60,7 +60,8 @@ from audit.data.loader import load_batches  # noqa: E402
 from audit.data.manifest import class_names_for  # noqa: E402
 from audit.data.preprocess import Preprocessor  # noqa: E402
 from audit.data.sources import read_entries  # noqa: E402
-from audit.engine.explain import PREDICTED, GradCAM, pad_batch  # noqa: E402
+from audit.engine.explain import PREDICTED, GradCAM  # noqa: E402
+from audit.engine.maps import pad_batch  # noqa: E402
 from audit.engine.models import load_model  # noqa: E402
 from audit.measure.metrics import region_metrics  # noqa: E402
 from audit.measure.step import AuditStep, chunk_records  # noqa: E402

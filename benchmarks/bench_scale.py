@@ -165,7 +165,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     keras.mixed_precision.set_global_policy(args.precision)
 
-    from audit.engine.explain import GradCAM  # after the policy: the model is built under it
+    from audit.engine.explain import GradCAM
 
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as temporary:
         root = Path(args.workdir or temporary)

@@ -165,7 +165,7 @@ def test_region_metrics_trace_with_unknown_image_sizes():
 def test_area_downscale_is_tensorflows_area_resize():
     import tensorflow as tf
 
-    from audit.engine.explain import area_downscale
+    from audit.engine.maps import area_downscale
 
     rng = np.random.default_rng(0)
     for shape, size in [((28, 28), (16, 16)), ((14, 20), (11, 16)), ((17, 9), (16, 8))]:

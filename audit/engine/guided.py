@@ -20,7 +20,8 @@ import numpy as np
 
 from audit.engine.backends import input_gradients, running_backend
 from audit.engine.cut import cut_model
-from audit.engine.explain import GradCAM, _as_image_batch, pad_batch
+from audit.engine.explain import GradCAM
+from audit.engine.maps import as_image_batch, pad_batch
 
 _RELU_ACTIVATIONS = {"relu", "relu6", "leaky_relu"}
 
@@ -165,7 +166,7 @@ class GuidedGradCAM:
         ``batch_size``: images per compiled call (the last call padded to it); by
         default the engine's. Each size compiles once.
         """
-        images = _as_image_batch(images)
+        images = as_image_batch(images)
         if targets is None:
             targets = self.cam.explain_details(images).predictions
         targets = np.asarray(targets, dtype="int32")
@@ -180,7 +181,7 @@ class GuidedGradCAM:
 
     def explain(self, images, targets=None, *, batch_size: int | None = None) -> np.ndarray:
         """Guided Grad-CAM: guided gradients times the upsampled Grad-CAM map."""
-        images = _as_image_batch(images)
+        images = as_image_batch(images)
         if targets is None:
             targets = self.cam.explain_details(images).predictions
         maps = self.cam.explain(images, targets, size=images.shape[1:3])

@@ -20,7 +20,8 @@ from audit.data.loader import Batch
 from audit.data.manifest import (
     Entries,
 )
-from audit.engine.explain import PREDICTED, GradCAM, area_downscale, pad_batch, upsample
+from audit.engine.explain import PREDICTED, GradCAM
+from audit.engine.maps import area_downscale, pad_batch, upsample
 from audit.measure.localisation import localisation_iou
 from audit.measure.metrics import METRICS, hot_mask, region_mass, region_metrics
 from audit.measure.rows import OTHER_METRICS
