@@ -79,7 +79,7 @@ CHILD = textwrap.dedent(
     for name, value in region_metrics(maps, regions, pointing_tolerance=1).items():
         out["metric_" + name] = keras.ops.convert_to_numpy(value)
     # The stored CAMs' area downscaling (maps larger than metrics.cam_size).
-    from audit.engine.explain import area_downscale
+    from audit.engine.maps import area_downscale
     out["area"] = keras.ops.convert_to_numpy(area_downscale(maps, (5, 7)))
     np.savez(out_path, **out)
     """
