@@ -24,7 +24,7 @@ _EXPORTS = {
     "audit.engine.models": ("ModelStructureError", "load_model"),
     "audit.run": ("AuditResult", "run_audit"),
     "audit.report.write": ("write_reports",),
-    "audit.data.sources": ("export_tf_dataset",),
+    "audit.data.tfds": ("export_tf_dataset",),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 

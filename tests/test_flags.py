@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from scipy.stats import bootstrap
 
-from audit.analysis.aggregate import Aggregator, bootstrap_mean_ci
+from audit.analysis.aggregate import Aggregator
 from audit.analysis.fill import fill_objects, intervene
 from audit.analysis.flags import benjamini_hochberg, bootstrap_difference_ci, evaluate_flags
+from audit.analysis.intervals import bootstrap_mean_ci
 from audit.analysis.strategies import cluster_maps, eigengap_clusters
 from audit.config.sections import PolicySection
 
@@ -90,7 +91,7 @@ def test_small_samples_get_t_intervals_that_cover():
     assert np.mean(covered) > 0.92
     assert np.isnan(bootstrap_difference_ci(pair[:1], pair, resamples=100, seed=0)[0])
     # A share's interval stays within [0, 1], a lift's above 0.
-    from audit.analysis.aggregate import mean_with_ci
+    from audit.analysis.intervals import mean_with_ci
 
     spread = np.array([0.02, 0.9, 0.05])
     share = mean_with_ci(spread, "mass_background", resamples=100, seed=0)
@@ -189,7 +190,7 @@ def aggregator_of(images, chunks=1):
 def test_wilson_interval_agrees_with_scipy():
     from scipy.stats import binomtest
 
-    from audit.analysis.aggregate import wilson_interval
+    from audit.analysis.intervals import wilson_interval
 
     for successes, trials in ((0, 1), (0, 30), (3, 30), (15, 30), (30, 30), (612, 1000)):
         expected = binomtest(successes, trials).proportion_ci(method="wilson")

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from audit.analysis.aggregate import bootstrap_mean_ci, resampled_moments
 from audit.analysis.flags import bootstrap_difference_ci
+from audit.analysis.intervals import bootstrap_mean_ci, resampled_moments
 
 Draw = Callable[[np.random.Generator, int], np.ndarray]
 
@@ -249,7 +249,7 @@ if __name__ == "__main__":
 
 
 def test_wilson_bounds_are_exact_at_zero_and_all():
-    from audit.analysis.aggregate import wilson_interval
+    from audit.analysis.intervals import wilson_interval
 
     for trials in (1, 7, 73, 100, 10_000):
         assert wilson_interval(trials, trials)[1] == 1.0

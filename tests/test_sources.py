@@ -12,15 +12,11 @@ from pycocotools import mask as coco_mask
 
 from audit.config import ConfigError, build_config
 from audit.config.sections import DatasetSection
+from audit.data.coco import read_coco
 from audit.data.decode import _decode_rle
 from audit.data.manifest import class_names_for, read_manifest
-from audit.data.sources import (
-    export_tf_dataset,
-    read_coco,
-    read_entries,
-    read_tfds,
-    tfds_cache_folder,
-)
+from audit.data.sources import read_entries
+from audit.data.tfds import export_tf_dataset, read_tfds, tfds_cache_folder
 from audit.run import run_audit
 
 HEIGHT, WIDTH = 24, 32

@@ -1,7 +1,8 @@
 """After the pass: aggregate the per-image records, test them, intervene, and judge
 each class (docs/flags.md).
 
-    aggregate     per-group accumulators (mergeable) and bootstrap CIs
+    intervals     CIs of means (bootstrap-t) and rates (Wilson)
+    aggregate     per-group accumulators (mergeable) and their summaries with CIs
     flags         heatmap tests: one-sided tests, Benjamini-Hochberg, effect floors
     associations  slices that drive a class (Mantel-Haenszel false-positive difference)
     fill          interventions on an image (object removed, kept, or moved)

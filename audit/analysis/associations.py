@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from audit.analysis.aggregate import wilson_interval
+from audit.analysis.intervals import wilson_interval
 from audit.config.sections import PolicySection
 
 EXAMPLES_PER_ASSOCIATION = 5

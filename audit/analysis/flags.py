@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control, mannwhitneyu, norm, rankdata, wilcoxon
 
-from audit.analysis.aggregate import (
+from audit.analysis.aggregate import Aggregator
+from audit.analysis.intervals import (
     SMALL_SAMPLE,
-    Aggregator,
     bootstrap_mean_ci,
     resampled_moments,
     studentized_interval,

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from audit.analysis.aggregate import rate_with_ci
 from audit.analysis.fill import INTERVENTIONS
+from audit.analysis.intervals import rate_with_ci
 from audit.analysis.probes import REFERENCE_LOOKS
 from audit.config.sections import PolicySection
 

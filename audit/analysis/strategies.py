@@ -17,7 +17,7 @@ from scipy.sparse.csgraph import laplacian
 from sklearn.cluster import SpectralClustering
 from sklearn.neighbors import kneighbors_graph
 
-from audit.analysis.aggregate import mean_with_ci, rate_with_ci
+from audit.analysis.intervals import mean_with_ci, rate_with_ci
 from audit.runs.store import RunStore
 
 MIN_CLASS_SIZE = 12

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import integrate, ndimage, stats
 
-from audit.analysis.aggregate import bootstrap_mean_ci
+from audit.analysis.intervals import bootstrap_mean_ci
 from audit.analysis.probes import round_robin
 from audit.engine.cam_methods import class_agnostic, get_cam_method
 from audit.engine.explain import GradCAM

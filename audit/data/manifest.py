@@ -216,7 +216,7 @@ def _csv_line(path: Path, row: int) -> int:
     return row + 2
 
 
-# What ``audit.data.sources.export_tf_dataset`` writes: the manifest and, last, a marker
+# What ``audit.data.tfds.export_tf_dataset`` writes: the manifest and, last, a marker
 # with the label feature's names in index order (the model's output order).
 EXPORT_MANIFEST, EXPORT_MARKER = "manifest.csv", "complete"
 
