@@ -26,7 +26,7 @@ from PIL import Image
 from audit.report.outcome import untested_classes
 from audit.report.overlay import stored_overlay
 from audit.runs.decisions import model_line
-from audit.runs.store import RunStore, run_manifests, run_state
+from audit.runs.store import RunStore, failure_text, run_manifests, run_state
 
 STORE_VARIABLE = "BIAS_AUDIT_STORE"
 THUMBNAIL = 128
@@ -160,14 +160,6 @@ def _run_row(folder: Path, manifest: dict) -> dict:
         # Why a failed run stopped (its manifest's ``failure``): no verdict, say why.
         "failure": failure_text(manifest),
     }
-
-
-def failure_text(manifest: dict) -> str | None:
-    """A failed run's reason as one line (``RuntimeError: ...``), else None."""
-    failure = manifest.get("failure") if manifest.get("status") == "failed" else None
-    if not isinstance(failure, dict):
-        return None
-    return f"{failure.get('error', 'error')}: {failure.get('message', '')}"
 
 
 def _report_or_nothing(path: Path) -> dict:

@@ -95,11 +95,11 @@ def cam_method(
     return register
 
 
-def built_in_names() -> list[str]:
-    """The names in the built-in module's ``@cam_method("name", ...)`` decorators, read
-    from its source (importing it would import Keras)."""
+def _built_in_decorators() -> dict[str, tuple[str, ...]]:
+    """The built-in module's ``@cam_method("name", aliases=(...))`` decorators, name ->
+    aliases, read from its source (importing it would import Keras)."""
     path = Path(__file__).with_name(BUILT_IN.rsplit(".", 1)[1] + ".py")
-    names = []
+    found = {}
     for node in ast.walk(ast.parse(path.read_text())):
         for decorator in getattr(node, "decorator_list", []):
             if (
@@ -108,8 +108,17 @@ def built_in_names() -> list[str]:
                 and decorator.args
                 and isinstance(decorator.args[0], ast.Constant)
             ):
-                names.append(decorator.args[0].value)
-    return names
+                aliases = next(
+                    (ast.literal_eval(k.value) for k in decorator.keywords if k.arg == "aliases"),
+                    (),
+                )
+                found[decorator.args[0].value] = tuple(aliases)
+    return found
+
+
+def built_in_names() -> list[str]:
+    """The built-in methods' names, in their module's order, read without Keras."""
+    return list(_built_in_decorators())
 
 
 def _entry_points():
@@ -135,11 +144,10 @@ def canonical_name(name: str) -> str:
     for known in method_names():
         if _key(known) == key:
             return known
-    for spec in _REGISTRY.values():
-        if key in map(_key, spec.aliases):
-            return spec.name
-    if key == "gradcampp":  # the built-in Grad-CAM++'s alias, read without Keras
-        return "gradcam++"
+    aliases = _built_in_decorators() | {spec.name: spec.aliases for spec in _REGISTRY.values()}
+    for known, its_aliases in aliases.items():
+        if key in map(_key, its_aliases):
+            return known
     raise ValueError(f"unknown CAM method {name!r}; choose one of: {', '.join(method_names())}")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from audit.runs.decisions import model_line, read_decisions
-from audit.runs.store import MANIFEST, read_json, run_manifests, run_state
+from audit.runs.store import MANIFEST, failure_text, read_json, run_manifests, run_state
 
 HISTORY = "history.sqlite"
 # Raised whenever the tables, or what fills them, change: an index of another version
@@ -166,9 +166,8 @@ def history(store: Path, line: str | None = None) -> pd.DataFrame:
 
 
 def _failure(run_dir: Path) -> str | None:
-    """Why a failed run stopped (its manifest's ``failure``), as one line."""
+    """Why a failed run stopped, read from its manifest (``store.failure_text``)."""
     try:
-        failure = read_json(run_dir / MANIFEST)["failure"]
-        return f"{failure['error']}: {failure['message']}"
-    except (OSError, ValueError, LookupError, TypeError):  # not a failure this version wrote
+        return failure_text(read_json(run_dir / MANIFEST))
+    except (OSError, ValueError, AttributeError):  # gone meanwhile, or not an object
         return None

@@ -289,6 +289,15 @@ def run_locked(run_dir: Path) -> bool | None:
     return False
 
 
+def failure_text(manifest: dict) -> str | None:
+    """Why a failed run stopped (its manifest's ``failure``) as one line
+    (``RuntimeError: ...``); None for any other run."""
+    failure = manifest.get("failure") if manifest.get("status") == "failed" else None
+    if not isinstance(failure, dict):
+        return None
+    return f"{failure.get('error', 'error')}: {failure.get('message', '')}"
+
+
 def run_state(run_dir: Path, manifest: dict | None = None) -> str | None:
     """The run's status as shown: its manifest's (``running``, ``complete``, or
     ``failed``: stopped on an error, the reason in its ``failure``), except
