@@ -63,6 +63,7 @@ from audit.data.sources import read_entries  # noqa: E402
 from audit.engine.explain import PREDICTED, GradCAM  # noqa: E402
 from audit.engine.maps import pad_batch  # noqa: E402
 from audit.engine.models import load_model  # noqa: E402
+from audit.measure import spec  # noqa: E402
 from audit.measure.metrics import region_metrics  # noqa: E402
 from audit.measure.step import AuditStep, chunk_records  # noqa: E402
 from audit.run import BATCHES_PER_CHUNK, run_audit  # noqa: E402
@@ -438,7 +439,7 @@ def step_parts(config: AuditConfig, cam: GradCAM, step, batches) -> list[tuple]:
                 regions,
                 iou_threshold=settings.iou_threshold,
                 pointing_tolerance=cells,
-                ranked=maps is main,
+                names=None if maps is main else spec.names(other_map=True),
             )
             for maps in (main, other)
         ]

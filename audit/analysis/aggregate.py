@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from audit.analysis.intervals import mean_with_ci, rate_with_ci
+from audit.measure import spec
 
 GROUP_KINDS = ("true", "pred", "slice", "class_slice")
 # Slice attributes with more distinct values than this are identifiers, not slices.
@@ -117,19 +118,14 @@ class Aggregator:
         self.main_map_columns = list(main_map_columns)
         self.slice_columns = list(slice_columns)
         # Column prefixes of the true-class maps and of the predicted-class maps.
-        self.prefixes = (
-            {"true": "", "pred": "pred_"}
-            if target == "true"
-            else {
-                "true": "true_",
-                "pred": "",
-            }
-        )
+        self.prefixes = {maps: spec.map_prefix(target, maps) for maps in ("true", "pred")}
+        self.metrics = list(spec.metrics(aggregated=True))
         self.columns = [
-            f"{prefix}{metric}_{region}"
+            spec.column(metric.name, region, prefix)
             for prefix in self.prefixes.values()
             for region in self.region_names
-            for metric in ("mass", "lift", "pointing")
+            for metric in self.metrics
+            if metric.other_map or not prefix
         ] + self.main_map_columns
         self.groups: dict[tuple, GroupAccumulator] = {}
         self.keys: dict[tuple, GroupKey] = {}
@@ -142,7 +138,7 @@ class Aggregator:
         decision.
         """
         maps = "true" if kind in ("true", "class_slice") else "pred"
-        return f"{self.prefixes[maps]}{metric}_{region}"
+        return spec.column(metric, region, self.prefixes[maps])
 
     def _group(self, key: GroupKey) -> GroupAccumulator:
         identity = key.as_tuple()
@@ -218,11 +214,17 @@ class Aggregator:
             }
             bootstrap = {"resamples": resamples, "seed": seed}
             for region in self.region_names:
-                for metric in ("mass", "lift"):
-                    column = values[self.column(key.kind, metric, region)][use]
-                    record.update(mean_with_ci(column, f"{metric}_{region}", **bootstrap))
-                pointing = values[self.column(key.kind, "pointing", region)][use]
-                record.update(rate_with_ci(pointing, f"pointing_{region}"))
+                for metric in self.metrics:
+                    measured = values.get(self.column(key.kind, metric.name, region))
+                    if measured is None:  # measured on the main map only
+                        continue
+                    name = spec.column(metric.name, region)
+                    if metric.summary == "rate":
+                        record.update(rate_with_ci(measured[use], name))
+                    else:
+                        record.update(
+                            mean_with_ci(measured[use], name, share=metric.share, **bootstrap)
+                        )
             # The extras are measured on the main map: summarised only for the groups
             # whose statistics come from that map (true-label groups by default).
             maps = "true" if key.kind in ("true", "class_slice") else "pred"
@@ -241,7 +243,7 @@ def _main_map_summary(values, use, correct, columns, bootstrap: dict) -> dict:
     """Counterfactual mass means and weak localisation of one group, with 95% CIs."""
     summary = {}
     for column in columns:
-        summary.update(mean_with_ci(values[column][use], column, **bootstrap))
+        summary.update(mean_with_ci(values[column][use], column, share=True, **bootstrap))
     if "loc_iou" in columns:
         iou = values["loc_iou"]
         located = np.isfinite(iou)
@@ -297,7 +299,8 @@ def aggregator_for(images: pd.DataFrame, manifest: dict, chunk_rows: int = 50_00
     """An ``Aggregator`` fed with a run's ``images`` table, in chunks."""
     region_names = [region["name"] for region in manifest["regions"]]
     slices = slice_columns_of(images, manifest["dataset"].get("slice_columns", []))
-    extras = [c for c in images.columns if c.startswith("cf_mass_")]
+    extras = [spec.column("mass", r, "cf_") for r in region_names]
+    extras = [c for c in extras if c in images.columns]
     extras += ["loc_iou"] if "loc_iou" in images.columns else []
     aggregator = Aggregator(region_names, slices, manifest["config"]["model"]["target"], extras)
     for start in range(0, len(images), chunk_rows):

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from audit.measure import spec
 from audit.runs.store import RunStore, atomic_write
 
 EXAMPLES_PER_CLASS = 4
@@ -26,7 +27,7 @@ def worst_examples(images: pd.DataFrame, index: int, manifest: dict) -> pd.DataF
     rows = images[(images["status"] == "ok") & (images["label_index"] == index)]
     if not spurious or not len(rows):
         return rows.iloc[:0]
-    column = f"mass_{spurious[0]}"
+    column = spec.column("mass", spurious[0])
     return rows.sort_values(column, ascending=False, na_position="last").head(EXAMPLES_PER_CLASS)
 
 

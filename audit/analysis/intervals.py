@@ -105,19 +105,16 @@ def rate_with_ci(outcomes: np.ndarray, name: str) -> dict:
     return {name: float(outcomes.mean()), f"{name}_low": low, f"{name}_high": high}
 
 
-# Metric columns that are shares of a map (or an IoU): their means and CIs lie in [0, 1].
-SHARES = ("mass_", "cf_mass_", "loc_iou", "area_", "iou_", "rank_acc_")
-
-
-def mean_with_ci(values: np.ndarray, name: str, *, resamples: int, seed: int) -> dict:
+def mean_with_ci(values: np.ndarray, name: str, *, share: bool, resamples: int, seed: int) -> dict:
     """``{name: mean, name_low, name_high}`` of the finite values of metric ``name``,
-    the interval ``bootstrap_mean_ci``'s, within [0, 1] for a share (``SHARES``) and
-    above 0 for the rest (lift, totals); NaN for no values."""
+    the interval ``bootstrap_mean_ci``'s, within [0, 1] for a ``share`` (a metric whose
+    specification says so, a counterfactual mass, an IoU) and above 0 for the rest
+    (lift, totals); NaN for no values."""
     values = np.asarray(values, dtype="float64")
     finite = values[np.isfinite(values)]
     if not len(finite):
         return {name: np.nan, f"{name}_low": np.nan, f"{name}_high": np.nan}
-    bounds = (0.0, 1.0) if name.startswith(SHARES) else (0.0, np.inf)
+    bounds = (0.0, 1.0) if share else (0.0, np.inf)
     low, high = bootstrap_mean_ci(finite, resamples=resamples, seed=seed, bounds=bounds)
     return {name: float(finite.mean()), f"{name}_low": low, f"{name}_high": high}
 

@@ -18,6 +18,7 @@ from sklearn.cluster import SpectralClustering
 from sklearn.neighbors import kneighbors_graph
 
 from audit.analysis.intervals import mean_with_ci, rate_with_ci
+from audit.measure import spec
 from audit.runs.store import RunStore
 
 MIN_CLASS_SIZE = 12
@@ -93,7 +94,8 @@ def cluster_records(
     it is a minority strategy."""
     regions = [region["name"] for region in manifest["regions"]]
     spurious = [r["name"] for r in manifest["regions"] if r["role"] == "spurious"]
-    class_spurious = {name: group[f"mass_{name}"].mean() for name in spurious}
+    mass = {name: spec.column("mass", name) for name in regions}
+    class_spurious = {name: group[mass[name]].mean() for name in spurious}
     records = []
     for cluster in sorted(set(labels.tolist())):
         members = group[labels == cluster]
@@ -112,12 +114,15 @@ def cluster_records(
             "members": members["row"].astype(int).tolist(),
         }
         for name in regions:
-            mass = members[f"mass_{name}"]
-            record.update(mean_with_ci(mass, f"mass_{name}", resamples=resamples, seed=seed))
+            record.update(
+                mean_with_ci(
+                    members[mass[name]], mass[name], share=True, resamples=resamples, seed=seed
+                )
+            )
         # How far the cluster's spurious mass exceeds its class's, and the least it
         # does within the cluster's CI (NaN for a single map: no CI).
-        excess = [record[f"mass_{name}"] - class_spurious[name] for name in spurious]
-        excess_low = [record[f"mass_{name}_low"] - class_spurious[name] for name in spurious]
+        excess = [record[mass[name]] - class_spurious[name] for name in spurious]
+        excess_low = [record[f"{mass[name]}_low"] - class_spurious[name] for name in spurious]
         record["spurious_excess"] = max(excess, default=0.0)
         bounded = [value for value in excess_low if np.isfinite(value)]
         record["spurious_excess_low"] = max(bounded) if bounded else np.nan

@@ -315,9 +315,22 @@ SEQUENTIAL_MIN_CLASSES = 5
 class PolicySection(Section):
     """When a class or slice is flagged (docs/flags.md)."""
 
-    statistic: Literal["mass", "lift"] = Field(
-        "mass", description="Which spurious-region statistic is tested."
+    statistic: str = Field(
+        "mass",
+        description="Which spurious-region statistic is tested: a flaggable metric "
+        "(built in: mass, lift; audit.measure.spec).",
     )
+
+    @field_validator("statistic")
+    @classmethod
+    def _flaggable(cls, value: str) -> str:
+        from audit.measure import spec
+
+        flaggable = spec.names(flaggable=True)
+        if value not in flaggable:
+            raise ValueError(f"{value!r} is not a flaggable metric; choose one of {flaggable}")
+        return value
+
     alpha: float = Field(0.05, gt=0, lt=1, description="Benjamini-Hochberg q-value threshold.")
     min_support: int = Field(20, ge=2, description="Smaller groups are not tested.")
     effect_floor: float = Field(

@@ -40,9 +40,11 @@ so no aggregate ever averages a made-up number.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import keras
 
-METRICS = ("mass", "area", "lift", "pointing", "rank_acc", "iou")
+from audit.measure import spec
 
 ops = keras.ops
 
@@ -78,7 +80,7 @@ def region_metrics(
     *,
     iou_threshold: float = 0.5,
     pointing_tolerance: int | tuple[int, int] = 0,
-    ranked: bool = True,
+    names: Collection[str] | None = None,
 ) -> dict:
     """Every metric for every (image, region) pair.
 
@@ -90,11 +92,13 @@ def region_metrics(
             ``iou`` use the pixels at least half covered.
 
         pointing_tolerance: in cells of this grid, one number or (rows, columns).
-        ranked: compute ``rank_acc``, which needs one sort of every map (the costliest
-            metric on a CPU); without it the result has no ``rank_acc`` key.
+        names: the metrics to compute (default: every one in ``audit.measure.spec``);
+            the built-in ones are always computed but ``rank_acc``, which needs one
+            sort of every map (the costliest metric on a CPU). Added metrics are called
+            here, their values null on a zero map.
 
     Returns:
-        ``(batch, regions)`` float32 tensors named as in ``METRICS``, plus
+        ``(batch, regions)`` float32 tensors named as in ``audit.measure.spec``, plus
         ``zero_map`` ``(batch,)`` and ``empty`` ``(batch, regions)`` booleans.
     """
     regions = ops.cast(regions, "float32")
@@ -138,7 +142,8 @@ def region_metrics(
     # pixels above v are all in the top |R|, and the places left go to the pixels
     # tied at v in proportion to how many of them lie in R.
     rank_acc = None
-    if ranked:
+    wanted_names = spec.names() if names is None else tuple(names)
+    if "rank_acc" in wanted_names:
         count = ops.shape(flat_maps)[1]
         ascending = ops.sort(flat_maps, axis=1)
         wanted = ops.cast(region_pixels, "int32")  # (B, R)
@@ -176,4 +181,9 @@ def region_metrics(
     }
     if rank_acc is not None:
         result["rank_acc"] = _undefined_where(no_binary, rank_acc)
+    for name in wanted_names:
+        added = spec.metric(name)
+        if added.compute is not None:
+            value = ops.cast(added.compute(maps, regions), "float32")
+            result[name] = _undefined_where(undefined_map, value)
     return result

@@ -22,9 +22,9 @@ from audit.data.manifest import (
 )
 from audit.engine.explain import PREDICTED, GradCAM
 from audit.engine.maps import area_downscale, pad_batch, upsample
+from audit.measure import spec
 from audit.measure.localisation import localisation_iou
-from audit.measure.metrics import METRICS, hot_mask, region_mass, region_metrics
-from audit.measure.rows import OTHER_METRICS
+from audit.measure.metrics import hot_mask, region_mass, region_metrics
 
 
 class AuditStep:
@@ -111,7 +111,7 @@ class AuditStep:
                 iou_threshold=self.config.metrics.iou_threshold,
                 # The tolerance is given in input pixels; the grid may be coarser.
                 pointing_tolerance=self.pointing_cells,
-                ranked=key == "main",
+                names=spec.names() if key == "main" else spec.names(other_map=True),
             )
             result.update({f"{key}_{name}": value for name, value in metrics.items()})
         return result
@@ -169,7 +169,7 @@ def chunk_records(
 
 def measured_rows(batch, out, class_names, config) -> dict[str, np.ndarray]:
     region_names = [region.name for region in config.regions]
-    other_prefix = "pred_" if config.model.target == "true" else "true_"
+    other_prefix = spec.OTHER_PREFIX[config.model.target]
     predictions = out["logits"].argmax(-1)
     frame = {
         "row": np.asarray(batch.rows, dtype="int64"),
@@ -185,14 +185,15 @@ def measured_rows(batch, out, class_names, config) -> dict[str, np.ndarray]:
         "status": np.where(out["finite"], "ok", "skipped").astype(object),
         "skip_reason": np.where(out["finite"], None, "non-finite activations or gradients"),
     }
-    for prefix, key, metrics in (("", "main", METRICS), (other_prefix, "other", OTHER_METRICS)):
+    measured = (("", "main", spec.names()), (other_prefix, "other", spec.names(other_map=True)))
+    for prefix, key, metrics in measured:
         for index, name in enumerate(region_names):
             for metric in metrics:
                 values = out[f"{key}_{metric}"][:, index].astype("float64")
-                frame[f"{prefix}{metric}_{name}"] = np.where(out["finite"], values, np.nan)
+                frame[spec.column(metric, name, prefix)] = np.where(out["finite"], values, np.nan)
     for index, name in enumerate(region_names):
         values = out["cf_mass"][:, index].astype("float64")
-        frame[f"cf_mass_{name}"] = np.where(out["finite"], values, np.nan)
+        frame[spec.column("mass", name, "cf_")] = np.where(out["finite"], values, np.nan)
     frame["cf_total"] = out["cf_total"]
     # Connected components run on the host, on the measuring grid: here on the writer's
     # thread (local engine), or already in the actor (Ray).

@@ -15,6 +15,7 @@ import pandas as pd
 from audit.analysis.examples import guided_note, worst_examples
 from audit.analysis.tables import read_analysis, stored_verdicts
 from audit.analysis.verdicts import SEVERITY_ORDER, class_verdicts, forward_passes, overall_severity
+from audit.measure import spec
 from audit.report.outcome import run_outcome
 from audit.runs.decisions import latest_decisions, model_line
 from audit.runs.store import RunStore
@@ -82,18 +83,23 @@ def build_report(run_dir: Path) -> dict:
                 "n": row.get("n", 0),
                 "n_measured": row.get("n_measured", 0),
                 "n_zero_map": row.get("n_zero_map"),  # None: a run made before the count
-                "mass": {r: _ci(row, f"mass_{r}") for r in regions},
-                "lift": {r: _ci(row, f"lift_{r}") for r in regions},
-                "pointing": {r: row.get(f"pointing_{r}") for r in regions},
             }
-            # Every number with its 95% CI: a scalar's in ``<name>_low``/``_high``, a
-            # per-region one's in a ``<name>_ci`` sibling (``_ci`` dicts).
+            # Every number with its 95% CI. A mean metric per region is a ``_ci`` dict;
+            # a rate's value per region is a number with its ``_ci`` dicts in a
+            # ``<name>_ci`` sibling, as is a scalar's in ``<name>_low``/``_high``.
+            for metric in spec.metrics(aggregated=True):
+                cis = {r: _ci(row, spec.column(metric.name, r)) for r in regions}
+                if metric.summary == "rate":
+                    view[metric.name] = {r: row.get(spec.column(metric.name, r)) for r in regions}
+                    view[f"{metric.name}_ci"] = cis
+                else:
+                    view[metric.name] = cis
             rate = "accuracy" if kind == "true" else "precision"
             view[rate] = row.get("accuracy")
             view[f"{rate}_low"], view[f"{rate}_high"] = _bounds(row, "accuracy")
-            view["pointing_ci"] = {r: _ci(row, f"pointing_{r}") for r in regions}
-            view["counterfactual_mass"] = {r: row.get(f"cf_mass_{r}") for r in regions}
-            view["counterfactual_mass_ci"] = {r: _ci(row, f"cf_mass_{r}") for r in regions}
+            counterfactual = {r: spec.column("mass", r, "cf_") for r in regions}
+            view["counterfactual_mass"] = {r: row.get(c) for r, c in counterfactual.items()}
+            view["counterfactual_mass_ci"] = {r: _ci(row, c) for r, c in counterfactual.items()}
             for name in ("loc_iou", "loc_error", "top1_loc_error"):
                 view[name] = row.get(name)
                 view[f"{name}_low"], view[f"{name}_high"] = _bounds(row, name)
@@ -187,5 +193,6 @@ def _worst_examples(
     """The class's audited rows with the most spurious mass."""
 
     rows = worst_examples(images, index, manifest)
-    keep = ["row", "path", "mask_path", "pred_label", "correct", *(f"mass_{r}" for r in regions)]
+    mass = [spec.column("mass", r) for r in regions]
+    keep = ["row", "path", "mask_path", "pred_label", "correct", *mass]
     return _records(rows[[c for c in keep if c in rows.columns]])

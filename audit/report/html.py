@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from audit.measure import spec
 from audit.report.build import _ci
 from audit.report.outcome import INCONCLUSIVE
 from audit.report.overlay import colorize, stored_overlay
@@ -26,6 +27,7 @@ from audit.report.text import (
     drives_text,
     interventions_text,
     main_map_text,
+    measure_rows,
     outcome_reason,
     slice_flag_text,
     status_text,
@@ -251,6 +253,7 @@ def render_html(report: dict, run_dir: Path, unreadable: int | None = None) -> s
             lift = with_ci(**entry["true_label"]["lift"][region])
             parts.append(f"<tr><td>{escape(region)}</td>{bars}<td>{lift}</td></tr>")
         parts.append("</table>")
+        parts.append(_measures_table(entry["true_label"], expected + spurious))
         probe = entry["interventions"]
         if probe and probe.get("n_probe"):
             parts.append(f"<p>{escape(interventions_text(probe))}</p>")
@@ -352,8 +355,23 @@ def _slices_html(groups: list[dict], slices: dict, spurious: list[str]) -> str:
             f"<tr><td>{escape(str(group['attribute']))}</td>"
             f"<td>{escape(str(group['value']))}</td><td>{group['n']}</td>"
             f"<td>{with_ci(**_ci(group, 'accuracy'))}</td>"
-            + "".join(f"<td>{with_ci(**_ci(group, f'mass_{r}'))}</td>" for r in spurious)
+            + "".join(f"<td>{with_ci(**_ci(group, spec.column('mass', r)))}</td>" for r in spurious)
             + "</tr>"
         )
     parts.append("</table>")
     return "".join(parts)
+
+
+def _measures_table(view: dict, regions: list[str]) -> str:
+    """Every aggregated metric of a class on its correct rows, per region."""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
+        + "</tr>"
+        for name, cells in measure_rows(view, regions)
+    )
+    head = "".join(f"<th>{html.escape(region)}</th>" for region in regions)
+    return (
+        "<details><summary>Every measure (true label, correct rows; mean [95% CI])</summary>"
+        f"<table><tr><th>measure</th>{head}</tr>{rows}</table></details>"
+    )

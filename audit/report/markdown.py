@@ -17,6 +17,7 @@ from audit.report.text import (
     _support,
     _transplant,
     drives_text,
+    measure_rows,
     outcome_reason,
     slice_flag_text,
     status_text,
@@ -98,6 +99,7 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
         for entry in report["classes"]
         if entry.get("evidence")
     ]
+    lines += _measures_markdown(report)
     slices = [t for t in report["slices"]["tests"] if t.get("flagged")]
     if slices:
         lines += ["", "### Flagged slices"]
@@ -115,6 +117,22 @@ def render_markdown(report: dict, unreadable: int | None = None) -> str:
         f"above {policy.get('effect_floor')}; classes need n >= {policy.get('min_support')}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _measures_markdown(report: dict) -> list[str]:
+    """Every aggregated metric per class and region, on the true label's correct rows."""
+    regions = [region["name"] for region in report["regions"]]
+    lines = [
+        "",
+        "### Measures per class (true label, correct rows; mean [95% CI])",
+        "",
+        "| class | measure | " + " | ".join(_md(r) for r in regions) + " |",
+        "|---|---|" + "---:|" * len(regions),
+    ]
+    for entry in report["classes"]:
+        for name, cells in measure_rows(entry["true_label"], regions):
+            lines.append(f"| {_md(entry['class_name'])} | {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _trust_markdown(trust: dict | None, guided: str | None) -> list[str]:

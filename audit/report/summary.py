@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from audit.measure import spec
 from audit.report.text import with_ci
 
 SKIP_REASONS_SHOWN = 8  # the most frequent skip reasons listed; the rest are counted
@@ -11,8 +12,9 @@ SKIPPED_PATHS_SHOWN = 5  # skipped rows named with their paths
 
 
 def class_table(report: dict) -> pd.DataFrame:
-    """Per true class: rows, accuracy, and mean mass/lift per region on correct rows,
-    each with its 95% CI (as text)."""
+    """Per true class: rows, accuracy, and the metrics shown for each region's role
+    (``audit.measure.spec``: mass on every region, lift on expected ones) on correct
+    rows, each with its 95% CI (as text)."""
     rows = []
     for entry in sorted(report["classes"], key=lambda entry: entry["class_index"]):
         view = entry["true_label"]
@@ -23,11 +25,12 @@ def class_table(report: dict) -> pd.DataFrame:
                 view["accuracy"], view.get("accuracy_low"), view.get("accuracy_high")
             ),
         }
-        for region in report["regions"]:
-            row[f"mass_{region['name']}"] = with_ci(**view["mass"][region["name"]])
-        for region in report["regions"]:
-            if region["role"] == "expected":
-                row[f"lift_{region['name']}"] = with_ci(**view["lift"][region["name"]])
+        for metric in spec.metrics(aggregated=True):
+            cis = view.get(f"{metric.name}_ci" if metric.summary == "rate" else metric.name)
+            for region in report["regions"]:
+                if cis and region["role"] in metric.shown_for:
+                    name = region["name"]
+                    row[spec.column(metric.name, name)] = with_ci(**cis[name])
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from audit.measure import spec
 from audit.report.build import _ci
 from audit.report.outcome import INCONCLUSIVE, untested_classes
 from audit.runs.decisions import CHOICES
@@ -273,3 +274,15 @@ def main_map_text(view: dict, regions: list[str]) -> str:
             f"error {with_ci(**_ci(view, 'top1_loc_error'))}."
         )
     return " ".join(parts)
+
+
+def measure_rows(view: dict, regions: list[str]) -> list[tuple[str, list[str]]]:
+    """Every aggregated metric of a report's class view (``audit.measure.spec``), one
+    ``(name, ["mean [low, high]" per region])`` each; a metric the run did not measure
+    (a run made before it was added) is left out."""
+    rows = []
+    for metric in spec.metrics(aggregated=True):
+        cis = view.get(f"{metric.name}_ci" if metric.summary == "rate" else metric.name)
+        if cis:
+            rows.append((metric.name, [with_ci(**cis[r]) if r in cis else "n/a" for r in regions]))
+    return rows

@@ -11,6 +11,7 @@ from scipy.stats import mannwhitneyu
 
 from audit.analysis.flags import benjamini_hochberg, bootstrap_difference_ci
 from audit.config import ConfigError
+from audit.measure import spec
 from audit.report.outcome import INCONCLUSIVE
 from audit.report.text import outcome_reason
 from audit.runs.store import RunStore, baseline_mismatch
@@ -85,7 +86,7 @@ def compare_runs(old_dir: Path, new_dir: Path, *, resamples: int = 1000, seed: i
     for entry in new["classes"]:
         name = entry["class_name"]
         for region in spurious:
-            column = f"mass_{region}"
+            column = spec.column("mass", region)
             a = _class_values(old_images, old, name, column)
             b = _class_values(new_images, new, name, column)
             row = {

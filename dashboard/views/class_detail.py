@@ -7,6 +7,7 @@ import streamlit as st
 from PIL import Image
 
 from audit.analysis.verdicts import SEVERITY_ORDER
+from audit.measure import spec
 from audit.report.overlay import colorize
 from audit.report.text import (
     interventions_text,
@@ -88,7 +89,7 @@ if chosen_cluster != "all":
     members = strategies[strategies["cluster"] == int(chosen_cluster.split()[1])]["members"]
     rows = rows[rows["row"].isin(list(members.iloc[0]))]
 if spurious:
-    rows = rows.sort_values(f"mass_{spurious[0]}", ascending=False, na_position="last")
+    rows = rows.sort_values(spec.column("mass", spurious[0]), ascending=False, na_position="last")
 
 pages = max(1, math.ceil(len(rows) / PAGE_SIZE))
 page = st.number_input("Page", min_value=1, max_value=pages, value=1, step=1)
@@ -105,7 +106,7 @@ for row in shown.itertuples():
     pictures.append(picture)
     caption = f"row {row.row}: predicted {escape_markdown(row.pred_label)}"
     if spurious:
-        mass = getattr(row, f"mass_{spurious[0]}")
+        mass = getattr(row, spec.column("mass", spurious[0]))
         caption += f", {escape_markdown(spurious[0])} mass {mass:.2f}"
     captions.append(caption)
 if unreadable:

@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from audit.analysis.verdicts import SEVERITY_ORDER
+from audit.measure import spec
 from audit.report.outcome import INCONCLUSIVE
 from audit.report.text import drives_text, outcome_reason, status_text, trust_lines, with_ci
 from audit.runs.decisions import latest_decisions, model_line
@@ -20,7 +21,7 @@ def two_digits(table: pd.DataFrame) -> dict:
     return {
         column: TWO_DIGITS
         for column in table.columns
-        if column.startswith(("mass_", "bg_gap", "transplant"))
+        if column.startswith((*(f"{name}_" for name in spec.names()), "bg_gap", "transplant"))
         or column.removesuffix("_low").removesuffix("_high").endswith(RATES)
     }
 
@@ -61,11 +62,14 @@ for entry in result["classes"]:
         "n": side["n"],
         **{name: side.get(name) for name in (rate, f"{rate}_low", f"{rate}_high")},
     }
-    for region in spurious:
-        mass = side["mass"][region]
-        row[f"mass_{region}"] = mass["mean"]
-        row[f"mass_{region}_low"] = mass["low"]
-        row[f"mass_{region}_high"] = mass["high"]
+    # The metrics shown for each region's role (audit.measure.spec), with their CIs.
+    for metric in spec.metrics(aggregated=True):
+        cis = side.get(f"{metric.name}_ci" if metric.summary == "rate" else metric.name)
+        for region in result["regions"]:
+            if cis and region["role"] in metric.shown_for:
+                ci, column = cis[region["name"]], spec.column(metric.name, region["name"])
+                row |= {column: ci["mean"], f"{column}_low": ci["low"]}
+                row[f"{column}_high"] = ci["high"]
     row |= {
         **{
             name: (entry["interventions"] or {}).get(name)
@@ -113,13 +117,8 @@ st.dataframe(
 
 for region in spurious:
     st.subheader(f"Mass on {escape_markdown(region)} with 95% CI")
-    data = classes.rename(
-        columns={
-            f"mass_{region}": "mass",
-            f"mass_{region}_low": "low",
-            f"mass_{region}_high": "high",
-        }
-    )
+    mass = spec.column("mass", region)
+    data = classes.rename(columns={mass: "mass", f"{mass}_low": "low", f"{mass}_high": "high"})
     sort = data["class"].tolist()
     bars = (
         alt.Chart(data)
@@ -146,7 +145,8 @@ if len(groups):
     columns += [
         column
         for region in spurious
-        for column in (f"mass_{region}", f"mass_{region}_low", f"mass_{region}_high")
+        for mass in [spec.column("mass", region)]
+        for column in (mass, f"{mass}_low", f"{mass}_high")
         if column in slices.columns
     ]
     shown = slices[["attribute", "value", "n"]]
