@@ -24,7 +24,7 @@ import pandas as pd
 
 from audit.analysis.probe_stats import settled_classes, summarise_interventions
 from audit.analysis.probes import probe_in_rounds
-from audit.config.sections import PolicySection
+from audit.config.decisions import PolicySection
 
 
 def decide(order, flipped, look, policy, names):

@@ -12,7 +12,7 @@ from audit.analysis.fill import fill_objects, intervene
 from audit.analysis.flags import benjamini_hochberg, bootstrap_difference_ci, evaluate_flags
 from audit.analysis.intervals import bootstrap_mean_ci
 from audit.analysis.strategies import cluster_maps, eigengap_clusters
-from audit.config.sections import PolicySection
+from audit.config.decisions import PolicySection
 
 
 def test_benjamini_hochberg_on_fixed_numbers():

@@ -16,7 +16,7 @@ from test_report import HOSTILE, assert_inert, unescaped
 from audit.cli.main import main
 from audit.cli.run import EXIT_OK, EXIT_POLICY, format_gate, parser
 from audit.config import load_config
-from audit.config.sections import ScheduleSection
+from audit.config.decisions import ScheduleSection
 from audit.report.html import render_html
 from audit.report.markdown import render_markdown
 from audit.report.outcome import (

@@ -7,7 +7,7 @@ import pytest
 from audit.analysis.associations import mantel_haenszel, slice_associations
 from audit.analysis.tables import Analysis
 from audit.analysis.verdicts import causal_evidence, class_verdicts, judge_slice_flags
-from audit.config.sections import PolicySection
+from audit.config.decisions import PolicySection
 
 NAMES = [str(c) for c in range(5)]
 

@@ -46,7 +46,7 @@ from audit.analysis.probes import predicted_rows, run_interventions, run_transpl
 from audit.analysis.tables import Analysis, write_analysis
 from audit.analysis.verdicts import causal_evidence, class_verdicts, judge_slice_flags
 from audit.config import AuditConfig
-from audit.config.sections import SEQUENTIAL_MIN_CLASSES
+from audit.config.decisions import SEQUENTIAL_MIN_CLASSES
 from audit.data.loader import load_entry
 from audit.data.manifest import Entries
 from audit.data.preprocess import Preprocessor

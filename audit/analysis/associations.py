@@ -34,7 +34,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from audit.analysis.intervals import wilson_interval
-from audit.config.sections import PolicySection
+from audit.config.decisions import PolicySection
 
 EXAMPLES_PER_ASSOCIATION = 5
 

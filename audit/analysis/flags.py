@@ -42,7 +42,7 @@ from audit.analysis.intervals import (
     studentized_interval,
     t_interval,
 )
-from audit.config.sections import PolicySection
+from audit.config.decisions import PolicySection
 
 EXAMPLES_PER_FLAG = 5
 
@@ -293,15 +293,20 @@ def evaluate_flags(
     return table
 
 
-def _pooled_comparison(group: np.ndarray, reference: np.ndarray, policy: PolicySection) -> dict:
-    """A group against its pooled reference: Mann-Whitney U and a bootstrap CI."""
-    record = {
+def _comparison(group: np.ndarray, reference: np.ndarray, test: str) -> dict:
+    """The sizes and means of a comparison, before its test adds p-value and effect."""
+    return {
         "n": len(group),
         "n_reference": len(reference),
         "group_mean": float(group.mean()) if len(group) else None,
         "reference_mean": float(reference.mean()) if len(reference) else None,
-        "test": "one-sided Mann-Whitney U (group > reference)",
+        "test": test,
     }
+
+
+def _pooled_comparison(group: np.ndarray, reference: np.ndarray, policy: PolicySection) -> dict:
+    """A group against its pooled reference: Mann-Whitney U and a bootstrap CI."""
+    record = _comparison(group, reference, "one-sided Mann-Whitney U (group > reference)")
     if len(group) >= policy.min_support and len(reference) >= policy.min_support:
         record["p_value"] = float(mannwhitneyu(group, reference, alternative="greater").pvalue)
         record["effect"] = record["group_mean"] - record["reference_mean"]
@@ -319,13 +324,9 @@ def _paired_comparison(group: _Sample, reference: _Sample, policy: PolicySection
     _, mine, theirs = np.intersect1d(group.rows, reference.rows, return_indices=True)
     values, before = group.values[mine], reference.values[theirs]
     differences = values - before
-    record = {
-        "n": len(differences),
-        "n_reference": len(differences),
-        "group_mean": float(values.mean()) if len(values) else None,
-        "reference_mean": float(before.mean()) if len(before) else None,
-        "test": "one-sided Wilcoxon signed-rank, paired by image (group > baseline)",
-    }
+    record = _comparison(
+        values, before, "one-sided Wilcoxon signed-rank, paired by image (group > baseline)"
+    )
     if len(differences) >= policy.min_support:
         record["p_value"] = signed_rank_greater(differences)
         record["effect"] = float(differences.mean())

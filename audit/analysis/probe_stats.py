@@ -13,7 +13,7 @@ from scipy.stats import norm
 from audit.analysis.fill import INTERVENTIONS
 from audit.analysis.intervals import rate_with_ci
 from audit.analysis.probes import REFERENCE_LOOKS
-from audit.config.sections import PolicySection
+from audit.config.decisions import PolicySection
 
 
 def summarise_interventions(

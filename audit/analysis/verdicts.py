@@ -10,7 +10,7 @@ import pandas as pd
 
 from audit.analysis.flags import benjamini_hochberg
 from audit.analysis.tables import Analysis
-from audit.config.sections import PolicySection
+from audit.config.decisions import PolicySection
 
 SEVERITY_ORDER = {"none": 0, "warn": 1, "fail": 2}
 

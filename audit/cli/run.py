@@ -134,6 +134,24 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return overrides
 
 
+# Where the data's files are and what its labels mean (quick form).
+DATA_OPTIONS = (
+    ("--masks", "DIR", "with a class-folder root: the masks tree MASKS/<class>/<stem>.png"),
+    (
+        "--root",
+        "DIR",
+        "with a manifest: where its relative paths start (default: the manifest's folder); "
+        "absolute paths are used as they are",
+    ),
+    (
+        "--class-names",
+        "NAMES",
+        "the model's class names in output order: a comma list (cat,dog) or a file with one "
+        "name a line; the manifest's labels are these names (text labels)",
+    ),
+)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bias-audit run",
@@ -142,27 +160,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML audit config (docs/config.md)")
     p.add_argument("--model", help="model file (.keras/.h5)")
     p.add_argument("--data", help="manifest CSV/Parquet, or a class-folder root")
-    p.add_argument(
-        "--masks",
-        metavar="DIR",
-        help="with a class-folder root: the parallel masks tree MASKS/<class>/<stem>.png",
-    )
+    for flag, metavar, text in DATA_OPTIONS:
+        p.add_argument(flag, metavar=metavar, help=text)
     p.add_argument(
         "--out", help="run store folder (default: runs/ beside the config, or in the cwd)"
     )
-    p.add_argument(
-        "--root",
-        metavar="DIR",
-        help="with a manifest: where its relative paths start (default: the manifest's "
-        "folder); absolute paths are used as they are",
-    )
     p.add_argument("--run-id", help="name of the run folder")
-    p.add_argument(
-        "--class-names",
-        metavar="NAMES",
-        help="the model's class names in output order: a comma list (cat,dog) or a file "
-        "with one name a line; the manifest's labels are these names (text labels)",
-    )
     p.add_argument("--layer", help="target layer name or path")
     # The registry names the methods without importing Keras: --help stays quick.
     methods = ", ".join(method_names())

@@ -14,18 +14,15 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from audit.config.decisions import OutputSection, PolicySection, ScheduleSection, TrustSection
 from audit.config.sections import (
     DEFAULT_REGIONS,
     DatasetSection,
     MetricsSection,
     ModelSection,
-    OutputSection,
-    PolicySection,
     PreprocessSection,
     RegionSection,
-    ScheduleSection,
     Section,
-    TrustSection,
 )
 
 

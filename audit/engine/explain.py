@@ -6,7 +6,6 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import keras
 import numpy as np
@@ -14,15 +13,9 @@ import tensorflow as tf
 
 from audit.engine.cam_methods import get_cam_method, uses_gradients
 from audit.engine.cut import ModelCut, cut_model
-from audit.engine.maps import (
-    as_image_batch,
-    cam_sets,
-    pad_batch,
-    probabilities_of,
-    upsample,
-    zero_maps,
-)
+from audit.engine.maps import as_image_batch, pad_batch, probabilities_of, upsample, zero_maps
 from audit.engine.models import ModelStructureError
+from audit.engine.program import Program, checked_targets, compile_program, tensorflow_cam_sets
 from audit.timing import count, stage
 
 # Target value meaning "the class the model predicts" inside the compiled step.
@@ -230,93 +223,28 @@ class GradCAM:
         *,
         with_counterfactual: bool = False,
     ):
-        """The TensorFlow step for several target sets: one forward, one head backward each.
-
-        Traceable inside ``tf.function``. Returns ``logits`` and lists ``maps``,
-        ``targets``, ``finite`` (one per set), as ``cam_sets`` describes.
-        """
-        cut = self._ensure_cut(images.shape[1:])
-        activations = cut.activations(images, training=False)
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(activations)
-            logits = tf.cast(cut.logits(activations, training=False), tf.float32)
-
-        def gradient_of(chosen):
-            # Samples are independent at inference, so one backward pass of the
-            # summed scores gives every sample's own gradient.
-            with tape:
-                score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
-            gradients = tape.gradient(score, activations)
-            if gradients is None:
-                raise ModelStructureError(
-                    f"the logits do not depend on layer {cut.layer_path!r} (gradient is "
-                    "None); choose a layer on the path to the output"
-                )
-            return gradients
-
-        result = cam_sets(
+        """The TensorFlow step for several target sets (``program.tensorflow_cam_sets``):
+        traceable inside ``tf.function``."""
+        return tensorflow_cam_sets(
+            self._ensure_cut(images.shape[1:]),
             self._cam,
-            activations,
-            logits,
-            gradient_of,
+            images,
             target_sets,
             counterfactual=self.counterfactual,
             with_counterfactual=with_counterfactual,
-            images=images,
-            forward=lambda x: cut.probabilities(cut.logits(cut.activations(x))),
         )
-        return result
 
     def program(self, post, *, with_counterfactual: bool = False) -> Program:
-        """Compile ``post(cam_sets(...), images, *extras)`` for the running Keras backend.
-
-        The program takes ``(images, target_sets, *extras)`` (NumPy-convertible; a
-        target of ``PREDICTED`` explains the predicted class) and returns ``post``'s
-        dict as NumPy arrays. ``post`` is ``keras.ops`` code (upsampling, region
-        metrics), so it runs on device inside the same compiled program: a
-        ``tf.function`` with ``tf.GradientTape`` on TensorFlow, one ``jax.jit`` of a
-        stateless call with ``jax.vjp`` through the head on JAX, autograd through the
-        head on PyTorch (``audit.engine.backends``). Traced once per input shape.
-        """
-        from audit.engine import backends
-
-        cut = self._ensure_cut(None)
-        backend = backends.running_backend()
-        program = Program()
-
-        def counted(out, images, *extras):
-            program.traces += 1  # Python runs this once per trace when compiled
-            return post(out, images, *extras)
-
-        if backend == "tensorflow":
-
-            def step(images, target_sets, *extras):
-                many = self.cam_batch_many(
-                    images, target_sets, with_counterfactual=with_counterfactual
-                )
-                return counted(many, images, *extras)
-
-            function = tf.function(step, jit_compile=self.jit_compile)
-
-            def run(images, target_sets, *extras):
-                out = function(
-                    tf.convert_to_tensor(images),
-                    [tf.convert_to_tensor(targets, tf.int32) for targets in target_sets],
-                    *(tf.convert_to_tensor(extra) for extra in extras),
-                )
-                return {key: value.numpy() for key, value in out.items()}
-
-        else:
-            maps_of = partial(
-                cam_sets,
-                self._cam,
-                counterfactual=self.counterfactual,
-                with_counterfactual=with_counterfactual,
-            )
-            build = backends.jax_program if backend == "jax" else backends.torch_program
-            run = build(cut, maps_of, counted)
-        program.run = run
-        return program
+        """Compile ``post(cam_sets(...), images, *extras)`` for the running Keras backend
+        (``audit.engine.program.compile_program``)."""
+        return compile_program(
+            self._ensure_cut(None),
+            self._cam,
+            post,
+            counterfactual=self.counterfactual,
+            with_counterfactual=with_counterfactual,
+            jit_compile=self.jit_compile,
+        )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """The model's probabilities for each image: the softmax of the logits, or for a
@@ -364,20 +292,13 @@ class GradCAM:
             self._step = self.program(first)
         return self._step
 
-    def explain(
-        self,
-        images,
-        targets=None,
-        size: tuple[int, int] | None = None,
-        *,
-        batch_size: int | None = None,
-    ) -> np.ndarray:
+    def explain(self, images, targets=None, size=None, **options) -> np.ndarray:
         """Maps ``(N, h, w)`` float32 at the layer's resolution, or ``size`` if given.
 
         ``targets``: None explains each image's predicted class; otherwise one class
-        index per image.
+        index per image. ``options``: ``batch_size`` (``explain_details``).
         """
-        return self.explain_details(images, targets, size, batch_size=batch_size).maps
+        return self.explain_details(images, targets, size, **options).maps
 
     def explain_details(
         self,
@@ -429,44 +350,4 @@ class GradCAM:
     def _check_targets(self, targets, count: int, image_shape) -> np.ndarray:
         if targets is None:
             return np.full(count, PREDICTED, dtype=np.int32)
-        targets = np.asarray(targets)
-        if targets.ndim == 0:
-            raise ValueError(
-                "targets must hold one class index per image; for one class for all "
-                f"images pass np.full({count}, class_index)"
-            )
-        if targets.shape != (count,):
-            raise ValueError(
-                f"targets has shape {targets.shape} but there are {count} images; pass one "
-                "class index per image (or None for the predicted class)"
-            )
-        if not np.issubdtype(targets.dtype, np.integer):
-            raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
-        classes = self._ensure_cut(image_shape).num_classes
-        bad = (targets < 0) | (targets >= classes)
-        if bad.any():
-            index = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"targets[{index}] = {targets[index]} is not a class index of this model "
-                f"(0..{classes - 1})"
-            )
-        return targets.astype(np.int32)
-
-
-class Program:
-    """A compiled step: ``program(images, target_sets, *extras)`` with NumPy-convertible
-    inputs (``target_sets``: a list of per-image target arrays, or one such array)
-    returns a dict of NumPy arrays.
-
-    ``traces`` counts how often Python ran the step's body: once per input shape on
-    TensorFlow and JAX; every call on PyTorch, which runs eagerly.
-    """
-
-    def __init__(self) -> None:
-        self.run = None
-        self.traces = 0
-
-    def __call__(self, images, target_sets, *extras) -> dict[str, np.ndarray]:
-        if not isinstance(target_sets, list | tuple):
-            target_sets = [target_sets]
-        return self.run(images, list(target_sets), *extras)
+        return checked_targets(targets, count, self._ensure_cut(image_shape).num_classes)

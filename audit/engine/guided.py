@@ -145,17 +145,10 @@ class GuidedGradCAM:
     Scores are logits (a final softmax or sigmoid is bypassed, as for ``GradCAM``).
     """
 
-    def __init__(
-        self,
-        model: keras.Model,
-        layer: str | None = None,
-        method: str = "gradcam",
-        *,
-        batch_size: int = 32,
-        cam: GradCAM | None = None,
-    ) -> None:
-        # ``cam``: an existing engine for ``model`` to reuse (its traced functions too).
-        self.cam = cam or GradCAM(model, layer, method, batch_size=batch_size)
+    def __init__(self, model: keras.Model, *, cam: GradCAM | None = None, **options) -> None:
+        # ``cam``: an existing engine for ``model`` to reuse (its traced functions too);
+        # else one is made with ``options`` (``layer``, ``method``, ``batch_size``, ...).
+        self.cam = cam or GradCAM(model, **options)
         self.batch_size = self.cam.batch_size
         self._cut = cut_model(guided_model(model), self.cam.layer_path)
         self._function = input_gradients(self._cut)
