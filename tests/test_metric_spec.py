@@ -43,7 +43,8 @@ def test_the_built_in_specifications():
     assert spec.column("mass", "background", spec.map_prefix("true", "pred")) == (
         "pred_mass_background"
     )
-    assert spec.map_prefix("pred", "pred") == "" and spec.map_prefix("pred", "true") == "true_"
+    assert spec.map_prefix("predicted", "pred") == ""
+    assert spec.map_prefix("predicted", "true") == "true_"
 
 
 def test_a_specification_is_checked():

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 ENTRY_POINTS = "bias_audit.metrics"
-# Prefixes of the two maps' columns: the main map (model.target) has none, the
-# other target's map is ``pred_`` (target true) or ``true_`` (target pred).
-OTHER_PREFIX = {"true": "pred_", "pred": "true_"}
+# Prefixes of the two maps' columns: the main map (``model.target``) has none, the
+# other target's map is ``pred_`` (target true) or ``true_`` (target predicted).
+OTHER_PREFIX = {"true": "pred_", "predicted": "true_"}
 
 
 @dataclass(frozen=True)
@@ -193,11 +193,6 @@ def column(name: str, region: str, prefix: str = "") -> str:
 
 def map_prefix(target: str, maps: str) -> str:
     """The prefix of the columns measured on the ``maps`` ("true" or "pred") class's map
-    in a run whose ``model.target`` is ``target``."""
-    return "" if maps == target else OTHER_PREFIX[target]
-
-
-def main_columns(region_names, metric_names=None) -> list[str]:
-    """The main map's columns of every metric (or of ``metric_names``) and region."""
-    chosen = names() if metric_names is None else metric_names
-    return [column(name, region) for region in region_names for name in chosen]
+    in a run whose ``model.target`` is ``target`` ("true" or "predicted")."""
+    main = "true" if target == "true" else "pred"
+    return "" if maps == main else OTHER_PREFIX[target]
