@@ -32,7 +32,17 @@ OTHER_BACKENDS = [
     )
     for name in ("jax", "torch")
 ]
-METHODS = ("gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "eigencam", "scorecam")
+METHODS = (
+    "gradcam",
+    "hirescam",
+    "gradcam++",
+    "gradcam++-authors",
+    "xgradcam",
+    "layercam",
+    "eigencam",
+    "scorecam",
+    "scorecam-nobaseline",
+)
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent(

@@ -9,6 +9,8 @@ from audit import CAM_METHODS, GradCAM, get_cam_method
 from audit.engine.cam_methods import ScoreCAM, needs_forward
 
 GRADIENT_METHODS = [name for name, method in CAM_METHODS.items() if not needs_forward(method)]
+# gradcam++-authors meets its authors' formula in test_cam_variants.py.
+WITH_FORMULA_HERE = [name for name in GRADIENT_METHODS if name != "gradcam++-authors"]
 
 
 def _relu(x):
@@ -50,7 +52,7 @@ def numpy_reference(name, a, g):
     return np.stack(out)
 
 
-@pytest.mark.parametrize("name", GRADIENT_METHODS)
+@pytest.mark.parametrize("name", WITH_FORMULA_HERE)
 def test_method_matches_numpy_formula(name):
     rng = np.random.default_rng(1)
     activations = rng.gamma(1.0, 1.0, size=(3, 5, 6, 4)).astype("float32")

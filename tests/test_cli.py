@@ -59,7 +59,7 @@ def test_method_help_lists_every_registered_method():
     from audit.engine.registry import built_in_names
 
     text = " ".join(parser().format_help().split())
-    assert len(CAM_METHODS) == 7
+    assert len(CAM_METHODS) == 9
     assert built_in_names() == list(CAM_METHODS)  # read from the decorators, Keras-free
     for name in CAM_METHODS:
         assert f"{name}," in text or f"{name} (default:" in text, name

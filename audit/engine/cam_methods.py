@@ -20,6 +20,11 @@ Two opt-in methods cost more or ignore the gradients (docs/metrics.md lists the 
   variance, as in Faster Score-CAM, or all of them). It is a ``ScoreCAM`` object,
   registered with ``forward_passes=True``; the engine passes it the images, the
   targets and the model's forward function (images -> probabilities).
+
+Two methods are registered in the variant other tools compute as well, for comparing
+maps with them (docs/engine.md, "Which variant each method is"): ``gradcam++-authors``
+(the alphas normalised as in the Grad-CAM++ authors' code) and ``scorecam-nobaseline``
+(Score-CAM weights without the black image's score subtracted).
 """
 
 from __future__ import annotations
@@ -59,21 +64,42 @@ def hirescam(activations, gradients):
     return ops.relu(ops.sum(gradients * activations, axis=-1))
 
 
-@cam_method("gradcam++", aliases=("gradcampp",))
-def gradcam_plus_plus(activations, gradients):
-    """Grad-CAM++ (Chattopadhay et al. 2018), in its usual closed form.
-
-    With the exponential-score approximation the higher derivatives become powers
-    of the first: a_ij = G^2 / (2 G^2 + sum_ab A * G^3), w_k = sum_ij a_ij ReLU(G_k),
-    L = ReLU(sum_k w_k A_k). This is the variant of the authors' code and of
-    pytorch-grad-cam.
-    """
+def _plus_plus_alphas(activations, gradients):
+    """Grad-CAM++'s closed-form alphas: with the exponential-score approximation the
+    higher derivatives become powers of the first, a_ij = G^2 / (2 G^2 + sum_ab A * G^3);
+    0 where the denominator is 0."""
     grads_2 = ops.square(gradients)
     grads_3 = grads_2 * gradients
     activation_sums = ops.sum(activations, axis=(1, 2), keepdims=True)
-    denominator = 2.0 * grads_2 + activation_sums * grads_3
-    alpha = ops.divide_no_nan(grads_2, denominator)
-    weights = ops.sum(alpha * ops.relu(gradients), axis=(1, 2))
+    return ops.divide_no_nan(grads_2, 2.0 * grads_2 + activation_sums * grads_3)
+
+
+@cam_method("gradcam++", aliases=("gradcampp",))
+def gradcam_plus_plus(activations, gradients):
+    """Grad-CAM++ (Chattopadhay et al. 2018) in pytorch-grad-cam's closed form (without
+    its eps): w_k = sum_ij a_ij ReLU(G_k), L = ReLU(sum_k w_k A_k).
+
+    The alphas are not normalised, as in the paper's equations; ``gradcam++-authors``
+    normalises them as the authors' code does.
+    """
+    weights = ops.sum(_plus_plus_alphas(activations, gradients) * ops.relu(gradients), axis=(1, 2))
+    return _weighted_sum(weights, activations)
+
+
+@cam_method("gradcam++-authors")
+def gradcam_plus_plus_authors(activations, gradients):
+    """Grad-CAM++ as its authors' code computes it (adityac94/Grad_CAM_plus_plus): each
+    channel's alphas are divided by their sum over the positions where G_k > 0 (left
+    as they are where that sum is 0), so w_k = sum_ij a_ij ReLU(G_k) / sum_{ij: G_k > 0}
+    a_ij is an alpha-weighted mean of the positive gradients, not a sum.
+
+    The code also multiplies the gradients by exp(score): a factor per image, left out
+    so that maps compare across images (it cancels in a normalised map).
+    """
+    alphas = _plus_plus_alphas(activations, gradients)
+    totals = ops.sum(ops.where(gradients > 0, alphas, 0.0), axis=(1, 2))
+    totals = ops.where(totals == 0, 1.0, totals)
+    weights = ops.sum(alphas * ops.relu(gradients), axis=(1, 2)) / totals
     return _weighted_sum(weights, activations)
 
 
@@ -133,22 +159,35 @@ def _map_indices(function, count: int):
     forward_passes=True,
     configure=lambda score_channels=32, **_: ScoreCAM(score_channels),
 )
+@cam_method(
+    "scorecam-nobaseline",
+    gradients=False,
+    forward_passes=True,
+    configure=lambda score_channels=32, **_: ScoreCAM(score_channels, baseline=False),
+)
 class ScoreCAM:
     """Score-CAM: channel weights from the model's own response to masked inputs.
 
     For each channel k of the target layer, ``H_k`` is ``A_k`` upsampled to the input
-    and min-max scaled to [0, 1]; its weight is ``p(X * H_k)[c] - p(0)[c]``, the gain
-    in the model's class-c probability (its softmax, or a multi-label model's sigmoid)
-    over a black image; the map is ``ReLU(sum_k w_k A_k)``. ``channels`` limits the
-    sum to the k channels of highest spatial variance per image (Faster Score-CAM);
-    None uses every channel (one forward pass per channel: for 1280 channels, 1280x
-    a plain pass).
+    (half-pixel bilinear) and min-max scaled to [0, 1]; its weight is
+    ``p(X * H_k)[c] - p(0)[c]``, the gain in the model's class-c probability (its
+    softmax, or a multi-label model's sigmoid) over a black image; the map is
+    ``ReLU(sum_k w_k A_k)``. ``channels`` limits the sum to the k channels of highest
+    spatial variance per image (Faster Score-CAM); None uses every channel (one forward
+    pass per channel: for 1280 channels, 1280x a plain pass).
+
+    ``baseline=False`` (``scorecam-nobaseline``) weighs by ``p(X * H_k)[c]`` alone, as
+    the authors' code and tf-keras-vis do. The black image's score is what the paper's
+    "increase of confidence" is measured from; subtracting it lowers every weight by
+    the same amount, so a map can be all zero (e.g. where every masked image scores
+    below the black one).
     """
 
-    def __init__(self, channels: int | None = 32) -> None:
+    def __init__(self, channels: int | None = 32, *, baseline: bool = True) -> None:
         if channels is not None and channels < 1:
             raise ValueError(f"score_channels must be at least 1 or None, got {channels}")
         self.channels = channels
+        self.baseline = baseline
 
     def __call__(self, activations, gradients, *, images, targets, forward):
         del gradients
@@ -160,8 +199,10 @@ class ScoreCAM:
             count = self.channels
         size = tuple(images.shape[1:3])
         chosen = ops.cast(targets, "int32")[:, None]
-        black = forward(ops.zeros_like(images))
-        floor = ops.take_along_axis(black, chosen, axis=1)[:, 0]
+        floor = 0.0
+        if self.baseline:
+            black = forward(ops.zeros_like(images))
+            floor = ops.take_along_axis(black, chosen, axis=1)[:, 0]
 
         def channel_score(index):
             channel = ops.take(activations, ops.reshape(index, (1,)), axis=3)
