@@ -444,7 +444,15 @@ def test_a_greyscale_model_is_audited_on_grey_images(small_dataset, tmp_path):
     manifest, _ = small_dataset
     model = one_conv_model(channels=1, outputs=10, activation="softmax")
     model.save(tmp_path / "grey.keras")
-    config = config_for(manifest, tmp_path / "grey.keras", tmp_path / "runs", dataset={"limit": 16})
+    config = config_for(
+        manifest,
+        tmp_path / "grey.keras",
+        tmp_path / "runs",
+        dataset={"limit": 16},
+        preprocess={
+            "resize": "pillow"
+        },  # Pillow's decoder: its luma (Keras' is tests/test_resize.py)
+    )
     images = run_audit(config, progress=False).images
     assert (images["status"] == "ok").all() and images["mass_object"].median() > 0.9
     # The model saw Pillow's luma ("L") of each image, scaled by 1/255.

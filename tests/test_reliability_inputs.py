@@ -38,10 +38,10 @@ def _scene(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return pixels, mask
 
 
-def _load_all(table: pd.DataFrame, root, size=(48, 48), regions=OBJECT_REGIONS):
+def _load_all(table: pd.DataFrame, root, size=(48, 48), regions=OBJECT_REGIONS, resize="keras"):
     """load_entry for every row: (skip reason or None, (label, loaded row) or None) each."""
     entries = Entries(table, root, "test")
-    preprocessor = Preprocessor(size, PreprocessSection(scale=1.0))
+    preprocessor = Preprocessor(size, PreprocessSection(scale=1.0, resize=resize))
     return [
         load_entry(entries, position, {"a": 0}, preprocessor, regions)
         for position in range(len(table))
@@ -49,6 +49,11 @@ def _load_all(table: pd.DataFrame, root, size=(48, 48), regions=OBJECT_REGIONS):
 
 
 # ------------------------------------------------------------------ large images
+
+
+def _pillow(size: tuple[int, int]) -> Preprocessor:
+    """Pillow's resize, the one that shrinks large images while they are decoded."""
+    return Preprocessor(size, PreprocessSection(resize="pillow"))
 
 
 @pytest.fixture
@@ -69,7 +74,7 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_stays_close(tmp_path, he
     pixels, _ = _scene(1203, 1601)  # odd sides: the reduced scale leaves a partial edge
     Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=95)
     full = Image.open(tmp_path / "big.jpg").convert("RGB").resize((48, 48), Image.BILINEAR)
-    shrunk = decode._read_image(tmp_path / "big.jpg", size=(48, 48))
+    shrunk = decode._read_image(tmp_path / "big.jpg", preprocessor=_pillow((48, 48)))
     # DCT scaling by 8 (the most JPEG offers; 1601 / 8 still >= 2 x 48): 201 x 151 pixels.
     assert held_pixels == [201 * 151]
     assert shrunk.shape == (48, 48, 3)
@@ -89,16 +94,16 @@ def test_a_large_png_is_reduced_right_after_decoding(tmp_path, monkeypatch):
         return reduce(image, factor, box)
 
     monkeypatch.setattr(Image.Image, "reduce", recording)
-    shrunk = decode._read_image(tmp_path / "big.png", size=(48, 48))
+    shrunk = decode._read_image(tmp_path / "big.png", preprocessor=_pillow((48, 48)))
     # Per side, the largest factor that leaves at least twice the input: 1203 / 96 -> 12,
     # 997 / 96 -> 10.
     assert reduced == [("RGB", (1203, 997), (12, 10))]
     full = np.asarray(Image.fromarray(pixels).resize((48, 48), Image.BILINEAR))
     difference = np.abs(shrunk.astype(float) - full)
     assert difference.mean() < 0.75 and difference.max() <= 16
-    palette = decode._read_image(tmp_path / "palette.png", size=(48, 48))
+    palette = decode._read_image(tmp_path / "palette.png", preprocessor=_pillow((48, 48)))
     assert reduced[-1][0] == "RGB" and palette.shape == (48, 48, 3)
-    grey = decode._read_image(tmp_path / "big.png", grey=True, size=(48, 48))
+    grey = decode._read_image(tmp_path / "big.png", grey=True, preprocessor=_pillow((48, 48)))
     expected = np.asarray(Image.fromarray(pixels).convert("L").resize((48, 48), Image.BILINEAR))
     assert grey.shape == (48, 48) and np.abs(grey.astype(float) - expected).mean() < 1.0
 
@@ -107,7 +112,7 @@ def test_a_large_sixteen_bit_image_is_reduced_and_keeps_its_levels(tmp_path):
     levels = np.full((800, 600), 100 * 257, "uint16")
     levels[:, 300:] = 200 * 257
     Image.fromarray(levels).save(tmp_path / "grey16.png")
-    shrunk = decode._read_image(tmp_path / "grey16.png", size=(40, 40))
+    shrunk = decode._read_image(tmp_path / "grey16.png", preprocessor=_pillow((40, 40)))
     assert shrunk.shape == (40, 40, 3)
     assert (shrunk[:, :19] == 100).all() and (shrunk[:, 21:] == 200).all()
 
@@ -116,14 +121,17 @@ def test_images_under_four_times_the_input_are_decoded_as_before(tmp_path, held_
     pixels, _ = _scene(191, 300)  # 191 // 48 == 3: not shrunk
     for name in ("ordinary.png", "ordinary.jpg"):
         Image.fromarray(pixels).save(tmp_path / name)
-        before = np.asarray(Image.open(tmp_path / name).convert("RGB"))
-        np.testing.assert_array_equal(decode._read_image(tmp_path / name, size=(48, 48)), before)
+        before = Image.open(tmp_path / name).convert("RGB").resize((48, 48), Image.BILINEAR)
+        decoded = decode._read_image(tmp_path / name, preprocessor=_pillow((48, 48)))
+        np.testing.assert_array_equal(decoded, np.asarray(before))
     assert held_pixels == [191 * 300, 191 * 300]  # decoded at full size, JPEG included
     Image.fromarray(_scene(192, 300)[0]).save(tmp_path / "four_times.png")
-    assert decode._read_image(tmp_path / "four_times.png", size=(48, 48)).shape == (48, 48, 3)
+    four_times = decode._read_image(tmp_path / "four_times.png", preprocessor=_pillow((48, 48)))
+    assert four_times.shape == (48, 48, 3)
 
 
-def test_a_large_image_keeps_its_mask_and_box_aligned(tmp_path):
+@pytest.mark.parametrize("resize", ["pillow", "keras"])  # keras: the image is not shrunk
+def test_a_large_image_keeps_its_mask_and_box_aligned(tmp_path, resize):
     """The mask and the boxes of a shrunk image are the very pixels they were before
     (nearest neighbour from full size), and they lie on the image's bright object."""
     height, width = 803, 1001
@@ -147,7 +155,7 @@ def test_a_large_image_keeps_its_mask_and_box_aligned(tmp_path):
     ]
     preprocessor = Preprocessor((40, 50), PreprocessSection(scale=1.0))
     expected = preprocessor.mask(mask)  # what the full-size path gives
-    for reason, (_, loaded) in _load_all(table, tmp_path, (40, 50), regions):
+    for reason, (_, loaded) in _load_all(table, tmp_path, (40, 50), regions, resize):
         assert reason is None and loaded.image.shape == (40, 50, 3)
         object_, box_region, background = loaded.regions
         np.testing.assert_array_equal(object_, expected)

@@ -43,12 +43,13 @@ def load_row(
             "the manifest row has no path; fill in the image file (relative to the "
             "manifest's folder) or remove the row"
         )
-    # Pixels of a large image (and of its mask) come at the model's input size; its
-    # full size places the mask check, the box and the face boxes.
+    # The pixels (and the mask's) come at the model's input size, resized while the
+    # decoded ones are held; the image's full size places the mask check, the box and
+    # the face boxes.
     image_path = _inside(entries.root, row["path"], confine=entries.confine)
     with _opened(image_path, "image") as image:
         height, width = image.height, image.width
-        pixels = _image_pixels(image, image_path, preprocessor.channels == 1, preprocessor.size)
+        pixels = _image_pixels(image, image_path, preprocessor.channels == 1, preprocessor)
     mask = None
     if filled(row.get("mask_path")):
         mask_path = _inside(
@@ -56,7 +57,7 @@ def load_row(
         )
         with _opened(mask_path, "mask") as image:
             _check_mask_size((image.height, image.width), (height, width))
-            mask = _mask_pixels(image, mask_path, preprocessor.size)
+            mask = _mask_pixels(image, mask_path, preprocessor)
     elif filled(row.get("mask_rle")):
         try:
             mask = _decode_rle(row["mask_rle"])
