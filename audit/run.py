@@ -39,7 +39,7 @@ from audit.data.manifest import (
 from audit.data.preprocess import Preprocessor
 from audit.data.sources import read_entries
 from audit.engine.explain import GradCAM
-from audit.engine.models import load_model
+from audit.engine.models import load_for_config
 from audit.engines.local import PassWork
 from audit.measure.step import AuditStep
 from audit.report.write import write_reports
@@ -100,7 +100,8 @@ def run_audit(
     check_store_path(Path(config.output.store))
     forget_resolved_paths()
     with stage("setup: load model"):
-        model = load_model(config.model.path, safe_mode=config.model.safe_mode)
+        # A Keras Hub preprocessor applied: the config feeds 0..255 pixels from here on.
+        model, config = load_for_config(config)
     with stage("setup: cut model"):
         cam = GradCAM.for_config(model, config)
     with stage("setup: read dataset"):

@@ -23,6 +23,7 @@ FLAG_KEYS = (
     ("model.layer", "--layer"),
     ("model.method", "--method"),
     ("model.target", "--target"),
+    ("model.output", "--output"),
     ("dataset", "--data"),
     ("dataset", "--masks"),
     ("dataset.manifest", "--data"),
@@ -110,6 +111,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
     put("model", "layer", args.layer)
     put("model", "method", args.method)
     put("model", "target", args.target)
+    put("model", "output", args.output)
     if args.unsafe_model:
         put("model", "safe_mode", False)
     if args.data is not None:
@@ -171,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     methods = ", ".join(method_names())
     p.add_argument("--method", help=f"CAM method: {methods} (default: gradcam)")
     p.add_argument("--target", choices=["true", "predicted"], help="class the maps explain")
+    p.add_argument("--output", metavar="NAME", help="a multi-output model's classification output")
     p.add_argument("--batch-size", type=int, help="images per compiled step (default 32)")
     p.add_argument(
         "--size",

@@ -76,7 +76,7 @@ class _Measure:
     def __init__(self, config_json: str, size: tuple[int, int], backend: str) -> None:
         import keras
 
-        from audit.engine.models import load_model
+        from audit.engine.models import load_for_config
 
         if keras.backend.backend() != backend:  # runtime_env below sets it; say if not
             raise RuntimeError(
@@ -85,7 +85,7 @@ class _Measure:
             )
 
         config = AuditConfig.model_validate_json(config_json)
-        model = load_model(config.model.path, safe_mode=config.model.safe_mode)
+        model, config = load_for_config(config)  # as the driver loads it
         cam = GradCAM.for_config(model, config)
         self.step = AuditStep(cam, config, tuple(size))
 
