@@ -313,10 +313,11 @@ def test_keras_application_nested_transfer_model():
     assert cam.layer_path == f"{base.name}/out_relu"
     maps = cam.explain(images, size=(64, 64))
     assert maps.shape == (4, 64, 64) and np.isfinite(maps).all()
-    # A residual block's output is a valid cut; a layer inside the block is not.
+    # A residual block's output is a cut; a layer inside the block, which the skip
+    # connection bypasses, is exposed in the whole model (tests/test_model_zoo.py).
     assert GradCAM(model, layer="block_2_add").explain(images).shape == (4, 16, 16)
-    with pytest.raises(ModelStructureError, match="skip connection"):
-        GradCAM(model, layer="block_2_project_BN")
+    inside = GradCAM(model, layer="block_2_project_BN")
+    assert inside.explain(images).shape == (4, 16, 16) and inside._cut.exposed is not None
 
 
 # ------------------------------------------------------------------- errors

@@ -72,8 +72,7 @@ class ModelSection(Section):
     method: str = Field(
         "gradcam",
         description="The CAM method, one of the registered ones (audit.engine.registry; "
-        "built in: gradcam, hirescam, gradcam++, xgradcam, layercam, eigencam, scorecam); "
-        "eigencam is class-agnostic, scorecam costs one forward pass per scored channel.",
+        "docs/engine.md lists the built-in ones and which variant each is).",
     )
     score_channels: int | None = Field(
         32, ge=1, description="With scorecam: channels scored per image (null = all)."
@@ -114,6 +113,37 @@ class ModelSection(Section):
                 )
         return names
 
+    custom_objects: tuple[str, ...] = Field(
+        (),
+        description="Modules (a name or a list) imported before loading, whose "
+        "@keras.saving.register_keras_serializable classes the file uses; safe mode stays on.",
+    )
+    preprocessor: Literal["apply", "skip"] | None = Field(
+        None,
+        description="A Keras Hub classifier's preprocessor: apply (the default when it has "
+        "one) feeds it 0..255 pixels (preprocess.scale 1); skip audits the classifier alone, "
+        "preprocessed as the preprocess section says.",
+    )
+    output: str | None = Field(
+        None,
+        description="With several outputs: the classification output's name (its layer's "
+        "name, or its key in a dict of outputs); the others are left out.",
+    )
+
+    @field_validator("custom_objects", mode="before")
+    @classmethod
+    def _module_names(cls, modules):
+        if isinstance(modules, str):  # one module, written without a list
+            modules = [modules]
+        if isinstance(modules, (list, tuple)):
+            for module in modules:
+                if not (isinstance(module, str) and all(map(str.isidentifier, module.split(".")))):
+                    raise ValueError(
+                        f"{module!r} is not a Python module name; write the dotted name you "
+                        "would import, e.g. my_package.layers"
+                    )
+        return modules
+
 
 class PreprocessSection(Section):
     size: tuple[int, int] | None = Field(
@@ -130,6 +160,22 @@ class PreprocessSection(Section):
         None,
         description="A keras.applications module whose preprocess_input to apply to 0..255 "
         "pixels (e.g. mobilenet_v2, resnet50); replaces scale/mean/std.",
+    )
+    resize: Literal["keras", "pillow"] = Field(
+        "keras",
+        description="keras: the pixels keras.utils.image_dataset_from_directory gives (its "
+        "decoder, then bilinear without antialiasing, unrounded); pillow: Pillow's decoder "
+        "and antialiased bilinear.",
+    )
+    crop_to_aspect_ratio: bool = Field(
+        False,
+        description="Resize the largest centred part with the input's aspect ratio, as "
+        "image_dataset_from_directory(crop_to_aspect_ratio=True).",
+    )
+    pad_to_aspect_ratio: bool = Field(
+        False,
+        description="Resize the whole image to fit and pad it with zeros to the input's aspect "
+        "ratio, as image_dataset_from_directory(pad_to_aspect_ratio=True); padding is background.",
     )
 
     @field_validator("size")
@@ -181,6 +227,15 @@ class PreprocessSection(Section):
                     "use e.g. mobilenet_v2, resnet50, efficientnet, vgg16"
                 )
         return name
+
+    @model_validator(mode="after")
+    def _one_aspect_ratio_rule(self) -> PreprocessSection:
+        if self.crop_to_aspect_ratio and self.pad_to_aspect_ratio:
+            raise ValueError(
+                "crop_to_aspect_ratio and pad_to_aspect_ratio cannot both be true (Keras takes "
+                "one): set the one the model's training pipeline used"
+            )
+        return self
 
 
 class DatasetSection(Section):

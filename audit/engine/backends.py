@@ -100,9 +100,7 @@ def torch_program(cut, maps_of, post):
     ops = keras.ops
 
     def forward(values):  # Score-CAM's masked forward passes: probabilities
-        return cut.probabilities(
-            cut.logits(cut.activations(values, training=False), training=False)
-        )
+        return cut.probabilities(cut.scores(values))
 
     def run(images, target_sets, *extras):
         images = ops.convert_to_tensor(np.asarray(images, dtype="float32"))
@@ -144,7 +142,7 @@ def compiled_forward(cut):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        function = tf.function(lambda x: cut.probabilities(cut.logits(cut.activations(x))))
+        function = tf.function(lambda x: cut.probabilities(cut.scores(x)))
         return lambda images: function(tf.convert_to_tensor(images)).numpy()
     if backend == "jax":
         import jax
@@ -156,7 +154,7 @@ def compiled_forward(cut):
 
     def forward(images):
         with torch.no_grad():
-            logits = cut.logits(cut.activations(keras.ops.convert_to_tensor(images)))
+            logits = cut.scores(keras.ops.convert_to_tensor(images))
             return keras.ops.convert_to_numpy(cut.probabilities(logits))
 
     return forward
@@ -173,7 +171,7 @@ def input_gradients(cut):
         def gradients(images, targets):
             with tf.GradientTape() as tape:
                 tape.watch(images)
-                logits = tf.cast(cut.logits(cut.activations(images)), tf.float32)
+                logits = tf.cast(cut.scores(images), tf.float32)
                 score = tf.reduce_sum(tf.gather(logits, targets, axis=1, batch_dims=1))
             return tape.gradient(score, images)
 
@@ -201,7 +199,7 @@ def input_gradients(cut):
         images.requires_grad_(True)
         chosen = keras.ops.convert_to_tensor(np.asarray(targets, dtype="int64"))
         with torch.enable_grad():
-            logits = cut.logits(cut.activations(images)).float()
+            logits = cut.scores(images).float()
             score = torch.gather(logits, 1, chosen[:, None]).sum()
             (gradients,) = torch.autograd.grad(score, images)
         return keras.ops.convert_to_numpy(gradients)

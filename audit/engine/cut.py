@@ -8,10 +8,13 @@ from dataclasses import dataclass
 
 import keras
 
+from audit.engine.exposed import Exposed
 from audit.engine.graph import (
     apply_parts,
     graph_of,
     has_graph,
+    in_graph,
+    layer_at,
     layers_of,
     node_of,
     producer_of,
@@ -19,6 +22,7 @@ from audit.engine.graph import (
     resolve_layer_path,
 )
 from audit.engine.models import PATH_SEPARATOR, ModelStructureError
+from audit.engine.tokens import to_grid, token_grid
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,11 @@ class ModelCut:
     num_classes: int  # 2 for a binary classifier with one output
     softmax_bypassed: bool  # a final softmax or sigmoid was skipped
     multi_label: bool = False  # it ended in several sigmoids: one probability per class
+    # A layer the cut cannot split at (inside a residual branch, or inside another
+    # layer): ``head_parts`` are then the whole model up to its logits, and the layer's
+    # output is exposed as it runs (``audit.engine.exposed``); no ``feature_parts``.
+    exposed: Exposed | None = None
+    aspect: float | None = None  # height / width of the input: a token layer's patch grid
 
     def probabilities(self, logits):
         """The model's own probabilities from the logits (``keras.ops``, any backend):
@@ -45,12 +54,29 @@ class ModelCut:
         return keras.ops.softmax(logits, axis=-1)
 
     def activations(self, images, training: bool = False):
-        """The target layer's activations for a batch of images."""
+        """The target layer's activations for a batch of images (4-D, or 3-D tokens)."""
+        if self.exposed is not None:
+            return self.exposed.activations(lambda: self.scores(images, training))
         return apply_parts(self.feature_parts, images, training)
 
     def logits(self, activations, training: bool = False):
         """The head from the target layer's activations to the class logits."""
+        if self.exposed is not None:
+            raise ModelStructureError(
+                f"layer {self.layer_path!r} has no head of its own (see audit.engine.exposed)"
+            )
         return apply_parts(self.head_parts, activations, training)
+
+    def scores(self, images, training: bool = False):
+        """The class logits of a batch of images."""
+        if self.exposed is not None:
+            return apply_parts(self.head_parts, images, training)
+        return self.logits(self.activations(images, training), training)
+
+    def to_grid(self, values):
+        """Activations or gradients as a ``(batch, rows, columns, channels)`` map: a
+        token layer's patch tokens laid onto their grid (``audit.engine.tokens``)."""
+        return to_grid(values, self.aspect)
 
 
 # tf.nn.softmax is named softmax_v2; keras.activations and keras.ops name theirs softmax.
@@ -203,17 +229,18 @@ class BinaryLogits(keras.layers.Layer):
         return (*input_shape[:-1], 2)
 
 
+class _Bypassed(ModelStructureError):
+    """Another path (a skip connection) bypasses the layer: no head starts at its
+    output, so the cut exposes it instead."""
+
+
 def _submodel(inputs, outputs, name: str):
     if inputs is outputs:
         return None
     try:
         return keras.Model(inputs, outputs, name=name)
     except ValueError as error:
-        raise ModelStructureError(
-            f"cannot cut the model at this layer: {error}. Another path (a skip "
-            "connection) bypasses it; choose a layer that every path goes through, "
-            "such as the last block's output"
-        ) from error
+        raise _Bypassed(str(error)) from error
 
 
 def _cut(graph, path: list[str], scores: bool) -> tuple[list, list, bool]:
@@ -249,7 +276,8 @@ def _cut(graph, path: list[str], scores: bool) -> tuple[list, list, bool]:
 
 
 def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
-    """Split ``model`` at ``layer`` (None = automatic) into features and logit head."""
+    """Split ``model`` at ``layer`` (None = automatic) into features and logit head, or,
+    where no head starts at the layer, expose it in the whole model (``exposed``)."""
     graph = graph_of(model)
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise ModelStructureError(
@@ -263,13 +291,15 @@ def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
             f"model {model.name!r} outputs shape {tuple(output.shape)}; a classifier must "
             "return (batch, classes)"
         )
-    features, head, squash = _cut(graph, path, scores=True)
-    feature_rank = rank_of(features[-1].outputs[0])
-    if feature_rank != 4:
-        raise ModelStructureError(
-            f"layer {PATH_SEPARATOR.join(path)!r} outputs a {feature_rank}-D tensor; "
-            "Grad-CAM needs a 4-D (batch, height, width, channels) feature map"
-        )
+    exposed = None
+    try:
+        if not in_graph(model, path):
+            raise _Bypassed("inside another layer")
+        features, head, squash = _cut(graph, path, scores=True)
+    except _Bypassed:
+        end, tail, squash = _logit_end(graph)
+        features, head = [], [p for p in (_submodel(graph.inputs[0], end, "scores"), *tail) if p]
+        exposed = Exposed(layer_at(model, path), PATH_SEPARATOR.join(path))
     num_classes = int(output.shape[-1])
     if num_classes == 1 and squash is None and not _ends_linear(graph):
         # Its one output may already be a probability (a Lambda, a tanh): as a
@@ -284,7 +314,8 @@ def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
         binary.build(output.shape)  # JAX's stateless calls need built layers
         head.append(binary)
         num_classes = 2
-    return ModelCut(
+    height, width = graph.inputs[0].shape[1:3]
+    cut = ModelCut(
         layer_path=PATH_SEPARATOR.join(path),
         feature_parts=tuple(features),
         head_parts=tuple(head),
@@ -292,4 +323,28 @@ def cut_model(model: keras.Model, layer: str | None = None) -> ModelCut:
         softmax_bypassed=squash is not None,
         # Several sigmoids: each class's probability on its own (one output: two logits).
         multi_label=squash == "sigmoid" and int(output.shape[-1]) > 1,
+        exposed=exposed,
+        aspect=height / width if height and width else None,
     )
+    _check_feature_map(cut, graph)
+    return cut
+
+
+def _check_feature_map(cut: ModelCut, graph) -> None:
+    """The layer's output must be a map or patch tokens with a grid: known from the
+    graph, or from one image run through an exposed layer (when the input size is)."""
+    if cut.exposed is None:
+        shape = tuple(cut.feature_parts[-1].outputs[0].shape)
+    elif all(graph.inputs[0].shape[1:]):
+        zeros = keras.ops.zeros((1, *graph.inputs[0].shape[1:]))
+        shape = tuple(cut.activations(zeros).shape)
+    else:
+        return  # a flexible input size: checked when the first batch runs
+    if len(shape) not in (3, 4):
+        raise ModelStructureError(
+            f"layer {cut.layer_path!r} outputs a {len(shape)}-D tensor; Grad-CAM needs a 4-D "
+            "(batch, height, width, channels) feature map or 3-D (batch, tokens, channels) "
+            "patch tokens"
+        )
+    if len(shape) == 3 and shape[1] is not None:
+        token_grid(int(shape[1]), cut.aspect)  # a clear error when there is no grid

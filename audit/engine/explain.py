@@ -16,6 +16,7 @@ from audit.engine.cut import ModelCut, cut_model
 from audit.engine.maps import as_image_batch, pad_batch, probabilities_of, upsample, zero_maps
 from audit.engine.models import ModelStructureError
 from audit.engine.program import Program, checked_targets, compile_program, tensorflow_cam_sets
+from audit.engine.tokens import token_grid
 from audit.timing import count, stage
 
 # Target value meaning "the class the model predicts" inside the compiled step.
@@ -116,9 +117,12 @@ class GradCAM:
         self.pad_to_batch = pad_to_batch
         self._cam = get_cam_method(method, score_channels=score_channels)
         if counterfactual and not uses_gradients(self._cam):
+            from audit.engine.cam_methods import CAM_METHODS
+
+            usable = ", ".join(name for name, cam in CAM_METHODS.items() if uses_gradients(cam))
             raise ValueError(
                 f"counterfactual maps negate the gradients; {method} does not use gradients "
-                "(use gradcam, hirescam, gradcam++, xgradcam or layercam)"
+                f"(use one that does: {usable})"
             )
         self._cut: ModelCut | None = None
         self._step: Program | None = None
@@ -152,17 +156,21 @@ class GradCAM:
         """(height, width) of the target layer's maps for ``size`` input images (a model
         with a flexible input size has no fixed map size: one image is run to see)."""
         cut = self._ensure_cut(None)
-        shape = cut.feature_parts[-1].outputs[0].shape
-        if shape[1] is None or shape[2] is None:
+        shape = None if cut.exposed else cut.feature_parts[-1].outputs[0].shape
+        if shape is None or any(side is None for side in shape[1:]):
             zeros = np.zeros((1, *size, self.input_channels), "float32")
             shape = cut.activations(zeros, training=False).shape
+        if len(shape) == 3:  # patch tokens: their grid
+            _, rows, columns = token_grid(int(shape[1]), cut.aspect or size[0] / size[1])
+            return rows, columns
         return int(shape[1]), int(shape[2])
 
     @property
     def input_channels(self) -> int:
         """The channels of the model's input images (3 for RGB, 1 for grey); known once
         the model is built."""
-        return int(self._ensure_cut(None).feature_parts[0].inputs[0].shape[-1])
+        cut = self._ensure_cut(None)
+        return int((cut.feature_parts or cut.head_parts)[0].inputs[0].shape[-1])
 
     @property
     def num_classes(self) -> int:

@@ -137,7 +137,8 @@ def _find_last_feature_map(graph) -> list[str] | None:
 
 
 def _all_layer_paths(graph, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int | None]:
-    """Every layer path in the model, with its output rank (None for nested models)."""
+    """Every layer path in the model, with its output rank (None for nested models and
+    for the layers inside a layer, such as a ViT encoder's blocks: no graph node says)."""
     paths = {}
     for layer in layers_of(graph):
         path = (*prefix, layer.name)
@@ -146,19 +147,67 @@ def _all_layer_paths(graph, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...
             paths.update(_all_layer_paths(graph_of(layer), path))
         else:
             paths[path] = rank_of(node_of(layer, graph).output_tensors[0])
+            paths.update(_sublayer_paths(layer, path))
     return paths
+
+
+def _sublayer_paths(layer, prefix: tuple[str, ...]) -> dict[tuple[str, ...], None]:
+    paths = {}
+    for inner in getattr(layer, "_layers", None) or []:
+        path = (*prefix, inner.name)
+        paths.setdefault(path, None)
+        paths.update(_sublayer_paths(inner, path))
+    return paths
+
+
+def in_graph(model: keras.Model, path: list[str]) -> bool:
+    """Whether ``path`` names a node of the model's graph (of nested graphs along it),
+    not a layer inside another layer."""
+    graph = graph_of(model)
+    for depth, name in enumerate(path):
+        found = [op for op in layers_of(graph) if op.name == name]
+        if not found:
+            return False
+        if depth < len(path) - 1:
+            if not has_graph(found[0]):
+                return False
+            graph = graph_of(found[0])
+    return True
+
+
+def layer_at(model: keras.Model, path: list[str]):
+    """The layer (or operation) at ``path``: through graphs, then through sublayers."""
+    current = model
+    for name in path:
+        children = (
+            layers_of(graph_of(current))
+            if has_graph(current)
+            else getattr(current, "_layers", None) or []
+        )
+        matches = [child for child in children if child.name == name]
+        if not matches:
+            raise ModelStructureError(f"no layer {name!r} in {current.name!r}")
+        current = matches[0]
+    return current
 
 
 def resolve_layer_path(model: keras.Model, layer: str | None = None) -> list[str]:
     """Find the target layer: automatic, a name anywhere in the model, or a path ``a/b``."""
     graph = graph_of(model)
     if layer is None:
-        path = _find_pooled_feature_map(graph) or _find_last_feature_map(graph)
+        from audit.engine.tokens import find_token_layer
+
+        path = (
+            _find_pooled_feature_map(graph)
+            or find_token_layer(model)
+            or _find_last_feature_map(graph)
+        )
         if not path:
             opaque = any(isinstance(op, keras.layers.TFSMLayer) for op in layers_of(graph))
             raise ModelStructureError(
                 f"model {model.name!r} has no layer with a 4-D (batch, height, width, "
-                "channels) output, so there is no spatial map to explain"
+                "channels) output and no attention layer over (batch, tokens, channels), "
+                "so there is no spatial map to explain"
                 + (
                     "; it wraps a TensorFlow SavedModel, whose layers are not visible. "
                     "Re-save the model in the .keras format to audit it"
@@ -169,20 +218,22 @@ def resolve_layer_path(model: keras.Model, layer: str | None = None) -> list[str
         return path
     paths = _all_layer_paths(graph)
     wanted = tuple(layer.split(PATH_SEPARATOR))
-    spatial = ", ".join([PATH_SEPARATOR.join(p) for p, rank in paths.items() if rank == 4][-8:])
+    spatial = ", ".join(
+        [PATH_SEPARATOR.join(p) for p, rank in paths.items() if rank in (3, 4)][-8:]
+    )
     matches = [wanted] if wanted in paths else [p for p in paths if p[-len(wanted) :] == wanted]
     if len(matches) == 1:
         rank = paths[matches[0]]
-        if rank not in (None, 4):  # a Dense or pooled layer: no map, whatever the paths
+        if rank not in (None, 3, 4):  # a Dense or pooled layer: no map, whatever the paths
             raise ModelStructureError(
                 f"layer {PATH_SEPARATOR.join(matches[0])!r} outputs a {rank}-D tensor; "
-                "Grad-CAM needs a 4-D (batch, height, width, channels) feature map. The "
-                f"last layers with one are: {spatial}"
+                "Grad-CAM needs a 4-D (batch, height, width, channels) feature map or 3-D "
+                f"(batch, tokens, channels) patch tokens. The last layers with one are: {spatial}"
             )
         return list(matches[0])
     if not matches:
         raise ModelStructureError(
-            f"no layer {layer!r} in model {model.name!r}; the last layers with 4-D "
+            f"no layer {layer!r} in model {model.name!r}; the last layers with 4-D or 3-D "
             f"outputs are: {spatial}"
         )
     raise ModelStructureError(

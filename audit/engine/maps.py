@@ -82,6 +82,7 @@ def cam_sets(
     with_counterfactual: bool = False,
     images=None,
     forward=None,
+    to_grid=None,
 ) -> dict:
     """Maps of every target set from one forward pass, in ``keras.ops`` (any backend).
 
@@ -89,18 +90,21 @@ def cam_sets(
     chosen_i]`` with respect to ``activations`` (one head backward pass per set).
     Returns ``logits`` and, per set, ``maps`` (raw, at the layer's resolution),
     ``targets`` (``PREDICTED`` resolved) and ``finite`` (False where activations or
-    gradients were not finite; those maps are zero). ``with_counterfactual`` adds
-    ``counterfactual``: the first set's counterfactual map (the method on the negated
-    gradients; Grad-CAM's formula for methods without gradients).
+    gradients were not finite; those maps are zero). ``to_grid`` lays a token layer's
+    activations and gradients onto their patch grid (``ModelCut.to_grid``).
+    ``with_counterfactual`` adds ``counterfactual``: the first set's counterfactual map
+    (the method on the negated gradients; Grad-CAM's formula for methods without
+    gradients).
     """
     ops = keras.ops
     predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
-    activations = ops.cast(activations, "float32")
+    to_grid = to_grid or (lambda values: values)
+    activations = ops.cast(to_grid(activations), "float32")
     finite_activations = ops.all(ops.isfinite(activations), axis=(1, 2, 3))
     result = {"logits": logits, "targets": [], "maps": [], "finite": []}
     for targets in target_sets:
         chosen = ops.where(targets < 0, predicted, ops.cast(targets, "int32"))
-        raw = ops.cast(gradient_of(chosen), "float32")
+        raw = ops.cast(to_grid(gradient_of(chosen)), "float32")
         gradients = -raw if counterfactual else raw
         finite = ops.logical_and(
             finite_activations, ops.all(ops.isfinite(gradients), axis=(1, 2, 3))

@@ -11,6 +11,7 @@ from functools import partial
 import numpy as np
 import tensorflow as tf
 
+from audit.engine import exposed
 from audit.engine.cut import ModelCut
 from audit.engine.maps import cam_sets
 from audit.engine.models import ModelStructureError
@@ -49,17 +50,23 @@ def tensorflow_cam_sets(
     Traceable inside ``tf.function``. Returns ``logits`` and lists ``maps``,
     ``targets``, ``finite`` (one per set), as ``cam_sets`` describes.
     """
-    activations = cut.activations(images, training=False)
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(activations)
-        logits = tf.cast(cut.logits(activations, training=False), tf.float32)
+    if cut.exposed is not None:  # the whole model runs; the layer's output is watched
+        activations, logits, gradient_at = exposed.tensorflow_step(cut, images)
+    else:
+        activations = cut.activations(images, training=False)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(activations)
+            logits = tf.cast(cut.logits(activations, training=False), tf.float32)
+
+        def gradient_at(chosen):
+            # Samples are independent at inference, so one backward pass of the summed
+            # scores gives every sample's own gradient.
+            with tape:
+                score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
+            return tape.gradient(score, activations)
 
     def gradient_of(chosen):
-        # Samples are independent at inference, so one backward pass of the summed
-        # scores gives every sample's own gradient.
-        with tape:
-            score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
-        gradients = tape.gradient(score, activations)
+        gradients = gradient_at(chosen)
         if gradients is None:
             raise ModelStructureError(
                 f"the logits do not depend on layer {cut.layer_path!r} (gradient is "
@@ -76,7 +83,8 @@ def tensorflow_cam_sets(
         counterfactual=counterfactual,
         with_counterfactual=with_counterfactual,
         images=images,
-        forward=lambda x: cut.probabilities(cut.logits(cut.activations(x))),
+        forward=lambda x: cut.probabilities(cut.scores(x)),
+        to_grid=cut.to_grid,
     )
 
 
@@ -133,9 +141,14 @@ def compile_program(
 
     else:
         maps_of = partial(
-            cam_sets, method, counterfactual=counterfactual, with_counterfactual=with_counterfactual
+            cam_sets,
+            method,
+            counterfactual=counterfactual,
+            with_counterfactual=with_counterfactual,
+            to_grid=cut.to_grid,
         )
-        build = backends.jax_program if backend == "jax" else backends.torch_program
+        programs = exposed if cut.exposed is not None else backends
+        build = programs.jax_program if backend == "jax" else programs.torch_program
         run = build(cut, maps_of, counted)
     program.run = run
     return program
