@@ -19,6 +19,7 @@ import zoo_models
 from zoo_models import residual_cnn, tiny_vit
 
 from audit import GradCAM, load_model
+from audit.engine.guided import GuidedGradCAM
 from audit.engine.maps import area_downscale
 from audit.engine.models import ModelStructureError
 from audit.engine.tokens import token_grid
@@ -340,6 +341,12 @@ def test_a_keras_hub_vit_equals_a_hand_written_token_gradcam(tmp_path):
     expected = np.maximum(np.einsum("bhwc,bc->bhw", activations, gradients.mean(axis=(1, 2))), 0)
     assert expected.max() > 0
     assert_maps_equal(cam.explain(images, TARGETS), expected)
+    # Guided Grad-CAM clones the model (its patch embedding's config does not rebuild
+    # it in keras_hub 0.32: that layer is called as it is, its weights untouched).
+    weights = [w.copy() for w in model.get_weights()]
+    guided = GuidedGradCAM(model).explain(images, TARGETS)
+    assert guided.shape == images.shape and np.abs(guided).max() > 0
+    assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights(), strict=True))
     # Saved and loaded in safe mode (keras_hub registers its classes when imported).
     model.save(tmp_path / "vit.keras")
     assert_maps_equal(

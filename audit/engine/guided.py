@@ -94,13 +94,23 @@ def _takes_the_rule(layer) -> bool:
     )
 
 
-def _clone_layer(layer):
-    if not layer.weights and not _takes_the_rule(layer):
+def _clone_layer(layer, shared: list):
+    if not getattr(layer, "weights", None) and not _takes_the_rule(layer):
+        # (an operation such as x[:, 0] has no weights attribute at all)
         # Nothing to copy and nothing to change: the clone calls the layer itself. So a
         # Lambda's code is never deserialised a second time; the model's safe mode was
         # decided once, when it was loaded.
         return layer
-    clone = layer.__class__.from_config(layer.get_config())
+    try:
+        clone = layer.__class__.from_config(layer.get_config())
+    except (TypeError, ValueError):
+        if _takes_the_rule(layer):
+            raise
+        # A layer whose config does not rebuild it (keras_hub 0.32's ViT patch
+        # embedding) and that has no ReLU to change: the clone calls it as it is, and
+        # its weights stay the model's (the guided rule never writes to them).
+        shared.append(layer)
+        return layer
     if isinstance(clone, keras.layers.ReLU | keras.layers.LeakyReLU):
         clone.call = _guided(clone.call)
     elif _is_relu(getattr(clone, "activation", None)):
@@ -109,14 +119,20 @@ def _clone_layer(layer):
 
 
 def independent_clone(model: keras.Model, **options) -> keras.Model:
-    """``clone_model(recursive=True)`` that refuses to share a variable with ``model``.
+    """``clone_model(recursive=True)`` that refuses to share a variable with ``model``,
+    but those of the layers ``clone_function(layer, shared)`` lists in ``shared``.
 
     Keras versions before the fix of keras-team/keras#21120 cloned only one level of
     nesting; a copy that shares weights would let the guided clone's changes reach
     the user's model.
     """
+    shared: list = []
+    if "clone_function" in options:
+        clone_function = options.pop("clone_function")
+        options["clone_function"] = lambda layer: clone_function(layer, shared)
     copy = keras.models.clone_model(model, recursive=True, **options)
     original = {id(variable) for variable in model.weights}
+    original -= {id(variable) for layer in shared for variable in layer.weights}
     if any(id(variable) in original for variable in copy.weights):
         raise RuntimeError(
             f"keras {keras.__version__} clone_model shares layers of nested models with the "
