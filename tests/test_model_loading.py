@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from zoo_models import hub_vit_backbone
 
 from audit import GradCAM, ModelStructureError, load_model
 from audit.cli.run import overrides_from, parser
@@ -53,14 +54,7 @@ def hub_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hub")
     keras.utils.set_random_seed(3)
     vit = keras_hub.models.ViTImageClassifier(
-        backbone=keras_hub.models.ViTBackbone(
-            image_shape=(32, 32, 3),
-            patch_size=8,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            mlp_dim=32,
-        ),
+        backbone=hub_vit_backbone(keras_hub),
         num_classes=3,
         activation="softmax",
         preprocessor=keras_hub.models.ViTImageClassifierPreprocessor(

@@ -312,14 +312,7 @@ def test_the_audit_pass_stores_the_maps_of_a_layer_inside_a_residual_branch(tmp_
 
 def _hub_vit(keras_hub):
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.ViTBackbone(
-        image_shape=(32, 32, 3),
-        patch_size=8,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        mlp_dim=32,
-    )
+    backbone = zoo_models.hub_vit_backbone(keras_hub)
     return keras_hub.models.ViTImageClassifier(backbone=backbone, num_classes=3, preprocessor=None)
 
 

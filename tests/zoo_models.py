@@ -70,3 +70,10 @@ def tiny_vit(
 
 def images(count: int = 5, size: int = 32, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (count, size, size, 3)).astype("float32")
+
+
+def hub_vit_backbone(keras_hub):
+    """A Keras Hub ViT backbone: 32x32 images in 8x8 patches, two blocks of width 16."""
+    return keras_hub.models.ViTBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
+    )

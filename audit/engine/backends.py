@@ -65,22 +65,39 @@ def jax_program(cut, maps_of, post):
 
         logits, pullback = jax.vjp(scores, activations)
 
-        def gradient_of(chosen):  # the one-hot cotangent: d sum_i logits[i, chosen_i]
-            (gradients,) = pullback(jax.nn.one_hot(chosen, logits.shape[-1], dtype=logits.dtype))
-            return gradients
-
         def forward(values):  # Score-CAM's masked forward passes: probabilities
             return cut.probabilities(scores(_run(features, feature_states, values)))
 
+        gradient_of = one_hot_pullback(pullback, logits)
         out = maps_of(activations, logits, gradient_of, target_sets, images=images, forward=forward)
         return post(out, images, *extras)
+
+    return jax_run(step, [features, head])
+
+
+def one_hot_pullback(pullback, logits):
+    """``gradient_of(chosen)`` from a ``jax.vjp`` pullback of the logits: the one-hot
+    cotangent gives d sum_i logits[i, chosen_i], one backward pass per target set."""
+    import jax
+
+    def gradient_of(chosen):
+        (gradients,) = pullback(jax.nn.one_hot(chosen, logits.shape[-1], dtype=logits.dtype))
+        return gradients
+
+    return gradient_of
+
+
+def jax_run(step, state_parts):
+    """``step(*states, images, target_sets, extras)`` jitted, as a ``Program.run``: the
+    weights of each list of parts are read per call (weight changes are seen)."""
+    import jax
+    import jax.numpy as jnp
 
     jitted = jax.jit(step)
 
     def run(images, target_sets, *extras):
         out = jitted(
-            _states(features),
-            _states(head),
+            *(_states(parts) for parts in state_parts),
             jnp.asarray(np.asarray(images, dtype="float32")),
             [jnp.asarray(np.asarray(targets, dtype="int32")) for targets in target_sets],
             [jnp.asarray(extra) for extra in extras],
@@ -97,6 +114,23 @@ def torch_program(cut, maps_of, post):
     per target set."""
     import torch
 
+    def differentiable(images):
+        with torch.no_grad():
+            activations = cut.activations(images, training=False)
+        activations = activations.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = cut.logits(activations, training=False).float()
+        return activations, logits, activations
+
+    return torch_run(cut, maps_of, post, differentiable)
+
+
+def torch_run(cut, maps_of, post, differentiable):
+    """A ``Program.run`` on PyTorch: ``differentiable(images)`` returns the activations,
+    the logits and the tensor whose gradient is the activations' (the activations
+    themselves, or a zero added to them); one ``torch.autograd.grad`` per target set."""
+    import torch
+
     ops = keras.ops
 
     def forward(values):  # Score-CAM's masked forward passes: probabilities
@@ -108,16 +142,12 @@ def torch_program(cut, maps_of, post):
             ops.convert_to_tensor(np.asarray(targets, dtype="int32")) for targets in target_sets
         ]
         extras = [ops.convert_to_tensor(extra) for extra in extras]
-        with torch.no_grad():
-            activations = cut.activations(images, training=False)
-        activations = activations.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = cut.logits(activations, training=False).float()
+        activations, logits, source = differentiable(images)
 
         def gradient_of(chosen):
             with torch.enable_grad():
                 score = torch.gather(logits, 1, chosen[:, None].long()).sum()
-                (gradients,) = torch.autograd.grad(score, activations, retain_graph=True)
+                (gradients,) = torch.autograd.grad(score, source, retain_graph=True)
             return gradients
 
         with torch.no_grad():

@@ -15,9 +15,6 @@ would for the layers above the target.
 
 from __future__ import annotations
 
-import keras
-import numpy as np
-
 from audit.engine.graph import apply_parts
 from audit.engine.models import ModelStructureError
 from audit.engine.tokens import wrapped_call
@@ -100,7 +97,7 @@ def jax_program(cut, maps_of, post):
     import jax
     import jax.numpy as jnp
 
-    from audit.engine.backends import _run, _states
+    from audit.engine.backends import _run, jax_run, one_hot_pullback
 
     parts = list(cut.head_parts)
 
@@ -121,28 +118,14 @@ def jax_program(cut, maps_of, post):
         delta = jnp.zeros(spec.shape, spec.dtype)
         logits, pullback, activations = jax.vjp(logits_of, delta, has_aux=True)
 
-        def gradient_of(chosen):
-            (gradients,) = pullback(jax.nn.one_hot(chosen, logits.shape[-1], dtype=logits.dtype))
-            return gradients
-
         def forward(values):
             return cut.probabilities(_run(parts, states, values))
 
+        gradient_of = one_hot_pullback(pullback, logits)
         out = maps_of(activations, logits, gradient_of, target_sets, images=images, forward=forward)
         return post(out, images, *extras)
 
-    jitted = jax.jit(step)
-
-    def run(images, target_sets, *extras):
-        out = jitted(
-            _states(parts),
-            jnp.asarray(np.asarray(images, dtype="float32")),
-            [jnp.asarray(np.asarray(targets, dtype="int32")) for targets in target_sets],
-            [jnp.asarray(extra) for extra in extras],
-        )
-        return {key: np.asarray(value) for key, value in out.items()}
-
-    return run
+    return jax_run(step, [parts])
 
 
 def torch_program(cut, maps_of, post):
@@ -150,18 +133,9 @@ def torch_program(cut, maps_of, post):
     respect to a zero added to the layer's output."""
     import torch
 
-    ops = keras.ops
-    parts = list(cut.head_parts)
+    from audit.engine.backends import torch_run
 
-    def forward(values):
-        return cut.probabilities(apply_parts(parts, values, False))
-
-    def run(images, target_sets, *extras):
-        images = ops.convert_to_tensor(np.asarray(images, dtype="float32"))
-        target_sets = [
-            ops.convert_to_tensor(np.asarray(targets, dtype="int32")) for targets in target_sets
-        ]
-        extras = [ops.convert_to_tensor(extra) for extra in extras]
+    def differentiable(images):
         seen = {}
 
         def add(out):
@@ -170,24 +144,7 @@ def torch_program(cut, maps_of, post):
             return seen["out"]
 
         with torch.enable_grad():
-            logits = cut.exposed.run(lambda: apply_parts(parts, images, False), add).float()
+            logits = cut.exposed.run(lambda: apply_parts(cut.head_parts, images, False), add)
+        return seen["out"], logits.float(), seen["delta"]
 
-        def gradient_of(chosen):
-            with torch.enable_grad():
-                score = torch.gather(logits, 1, chosen[:, None].long()).sum()
-                (gradients,) = torch.autograd.grad(score, seen["delta"], retain_graph=True)
-            return gradients
-
-        with torch.no_grad():
-            out = maps_of(
-                seen["out"].detach(),
-                logits.detach(),
-                gradient_of,
-                target_sets,
-                images=images,
-                forward=forward,
-            )
-            result = post(out, images, *extras)
-            return {key: ops.convert_to_numpy(value) for key, value in result.items()}
-
-    return run
+    return torch_run(cut, maps_of, post, differentiable)
