@@ -6,7 +6,7 @@ starts at its output, and a layer inside another layer (a ViT's encoder block) i
 node of the model's graph. The gradient of a score with respect to such a layer's
 output is still well defined, and it is what the Keras Grad-CAM example and
 tf-keras-vis compute: here the layer's call is wrapped for the step
-(``tokens.wrapped_call``) so its output is recorded and differentiated, with
+(``graph.wrapped_call``) so its output is recorded and differentiated, with
 ``tf.GradientTape.watch`` on TensorFlow, ``jax.vjp`` of a zero added to it on JAX and
 ``torch.autograd.grad`` of one on PyTorch. The forward pass runs whole (no head-only
 backward pass), so this path costs about as much as the model's own training step
@@ -15,9 +15,8 @@ would for the layers above the target.
 
 from __future__ import annotations
 
-from audit.engine.graph import apply_parts
+from audit.engine.graph import apply_parts, wrapped_call
 from audit.engine.models import ModelStructureError
-from audit.engine.tokens import wrapped_call
 
 
 class Exposed:

@@ -4,7 +4,10 @@ and the target layer (automatic, a name anywhere, or a path ``outer/inner``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import keras
+import numpy as np
 
 from audit.engine.models import PATH_SEPARATOR, ModelStructureError
 
@@ -195,8 +198,6 @@ def resolve_layer_path(model: keras.Model, layer: str | None = None) -> list[str
     """Find the target layer: automatic, a name anywhere in the model, or a path ``a/b``."""
     graph = graph_of(model)
     if layer is None:
-        from audit.engine.tokens import find_token_layer
-
         path = (
             _find_pooled_feature_map(graph)
             or find_token_layer(model)
@@ -240,3 +241,106 @@ def resolve_layer_path(model: keras.Model, layer: str | None = None) -> list[str
         f"layer name {layer!r} is ambiguous in model {model.name!r}; use one of the paths: "
         + ", ".join(PATH_SEPARATOR.join(p) for p in matches)
     )
+
+
+# ------------------------------------------------------------------ layers inside layers
+
+
+def layer_tree(model: keras.Model) -> dict[int, tuple[list[str], object]]:
+    """Every layer of ``model`` by ``id``: its path and the layer. Graph layers are
+    entered through their graph, other layers through their sublayers (a ViT's
+    encoder and its blocks are one layer of the graph each)."""
+    found: dict[int, tuple[list[str], object]] = {}
+
+    def visit(layer, path: list[str]) -> None:
+        found.setdefault(id(layer), (path, layer))
+        children = layers_of(graph_of(layer)) if has_graph(layer) else sublayers(layer)
+        for child in children:
+            visit(child, [*path, child.name])
+
+    for layer in layers_of(graph_of(model)):
+        visit(layer, [layer.name])
+    return found
+
+
+def sublayers(layer) -> list:
+    """The layers a non-graph layer tracks (``_layers``), in the order it made them."""
+    return list(getattr(layer, "_layers", []) or [])
+
+
+@contextmanager
+def wrapped_call(layer, transform):
+    """Within the block, ``layer``'s output ``y`` is ``transform(y)``; the layer and
+    ``model`` are left as they were afterwards. Keras calls ``layer.call`` through the
+    instance, so an attribute on the instance takes its place for the block."""
+    original = layer.call
+
+    def call(*args, **kwargs):
+        return transform(original(*args, **kwargs))
+
+    object.__setattr__(layer, "call", call)
+    try:
+        yield
+    finally:
+        object.__delattr__(layer, "call")
+
+
+def _is_attention(layer) -> bool:
+    return isinstance(layer, keras.layers.MultiHeadAttention) or (
+        "attention" in type(layer).__name__.lower()
+    )
+
+
+def find_token_layer(model: keras.Model) -> list[str] | None:
+    """The path of a ViT's automatic layer, from one forward pass on zeros that records
+    the order in which layers are called; None without an attention layer.
+
+    It is the input of the last attention layer: the output of the layer called just
+    before it (a block's first LayerNorm, pytorch-grad-cam's ``blocks[-1].norm1``). A
+    later layer would not do for a ViT that classifies from its class token: after the
+    last attention, no patch token reaches the class token, so every patch token's
+    gradient is zero (``audit.engine.tokens`` lays the tokens on their grid)."""
+    tree = layer_tree(model)
+    events: list[tuple[str, int, tuple | None]] = []  # (start | end, layer id, shape)
+    hooks = []
+    for key, (_, layer) in tree.items():
+        if isinstance(layer, keras.layers.InputLayer) or not isinstance(layer, keras.Layer):
+            continue
+        hooks.append(_recording(layer, key, events))
+    shape = tuple(model.inputs[0].shape[1:])
+    if any(side is None for side in shape):
+        shape = tuple(224 if side is None else side for side in shape)
+    with _all(hooks):
+        model(np.zeros((1, *shape), "float32"), training=False)
+    starts = [i for i, (kind, key, _) in enumerate(events) if kind == "start"]
+    attention = [i for i in starts if _is_attention(tree[events[i][1]][1])]
+    if not attention:
+        return None
+    for kind, key, out in reversed(events[: attention[-1]]):
+        if kind == "end" and out is not None and len(out) == 3:
+            return tree[key][0]
+    return None
+
+
+def _recording(layer, key: int, events: list):
+    original = layer.call
+
+    def call(*args, **kwargs):
+        events.append(("start", key, None))
+        out = original(*args, **kwargs)
+        shape = tuple(out.shape) if hasattr(out, "shape") else None
+        events.append(("end", key, shape))
+        return out
+
+    return layer, call
+
+
+@contextmanager
+def _all(hooks):
+    for layer, call in hooks:
+        object.__setattr__(layer, "call", call)
+    try:
+        yield
+    finally:
+        for layer, _ in hooks:
+            object.__delattr__(layer, "call")
