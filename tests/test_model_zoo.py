@@ -186,7 +186,9 @@ CHILD = textwrap.dedent(
     [
         pytest.param(
             name,
-            marks=pytest.mark.skipif(importlib.util.find_spec(name) is None, reason="missing"),
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec(name) is None, reason=f"{name} is not installed"
+            ),
         )
         for name in ("tensorflow", "jax", "torch")
     ],
