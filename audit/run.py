@@ -53,7 +53,7 @@ from audit.runs.open import (
     remove_temporaries,
 )
 from audit.runs.store import RunBusyError, file_sha256, hold_run, this_process
-from audit.timing import stage
+from audit.timing import COMPILES, counting, stage
 
 # Rows per stored chunk, in batches: the unit of resume and of memory.
 BATCHES_PER_CHUNK = 4
@@ -254,16 +254,17 @@ def run_audit(
         )
         # Ray's actors compile their own steps; locally the step compiles before the loop.
         compiles = engines.engine(engine).compiles_step
-        with stage("pass: compile the step"):
-            trace_seconds = None if compiles else step.warm_up() if todo else 0.0
-        tick = time.perf_counter()
-        with stage("pass: measure"):
-            compute_seconds = engines.measure(engine, work, step, ray_address)
-        measure_seconds = time.perf_counter() - tick
+        with counting(COMPILES) as pass_compiles:  # (Ray's actors compile out of sight)
+            with stage("pass: compile the step"):
+                trace_seconds = None if compiles else step.warm_up() if todo else 0.0
+            tick = time.perf_counter()
+            with stage("pass: measure"):
+                compute_seconds = engines.measure(engine, work, step, ray_address)
+            measure_seconds = time.perf_counter() - tick
         with stage("pass: assemble images.parquet"):
             images = run.assemble()
         pass_seconds = time.perf_counter() - started
-        with stage("analysis"):
+        with stage("analysis"), counting(COMPILES) as analysis_compiles:
             analyse(
                 run,
                 config,
@@ -294,6 +295,9 @@ def run_audit(
                 "measured_rows": len(todo),
                 "compute_seconds": round(compute_seconds, 3),
                 "analysis_seconds": round(time.perf_counter() - started - pass_seconds, 3),
+                # Compiled programs traced (TensorFlow, JAX): the step once per input
+                # shape; the analysis's own engine, forward passes and guided gradients.
+                "compiles": {"pass": int(pass_compiles[0]), "analysis": int(analysis_compiles[0])},
             },
             baseline=None if baseline is None else str(baseline),
         )

@@ -46,10 +46,33 @@ def stage(name: str) -> Iterator[None]:
         _tell("end", name, time.perf_counter() - start)
 
 
+# Counted once each time a compiled program is traced (TensorFlow, JAX): the audit step,
+# the analysis's engine, a compiled forward pass, the Guided Grad-CAM gradients.
+COMPILES = "compiles"
+
+
+def compiled() -> None:
+    """Report one more trace of a compiled program (``COMPILES``)."""
+    count(COMPILES, 1)
+
+
 def count(name: str, amount: float) -> None:
     """Report ``amount`` more of ``name`` (images a stage saw, rows written)."""
     if _LISTENERS:
         _tell("count", name, amount)
+
+
+@contextlib.contextmanager
+def counting(name: str) -> Iterator[list[float]]:
+    """``[total]`` of ``name``'s counts while the block runs (read it after the block)."""
+    total = [0.0]
+
+    def heard(event: str, heard_name: str, value: float) -> None:
+        if event == "count" and heard_name == name:
+            total[0] += value
+
+    with listen(heard):
+        yield total
 
 
 @contextlib.contextmanager

@@ -365,6 +365,15 @@ def test_the_step_is_compiled_once_by_its_warm_up(small_dataset, tmp_path, monke
     timings = result.manifest["timings"]
     assert timings["measured_rows"] == 72 and timings["trace_seconds"] > 0
     assert 0 < timings["compute_seconds"] <= timings["measure_seconds"] <= timings["pass_seconds"]
+    # Every compiled program is counted: the step once in the pass; after it, at least
+    # the analysis's own engine (issue 28 removes that second compile). The run's
+    # summary says so.
+    assert timings["compiles"]["pass"] == 1
+    assert timings["compiles"]["analysis"] >= 1
+    from audit.report.summary import format_summary
+
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert "compiled programs: pass 1, analysis" in format_summary(report, result.manifest)
 
 
 def test_a_run_is_never_resumed_on_another_keras_backend(small_dataset, tmp_path, monkeypatch):

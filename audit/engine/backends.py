@@ -17,7 +17,16 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from audit.timing import compiled
+
 BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def counted(value):
+    """``value``, counting one compile (``audit.timing.COMPILES``): called in the body of
+    a compiled function, which Python runs once per trace."""
+    compiled()
+    return value
 
 
 def running_backend() -> str:
@@ -93,7 +102,7 @@ def jax_run(step, state_parts):
     import jax
     import jax.numpy as jnp
 
-    jitted = jax.jit(step)
+    jitted = jax.jit(step)  # its step counts its traces (compile_program's post)
 
     def run(images, target_sets, *extras):
         out = jitted(
@@ -172,13 +181,13 @@ def compiled_forward(cut):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        function = tf.function(lambda x: cut.probabilities(cut.scores(x)))
+        function = tf.function(lambda x: counted(cut.probabilities(cut.scores(x))))
         return lambda images: function(tf.convert_to_tensor(images)).numpy()
     if backend == "jax":
         import jax
 
         parts = list(cut.feature_parts) + list(cut.head_parts)
-        jitted = jax.jit(lambda states, x: cut.probabilities(_run(parts, states, x)))
+        jitted = jax.jit(lambda states, x: counted(cut.probabilities(_run(parts, states, x))))
         return lambda images: np.asarray(jitted(_states(parts), images))
     import torch
 
@@ -203,7 +212,7 @@ def input_gradients(cut):
                 tape.watch(images)
                 logits = tf.cast(cut.scores(images), tf.float32)
                 score = tf.reduce_sum(tf.gather(logits, targets, axis=1, batch_dims=1))
-            return tape.gradient(score, images)
+            return counted(tape.gradient(score, images))
 
         return lambda images, targets: gradients(
             tf.convert_to_tensor(images), tf.convert_to_tensor(targets, tf.int32)
@@ -216,7 +225,7 @@ def input_gradients(cut):
 
         def score(images, states, targets):
             logits = _run(parts, states, images).astype(jnp.float32)
-            return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
+            return counted(jnp.take_along_axis(logits, targets[:, None], axis=1).sum())
 
         jitted = jax.jit(jax.grad(score))
         return lambda images, targets: np.asarray(

@@ -15,6 +15,7 @@ from audit.engine import exposed
 from audit.engine.cut import ModelCut
 from audit.engine.maps import cam_sets
 from audit.engine.models import ModelStructureError
+from audit.timing import compiled
 
 
 class Program:
@@ -114,6 +115,8 @@ def compile_program(
 
     def counted(out, images, *extras):
         program.traces += 1  # Python runs this once per trace when compiled
+        if backend != "torch":  # (PyTorch runs eagerly: every call, nothing compiled)
+            compiled()
         return post(out, images, *extras)
 
     if backend == "tensorflow":

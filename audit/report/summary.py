@@ -41,7 +41,7 @@ def format_summary(report: dict, manifest: dict) -> str:
         f"run {manifest['run_id']}: {counts['rows']} rows, {counts['ok']} audited, "
         f"{counts['skipped']} skipped; layer {manifest['model']['layer']}, "
         f"{manifest['model']['method']}, {manifest['timings']['total_seconds']:.1f} s "
-        f"(audit pass {manifest['timings']['pass_seconds']:.1f} s)",
+        f"(audit pass {manifest['timings']['pass_seconds']:.1f} s{_compiles(manifest)})",
     ]
     if manifest.get("regions_note"):
         lines.append(f"  {manifest['regions_note']}")
@@ -86,3 +86,11 @@ def format_summary(report: dict, manifest: dict) -> str:
         if trust["verdict"] == "untrusted":
             lines.append("  heatmap flags have low confidence: " + "; ".join(trust["reasons"]))
     return "\n".join(lines)
+
+
+def _compiles(manifest: dict) -> str:
+    """How many compiled programs the run traced, where known (runs since Dec 2026)."""
+    compiles = manifest["timings"].get("compiles")
+    if not compiles:
+        return ""
+    return f"; compiled programs: pass {compiles['pass']}, analysis {compiles['analysis']}"
