@@ -24,6 +24,7 @@ class ClassToken(keras.layers.Layer):
 
 def residual_cnn(size: int = 32, classes: int = 4) -> keras.Model:
     """A stem, one residual block (conv -> relu, added to the stem) and a softmax head."""
+    keras.utils.set_random_seed(0)  # the same weights whatever ran before in the process
     inputs = keras.Input((size, size, 3))
     stem = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inputs)
     branch = keras.layers.Conv2D(8, 3, padding="same", name="branch_conv")(stem)
@@ -45,6 +46,7 @@ def tiny_vit(
 ) -> keras.Model:
     """A ViT: patches, a class token, pre-norm blocks, a final norm, and a head on the
     class token (``pooling="token"``) or on the mean of every token (``"gap"``)."""
+    keras.utils.set_random_seed(0)  # the same weights whatever ran before in the process
     inputs = keras.Input((size, size, 3))
     patches = keras.layers.Conv2D(width, patch, strides=patch, name="patches")(inputs)
     tokens = keras.layers.Reshape(((size // patch) ** 2, width), name="tokens")(patches)
