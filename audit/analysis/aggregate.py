@@ -299,7 +299,7 @@ def aggregator_for(images: pd.DataFrame, manifest: dict, chunk_rows: int = 50_00
     """An ``Aggregator`` fed with a run's ``images`` table, in chunks."""
     region_names = [region["name"] for region in manifest["regions"]]
     slices = slice_columns_of(images, manifest["dataset"].get("slice_columns", []))
-    extras = [spec.column("mass", r, "cf_") for r in region_names]
+    extras = [spec.counterfactual_column(r) for r in region_names]
     extras = [c for c in extras if c in images.columns]
     extras += ["loc_iou"] if "loc_iou" in images.columns else []
     aggregator = Aggregator(region_names, slices, manifest["config"]["model"]["target"], extras)

@@ -156,7 +156,7 @@ def _all_layer_paths(graph, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...
 
 def _sublayer_paths(layer, prefix: tuple[str, ...]) -> dict[tuple[str, ...], None]:
     paths = {}
-    for inner in getattr(layer, "_layers", None) or []:
+    for inner in sublayers(layer):
         path = (*prefix, inner.name)
         paths.setdefault(path, None)
         paths.update(_sublayer_paths(inner, path))
@@ -182,11 +182,7 @@ def layer_at(model: keras.Model, path: list[str]):
     """The layer (or operation) at ``path``: through graphs, then through sublayers."""
     current = model
     for name in path:
-        children = (
-            layers_of(graph_of(current))
-            if has_graph(current)
-            else getattr(current, "_layers", None) or []
-        )
+        children = layers_of(graph_of(current)) if has_graph(current) else sublayers(current)
         matches = [child for child in children if child.name == name]
         if not matches:
             raise ModelStructureError(f"no layer {name!r} in {current.name!r}")
@@ -269,20 +265,26 @@ def sublayers(layer) -> list:
 
 
 @contextmanager
-def wrapped_call(layer, transform):
-    """Within the block, ``layer``'s output ``y`` is ``transform(y)``; the layer and
-    ``model`` are left as they were afterwards. Keras calls ``layer.call`` through the
+def wrapped_calls(wrappers):
+    """Within the block, each ``(layer, wrap)``'s layer calls ``wrap(its own call)``; the
+    layers are left as they were afterwards. Keras calls ``layer.call`` through the
     instance, so an attribute on the instance takes its place for the block."""
-    original = layer.call
-
-    def call(*args, **kwargs):
-        return transform(original(*args, **kwargs))
-
-    object.__setattr__(layer, "call", call)
+    for layer, wrap in wrappers:
+        object.__setattr__(layer, "call", wrap(layer.call))
     try:
         yield
     finally:
-        object.__delattr__(layer, "call")
+        for layer, _ in wrappers:
+            object.__delattr__(layer, "call")
+
+
+def wrapped_call(layer, transform):
+    """Within the block, ``layer``'s output ``y`` is ``transform(y)``."""
+
+    def wrap(original):
+        return lambda *args, **kwargs: transform(original(*args, **kwargs))
+
+    return wrapped_calls([(layer, wrap)])
 
 
 def _is_attention(layer) -> bool:
@@ -302,15 +304,15 @@ def find_token_layer(model: keras.Model) -> list[str] | None:
     gradient is zero (``audit.engine.tokens`` lays the tokens on their grid)."""
     tree = layer_tree(model)
     events: list[tuple[str, int, tuple | None]] = []  # (start | end, layer id, shape)
-    hooks = []
-    for key, (_, layer) in tree.items():
-        if isinstance(layer, keras.layers.InputLayer) or not isinstance(layer, keras.Layer):
-            continue
-        hooks.append(_recording(layer, key, events))
+    hooks = [
+        (layer, _recording(key, events))
+        for key, (_, layer) in tree.items()
+        if isinstance(layer, keras.Layer) and not isinstance(layer, keras.layers.InputLayer)
+    ]
     shape = tuple(model.inputs[0].shape[1:])
     if any(side is None for side in shape):
         shape = tuple(224 if side is None else side for side in shape)
-    with _all(hooks):
+    with wrapped_calls(hooks):
         model(np.zeros((1, *shape), "float32"), training=False)
     starts = [i for i, (kind, key, _) in enumerate(events) if kind == "start"]
     attention = [i for i in starts if _is_attention(tree[events[i][1]][1])]
@@ -322,25 +324,16 @@ def find_token_layer(model: keras.Model) -> list[str] | None:
     return None
 
 
-def _recording(layer, key: int, events: list):
-    original = layer.call
+def _recording(key: int, events: list):
+    """A wrap that records each call's start and its output's shape in ``events``."""
 
-    def call(*args, **kwargs):
-        events.append(("start", key, None))
-        out = original(*args, **kwargs)
-        shape = tuple(out.shape) if hasattr(out, "shape") else None
-        events.append(("end", key, shape))
-        return out
+    def wrap(original):
+        def call(*args, **kwargs):
+            events.append(("start", key, None))
+            out = original(*args, **kwargs)
+            events.append(("end", key, tuple(out.shape) if hasattr(out, "shape") else None))
+            return out
 
-    return layer, call
+        return call
 
-
-@contextmanager
-def _all(hooks):
-    for layer, call in hooks:
-        object.__setattr__(layer, "call", call)
-    try:
-        yield
-    finally:
-        for layer, _ in hooks:
-            object.__delattr__(layer, "call")
+    return wrap

@@ -17,7 +17,7 @@ def result_columns(config: AuditConfig) -> set[str]:
     other_prefix = spec.OTHER_PREFIX[config.model.target]
     names = set(RESERVED_COLUMNS) | {"cf_total", "loc_iou"}
     for region in config.regions:
-        names.add(spec.column("mass", region.name, "cf_"))
+        names.add(spec.counterfactual_column(region.name))
         names.update(spec.column(metric, region.name) for metric in spec.names())
         names.update(
             spec.column(metric, region.name, other_prefix) for metric in spec.names(other_map=True)

@@ -191,6 +191,11 @@ def column(name: str, region: str, prefix: str = "") -> str:
     return f"{prefix}{name}_{region}"
 
 
+def counterfactual_column(region: str) -> str:
+    """The column of the counterfactual map's mass on ``region``: ``cf_mass_<region>``."""
+    return column("mass", region, "cf_")
+
+
 def map_prefix(target: str, maps: str) -> str:
     """The prefix of the columns measured on the ``maps`` ("true" or "pred") class's map
     in a run whose ``model.target`` is ``target`` ("true" or "predicted")."""

@@ -193,7 +193,7 @@ def measured_rows(batch, out, class_names, config) -> dict[str, np.ndarray]:
                 frame[spec.column(metric, name, prefix)] = np.where(out["finite"], values, np.nan)
     for index, name in enumerate(region_names):
         values = out["cf_mass"][:, index].astype("float64")
-        frame[spec.column("mass", name, "cf_")] = np.where(out["finite"], values, np.nan)
+        frame[spec.counterfactual_column(name)] = np.where(out["finite"], values, np.nan)
     frame["cf_total"] = out["cf_total"]
     # Connected components run on the host, on the measuring grid: here on the writer's
     # thread (local engine), or already in the actor (Ray).

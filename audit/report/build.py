@@ -50,6 +50,13 @@ def _bounds(row: dict, name: str) -> tuple:
     return row.get(f"{name}_low"), row.get(f"{name}_high")
 
 
+def metric_cis(view: dict, metric: spec.Metric) -> dict | None:
+    """A class view's 95% CIs of ``metric``, ``{region: {mean, low, high}}``: a mean's
+    own entry, a rate's ``<name>_ci`` sibling (``build_report`` lays them out so); None
+    in a run made before the metric existed."""
+    return view.get(f"{metric.name}_ci" if metric.summary == "rate" else metric.name)
+
+
 def build_report(run_dir: Path) -> dict:
     """The report dict of a run with its analysis tables."""
 
@@ -97,7 +104,7 @@ def build_report(run_dir: Path) -> dict:
             rate = "accuracy" if kind == "true" else "precision"
             view[rate] = row.get("accuracy")
             view[f"{rate}_low"], view[f"{rate}_high"] = _bounds(row, "accuracy")
-            counterfactual = {r: spec.column("mass", r, "cf_") for r in regions}
+            counterfactual = {r: spec.counterfactual_column(r) for r in regions}
             view["counterfactual_mass"] = {r: row.get(c) for r, c in counterfactual.items()}
             view["counterfactual_mass_ci"] = {r: _ci(row, c) for r, c in counterfactual.items()}
             for name in ("loc_iou", "loc_error", "top1_loc_error"):

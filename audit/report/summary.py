@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from audit.measure import spec
+from audit.report.build import metric_cis
 from audit.report.text import with_ci
 
 SKIP_REASONS_SHOWN = 8  # the most frequent skip reasons listed; the rest are counted
@@ -26,7 +27,7 @@ def class_table(report: dict) -> pd.DataFrame:
             ),
         }
         for metric in spec.metrics(aggregated=True):
-            cis = view.get(f"{metric.name}_ci" if metric.summary == "rate" else metric.name)
+            cis = metric_cis(view, metric)
             for region in report["regions"]:
                 if cis and region["role"] in metric.shown_for:
                     name = region["name"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from audit.measure import spec
-from audit.report.build import _ci
+from audit.report.build import _ci, metric_cis
 from audit.report.outcome import INCONCLUSIVE, untested_classes
 from audit.runs.decisions import CHOICES
 
@@ -282,7 +282,7 @@ def measure_rows(view: dict, regions: list[str]) -> list[tuple[str, list[str]]]:
     (a run made before it was added) is left out."""
     rows = []
     for metric in spec.metrics(aggregated=True):
-        cis = view.get(f"{metric.name}_ci" if metric.summary == "rate" else metric.name)
+        cis = metric_cis(view, metric)
         if cis:
             rows.append((metric.name, [with_ci(**cis[r]) if r in cis else "n/a" for r in regions]))
     return rows

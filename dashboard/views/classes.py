@@ -6,6 +6,7 @@ import streamlit as st
 
 from audit.analysis.verdicts import SEVERITY_ORDER
 from audit.measure import spec
+from audit.report.build import metric_cis
 from audit.report.outcome import INCONCLUSIVE
 from audit.report.text import drives_text, outcome_reason, status_text, trust_lines, with_ci
 from audit.runs.decisions import latest_decisions, model_line
@@ -64,7 +65,7 @@ for entry in result["classes"]:
     }
     # The metrics shown for each region's role (audit.measure.spec), with their CIs.
     for metric in spec.metrics(aggregated=True):
-        cis = side.get(f"{metric.name}_ci" if metric.summary == "rate" else metric.name)
+        cis = metric_cis(side, metric)
         for region in result["regions"]:
             if cis and region["role"] in metric.shown_for:
                 ci, column = cis[region["name"]], spec.column(metric.name, region["name"])
